@@ -1,0 +1,143 @@
+"""Sign-up, sessions and API keys."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from api.auth import principal
+from api.errors import ApiError, Unauthorized
+from api.schemas import ApiKeyCreated, ApiKeyRequest, LoginRequest, SignupData, SignupRequest
+from api.validation import decode_body
+from storage.churches import create_church_with_owner, get_church, get_user, user_for_login
+from storage.credentials import ALL_SCOPES, create_api_key, create_session, delete_session
+from storage.envelope import ok
+from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
+
+_hasher = PasswordHasher()
+# Verifying against this keeps an unknown email as slow as a wrong password.
+_DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _with_session(response: Response, services: Services, token: str, csrf: str) -> Response:
+    http = services.settings.http
+    response.set_cookie(
+        SESSION_COOKIE, token, max_age=http.session_ttl_s, httponly=True,
+        samesite="lax", secure=http.secure_cookies, path="/",
+    )
+    response.set_cookie(
+        CSRF_COOKIE, csrf, max_age=http.session_ttl_s, httponly=False,
+        samesite="lax", secure=http.secure_cookies, path="/",
+    )
+    return response
+
+
+async def signup(request: Request) -> Response:
+    services = _services(request)
+    body = await decode_body(request, SignupRequest)
+    password_hash = await anyio.to_thread.run_sync(_hasher.hash, body.password)
+    async with services.pool.connection() as conn:
+        church, user = await create_church_with_owner(
+            conn,
+            church_name=body.church_name,
+            email=body.email.strip().lower(),
+            password_hash=password_hash,
+            number_prefix=services.settings.provider.number_pool_prefix,
+        )
+    token, csrf = await create_session(
+        services.redis, church_id=church.id, user_id=user.id, role=user.role,
+        ttl_s=services.settings.http.session_ttl_s,
+    )
+    return _with_session(
+        ok(SignupData(church=church, user=user), status=201), services, token, csrf
+    )
+
+
+async def login(request: Request) -> Response:
+    services = _services(request)
+    body = await decode_body(request, LoginRequest)
+    async with services.pool.connection() as conn:
+        found = await user_for_login(conn, body.email.strip())
+    stored = found[1] if found else _DUMMY_HASH
+    try:
+        await anyio.to_thread.run_sync(_hasher.verify, stored, body.password)
+    except (VerificationError, InvalidHashError):
+        found = None
+    if found is None:
+        raise Unauthorized("wrong email or password")
+    user = found[0]
+    async with services.pool.connection() as conn:
+        church = await get_church(conn, user.church_id)
+    token, csrf = await create_session(
+        services.redis, church_id=user.church_id, user_id=user.id, role=user.role,
+        ttl_s=services.settings.http.session_ttl_s,
+    )
+    return _with_session(ok(SignupData(church=church, user=user)), services, token, csrf)  # type: ignore[arg-type]
+
+
+async def logout(request: Request) -> Response:
+    await principal(request, "read")
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        await delete_session(_services(request).redis, token)
+    response = ok({"logged_out": True})
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(CSRF_COOKIE, path="/")
+    return response
+
+
+async def me(request: Request) -> Response:
+    who = await principal(request, "read")
+    services = _services(request)
+    async with services.pool.connection() as conn:
+        church = await get_church(conn, who.church_id)
+        user = await get_user(conn, who.church_id, who.user_id) if who.user_id else None
+    return ok(
+        {
+            "church": church,
+            "user": user,
+            "credential": {"kind": who.kind, "scopes": sorted(who.scopes)},
+        }
+    )
+
+
+async def create_key(request: Request) -> Response:
+    who = await principal(request, "write")
+    body = await decode_body(request, ApiKeyRequest)
+    scopes = sorted(set(body.scopes)) if body.scopes is not None else list(ALL_SCOPES)
+    unknown = [s for s in scopes if s not in ALL_SCOPES]
+    if unknown or not scopes:
+        raise ApiError(
+            "validation_error", "unknown scope",
+            [{"field": "scopes", "message": f"allowed: {', '.join(ALL_SCOPES)}"}],
+        )
+    async with _services(request).pool.connection() as conn:
+        key, secret = await create_api_key(
+            conn, who.church_id, name=body.name, scopes=scopes, created_by=who.user_id
+        )
+    return ok(
+        ApiKeyCreated(
+            id=key.id, name=key.name, prefix=key.prefix, scopes=key.scopes, key=secret,
+            created_at=key.created_at,
+        ),
+        status=201,
+    )
+
+
+def account_routes() -> list[BaseRoute]:
+    return [
+        Route("/v1/auth/signup", signup, methods=["POST"]),
+        Route("/v1/auth/login", login, methods=["POST"]),
+        Route("/v1/auth/logout", logout, methods=["POST"]),
+        Route("/v1/me", me, methods=["GET"]),
+        Route("/v1/api-keys", create_key, methods=["POST"]),
+    ]

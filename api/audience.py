@@ -1,0 +1,103 @@
+"""Groups and members."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from api.auth import principal
+from api.errors import ApiError
+from api.schemas import GroupRequest, MemberRequest
+from api.validation import decode_body, page_params, path_id
+from storage.churches import get_church
+from storage.envelope import FieldError, ok
+from storage.errors import NotFound
+from storage.groups import create_group, existing_ids, get_group, list_groups
+from storage.members import create_member, get_member, list_members
+from storage.phones import normalize
+from storage.services import Services
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def post_group(request: Request) -> Response:
+    who = await principal(request, "write")
+    body = await decode_body(request, GroupRequest)
+    async with _services(request).pool.connection() as conn:
+        group = await create_group(conn, who.church_id, body.name)
+    return ok(group, status=201)
+
+
+async def index_groups(request: Request) -> Response:
+    who = await principal(request, "read")
+    limit, cursor = page_params(request)
+    async with _services(request).pool.connection() as conn:
+        page = await list_groups(conn, who.church_id, limit=limit, cursor=cursor)
+    return ok(page.items, next_cursor=page.next_cursor)
+
+
+async def show_group(request: Request) -> Response:
+    who = await principal(request, "read")
+    group_id = path_id(request)
+    async with _services(request).pool.connection() as conn:
+        group = await get_group(conn, who.church_id, group_id)
+    return ok(group)
+
+
+async def post_member(request: Request) -> Response:
+    who = await principal(request, "write")
+    body = await decode_body(request, MemberRequest)
+    services = _services(request)
+    async with services.pool.connection() as conn:
+        church = await get_church(conn, who.church_id)
+        country = church.country if church else "US"
+        try:
+            phone = normalize(body.phone, country)
+        except Exception as exc:
+            raise ApiError(
+                "validation_error", "request body is not valid",
+                [FieldError("phone", "must be a valid phone number")],
+            ) from exc
+        if body.group_ids:
+            found = await existing_ids(conn, who.church_id, "member_group", body.group_ids)
+            if found != set(body.group_ids):
+                raise NotFound("group")
+        member = await create_member(
+            conn, services.vault, who.church_id,
+            first_name=body.first_name, last_name=body.last_name, phone_e164=phone,
+            email=body.email, group_ids=list(dict.fromkeys(body.group_ids)),
+        )
+    return ok(member, status=201)
+
+
+async def index_members(request: Request) -> Response:
+    who = await principal(request, "read")
+    limit, cursor = page_params(request)
+    services = _services(request)
+    async with services.pool.connection() as conn:
+        page = await list_members(conn, services.vault, who.church_id, limit=limit, cursor=cursor)
+    return ok(page.items, next_cursor=page.next_cursor)
+
+
+async def show_member(request: Request) -> Response:
+    who = await principal(request, "read")
+    member_id = path_id(request)
+    services = _services(request)
+    async with services.pool.connection() as conn:
+        member = await get_member(conn, services.vault, who.church_id, member_id)
+    return ok(member)
+
+
+def audience_routes() -> list[BaseRoute]:
+    return [
+        Route("/v1/groups", post_group, methods=["POST"]),
+        Route("/v1/groups", index_groups, methods=["GET"]),
+        Route("/v1/groups/{id}", show_group, methods=["GET"]),
+        Route("/v1/members", post_member, methods=["POST"]),
+        Route("/v1/members", index_members, methods=["GET"]),
+        Route("/v1/members/{id}", show_member, methods=["GET"]),
+    ]

@@ -1,0 +1,81 @@
+"""All REST routes of ``/v1`` and the handlers that turn errors into the envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from api.accounts import account_routes
+from api.audience import audience_routes
+from api.broadcasts import broadcast_routes
+from api.errors import ApiError
+from api.health import health_routes
+from api.inbox import inbox_routes
+from api.webhook_endpoints import webhook_endpoint_routes
+from storage.envelope import FieldError, fail
+from storage.errors import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger("koinonia.api")
+
+
+def api_routes() -> list[BaseRoute]:
+    return [
+        *health_routes(),
+        *account_routes(),
+        *audience_routes(),
+        *broadcast_routes(),
+        *inbox_routes(),
+        *webhook_endpoint_routes(),
+    ]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return fail(exc.code, exc.message, exc.details, headers=exc.headers)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, NotFound)
+    return fail("not_found", f"{exc.kind} not found")
+
+
+async def _conflict(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Conflict)
+    details = [FieldError(exc.field, str(exc))] if exc.field else None
+    return fail("conflict", str(exc), details)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidInput)
+    return fail("validation_error", "request is not valid", [FieldError(exc.field, exc.message)])
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+async def _http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "bad_request")
+    return fail(code, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return fail("internal_error", "internal error")
+
+
+def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    return {
+        ApiError: _api_error,
+        NotFound: _not_found,
+        Conflict: _conflict,
+        InvalidInput: _invalid,
+        HTTPException: _http,
+        Exception: _unexpected,
+    }

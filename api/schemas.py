@@ -1,0 +1,144 @@
+"""Request and response bodies of the REST API, as msgspec types.
+
+Schema evolution rules (msgspec habit): a new field always gets a default, a
+field's type never changes, and request types forbid unknown fields so a typo
+is a clear ``validation_error`` instead of silently ignored input.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+from storage.churches import Church, StaffUser
+from storage.events import Counts
+from storage.messages import Target
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+Password = Annotated[str, msgspec.Meta(min_length=12, max_length=1024)]
+Body = Annotated[str, msgspec.Meta(min_length=1, max_length=1600)]
+IdList = Annotated[list[uuid.UUID], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class SignupRequest(Request, frozen=True):
+    church_name: Name
+    email: Email
+    password: Password
+
+
+class LoginRequest(Request, frozen=True):
+    email: Email
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class ApiKeyRequest(Request, frozen=True):
+    name: Name
+    scopes: list[str] | None = None
+
+
+class GroupRequest(Request, frozen=True):
+    name: Name
+
+
+class MemberRequest(Request, frozen=True):
+    first_name: Name
+    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=40)]
+    last_name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    email: Email | None = None
+    group_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=1000)] = []
+
+
+class TargetRequest(Request, frozen=True):
+    group_ids: IdList | None = None
+    member_ids: IdList | None = None
+    branch_ids: IdList | None = None
+    all: bool | None = None
+
+    def to_target(self) -> Target:
+        return Target(
+            group_ids=self.group_ids,
+            member_ids=self.member_ids,
+            branch_ids=self.branch_ids,
+            all=self.all,
+        )
+
+    def problem(self) -> str | None:
+        chosen = [
+            n for n in ("group_ids", "member_ids", "branch_ids") if getattr(self, n) is not None
+        ]
+        if self.all is not None and self.all is not True:
+            return "all must be true when given"
+        if self.all:
+            chosen.append("all")
+        if len(chosen) != 1:
+            return "give exactly one of group_ids, member_ids, branch_ids or all"
+        return None
+
+
+class MessageRequest(Request, frozen=True):
+    body: Body
+    target: TargetRequest
+
+
+class ReplyRequest(Request, frozen=True):
+    body: Body
+
+
+class WebhookEndpointRequest(Request, frozen=True):
+    url: Annotated[str, msgspec.Meta(min_length=8, max_length=2000)]
+    events: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=100)]],
+                      msgspec.Meta(min_length=1, max_length=100)]
+
+
+class SignupData(msgspec.Struct, frozen=True):
+    church: Church
+    user: StaffUser
+
+
+class ApiKeyCreated(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[str]
+    key: str
+    created_at: datetime
+
+
+class MessageAccepted(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    status: str
+    recipient_count: int
+    segments: int
+    encoding: str
+    created_at: datetime
+
+
+class MessageDetail(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    body: str
+    target: Target
+    status: str
+    recipient_count: int
+    segments: int
+    encoding: str
+    from_number: str
+    counts: Counts
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class WebhookEndpointCreated(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    secret: str
+    enabled: bool
+    created_at: datetime

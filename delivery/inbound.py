@@ -1,0 +1,281 @@
+"""Inbound provider webhooks: ``POST /v1/provider/telnyx/webhooks``.
+
+Order of work, so that a bad request changes nothing and a good one is applied
+exactly once: size limit → signature (before any parsing or write) → decode →
+one transaction that records the event id (dedupe) and applies it → publish
+events after commit. A duplicate event id answers 200 and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from delivery.errors import SignatureRejected
+from delivery.progress import ProgressTracker
+from delivery.signatures import load_public_key, verify_telnyx
+from storage.churches import church_by_number
+from storage.conversations import record_inbound, set_outbound_status
+from storage.database import Conn
+from storage.envelope import BodyTooLarge, fail, ok, read_body
+from storage.events import (
+    ConversationChanged,
+    ConversationMessageCreated,
+    ConversationMessageStatus,
+    Event,
+    new_event,
+)
+from storage.ids import uuid7
+from storage.members import member_by_phone_hash
+from storage.phones import normalize
+from storage.recipients import Transition, locate_by_provider_id, transition
+from storage.services import Services
+from storage.statuses import allowed_from, from_telnyx
+
+log = logging.getLogger("koinonia.delivery.inbound")
+
+
+class _Party(msgspec.Struct):
+    phone_number: str
+    status: str | None = None
+
+
+class _Error(msgspec.Struct):
+    code: str | int | None = None
+
+
+class _Payload(msgspec.Struct):
+    id: str
+    to: list[_Party] = []
+    text: str | None = None
+    errors: list[_Error] = []
+    direction: str | None = None
+    from_: _Party | None = msgspec.field(default=None, name="from")
+
+
+class _Data(msgspec.Struct):
+    event_type: str
+    id: str
+    payload: _Payload
+    occurred_at: str | None = None
+    record_type: str | None = None
+
+
+class TelnyxWebhook(msgspec.Struct):
+    data: _Data
+    meta: dict[str, Any] | None = None
+
+
+_decoder = msgspec.json.Decoder(TelnyxWebhook)
+
+
+class InboundHandler:
+    """Applies verified Telnyx events; one per process, built at start-up."""
+
+    def __init__(self, services: Services, progress: ProgressTracker) -> None:
+        self.services = services
+        self.progress = progress
+        key = services.settings.provider.public_key
+        self._key: Ed25519PublicKey | None = load_public_key(key) if key else None
+
+    async def handle(self, request: Request) -> Response:
+        settings = self.services.settings
+        try:
+            body = await read_body(request, settings.http.max_body_bytes)
+        except BodyTooLarge:
+            return fail("payload_too_large", "webhook body too large")
+        if self._key is None:
+            return fail("unavailable", "no provider public key is configured")
+        try:
+            verify_telnyx(
+                self._key,
+                body,
+                request.headers.get("telnyx-timestamp"),
+                request.headers.get("telnyx-signature-ed25519"),
+                now=time.time(),
+                tolerance_s=settings.provider.webhook_tolerance_s,
+            )
+        except SignatureRejected as exc:
+            log.warning("webhook rejected", extra={"reason": exc.reason})
+            return fail("unauthorized", f"invalid webhook signature: {exc.reason}")
+        try:
+            hook = _decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            return fail("validation_error", str(exc))
+        except msgspec.DecodeError:
+            return fail("bad_request", "body is not JSON")
+        data = hook.data
+        if data.event_type in ("message.sent", "message.finalized"):
+            cref = request.query_params.get("cref")
+            if cref:
+                await self._reply_status(data, cref)
+            else:
+                await self._status(data, request.query_params.get("ref"))
+        elif data.event_type == "message.received":
+            await self._received(data)
+        return ok({"received": True})
+
+    async def _status(self, data: _Data, ref: str | None) -> None:
+        party = data.payload.to[0] if data.payload.to else None
+        status = from_telnyx(party.status) if party and party.status else None
+        if status is None:
+            await self._dedupe_only(data)
+            return
+        error = data.payload.errors[0].code if data.payload.errors else None
+        where = _parse_ref(ref)
+        change: Transition | None = None
+        async with self.services.pool.connection() as conn, conn.transaction():
+            if not await _first_time(conn, data):
+                return
+            if where is None:
+                where = await locate_by_provider_id(conn, data.payload.id)
+            if where is None:
+                log.info("status for an unknown message", extra={"provider_id": data.payload.id})
+                return
+            church_id, message_id, recipient_id = where
+            change = await transition(
+                conn, church_id, message_id, recipient_id, status,
+                provider_message_id=data.payload.id,
+                error_code=None if error is None else str(error),
+            )
+            if change is not None and change.provider_message_id != data.payload.id:
+                # The reference named a recipient another provider message belongs to.
+                raise _Mismatch
+        if change is not None:
+            await self.progress.record(church_id, message_id, [change])
+
+    async def _reply_status(self, data: _Data, cref: str) -> None:
+        party = data.payload.to[0] if data.payload.to else None
+        status = from_telnyx(party.status) if party and party.status else None
+        parts = cref.split(".")
+        try:
+            church_id, message_id = uuid.UUID(parts[0]), uuid.UUID(parts[1])
+        except (ValueError, IndexError):
+            status = None
+        if status is None:
+            await self._dedupe_only(data)
+            return
+        async with self.services.pool.connection() as conn, conn.transaction():
+            if not await _first_time(conn, data):
+                return
+            changed = await set_outbound_status(
+                conn, church_id, message_id, status.value, data.payload.id,
+                [s.value for s in allowed_from(status)],
+            )
+            if changed is not None and changed.provider_message_id != data.payload.id:
+                raise _Mismatch
+        if changed is None:
+            return
+        event = new_event(
+            "conversation.message.status",
+            ConversationMessageStatus(
+                conversation_id=changed.conversation_id, message_id=changed.id, status=changed.status
+            ),
+        )
+        await self.services.publisher.publish_many(
+            church_id, [("inbox", event), (f"conversation:{changed.conversation_id}", event)]
+        )
+
+    async def _received(self, data: _Data) -> None:
+        payload = data.payload
+        if payload.from_ is None or not payload.to:
+            await self._dedupe_only(data)
+            return
+        vault = self.services.vault
+        async with self.services.pool.connection() as conn, conn.transaction():
+            if not await _first_time(conn, data):
+                return
+            church = await church_by_number(conn, payload.to[0].phone_number)
+            if church is None:
+                log.info("inbound text to an unknown number")
+                return
+            try:
+                phone = normalize(payload.from_.phone_number, church.country)
+            except Exception:
+                phone = payload.from_.phone_number
+            found = await member_by_phone_hash(conn, church.id, vault.lookup_hash(phone))
+            if found is None:
+                member_id = uuid7()
+                await conn.execute(
+                    "INSERT INTO member (church_id, id, first_name, phone_cipher, phone_hash, "
+                    "verified, opt_source) VALUES (%s, %s, '', %s, %s, false, 'inbound')",
+                    (church.id, member_id, vault.encrypt(church.id, phone), vault.lookup_hash(phone)),
+                )
+            else:
+                member_id = found[0]
+            conversation, message, created = await record_inbound(
+                conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
+            )
+        changed = new_event(
+            "conversation.created" if created else "conversation.updated",
+            ConversationChanged(
+                conversation_id=conversation.id,
+                member_id=conversation.member_id,
+                status=conversation.status,
+                unread_count=conversation.unread_count,
+                assignee_id=conversation.assignee_id,
+                last_message_at=conversation.last_message_at,
+            ),
+        )
+        posted = new_event(
+            "conversation.message.created",
+            ConversationMessageCreated(
+                conversation_id=conversation.id,
+                message_id=message.id,
+                member_id=conversation.member_id,
+                direction="inbound",
+                body=message.body,
+                created_at=message.created_at,
+            ),
+        )
+        thread = f"conversation:{conversation.id}"
+        events: list[tuple[str, Event]] = [("inbox", changed), (thread, changed), ("inbox", posted), (thread, posted)]
+        await self.services.publisher.publish_many(church.id, events)
+
+    async def _dedupe_only(self, data: _Data) -> None:
+        async with self.services.pool.connection() as conn:
+            await _first_time(conn, data)
+
+
+class _Mismatch(Exception):
+    """Rolls back a transition whose reference and provider id disagree."""
+
+
+async def _first_time(conn: Conn, data: _Data) -> bool:
+    cur = await conn.execute(
+        "INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) "
+        "ON CONFLICT DO NOTHING",
+        (data.id, data.event_type),
+    )
+    return cur.rowcount == 1
+
+
+def _parse_ref(ref: str | None) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID] | None:
+    if not ref:
+        return None
+    parts = ref.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        return uuid.UUID(parts[0]), uuid.UUID(parts[1]), uuid.UUID(parts[2])
+    except ValueError:
+        return None
+
+
+def inbound_routes() -> list[BaseRoute]:
+    async def endpoint(request: Request) -> Response:
+        handler: InboundHandler = request.app.state.inbound
+        try:
+            return await handler.handle(request)
+        except _Mismatch:
+            return fail("validation_error", "webhook reference does not match the provider id")
+
+    return [Route("/v1/provider/telnyx/webhooks", endpoint, methods=["POST"])]

@@ -1,0 +1,208 @@
+"""Recipient status events and coalesced broadcast progress.
+
+Every transition is published on ``message:<id>`` as ``message.recipient.status``
+(integrators ask for each one). People watch ``message.progress`` instead: the
+counters live in a Redis hash per message, updated in the same Lua call that
+checks a 100 ms gate, so however many workers and web nodes record transitions,
+a broadcast's progress is published at most ten times a second. A transition
+that finds the gate closed leaves a trailing flush behind, so the last counts
+are always published; the final ones go out with ``message.completed`` exactly
+once (HSETNX).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from storage import keys
+from storage.database import Pool
+from storage.events import (
+    Counts,
+    EventPublisher,
+    MessageCompleted,
+    MessageProgress,
+    RecipientStatusChanged,
+    new_event,
+)
+from storage.messages import mark_completed, message_counts
+from storage.recipients import Transition
+from storage.redis_connection import Redis
+from storage.statuses import ALL_STATUSES, FINAL
+
+log = logging.getLogger("koinonia.delivery.progress")
+
+GATE_MS = 100
+COUNTS_TTL_S = 7 * 24 * 3600
+
+# KEYS: counts hash, gate. ARGV: gate ms, then field/delta pairs.
+# Returns nil when the hash is missing (Redis lost it): the caller rebuilds it.
+_APPLY_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local open = redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1])
+local gate = 0
+if open then gate = 1 end
+return {gate, redis.call('HGETALL', KEYS[1])}
+"""
+
+_FINAL_FIELDS = tuple(s.value for s in FINAL)
+
+
+class ProgressTracker:
+    def __init__(self, redis: Redis, publisher: EventPublisher, pool: Pool) -> None:
+        self._redis = redis
+        self._publisher = publisher
+        self._pool = pool
+        self._apply = redis.register_script(_APPLY_LUA)
+        self._trailing: dict[tuple[uuid.UUID, uuid.UUID], None] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def init_counts(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, total: int, queued: int, skipped: int
+    ) -> None:
+        key = keys.message_counts(church_id, message_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={"total": total, "queued": queued, "skipped": skipped})
+        pipe.expire(key, COUNTS_TTL_S)
+        await pipe.execute()
+
+    async def record(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, changes: list[Transition]
+    ) -> None:
+        """Publish one event per transition, then update and maybe publish progress."""
+        if not changes:
+            return
+        channel = f"message:{message_id}"
+        await self._publisher.publish_many(
+            church_id,
+            [
+                (
+                    channel,
+                    new_event(
+                        "message.recipient.status",
+                        RecipientStatusChanged(
+                            message_id=message_id,
+                            recipient_id=c.id,
+                            member_id=c.member_id,
+                            status=c.status,
+                            provider_message_id=c.provider_message_id,
+                            error_code=c.error_code,
+                        ),
+                    ),
+                )
+                for c in changes
+            ],
+        )
+        deltas: dict[str, int] = {}
+        for c in changes:
+            deltas[c.old_status] = deltas.get(c.old_status, 0) - 1
+            deltas[c.status] = deltas.get(c.status, 0) + 1
+        await self._apply_deltas(church_id, message_id, deltas)
+
+    async def _apply_deltas(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]
+    ) -> None:
+        args: list[str | int] = [GATE_MS]
+        for field, delta in deltas.items():
+            if delta:
+                args += [field, delta]
+        result = await self._apply(
+            keys=[keys.message_counts(church_id, message_id), keys.progress_gate(church_id, message_id)],
+            args=args,
+        )
+        if result is None:
+            await self._rebuild(church_id, message_id)
+            return
+        gate_open, flat = int(result[0]), result[1]
+        fields = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        await self._after_update(church_id, message_id, fields, gate_open=bool(gate_open))
+
+    async def _after_update(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, fields: dict[str, int], *, gate_open: bool
+    ) -> None:
+        counts = Counts(**{s.value: max(0, fields.get(s.value, 0)) for s in ALL_STATUSES})
+        total = fields.get("total", 0)
+        done = sum(fields.get(f, 0) for f in _FINAL_FIELDS)
+        if total and done >= total:
+            first = await self._redis.hsetnx(keys.message_counts(church_id, message_id), "completed", 1)
+            if first:
+                await self._complete(church_id, message_id, counts, total)
+                return
+        if gate_open:
+            await self._publish_progress(church_id, message_id, counts, total)
+        else:
+            self._schedule_trailing(church_id, message_id)
+
+    async def _complete(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, counts: Counts, total: int
+    ) -> None:
+        async with self._pool.connection() as conn:
+            await mark_completed(conn, church_id, message_id)
+        progress = new_event(
+            "message.progress",
+            MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+        )
+        completed = new_event(
+            "message.completed", MessageCompleted(message_id=message_id, counts=counts)
+        )
+        channel = f"message:{message_id}"
+        await self._publisher.publish_many(
+            church_id,
+            [(channel, progress), ("dashboard", progress), (channel, completed), ("dashboard", completed)],
+        )
+
+    async def _publish_progress(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, counts: Counts, total: int
+    ) -> None:
+        event = new_event(
+            "message.progress",
+            MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+        )
+        await self._publisher.publish_many(
+            church_id, [(f"message:{message_id}", event), ("dashboard", event)]
+        )
+
+    async def _rebuild(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        """Redis lost the counters: recount from Postgres, the truth."""
+        async with self._pool.connection() as conn:
+            counts = await message_counts(conn, church_id, message_id)
+        values: dict[str, int] = {s.value: int(getattr(counts, s.value)) for s in ALL_STATUSES}
+        total = sum(values.values())
+        key = keys.message_counts(church_id, message_id)
+        pipe = self._redis.pipeline(transaction=True)
+        mapping: dict[str | bytes, int] = dict(values.items())
+        mapping["total"] = total
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(key, COUNTS_TTL_S)
+        await pipe.execute()
+        log.info("progress counters rebuilt", extra={"message_id": str(message_id)})
+        await self._after_update(church_id, message_id, {**values, "total": total}, gate_open=True)
+
+    def _schedule_trailing(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        self._trailing[(church_id, message_id)] = None
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_trailing())
+
+    async def _flush_trailing(self) -> None:
+        while self._trailing:
+            await asyncio.sleep(GATE_MS / 1000 + 0.01)
+            pending = list(self._trailing)
+            self._trailing.clear()
+            for church_id, message_id in pending:
+                try:
+                    await self._apply_deltas(church_id, message_id, {})
+                except Exception:
+                    log.exception("trailing progress flush failed")
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,36 @@
+"""The provider port: what the delivery core needs from an SMS provider.
+
+``send(batch) -> results``; one adapter per module (delivery/telnyx.py speaks
+Telnyx v2 over HTTP, and the simulator answers in the same wire format, so the
+core never knows which one it talks to).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class SendRequest(msgspec.Struct, frozen=True):
+    from_number: str
+    to: str
+    text: str
+    webhook_url: str | None
+    idempotency_key: str
+    """Stable for every attempt at one recipient, so a repeat never texts twice."""
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    ok: bool
+    provider_message_id: str | None = None
+    retryable: bool = False
+    """A failure worth another attempt (429, 5xx, timeout, connection error)."""
+    error_code: str | None = None
+    retry_after_s: float | None = None
+
+
+class Provider(Protocol):
+    async def send(self, batch: list[SendRequest]) -> list[SendResult]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,128 @@
+"""The scheduler: periodic jobs that keep accepted work moving.
+
+- partitions: keep the current month and the next three in place;
+- materialization sweep: accepted broadcasts whose materialize entry was lost
+  (Redis flushed, or down at acceptance) are enqueued again;
+- reconciler: recipients left ``queued`` or ``sending`` without a provider id
+  past ``reconcile_after_s`` are enqueued again. Postgres is the truth, so an
+  empty Redis only delays delivery; the provider idempotency key keeps a repeat
+  from texting anyone twice.
+
+Any number of schedulers may run: each job takes a transaction-scoped advisory
+lock with ``pg_try_advisory_xact_lock`` and skips its turn when another holds it.
+No job deletes or drops message data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+from storage.ids import created_at_of
+from storage.partitions import ensure_partitions
+from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
+from storage.recipients import pending_materialization, stale_open_recipients, touch
+from storage.services import Services
+
+log = logging.getLogger("koinonia.delivery.scheduler")
+
+_LOCK_PARTITIONS = 7_311_020_201
+_LOCK_RECONCILE = 7_311_020_202
+_PARTITION_EVERY_S = 3600.0
+
+
+class Scheduler:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings.delivery
+        self._stopping = asyncio.Event()
+        self._last_partitions = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        log.info("scheduler started")
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.scheduler_interval_s)
+            except TimeoutError:
+                pass
+        log.info("scheduler stopped")
+
+    async def tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_partitions > _PARTITION_EVERY_S or not self._last_partitions:
+            await self.premake_partitions()
+            self._last_partitions = loop.time()
+        await self.reconcile()
+
+    async def premake_partitions(self) -> list[str]:
+        async with self.services.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_PARTITIONS,))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return []
+            created = await ensure_partitions(conn)
+        if created:
+            log.info("partitions created", extra={"partitions": created})
+        return created
+
+    async def reconcile(self) -> tuple[int, int]:
+        """Re-enqueue lost work; returns (messages, recipients) re-enqueued."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_after_s)
+        async with self.services.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_RECONCILE,))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return 0, 0
+            messages = await pending_materialization(conn, cutoff)
+            stale = await stale_open_recipients(conn, cutoff)
+            by_message: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
+            for church_id, message_id, recipient_id in stale:
+                by_message[(church_id, message_id)].append(recipient_id)
+            numbers: dict[uuid.UUID, str] = {}
+            batches: list[SendBatch] = []
+            for (church_id, message_id), ids in by_message.items():
+                if church_id not in numbers:
+                    cur = await conn.execute(
+                        "SELECT phone_number FROM church WHERE id = %s", (church_id,)
+                    )
+                    number = await cur.fetchone()
+                    numbers[church_id] = number[0] if number else ""
+                await touch(conn, church_id, message_id, ids)
+                size = self.settings.batch_size
+                for i in range(0, len(ids), size):
+                    batches.append(
+                        SendBatch(
+                            church_id=church_id,
+                            message_id=message_id,
+                            created_at=created_at_of(message_id),
+                            recipient_ids=ids[i : i + size],
+                            from_number=numbers[church_id],
+                            max_attempts=self.settings.max_attempts,
+                        )
+                    )
+        redis = self.services.redis
+        for church_id, message_id in messages:
+            await enqueue_materialize(
+                redis,
+                MaterializeJob(
+                    church_id=church_id, message_id=message_id,
+                    created_at=created_at_of(message_id),
+                ),
+            )
+        await enqueue_sends(redis, batches, self.settings.shards)
+        if messages or stale:
+            log.info(
+                "reconciled",
+                extra={"messages": len(messages), "recipients": len(stale)},
+            )
+        return len(messages), len(stale)

@@ -1,0 +1,295 @@
+"""The provider simulator's mutable state and rules, in process memory, with no I/O.
+
+Configuration, the rate-limit token bucket, idempotency keys, STOP blocks and
+counters. Time comes in as arguments so every rule is testable without
+sockets or sleeps; ``delivery.simulator`` pumps this from its HTTP routes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from delivery.simulator_wire import (
+    EventPlan,
+    Identity,
+    InboundRequest,
+    Outcome,
+    bad_request,
+    plan_events,
+)
+
+# -- configuration ----------------------------------------------------------------------------
+
+NonNegative = Annotated[float, Meta(ge=0)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Millis = Annotated[int, Meta(ge=0, le=600_000)]
+
+
+class Outcomes(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Relative weights of final outcomes; weights left out of a config update count as 0."""
+
+    delivered: NonNegative = 0.0
+    sending_failed: NonNegative = 0.0
+    delivery_failed: NonNegative = 0.0
+    delivery_unconfirmed: NonNegative = 0.0
+
+
+DEFAULT_OUTCOMES: Final = Outcomes(delivered=1.0)
+
+
+class SimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    latency_ms: tuple[Millis, Millis] = (0, 0)
+    outcomes: Outcomes = DEFAULT_OUTCOMES
+    rate_limit_per_s: Annotated[float, Meta(gt=0)] | None = None
+    outage: bool = False
+    duplicate_webhooks: Probability = 0.0
+    reorder_webhooks: bool = False
+
+
+class ConfigPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /_sim/config``: any subset of ``SimConfig``; ``null`` clears the rate limit."""
+
+    latency_ms: tuple[Millis, Millis] | UnsetType = UNSET
+    outcomes: Outcomes | UnsetType = UNSET
+    rate_limit_per_s: Annotated[float, Meta(gt=0)] | UnsetType | None = UNSET
+    outage: bool | UnsetType = UNSET
+    duplicate_webhooks: Probability | UnsetType = UNSET
+    reorder_webhooks: bool | UnsetType = UNSET
+
+
+def apply_patch(config: SimConfig, patch: ConfigPatch) -> SimConfig:
+    changes = {
+        name: value
+        for name in ConfigPatch.__struct_fields__
+        if (value := getattr(patch, name)) is not UNSET
+    }
+    updated = msgspec.structs.replace(config, **changes)
+    low, high = updated.latency_ms
+    if low > high:
+        raise bad_request("latency_ms must be [min, max] with min <= max", "/latency_ms")
+    if sum(msgspec.structs.astuple(updated.outcomes)) <= 0:
+        raise bad_request("outcomes must have at least one positive weight", "/outcomes")
+    return updated
+
+
+# -- rate limiting ----------------------------------------------------------------------------
+
+
+class RateDecision(msgspec.Struct, frozen=True):
+    allowed: bool
+    limit: float
+    remaining: int
+    retry_after_s: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        limit = str(int(self.limit)) if self.limit == int(self.limit) else str(self.limit)
+        headers = {
+            "x-ratelimit-limit": limit,
+            "x-ratelimit-remaining": str(self.remaining),
+            "x-ratelimit-reset": str(self.reset_s),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return headers
+
+
+class TokenBucket:
+    """Allows ``rate`` requests per second with a burst of one second's worth (at least one)."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.updated = now
+
+    def take(self, now: float) -> RateDecision:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        allowed = self.tokens >= 1.0
+        if allowed:
+            self.tokens -= 1.0
+        retry_after = 0 if allowed else max(1, math.ceil((1.0 - self.tokens) / self.rate))
+        return RateDecision(
+            allowed=allowed,
+            limit=self.rate,
+            remaining=int(self.tokens),
+            retry_after_s=retry_after,
+            reset_s=math.ceil((self.capacity - self.tokens) / self.rate),
+        )
+
+
+# -- idempotency ------------------------------------------------------------------------------
+
+IDEMPOTENCY_KEY: Final = re.compile(r"[A-Za-z0-9_:-]{1,255}")
+
+
+class StoredSend(msgspec.Struct, frozen=True, gc=False):
+    """What a replay needs. Not the answer itself: a replay carries the byte-identical body,
+    so the answer is rebuilt from it with the first send's id and time, at a fraction of
+    the ~1 KB an encoded answer would hold for 24 hours."""
+
+    fingerprint: bytes
+    message_id: bytes
+    received_at_ms: int
+    stored_at: float
+
+
+class IdempotencyStore:
+    """Successful sends by ``Idempotency-Key`` for ``ttl_s`` seconds.
+
+    Insertion order is expiry order, so expired keys are dropped from the front
+    in O(1) each. ``max_entries`` (about 330 bytes each) bounds memory during
+    long benchmarks; the oldest keys go first, which only matters for a retry
+    older than the newest ``max_entries`` sends.
+    """
+
+    def __init__(self, ttl_s: float = 24 * 3600, max_entries: int = 1_000_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, StoredSend] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            oldest = next(iter(entries))
+            if now - entries[oldest].stored_at < self.ttl_s and len(entries) <= self.max_entries:
+                return
+            del entries[oldest]
+
+    def lookup(self, key: str, now: float) -> StoredSend | None:
+        self._expire(now)
+        return self._entries.get(key)
+
+    def remember(self, key: str, stored: StoredSend) -> None:
+        self._entries[key] = stored
+        self._expire(stored.stored_at)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# -- opt-out keywords -------------------------------------------------------------------------
+
+STOP_KEYWORDS: Final = frozenset(
+    {"STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+)
+START_KEYWORDS: Final = frozenset({"START", "UNSTOP", "YES"})
+
+
+def keyword(text: str) -> Literal["stop", "start"] | None:
+    """Whether a whole inbound message is an opt-out or opt-in keyword (case, spacing and
+    trailing punctuation ignored, as carriers do: "Stop." still opts out)."""
+    normalized = " ".join(text.strip().rstrip(".!").split()).upper()
+    if normalized in STOP_KEYWORDS:
+        return "stop"
+    if normalized in START_KEYWORDS:
+        return "start"
+    return None
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+class Stats:
+    """Counters served by ``GET /_sim/stats``; cleared in place so holders keep a live view."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_destination: dict[str, int] = {}
+        self.webhooks_sent = 0
+        self.webhooks_failed = 0
+
+    def count_send(self, destination: str) -> None:
+        self.total += 1
+        self.by_destination[destination] = self.by_destination.get(destination, 0) + 1
+
+    def clear(self) -> None:
+        self.total = 0
+        self.by_destination.clear()
+        self.webhooks_sent = 0
+        self.webhooks_failed = 0
+
+
+def pick_outcome(outcomes: Outcomes, rng: random.Random) -> Outcome:
+    names: tuple[Outcome, ...] = (
+        "delivered",
+        "sending_failed",
+        "delivery_failed",
+        "delivery_unconfirmed",
+    )
+    weights = [getattr(outcomes, name) for name in names]
+    return rng.choices(names, weights)[0]
+
+
+# -- the whole state --------------------------------------------------------------------------
+
+
+class SimulatorState:
+    """Everything the simulator remembers, in process memory; one per app, used only from the
+    event loop, so no locks. Time comes in as arguments so the rules stay testable."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.identity = Identity()
+        self.config = SimConfig()
+        self.stats = Stats()
+        self.idempotency = IdempotencyStore()
+        # (church number, member number) pairs a member has opted out of with STOP.
+        self.blocks: set[tuple[str, str]] = set()
+        self.rng = rng or random.Random()
+        self._bucket: TokenBucket | None = None
+
+    def configure(self, patch: ConfigPatch) -> SimConfig:
+        updated = apply_patch(self.config, patch)
+        if updated.rate_limit_per_s != self.config.rate_limit_per_s:
+            self._bucket = None
+        self.config = updated
+        return updated
+
+    def reset(self) -> None:
+        """Back to a fresh simulator. Webhooks already queued still go out: they belong to
+        sends that were answered, and dropping them would strand the app's recipients."""
+        self.config = SimConfig()
+        self.stats.clear()
+        self.idempotency.clear()
+        self.blocks.clear()
+        self._bucket = None
+
+    def admit(self, now: float) -> RateDecision | None:
+        """Spend a rate-limit token; ``None`` when no limit is configured."""
+        rate = self.config.rate_limit_per_s
+        if rate is None:
+            return None
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate, now)
+        return self._bucket.take(now)
+
+    def record_inbound(self, req: InboundRequest) -> None:
+        match keyword(req.text):
+            case "stop":
+                self.blocks.add((req.to, req.from_))
+            case "start":
+                self.blocks.discard((req.to, req.from_))
+            case None:
+                pass
+
+    def is_blocked(self, sender: str, to: str) -> bool:
+        return (sender, to) in self.blocks
+
+    def latency_s(self) -> float:
+        low, high = self.config.latency_ms
+        return self.rng.uniform(low, high) / 1000 if high else 0.0
+
+    def plan(self) -> tuple[EventPlan, ...]:
+        config = self.config
+        outcome = pick_outcome(config.outcomes, self.rng)
+        return plan_events(outcome, self.rng, config.duplicate_webhooks, config.reorder_webhooks)

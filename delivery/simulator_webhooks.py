@@ -1,0 +1,228 @@
+"""Signed webhook delivery for the provider simulator.
+
+Sends are answered at once; their webhooks are queued here and delivered by a
+fixed pool of sender tasks sharing one pooled ``httpx.AsyncClient``, so a burst
+of thousands of sends per second never spawns a task per webhook.
+
+    route ──reserve()──► slot ──submit(job, delay)──► heap (latency) ──► ready stream
+                                                                            │
+                                        worker x N ◄────────────────────────┘
+                                        (one job = every event of one message, in order)
+
+A job carries all events of one message and one worker delivers them in
+sequence, which is what keeps ``message.sent`` ahead of ``message.finalized``
+at zero latency. Capacity is a semaphore of ``max_pending`` slots taken by the
+route before it commits a send and released when the job's last webhook is
+done: when the receiver falls behind, sends slow down instead of memory
+growing.
+
+Signatures follow Telnyx: Ed25519 over ``f"{telnyx-timestamp}|{raw body}"``,
+base64 in ``telnyx-signature-ed25519``.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import itertools
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Final
+
+import anyio
+import httpx
+import msgspec
+from anyio.abc import TaskStatus
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from delivery.simulator_state import Stats
+from delivery.simulator_wire import (
+    EventData,
+    EventMeta,
+    EventPlan,
+    Message,
+    WebhookEnvelope,
+    render_event,
+)
+
+logger = logging.getLogger(__name__)
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_seed(seed_b64: str) -> bytes:
+    seed = base64.b64decode(seed_b64, validate=True)
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 signing seed must be base64 of exactly 32 bytes")
+    return seed
+
+
+class Signer:
+    """Signs webhook bodies the way Telnyx does."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.public_key_b64 = base64.b64encode(raw).decode()
+
+    def headers(self, body: bytes, timestamp: int) -> dict[str, str]:
+        stamp = str(timestamp)
+        signature = self._key.sign(stamp.encode() + b"|" + body)
+        return {
+            "content-type": "application/json",
+            "telnyx-signature-ed25519": base64.b64encode(signature).decode(),
+            "telnyx-timestamp": stamp,
+        }
+
+
+class WebhookJob(msgspec.Struct, frozen=True):
+    """Every webhook of one message, delivered in ``plans`` order by one worker."""
+
+    message: Message
+    plans: tuple[EventPlan, ...]
+    url: str
+    failover_url: str | None = None
+
+
+class WebhookDispatcher:
+    """Bounded webhook delivery: a latency heap, a ready stream and ``workers`` senders."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        stats: Stats,
+        *,
+        workers: int = 16,
+        max_pending: int = 50_000,
+        attempts_per_url: int = 3,
+        backoff_s: tuple[float, ...] = (0.1, 0.3),
+    ) -> None:
+        self.signer = signer
+        # Shared with SimulatorState and cleared in place by a reset, so counts stay live.
+        self.stats = stats
+        self.workers = workers
+        # Telnyx tries each URL up to three times, then the failover URL.
+        self.attempts_per_url = attempts_per_url
+        self.backoff_s = backoff_s
+        # Every job holds a slot from reserve() until its last webhook is done; the stream
+        # can hold them all, so handing a reserved job over never blocks.
+        self._slots = anyio.Semaphore(max_pending)
+        self._ready_send, self._ready_receive = anyio.create_memory_object_stream[WebhookJob](
+            max_pending
+        )
+        # Jobs waiting out their simulated latency: (due loop time, tie-breaker, job).
+        self._delayed: list[tuple[float, int, WebhookJob]] = []
+        self._sequence = itertools.count()
+        # Set when a job due earlier than everything in the heap arrives.
+        self._wakeup = anyio.Event()
+        self.pending = 0
+        # Set whenever nothing is pending; drain() waits on it.
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    async def reserve(self) -> None:
+        """Wait for room for one more job; the caller then must submit() or release()."""
+        await self._slots.acquire()
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self.pending += 1
+
+    def release(self) -> None:
+        """Give back a reservation that will not be used, or a finished job's slot."""
+        self.pending -= 1
+        self._slots.release()
+        if self.pending == 0:
+            self._idle.set()
+
+    def submit(self, job: WebhookJob, delay_s: float = 0.0) -> None:
+        """Queue a job under a reservation; its webhooks start after ``delay_s`` seconds."""
+        if delay_s <= 0:
+            self._ready_send.send_nowait(job)
+            return
+        entry = (anyio.current_time() + delay_s, next(self._sequence), job)
+        heapq.heappush(self._delayed, entry)
+        if self._delayed[0] is entry:
+            self._wakeup.set()
+
+    async def run(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Deliver until cancelled (the app lifespan owns this task)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._release_due)
+            for _ in range(self.workers):
+                tg.start_soon(self._work, client)
+            task_status.started()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for queued webhooks to go out; whether they all did."""
+        with anyio.move_on_after(timeout_s):
+            while self.pending:
+                await self._idle.wait()
+        return self.pending == 0
+
+    async def _release_due(self) -> None:
+        while True:
+            self._wakeup = anyio.Event()
+            now = anyio.current_time()
+            delayed = self._delayed
+            while delayed and delayed[0][0] <= now:
+                self._ready_send.send_nowait(heapq.heappop(delayed)[2])
+            with anyio.move_on_after(delayed[0][0] - now if delayed else None):
+                await self._wakeup.wait()
+
+    async def _work(self, client: httpx.AsyncClient) -> None:
+        async for job in self._ready_receive:
+            try:
+                await self._deliver_job(client, job)
+            except Exception:
+                logger.exception("simulator webhook job for message %s crashed", job.message.id)
+            finally:
+                self.release()
+
+    async def _deliver_job(self, client: httpx.AsyncClient, job: WebhookJob) -> None:
+        sent_at = datetime.now(UTC)
+        for plan in job.plans:
+            data = render_event(job.message, plan, sent_at)
+            for _ in range(2 if plan.duplicate else 1):
+                await self._deliver_event(client, data, job)
+
+    async def _deliver_event(
+        self, client: httpx.AsyncClient, data: EventData, job: WebhookJob
+    ) -> bool:
+        targets = [job.url]
+        if job.failover_url and job.failover_url != job.url:
+            targets.append(job.failover_url)
+        attempt = 0
+        reason = ""
+        for target in targets:
+            for try_number in range(self.attempts_per_url):
+                attempt += 1
+                envelope = WebhookEnvelope(data, EventMeta(attempt, target))
+                body = _encoder.encode(envelope)
+                headers = self.signer.headers(body, int(time.time()))
+                try:
+                    response = await client.post(target, content=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    if response.is_success:
+                        self.stats.webhooks_sent += 1
+                        return True
+                    reason = f"HTTP {response.status_code}"
+                logger.debug("webhook attempt %d to %s failed: %s", attempt, target, reason)
+                if try_number + 1 < self.attempts_per_url:
+                    await anyio.sleep(self.backoff_s[min(try_number, len(self.backoff_s) - 1)])
+        self.stats.webhooks_failed += 1
+        logger.warning(
+            "gave up on webhook for message %s after %d attempts: %s",
+            job.message.id,
+            attempt,
+            reason,
+        )
+        return False

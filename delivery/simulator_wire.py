@@ -1,0 +1,411 @@
+"""Telnyx v2 Messaging wire shapes for the provider simulator, and the pure functions that
+build them: segment counting, send validation, message and webhook event records.
+
+The shapes follow Telnyx's v2 Messaging API (``OutboundMessagePayload`` in the
+official SDKs, the ``message.sent`` / ``message.finalized`` /
+``message.received`` callback examples in the API reference). Field order
+mirrors Telnyx's documentation so captured bodies read the same.
+
+``SimulatorError`` carries the HTTP status and Telnyx error objects of a
+refused request; only the routes in ``delivery.simulator`` turn it into a
+response.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal
+
+import msgspec
+
+# -- Telnyx wire shapes ---------------------------------------------------------------------
+
+LineType = Literal["Wireline", "Wireless", "VoWiFi", "VoIP", "Pre-Paid Wireless", ""]
+RecipientStatus = Literal[
+    "queued",
+    "sending",
+    "sent",
+    "delivered",
+    "sending_failed",
+    "delivery_failed",
+    "delivery_unconfirmed",
+    "webhook_delivered",
+]
+Outcome = Literal["delivered", "sending_failed", "delivery_failed", "delivery_unconfirmed"]
+EventType = Literal["message.sent", "message.finalized", "message.received"]
+Encoding = Literal["GSM-7", "UCS-2"]
+
+
+class ErrorSource(msgspec.Struct, frozen=True, omit_defaults=True):
+    pointer: str | None = None
+    parameter: str | None = None
+
+
+class TelnyxError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One entry of Telnyx's ``errors`` array; codes are strings, as Telnyx sends them."""
+
+    code: str
+    title: str
+    detail: str | None = None
+    source: ErrorSource | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    errors: tuple[TelnyxError, ...]
+
+
+class Sender(msgspec.Struct, frozen=True):
+    phone_number: str
+    carrier: str
+    line_type: LineType
+
+
+class Recipient(msgspec.Struct, frozen=True):
+    phone_number: str
+    status: RecipientStatus
+    carrier: str
+    line_type: LineType
+
+
+class Media(msgspec.Struct, frozen=True):
+    url: str
+    content_type: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+
+
+class Cost(msgspec.Struct, frozen=True):
+    amount: str
+    currency: str = "USD"
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """Telnyx's message record, as answered by ``POST /v2/messages`` and carried in webhooks."""
+
+    record_type: Literal["message"] = "message"
+    direction: Literal["outbound", "inbound"]
+    id: str
+    type: Literal["SMS", "MMS"]
+    messaging_profile_id: str | None
+    organization_id: str
+    from_: Sender = msgspec.field(name="from")
+    to: tuple[Recipient, ...]
+    cc: tuple[Recipient, ...] = ()
+    text: str
+    subject: str | None
+    media: tuple[Media, ...]
+    webhook_url: str | None
+    webhook_failover_url: str | None
+    encoding: Encoding
+    parts: int
+    tags: tuple[str, ...] = ()
+    cost: Cost | None = None
+    received_at: str
+    sent_at: str | None = None
+    completed_at: str | None = None
+    valid_until: str | None = None
+    errors: tuple[TelnyxError, ...] = ()
+
+
+class MessageResponse(msgspec.Struct, frozen=True):
+    data: Message
+
+
+class EventData(msgspec.Struct, frozen=True):
+    event_type: EventType
+    id: str
+    occurred_at: str
+    payload: Message
+    record_type: Literal["event"] = "event"
+
+
+class EventMeta(msgspec.Struct, frozen=True):
+    attempt: int
+    delivered_to: str
+
+
+class WebhookEnvelope(msgspec.Struct, frozen=True):
+    data: EventData
+    meta: EventMeta
+
+
+class SendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v2/messages``.
+
+    Every field is optional at decode time so that a missing ``to`` or ``from``
+    gets Telnyx's own error code rather than a generic decode error. Unknown
+    fields are rejected (Telnyx ignores them) so an adapter typo such as
+    ``body`` for ``text`` fails loudly in development.
+    """
+
+    from_: str | None = msgspec.field(default=None, name="from")
+    to: str | None = None
+    text: str | None = None
+    subject: str | None = None
+    media_urls: tuple[str, ...] = ()
+    messaging_profile_id: str | None = None
+    webhook_url: str | None = None
+    webhook_failover_url: str | None = None
+    use_profile_webhooks: bool = True
+    type: Literal["SMS", "MMS"] | None = None
+    auto_detect: bool = False
+    send_at: str | None = None
+
+
+class InboundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``POST /_sim/inbound``: a member's reply to a church number."""
+
+    from_: str = msgspec.field(name="from")
+    to: str
+    text: str
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class SimulatorError(Exception):
+    """A request the simulator refuses; ``status`` and ``errors`` are what Telnyx would answer."""
+
+    def __init__(
+        self, status: int, *errors: TelnyxError, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(errors[0].detail if errors else str(status))
+        self.status = status
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def error(
+    status: int, code: str, title: str, detail: str, pointer: str | None = None
+) -> SimulatorError:
+    source = ErrorSource(pointer=pointer) if pointer else None
+    return SimulatorError(status, TelnyxError(code=code, title=title, detail=detail, source=source))
+
+
+def bad_request(detail: str, pointer: str | None = None, status: int = 422) -> SimulatorError:
+    return error(status, "10015", "Bad Request", detail, pointer)
+
+
+# -- segments ---------------------------------------------------------------------------------
+
+# 3GPP TS 23.038 default alphabet (without the escape code itself) and its extension table,
+# whose characters cost an escape plus the character: two septets.
+GSM7_BASIC: Final = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM7_EXTENSION: Final = frozenset("\f^{}\\[]~|€")
+
+
+def _pack(units: Iterable[int], single: int, multi: int) -> int:
+    """Parts needed for characters of the given widths; a character never straddles two parts,
+    because phones cannot reassemble half an escape sequence or half a surrogate pair."""
+    widths = list(units)
+    total = sum(widths)
+    if total <= single:
+        return 1
+    parts, used = 1, 0
+    for width in widths:
+        if used + width > multi:
+            parts += 1
+            used = 0
+        used += width
+    return parts
+
+
+def segment(text: str) -> tuple[Encoding, int]:
+    """Encoding and number of SMS parts Telnyx reports for ``text``.
+
+    GSM-7 fits 160 septets in one part and 153 per part of a longer message
+    (the user-data header takes the rest); UCS-2 fits 70 / 67 UTF-16 units.
+    """
+    if all(ch in GSM7_BASIC or ch in GSM7_EXTENSION for ch in text):
+        return "GSM-7", _pack((2 if ch in GSM7_EXTENSION else 1 for ch in text), 160, 153)
+    return "UCS-2", _pack((2 if ord(ch) > 0xFFFF else 1 for ch in text), 70, 67)
+
+
+# -- messages and events ----------------------------------------------------------------------
+
+E164: Final = re.compile(r"\+[1-9][0-9]{1,14}")
+SENDER_CARRIER: Final = Sender(phone_number="", carrier="TELNYX LLC", line_type="VoIP")
+MEMBER_CARRIER: Final = ("T-MOBILE USA, INC.", "Wireless")
+PRICE_PER_PART: Final = 0.004
+VALIDITY: Final = timedelta(hours=4)
+
+FAILURES: Final[dict[str, TelnyxError]] = {
+    "sending_failed": TelnyxError(
+        code="40001",
+        title="Not routable",
+        detail="The destination number is not routable (landline or non-routable number).",
+    ),
+    "delivery_failed": TelnyxError(
+        code="40008",
+        title="Undeliverable",
+        detail="The message could not be delivered to the handset.",
+    ),
+}
+
+
+def iso(moment: datetime) -> str:
+    """Telnyx's timestamp style: ISO 8601, milliseconds, explicit UTC offset."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def is_e164(number: str) -> bool:
+    return E164.fullmatch(number) is not None
+
+
+def validate_send(req: SendRequest) -> tuple[str, str, str]:
+    """The ``(from, to, text)`` of a send, or the ``SimulatorError`` Telnyx would answer."""
+    if req.to is None or req.to == "":
+        raise error(400, "10004", "Missing required parameter", "'to' is required.", "/to")
+    if not is_e164(req.to):
+        raise error(
+            400,
+            "40310",
+            "Invalid 'to' address",
+            "The 'to' address must be a +E.164 formatted phone number.",
+            "/to",
+        )
+    sender = req.from_
+    if not sender:
+        if not req.messaging_profile_id:
+            raise error(
+                400,
+                "10004",
+                "Missing required parameter",
+                "'from' is required unless a messaging_profile_id is given.",
+                "/from",
+            )
+        sender = "+18005550100"
+    text = req.text or ""
+    if not text and not req.media_urls:
+        raise error(
+            400, "10004", "Missing required parameter", "'text' is required for SMS.", "/text"
+        )
+    if len(text) > 1600:
+        raise bad_request("'text' exceeds the maximum of 1600 characters.", "/text")
+    urls = {"webhook_url": req.webhook_url, "webhook_failover_url": req.webhook_failover_url}
+    for name, url in urls.items():
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise error(
+                400, "10003", "Invalid URL", f"'{name}' must be an http(s) URL.", f"/{name}"
+            )
+    return sender, req.to, text
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """The simulated account: fixed ids so captured payloads stay comparable across runs."""
+
+    organization_id: str = str(uuid.uuid5(uuid.NAMESPACE_URL, "koinonia-simulator/org"))
+    messaging_profile_id: str = str(uuid.uuid5(uuid.NAMESPACE_URL, "koinonia-simulator/profile"))
+
+
+def outbound_message(
+    req: SendRequest,
+    sender: str,
+    to: str,
+    text: str,
+    webhook_url: str | None,
+    identity: Identity,
+    message_id: uuid.UUID,
+    received_at_ms: int,
+) -> Message:
+    """The message record for an accepted send. Deterministic in its arguments, so an
+    idempotent replay rebuilds the first answer byte for byte."""
+    encoding, parts = segment(text)
+    is_mms = bool(req.media_urls) or req.type == "MMS"
+    now = datetime.fromtimestamp(received_at_ms / 1000, UTC)
+    return Message(
+        direction="outbound",
+        id=str(message_id),
+        type="MMS" if is_mms else "SMS",
+        messaging_profile_id=req.messaging_profile_id or identity.messaging_profile_id,
+        organization_id=identity.organization_id,
+        from_=msgspec.structs.replace(SENDER_CARRIER, phone_number=sender),
+        to=(Recipient(to, "queued", *MEMBER_CARRIER),),
+        text=text,
+        subject=req.subject,
+        media=tuple(Media(url=url) for url in req.media_urls),
+        webhook_url=webhook_url,
+        webhook_failover_url=req.webhook_failover_url,
+        encoding=encoding,
+        parts=1 if is_mms else parts,
+        received_at=iso(now),
+        valid_until=iso(now + VALIDITY),
+    )
+
+
+def inbound_message(
+    req: InboundRequest, webhook_url: str, identity: Identity, now: datetime
+) -> Message:
+    encoding, parts = segment(req.text)
+    return Message(
+        direction="inbound",
+        id=str(uuid.uuid4()),
+        type="SMS",
+        messaging_profile_id=identity.messaging_profile_id,
+        organization_id=identity.organization_id,
+        from_=Sender(req.from_, *MEMBER_CARRIER),
+        to=(Recipient(req.to, "webhook_delivered", "TELNYX LLC", "VoIP"),),
+        text=req.text,
+        subject=None,
+        media=(),
+        webhook_url=webhook_url,
+        webhook_failover_url=None,
+        encoding=encoding,
+        parts=parts,
+        cost=Cost(amount=f"{PRICE_PER_PART * parts:.4f}"),
+        received_at=iso(now),
+    )
+
+
+class EventPlan(msgspec.Struct, frozen=True):
+    """One webhook a message will produce: decided when the send is accepted, rendered (with
+    real timestamps) when it is delivered."""
+
+    event_id: str
+    event_type: EventType
+    status: RecipientStatus
+    duplicate: bool = False
+
+
+def plan_events(
+    outcome: Outcome, rng: random.Random, duplicate_p: float, reorder: bool
+) -> tuple[EventPlan, ...]:
+    plans: list[EventPlan] = []
+    if outcome != "sending_failed":
+        plans.append(EventPlan(str(uuid.uuid4()), "message.sent", "sent"))
+    plans.append(EventPlan(str(uuid.uuid4()), "message.finalized", outcome))
+    plans = [
+        msgspec.structs.replace(p, duplicate=rng.random() < duplicate_p) if duplicate_p else p
+        for p in plans
+    ]
+    if reorder and rng.random() < 0.5:
+        plans.reverse()
+    return tuple(plans)
+
+
+def render_event(message: Message, plan: EventPlan, sent_at: datetime) -> EventData:
+    """The webhook ``data`` for ``plan``; ``sent_at`` is when the carrier took the message and
+    the finalized event completes at that same instant."""
+    if plan.event_type == "message.received":
+        return EventData(plan.event_type, plan.event_id, message.received_at, message)
+    stamp = iso(sent_at)
+    failed = plan.status == "sending_failed"
+    failure = FAILURES.get(plan.status)
+    payload = msgspec.structs.replace(
+        message,
+        to=tuple(msgspec.structs.replace(r, status=plan.status) for r in message.to),
+        sent_at=None if failed else stamp,
+        completed_at=stamp if plan.event_type == "message.finalized" else None,
+        # Telnyx nulls valid_until once the message has left its queue.
+        valid_until=None,
+        cost=None if failed else Cost(amount=f"{PRICE_PER_PART * message.parts:.4f}"),
+        errors=(failure,) if failure else (),
+    )
+    return EventData(plan.event_type, plan.event_id, stamp, payload)

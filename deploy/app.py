@@ -1,0 +1,54 @@
+"""The assembly: the web app built from the routes of api/, realtime/ and delivery/.
+
+This module and deploy/cli.py are the only ones that import all three packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from api.middleware import RequestContext
+from api.routes import api_routes, exception_handlers
+from delivery.inbound import InboundHandler, inbound_routes
+from delivery.progress import ProgressTracker
+from realtime.hub import Hub
+from realtime.routes import realtime_routes
+from storage.logs import configure_logging
+from storage.services import Services
+from storage.settings import Settings
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await Services.open(settings)
+        hub = Hub(settings.redis, services.publisher, services.redis)
+        await hub.start()
+        progress = ProgressTracker(services.redis, services.publisher, services.pool)
+        app.state.services = services
+        app.state.hub = hub
+        app.state.inbound = InboundHandler(services, progress)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await progress.aclose()
+            await services.close()
+
+    return Starlette(
+        routes=[*api_routes(), *realtime_routes(), *inbound_routes()],
+        middleware=[Middleware(RequestContext, max_body_bytes=settings.http.max_body_bytes)],
+        exception_handlers=exception_handlers(),
+        lifespan=lifespan,
+    )
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory deploy.app:app_from_env`` (several workers)."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, process="web")
+    return create_app(settings)

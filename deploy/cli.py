@@ -1,0 +1,186 @@
+"""The ``koinonia`` command: one subcommand per process type, plus ``dev`` and ``migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from storage.settings import Settings
+
+
+def _require_keys(settings: Settings) -> None:
+    if not settings.security.phone_key or not settings.security.lookup_key:
+        sys.exit(
+            "koinonia: KOINONIA_PHONE_KEY and KOINONIA_LOOKUP_KEY are required "
+            "(base64 of 32 random bytes each; `koinonia dev` makes its own)"
+        )
+    if not settings.database.url or not settings.redis.url:
+        sys.exit("koinonia: DATABASE_URL and REDIS_URL are required (or use `koinonia dev`)")
+
+
+def cmd_web(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = Settings.from_env()
+    _require_keys(settings)
+    if args.workers > 1:
+        uvicorn.run(
+            "deploy.app:app_from_env", factory=True, host=settings.http.host,
+            port=settings.http.port, workers=args.workers, log_config=None,
+            access_log=False, ws_per_message_deflate=False, lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+        return
+    from deploy.app import create_app
+    from storage.logs import configure_logging
+
+    configure_logging(settings.log_level, process="web")
+    uvicorn.run(
+        create_app(settings), host=settings.http.host, port=settings.http.port,
+        log_config=None, access_log=False, ws_per_message_deflate=False, lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+
+
+class _Runner(Protocol):
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+async def _run_until_signal(runner: _Runner) -> None:
+    """Run until SIGTERM/SIGINT, which ask the runner to drain and stop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.stop)
+    await runner.run()
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from delivery.telnyx import TelnyxProvider
+    from delivery.worker import Worker
+    from storage.logs import configure_logging
+    from storage.services import Services
+
+    settings = Settings.from_env()
+    _require_keys(settings)
+    configure_logging(settings.log_level, process="worker")
+
+    async def main() -> None:
+        services = await Services.open(settings)
+        provider = TelnyxProvider(
+            settings.provider.base_url, settings.provider.api_key,
+            timeout_s=settings.provider.timeout_s, concurrency=settings.delivery.concurrency,
+        )
+        try:
+            await _run_until_signal(Worker(services, provider, name=args.name))
+        finally:
+            await provider.aclose()
+            await services.close()
+
+    asyncio.run(main())
+
+
+def cmd_scheduler(args: argparse.Namespace) -> None:
+    from delivery.scheduler import Scheduler
+    from storage.logs import configure_logging
+    from storage.services import Services
+
+    settings = Settings.from_env()
+    _require_keys(settings)
+    configure_logging(settings.log_level, process="scheduler")
+
+    async def main() -> None:
+        services = await Services.open(settings)
+        try:
+            await _run_until_signal(Scheduler(services))
+        finally:
+            await services.close()
+
+    asyncio.run(main())
+
+
+def cmd_simulator(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from delivery.simulator import create_simulator_app
+    from storage.logs import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, process="simulator")
+    uvicorn.run(
+        create_simulator_app(settings.simulator), host=settings.simulator.host,
+        port=settings.simulator.port, log_config=None, access_log=False,
+    )
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from storage.database import migrate
+
+    settings = Settings.from_env()
+    if not settings.database.url:
+        sys.exit("koinonia: DATABASE_URL is required")
+    applied = asyncio.run(migrate(settings.database.url))
+    print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from deploy.stack import Stack, say
+
+    settings = Settings.from_env()
+    stack = Stack(
+        Path(settings.data_dir).resolve(), http_port=settings.http.port,
+        sim_port=settings.simulator.port,
+    )
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start_stores()
+        stack.start_processes()
+        stack.wait_ready()
+        print(f"Koinonia ready at http://127.0.0.1:{settings.http.port}", flush=True)
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(0.5)
+        failed = [n for n, p in stack.processes.items() if p.poll() is not None]
+        say(f"process exited unexpectedly: {', '.join(failed)}; stopping")
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        say("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="koinonia", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the whole stack (embedded stores unless URLs are set)")
+    web = sub.add_parser("web", help="serve the REST API, realtime and inbound webhooks")
+    web.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    worker = sub.add_parser("worker", help="run a delivery worker")
+    worker.add_argument("--name", default=None, help="consumer name (default host-pid)")
+    sub.add_parser("scheduler", help="run the scheduler")
+    sub.add_parser("simulator", help="run the Telnyx-compatible provider simulator")
+    sub.add_parser("migrate", help="apply database migrations and create partitions")
+    args = parser.parse_args(argv)
+    handlers = {
+        "dev": cmd_dev, "web": cmd_web, "worker": cmd_worker, "scheduler": cmd_scheduler,
+        "simulator": cmd_simulator, "migrate": cmd_migrate,
+    }
+    handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

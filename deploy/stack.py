@@ -1,0 +1,175 @@
+"""The whole development stack as child processes: what ``koinonia dev`` runs.
+
+Embedded Postgres and Redis when no URLs are given, migrations, then the
+provider simulator, one web process, one worker and the scheduler, wired to
+each other through environment variables. The test suite and the benches use
+the same class, so they exercise the same start-up path as a developer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+from delivery.simulator import new_signing_seed, public_key_b64
+from deploy.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from storage.database import migrate
+
+INBOUND_PATH = "/v1/provider/telnyx/webhooks"
+
+
+def dev_secrets(data_dir: Path) -> dict[str, str]:
+    """Keys for development, made once and kept in the data folder (never used in
+    production, where they come from the environment)."""
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        loaded: dict[str, str] = json.loads(path.read_text())
+        return loaded
+    secrets = {
+        "KOINONIA_PHONE_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "KOINONIA_LOOKUP_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "KOINONIA_SIM_SIGNING_SEED": new_signing_seed(),
+    }
+    path.write_text(json.dumps(secrets))
+    path.chmod(0o600)
+    return secrets
+
+
+def say(text: str) -> None:
+    """Progress for the person who started the command (stderr; stdout stays clean)."""
+    print(f"koinonia: {text}", file=sys.stderr, flush=True)
+
+
+class Stack:
+    """Starts and stops embedded stores and the process types of the Procfile."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        http_port: int = 8000,
+        sim_port: int = 8025,
+        env: Mapping[str, str] | None = None,
+        fast_unsafe: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        self.data_dir = data_dir
+        self.http_port = http_port
+        self.sim_port = sim_port
+        self.base_env = dict(os.environ if env is None else env)
+        self.fast_unsafe = fast_unsafe
+        self.quiet = quiet
+        self.postgres: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env: dict[str, str] = {}
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            say(text)
+
+    def start_stores(self) -> dict[str, str]:
+        """Embedded Postgres/Redis unless URLs are given; migrations; the child env."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(self.base_env)
+        secrets = dev_secrets(self.data_dir)
+        for name, value in secrets.items():
+            env.setdefault(name, value)
+        if not env.get("DATABASE_URL"):
+            self._say(f"starting embedded Postgres in {self.data_dir / 'postgres'}")
+            self.postgres = EmbeddedPostgres(self.data_dir, fast_unsafe=self.fast_unsafe)
+            env["DATABASE_URL"] = self.postgres.start()
+        if not env.get("REDIS_URL"):
+            self._say("starting embedded Redis")
+            self.redis = EmbeddedRedis(self.data_dir, persist=not self.fast_unsafe)
+            env["REDIS_URL"] = self.redis.start()
+        self._say("applying migrations")
+        applied = asyncio.run(migrate(env["DATABASE_URL"]))
+        if applied:
+            self._say(f"migrations applied: {', '.join(applied)}")
+        public = f"http://127.0.0.1:{self.http_port}"
+        env.setdefault("KOINONIA_ENV", "development")
+        env["KOINONIA_HTTP_PORT"] = str(self.http_port)
+        env["KOINONIA_SIM_PORT"] = str(self.sim_port)
+        env.setdefault("KOINONIA_PUBLIC_URL", public)
+        env.setdefault("KOINONIA_PROVIDER_URL", f"http://127.0.0.1:{self.sim_port}")
+        env.setdefault(
+            "KOINONIA_PROVIDER_PUBLIC_KEY", public_key_b64(env["KOINONIA_SIM_SIGNING_SEED"])
+        )
+        env.setdefault("KOINONIA_SIM_WEBHOOK_URL", env["KOINONIA_PUBLIC_URL"] + INBOUND_PATH)
+        env.setdefault("KOINONIA_ALLOWED_ORIGINS", f"http://localhost:{self.http_port}")
+        self.env = env
+        return env
+
+    def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> None:
+        """Run ``koinonia <args>`` as a child with the stack's environment."""
+        command = [sys.executable, "-m", "deploy.cli", *args]
+        self.processes[name] = subprocess.Popen(
+            command, env=dict(env or self.env), start_new_session=True
+        )
+
+    def start_processes(self) -> None:
+        self._say("starting simulator, web, worker and scheduler")
+        self.spawn("simulator", "simulator")
+        self.spawn("web", "web")
+        self.spawn("worker", "worker")
+        self.spawn("scheduler", "scheduler")
+
+    def wait_ready(self, url: str | None = None, timeout_s: float = 60.0) -> None:
+        target = url or f"http://127.0.0.1:{self.http_port}/health/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode} during start-up")
+            try:
+                if httpx.get(target, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{target} did not answer 200 within {timeout_s:.0f} s")
+
+    def stop_process(self, name: str, *, kill: bool = False, timeout_s: float = 15.0) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.stop_process(name)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
+
+
+def free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
+    env = dict(base)
+    env.update(overrides)
+    return env

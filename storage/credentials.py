@@ -1,0 +1,147 @@
+"""Credentials and the principal they become.
+
+Two kinds of credentials reach every surface (REST, WebSocket, SSE):
+
+- API keys ``kn_<prefix>_<secret>``: the prefix finds the row (and is shown to
+  people to tell keys apart), the secret is only ever stored as SHA-256;
+- staff sessions: a random token in an httpOnly cookie, stored in Redis under
+  its SHA-256 so any web node serves any request.
+
+Both turn into a ``Principal``: the one church a request acts in, and what it
+may do there. REST and realtime share this module (ARCHITECTURE.md: turning
+credentials into a principal lives in storage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from datetime import datetime
+
+import msgspec
+
+from storage import keys
+from storage.database import Conn
+from storage.ids import uuid7
+from storage.redis_connection import Redis
+
+ALL_SCOPES: tuple[str, ...] = ("read", "write")
+
+
+class Principal(msgspec.Struct, frozen=True):
+    church_id: uuid.UUID
+    kind: str
+    """``session`` or ``api_key``."""
+    scopes: frozenset[str]
+    user_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+    role: str | None = None
+    csrf_token: str | None = None
+
+    def can(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class SessionRecord(msgspec.Struct, frozen=True):
+    church_id: uuid.UUID
+    user_id: uuid.UUID
+    role: str
+    csrf: str
+
+
+_session_encoder = msgspec.msgpack.Encoder()
+_session_decoder = msgspec.msgpack.Decoder(SessionRecord)
+
+
+def _sha256(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def parse_api_key(raw: str) -> tuple[str, str] | None:
+    parts = raw.split("_")
+    if len(parts) != 3 or parts[0] != "kn" or not parts[1] or not parts[2]:
+        return None
+    return parts[1], raw
+
+
+async def create_api_key(
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    name: str,
+    scopes: list[str],
+    created_by: uuid.UUID | None,
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the full secret, which is never stored."""
+    prefix = secrets.token_hex(6)
+    secret = f"kn_{prefix}_{secrets.token_urlsafe(32).replace('_', '-')}"
+    cur = await conn.execute(
+        "INSERT INTO api_key (church_id, id, name, prefix, secret_hash, scopes, created_by) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+        "RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
+        (church_id, uuid7(), name, prefix, _sha256(secret), scopes, created_by),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return ApiKey(*row), secret
+
+
+async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:
+    parsed = parse_api_key(raw)
+    if parsed is None:
+        return None
+    prefix, secret = parsed
+    cur = await conn.execute(
+        "SELECT church_id, id, secret_hash, scopes, revoked_at FROM api_key WHERE prefix = %s",
+        (prefix,),
+    )
+    row = await cur.fetchone()
+    if row is None or row[4] is not None:
+        return None
+    if not hmac.compare_digest(bytes(row[2]), _sha256(secret)):
+        return None
+    return Principal(
+        church_id=row[0], kind="api_key", scopes=frozenset(row[3]), api_key_id=row[1]
+    )
+
+
+async def create_session(
+    redis: Redis, *, church_id: uuid.UUID, user_id: uuid.UUID, role: str, ttl_s: int
+) -> tuple[str, str]:
+    """Store a new session; returns (session token, CSRF token)."""
+    token = secrets.token_urlsafe(32)
+    csrf = secrets.token_urlsafe(24)
+    record = SessionRecord(church_id=church_id, user_id=user_id, role=role, csrf=csrf)
+    await redis.set(keys.session(_sha256(token).hex()), _session_encoder.encode(record), ex=ttl_s)
+    return token, csrf
+
+
+async def principal_for_session(redis: Redis, token: str) -> Principal | None:
+    raw = await redis.get(keys.session(_sha256(token).hex()))
+    if raw is None:
+        return None
+    record = _session_decoder.decode(raw if isinstance(raw, bytes) else raw.encode())
+    return Principal(
+        church_id=record.church_id,
+        kind="session",
+        scopes=frozenset(ALL_SCOPES),
+        user_id=record.user_id,
+        role=record.role,
+        csrf_token=record.csrf,
+    )
+
+
+async def delete_session(redis: Redis, token: str) -> None:
+    await redis.delete(keys.session(_sha256(token).hex()))

@@ -1,0 +1,112 @@
+"""The one response envelope (PROTOCOL.md "REST"), as bytes and as Starlette responses.
+
+Every surface answers with it: REST routes, the SSE endpoint's refusals, the
+inbound provider webhook. Error codes are stable snake_case strings; their HTTP
+statuses are fixed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "rate_limited": 429,
+    "internal_error": 500,
+    "unavailable": 503,
+}
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    field: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str
+    message: str
+    details: Any = None
+
+
+class Meta(msgspec.Struct, frozen=True, omit_defaults=True):
+    request_id: str
+    next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class Success(msgspec.Struct, frozen=True):
+    success: bool
+    data: Any
+    meta: Meta
+
+
+class Failure(msgspec.Struct, frozen=True):
+    success: bool
+    error: ErrorBody
+    meta: Meta
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def success_bytes(data: Any, *, next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+    return _encoder.encode(
+        Success(True, data, Meta(request_id=request_id_var.get(), next_cursor=next_cursor))
+    )
+
+
+def error_bytes(code: str, message: str, details: Any = None) -> bytes:
+    return _encoder.encode(
+        Failure(False, ErrorBody(code, message, details), Meta(request_id=request_id_var.get()))
+    )
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+
+def ok(
+    data: Any, *, status: int = 200, next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET
+) -> Response:
+    return JSONResponse(success_bytes(data, next_cursor=next_cursor), status_code=status)
+
+
+def fail(
+    code: str, message: str, details: Any = None, *, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(
+        error_bytes(code, message, details), status_code=STATUS.get(code, 400), headers=headers
+    )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes whatever the headers say."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,44 @@
+"""Errors raised by the storage core.
+
+The tree::
+
+    StorageError
+    ├── NotFound            a row does not exist in the caller's church
+    ├── Conflict            a unique rule would be broken (e.g. the same phone twice)
+    ├── InvalidPhone        a phone number that is not a valid number
+    └── InvalidInput        a value the domain rejects (field, message)
+
+They carry data and no HTTP knowledge; the edges (routes, endpoints) turn
+them into statuses and error codes.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    pass
+
+
+class NotFound(StorageError):
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"{kind} not found")
+        self.kind = kind
+
+
+class Conflict(StorageError):
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidInput(StorageError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class InvalidPhone(InvalidInput):
+    def __init__(self, raw: str, reason: str) -> None:
+        super().__init__("phone", reason)
+        self.raw = raw

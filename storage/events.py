@@ -1,0 +1,277 @@
+"""Events: the typed payloads realtime clients and webhooks share, and publishing.
+
+Publishing is one Lua call per event (one Redis Cluster slot, thanks to the
+church hash tag): it appends the event to the channel's capped history stream,
+which assigns the offset, and publishes the finished WebSocket ``event`` frame on
+pub/sub. The frame is assembled once, in Redis, so every node forwards the same
+bytes to every connection without re-encoding.
+
+A channel's epoch is a random token stored beside its history; it is replaced
+whenever the history stream is found missing (Redis restarted, flushed, or the
+channel expired), which tells a client with an old offset that recovery is
+impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from storage import keys
+from storage.ids import uuid7
+from storage.redis_connection import Redis
+
+HISTORY_MAXLEN = 2000
+"""Events kept per channel for recovery (approximate trimming)."""
+HISTORY_TTL_S = 24 * 3600
+"""A channel's history and epoch expire this long after its last event."""
+
+
+class Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Counts(Base, frozen=True):
+    queued: int = 0
+    sending: int = 0
+    sent: int = 0
+    delivered: int = 0
+    failed: int = 0
+    undelivered: int = 0
+    skipped: int = 0
+
+
+class MessageCreated(Base, frozen=True):
+    message_id: uuid.UUID
+    recipient_count: int
+    status: str
+
+
+class MessageProgress(Base, frozen=True):
+    message_id: uuid.UUID
+    counts: Counts
+    recipient_count: int
+
+
+class MessageCompleted(Base, frozen=True):
+    message_id: uuid.UUID
+    counts: Counts
+
+
+class RecipientStatusChanged(Base, frozen=True):
+    message_id: uuid.UUID
+    recipient_id: uuid.UUID
+    member_id: uuid.UUID
+    status: str
+    provider_message_id: str | None
+    error_code: str | None
+
+
+class ConversationChanged(Base, frozen=True):
+    conversation_id: uuid.UUID
+    member_id: uuid.UUID
+    status: str
+    unread_count: int
+    assignee_id: uuid.UUID | None
+    last_message_at: datetime
+
+
+class ConversationMessageCreated(Base, frozen=True):
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    member_id: uuid.UUID
+    direction: str
+    body: str
+    created_at: datetime
+
+
+class ConversationMessageStatus(Base, frozen=True):
+    conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    status: str
+
+
+class ConversationTyping(Base, frozen=True):
+    conversation_id: uuid.UUID
+    user_id: uuid.UUID
+
+
+class MemberChanged(Base, frozen=True):
+    member_id: uuid.UUID
+    source: str | None = None
+
+
+class WebhookEndpointDisabled(Base, frozen=True):
+    endpoint_id: uuid.UUID
+    reason: str
+
+
+EventData = (
+    MessageCreated
+    | MessageProgress
+    | MessageCompleted
+    | RecipientStatusChanged
+    | ConversationChanged
+    | ConversationMessageCreated
+    | ConversationMessageStatus
+    | ConversationTyping
+    | MemberChanged
+    | WebhookEndpointDisabled
+)
+
+
+class Event(Base, frozen=True):
+    """The envelope every event travels in (PROTOCOL.md "Events")."""
+
+    id: str
+    type: str
+    occurred_at: str
+    data: Any
+
+
+def new_event(type_: str, data: EventData) -> Event:
+    now = datetime.now(UTC)
+    return Event(
+        id=str(uuid7()),
+        type=type_,
+        occurred_at=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        data=data,
+    )
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: object) -> bytes:
+    return _encoder.encode(value)
+
+
+# KEYS: history, epoch. ARGV: pubsub channel, json-encoded channel name, event json,
+# maxlen, epoch candidate, event type, ttl seconds.
+_PUBLISH_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[2], epoch)
+end
+local offset = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 't', ARGV[6], 'e', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+local frame = '{"type":"event","channel":' .. ARGV[2] .. ',"offset":"' .. offset ..
+  '","event":' .. ARGV[3] .. '}'
+redis.call('PUBLISH', ARGV[1], ARGV[6] .. '\\n' .. epoch .. '\\n' .. offset .. '\\n' .. frame)
+return {offset, epoch}
+"""
+
+# KEYS: history, epoch. ARGV: epoch candidate, ttl. Returns {epoch, latest offset}.
+_HEAD_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[2], epoch, 'EX', ARGV[2])
+  end
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local offset = '0-0'
+if last[1] then offset = last[1][1] end
+return {epoch, offset}
+"""
+
+
+def frame_bytes(channel: str, offset: str, event_json: bytes) -> bytes:
+    """The WebSocket ``event`` frame, byte for byte as the publish script builds it."""
+    return (
+        b'{"type":"event","channel":'
+        + encode(channel)
+        + b',"offset":"'
+        + offset.encode()
+        + b'","event":'
+        + event_json
+        + b"}"
+    )
+
+
+class Published(msgspec.Struct, frozen=True):
+    offset: str
+    epoch: str
+
+
+class ChannelHead(msgspec.Struct, frozen=True):
+    epoch: str
+    offset: str
+
+
+class EventPublisher:
+    """Publishes events to a church's channels; shared by web nodes and workers."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._publish = redis.register_script(_PUBLISH_LUA)
+        self._head = redis.register_script(_HEAD_LUA)
+
+    async def publish(self, church_id: uuid.UUID, channel: str, event: Event) -> Published:
+        return await self.publish_encoded(church_id, channel, event.type, encode(event))
+
+    async def publish_encoded(
+        self, church_id: uuid.UUID, channel: str, event_type: str, event_json: bytes
+    ) -> Published:
+        result = await self._publish(
+            keys=[keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
+            args=[
+                keys.channel_pubsub(church_id, channel),
+                encode(channel),
+                event_json,
+                HISTORY_MAXLEN,
+                new_epoch(),
+                event_type,
+                HISTORY_TTL_S,
+            ],
+        )
+        return Published(offset=_text(result[0]), epoch=_text(result[1]))
+
+    async def publish_many(
+        self, church_id: uuid.UUID, items: list[tuple[str, Event]]
+    ) -> list[Published]:
+        """Publish several events of one church in one round trip, in order."""
+        if not items:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for channel, event in items:
+            await self._publish(
+                keys=[
+                    keys.channel_history(church_id, channel),
+                    keys.channel_epoch(church_id, channel),
+                ],
+                args=[
+                    keys.channel_pubsub(church_id, channel),
+                    encode(channel),
+                    encode(event),
+                    HISTORY_MAXLEN,
+                    new_epoch(),
+                    event.type,
+                    HISTORY_TTL_S,
+                ],
+                client=pipe,
+            )
+        results = await pipe.execute()
+        return [Published(offset=_text(r[0]), epoch=_text(r[1])) for r in results]
+
+    async def head(self, church_id: uuid.UUID, channel: str) -> ChannelHead:
+        result = await self._head(
+            keys=[keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
+            args=[new_epoch(), HISTORY_TTL_S],
+        )
+        return ChannelHead(epoch=_text(result[0]), offset=_text(result[1]))
+
+
+def new_epoch() -> str:
+    return os.urandom(6).hex()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,78 @@
+"""Every Redis key name, in one place.
+
+Keys that belong to one church carry the hash tag ``{c:<church_id>}`` so that a
+Lua script or multi-key command touching them stays in one Redis Cluster slot
+(ARCHITECTURE.md decision 9). Global keys are few and never hot per request.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+PREFIX = "kn"
+
+
+def church_tag(church_id: uuid.UUID) -> str:
+    return f"{{c:{church_id}}}"
+
+
+# Realtime: per-channel history stream, its epoch, and the pub/sub channel name.
+def channel_history(church_id: uuid.UUID, channel: str) -> str:
+    return f"{PREFIX}:rt:{church_tag(church_id)}:h:{channel}"
+
+
+def channel_epoch(church_id: uuid.UUID, channel: str) -> str:
+    return f"{PREFIX}:rt:{church_tag(church_id)}:e:{channel}"
+
+
+def channel_pubsub(church_id: uuid.UUID, channel: str) -> str:
+    return f"{PREFIX}:rt:{church_tag(church_id)}:p:{channel}"
+
+
+PUBSUB_PREFIX = f"{PREFIX}:rt:"
+
+
+def parse_pubsub(name: str) -> tuple[uuid.UUID, str] | None:
+    """(church id, channel) of a pub/sub channel name made by channel_pubsub."""
+    if not name.startswith(PUBSUB_PREFIX + "{c:"):
+        return None
+    rest = name[len(PUBSUB_PREFIX) + 3 :]
+    end = rest.find("}:p:")
+    if end < 0:
+        return None
+    try:
+        church_id = uuid.UUID(rest[:end])
+    except ValueError:
+        return None
+    return church_id, rest[end + 4 :]
+
+
+# Delivery queue: shard streams with one consumer group; the materialize stream.
+SEND_GROUP = "workers"
+
+
+def send_stream(shard: int) -> str:
+    return f"{PREFIX}:q:{{s{shard}}}:send"
+
+
+def delayed_set(shard: int) -> str:
+    """Sorted set of batches waiting for a retry, scored by due time (ms)."""
+    return f"{PREFIX}:q:{{s{shard}}}:delayed"
+
+
+MATERIALIZE_STREAM = f"{PREFIX}:q:materialize"
+DEAD_LETTER_STREAM = f"{PREFIX}:q:dead"
+
+
+# Message progress counters and the coalescing lock for progress events.
+def message_counts(church_id: uuid.UUID, message_id: uuid.UUID) -> str:
+    return f"{PREFIX}:mc:{church_tag(church_id)}:{message_id}"
+
+
+def progress_gate(church_id: uuid.UUID, message_id: uuid.UUID) -> str:
+    return f"{PREFIX}:mp:{church_tag(church_id)}:{message_id}"
+
+
+# Staff sessions.
+def session(token_hash: str) -> str:
+    return f"{PREFIX}:sess:{token_hash}"

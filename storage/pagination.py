@@ -1,0 +1,45 @@
+"""Opaque keyset cursors.
+
+A cursor is the sort key of the last row of a page, msgpack-encoded and
+base64url'd; it is opaque to clients and carries no tenant data of its own
+(every query is scoped by the caller's church before the cursor applies).
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import msgspec
+
+from storage.errors import InvalidInput
+
+
+class Cursor(msgspec.Struct, frozen=True, array_like=True):
+    at: datetime | None
+    id: uuid.UUID
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Cursor)
+
+
+def encode_cursor(at: datetime | None, id_: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(_encoder.encode(Cursor(at, id_))).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> Cursor:
+    try:
+        return _decoder.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise InvalidInput("cursor", "not a cursor this API issued") from exc
+
+
+T = TypeVar("T")
+
+
+class Page(msgspec.Struct, Generic[T], frozen=True):
+    items: list[T]
+    next_cursor: str | None

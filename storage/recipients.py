@@ -1,0 +1,302 @@
+"""Message recipients: materialization, claiming for a send, guarded transitions.
+
+Every status change is an ``UPDATE ... WHERE status = ANY(<allowed>)`` so a
+late, duplicated or reordered provider webhook, or a retried batch, can never
+move a recipient backwards (storage/statuses.py holds the rules).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from storage.database import Conn
+from storage.ids import created_at_of
+from storage.messages import AUDIENCE_PLAN, Target, audience_params
+from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.statuses import RecipientStatus, allowed_from
+
+
+class Recipient(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    member_id: uuid.UUID
+    status: str
+    provider_message_id: str | None
+    error_code: str | None
+    attempts: int
+    segments: int
+    updated_at: datetime
+
+
+class Materialized(msgspec.Struct, frozen=True):
+    recipient_ids: list[uuid.UUID]
+    queued: int
+    skipped: int
+
+
+class SendTarget(msgspec.Struct, frozen=True):
+    """A recipient claimed for sending, with what the provider call needs."""
+
+    id: uuid.UUID
+    member_id: uuid.UUID
+    phone_cipher: bytes
+    attempts: int
+
+
+class Transition(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    member_id: uuid.UUID
+    old_status: str
+    status: str
+    provider_message_id: str | None
+    error_code: str | None
+
+
+async def materialize(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID
+) -> Materialized | None:
+    """Create the recipient rows of an accepted message, once.
+
+    Returns None when the message is already materialized or another worker holds
+    it right now. Members who opted out since acceptance become ``skipped`` rows,
+    so the counts always add up to the recipient count.
+    """
+    created_at = created_at_of(message_id)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT target, segments FROM message WHERE church_id = %s AND id = %s "
+            "AND created_at = %s AND materialized_at IS NULL FOR UPDATE SKIP LOCKED",
+            (church_id, message_id, created_at),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        target = msgspec.convert(row[0], Target)
+        await conn.execute(AUDIENCE_PLAN)
+        audience, params = audience_params(target, church_id, created_at)
+        cur = await conn.execute(
+            "INSERT INTO message_recipient (church_id, message_id, created_at, member_id, "
+            "status, segments) "
+            "SELECT %s, %s, %s, a.id, CASE WHEN a.opted_in THEN 'queued' ELSE 'skipped' END, %s "
+            f"FROM ({audience}) a RETURNING id, status",
+            (church_id, message_id, created_at, row[1], *params),
+        )
+        rows = await cur.fetchall()
+        queued = [r[0] for r in rows if r[1] == "queued"]
+        await conn.execute(
+            "UPDATE message SET materialized_at = now(), recipient_count = %s, "
+            "status = CASE WHEN %s = 0 THEN 'completed' ELSE 'sending' END, "
+            "completed_at = CASE WHEN %s = 0 THEN now() END "
+            "WHERE church_id = %s AND id = %s AND created_at = %s",
+            (len(rows), len(queued), len(queued), church_id, message_id, created_at),
+        )
+    return Materialized(recipient_ids=queued, queued=len(queued), skipped=len(rows) - len(queued))
+
+
+async def pending_materialization(
+    conn: Conn, older_than: datetime, limit: int = 100
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(church id, message id) of accepted messages still without recipient rows."""
+    cur = await conn.execute(
+        "SELECT church_id, id FROM message WHERE materialized_at IS NULL "
+        "AND created_at < %s AND send_at IS NULL AND status = 'queued' "
+        "ORDER BY created_at LIMIT %s",
+        (older_than, limit),
+    )
+    return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+async def claim_for_send(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, recipient_ids: list[uuid.UUID]
+) -> tuple[list[SendTarget], list[Transition]]:
+    """Move the batch's sendable recipients to ``sending`` (opted-out ones to
+    ``skipped``) and return them with their phones.
+
+    Rows already ``sending`` with no provider id are taken again: a worker died
+    between claiming and recording the send, and the provider's idempotency key
+    makes the repeat harmless. Rows with a provider id were sent: left alone.
+    """
+    created_at = created_at_of(message_id)
+    # Single-table statements on primary keys only: their plans stay right even
+    # when the statistics have not yet seen a broadcast materialized a moment ago
+    # (a join planned on such statistics can turn quadratic).
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT id, member_id, status FROM message_recipient "
+            "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
+            "AND status IN ('queued', 'sending') AND provider_message_id IS NULL FOR UPDATE",
+            (church_id, message_id, created_at, recipient_ids),
+        )
+        locked = await cur.fetchall()
+        if not locked:
+            return [], []
+        cur = await conn.execute(
+            "SELECT id, phone_cipher, opted_in AND deleted_at IS NULL FROM member "
+            "WHERE church_id = %s AND id = ANY(%s)",
+            (church_id, [r[1] for r in locked]),
+        )
+        members = {r[0]: (bytes(r[1]), bool(r[2])) for r in await cur.fetchall()}
+        sendable = [r[0] for r in locked if members.get(r[1], (b"", False))[1]]
+        skipped = [r[0] for r in locked if not members.get(r[1], (b"", False))[1]]
+        cur = await conn.execute(
+            "UPDATE message_recipient SET status = CASE WHEN id = ANY(%s) THEN 'skipped' "
+            "ELSE 'sending' END, attempts = attempts + 1, updated_at = now() "
+            "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
+            "RETURNING id, attempts",
+            (skipped, church_id, message_id, created_at, sendable + skipped),
+        )
+        attempts = {r[0]: int(r[1]) for r in await cur.fetchall()}
+    rows = [
+        (rid, member_id, members.get(member_id, (b"", False))[0], attempts.get(rid, 0), old,
+         "skipped" if rid in set(skipped) else "sending")
+        for rid, member_id, old in locked
+    ]
+    targets: list[SendTarget] = []
+    changes: list[Transition] = []
+    for rid, member_id, cipher, tries, old, new in rows:
+        if new == "sending":
+            targets.append(SendTarget(rid, member_id, cipher, tries))
+        if old != new:
+            changes.append(Transition(rid, member_id, old, new, None, None))
+    return targets, changes
+
+
+async def record_provider_ids(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, sent: list[tuple[uuid.UUID, str]]
+) -> None:
+    """Store provider message ids; statuses are left to the (possibly earlier) webhooks."""
+    if not sent:
+        return
+    await conn.execute(
+        "UPDATE message_recipient r SET provider_message_id = s.pid, updated_at = now() "
+        "FROM unnest(%s::uuid[], %s::text[]) AS s(id, pid) "
+        "WHERE r.church_id = %s AND r.message_id = %s AND r.created_at = %s AND r.id = s.id "
+        "AND r.provider_message_id IS NULL",
+        ([s[0] for s in sent], [s[1] for s in sent], church_id, message_id,
+         created_at_of(message_id)),
+    )
+
+
+async def transition(
+    conn: Conn,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    recipient_id: uuid.UUID,
+    target: RecipientStatus,
+    *,
+    provider_message_id: str | None = None,
+    error_code: str | None = None,
+) -> Transition | None:
+    """Move one recipient to ``target`` if the rules allow; None when they do not
+    (already further along, or no such recipient in this church)."""
+    rows = await transition_many(
+        conn, church_id, message_id, [recipient_id], target,
+        provider_message_id=provider_message_id, error_code=error_code,
+    )
+    return rows[0] if rows else None
+
+
+async def transition_many(
+    conn: Conn,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    recipient_ids: list[uuid.UUID],
+    target: RecipientStatus,
+    *,
+    provider_message_id: str | None = None,
+    error_code: str | None = None,
+) -> list[Transition]:
+    allowed = [s.value for s in allowed_from(target)]
+    created_at = created_at_of(message_id)
+    # Lock first to learn each row's old status (the progress counters need it);
+    # the UPDATE repeats the guard so it holds whatever the isolation level.
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT id, status FROM message_recipient WHERE church_id = %s AND message_id = %s "
+            "AND created_at = %s AND id = ANY(%s) AND status = ANY(%s) FOR UPDATE",
+            (church_id, message_id, created_at, recipient_ids, allowed),
+        )
+        old = {r[0]: r[1] for r in await cur.fetchall()}
+        if not old:
+            return []
+        cur = await conn.execute(
+            "UPDATE message_recipient SET status = %s, updated_at = now(), "
+            "  provider_message_id = coalesce(provider_message_id, %s), "
+            "  error_code = coalesce(%s, error_code) "
+            "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
+            "AND status = ANY(%s) "
+            "RETURNING id, member_id, status, provider_message_id, error_code",
+            (target.value, provider_message_id, error_code, church_id, message_id, created_at,
+             list(old), allowed),
+        )
+        rows = await cur.fetchall()
+    return [Transition(r[0], r[1], old[r[0]], r[2], r[3], r[4]) for r in rows]
+
+
+async def locate_by_provider_id(
+    conn: Conn, provider_message_id: str
+) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID] | None:
+    """(church, message, recipient) for a provider message id: the slow path for a
+    webhook whose URL lost our reference; it probes every partition's index."""
+    cur = await conn.execute(
+        "SELECT church_id, message_id, id FROM message_recipient WHERE provider_message_id = %s",
+        (provider_message_id,),
+    )
+    row = await cur.fetchone()
+    return (row[0], row[1], row[2]) if row else None
+
+
+async def list_recipients(
+    conn: Conn,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    status: str | None = None,
+) -> Page[Recipient]:
+    after = decode_cursor(cursor).id if cursor else None
+    params: list[Any] = [church_id, message_id, created_at_of(message_id), after, after]
+    extra = ""
+    if status is not None:
+        extra = " AND status = %s"
+        params.append(status)
+    params.append(limit + 1)
+    cur = await conn.execute(
+        "SELECT id, member_id, status, provider_message_id, error_code, attempts, segments, "
+        "updated_at FROM message_recipient WHERE church_id = %s AND message_id = %s "
+        f"AND created_at = %s AND (%s::uuid IS NULL OR id > %s){extra} ORDER BY id LIMIT %s",
+        params,
+    )
+    rows = [Recipient(*r) for r in await cur.fetchall()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=rows, next_cursor=encode_cursor(None, rows[-1].id) if more else None)
+
+
+async def stale_open_recipients(
+    conn: Conn, older_than: datetime, limit: int = 5000
+) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]:
+    """(church, message, recipient) still queued, or sending without a provider id,
+    untouched since ``older_than``: work the queue lost."""
+    cur = await conn.execute(
+        "SELECT church_id, message_id, id FROM message_recipient "
+        "WHERE status IN ('queued', 'sending') AND provider_message_id IS NULL "
+        "AND updated_at < %s ORDER BY updated_at LIMIT %s",
+        (older_than, limit),
+    )
+    return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+
+async def touch(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, recipient_ids: list[uuid.UUID]
+) -> None:
+    """Mark re-enqueued rows as fresh so the reconciler does not pick them twice."""
+    await conn.execute(
+        "UPDATE message_recipient SET updated_at = now() WHERE church_id = %s "
+        "AND message_id = %s AND created_at = %s AND id = ANY(%s)",
+        (church_id, message_id, created_at_of(message_id), recipient_ids),
+    )

@@ -1,0 +1,58 @@
+"""The long-lived resources a process opens at start-up and hands down.
+
+Built once in the Starlette lifespan (or a worker's entry point) from the one
+``Settings`` object; nothing here is created at import time.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from storage.credentials import Principal, principal_for_api_key, principal_for_session
+from storage.database import Pool, open_pool
+from storage.events import EventPublisher
+from storage.phones import PhoneVault
+from storage.redis_connection import Redis, open_redis
+from storage.settings import Settings
+
+SESSION_COOKIE = "koinonia_session"
+CSRF_COOKIE = "koinonia_csrf"
+
+
+class Services(msgspec.Struct, kw_only=True):
+    settings: Settings
+    pool: Pool
+    redis: Redis
+    publisher: EventPublisher
+    vault: PhoneVault
+
+    @classmethod
+    async def open(cls, settings: Settings, *, redis_connections: int = 64) -> Services:
+        pool = await open_pool(settings.database)
+        redis = open_redis(settings.redis, max_connections=redis_connections)
+        return cls(
+            settings=settings,
+            pool=pool,
+            redis=redis,
+            publisher=EventPublisher(redis),
+            vault=PhoneVault(settings.security.phone_key, settings.security.lookup_key),
+        )
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.redis.aclose()
+
+    async def authenticate(
+        self, authorization: str | None, session_token: str | None
+    ) -> Principal | None:
+        """The principal for a request's credentials: a Bearer API key wins over a
+        session cookie. None when neither is present and valid."""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return None
+            async with self.pool.connection() as conn:
+                return await principal_for_api_key(conn, value.strip())
+        if session_token:
+            return await principal_for_session(self.redis, session_token)
+        return None

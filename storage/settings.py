@@ -1,0 +1,197 @@
+"""One settings object, read from the environment once at start-up and passed down.
+
+Every field maps to an environment variable named in its section (``KOINONIA_*``
+unless the name is a well-known one such as ``DATABASE_URL``). The README lists
+them all; ``Settings.describe()`` prints them with their current values.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
+    url: str = ""
+    """DATABASE_URL; empty means: start the embedded Postgres under the data folder."""
+    pool_min: int = 2
+    """KOINONIA_DB_POOL_MIN"""
+    pool_max: int = 10
+    """KOINONIA_DB_POOL_MAX"""
+
+
+class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
+    url: str = ""
+    """REDIS_URL; empty means: start the embedded Redis (Valkey) under the data folder."""
+
+
+class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    """KOINONIA_HTTP_HOST"""
+    port: int = 8000
+    """KOINONIA_HTTP_PORT"""
+    public_url: str = ""
+    """KOINONIA_PUBLIC_URL: the address the provider calls back; default http://host:port."""
+    max_body_bytes: int = 1_048_576
+    """KOINONIA_MAX_BODY_BYTES: larger request bodies get 413 payload_too_large."""
+    allowed_origins: tuple[str, ...] = ()
+    """KOINONIA_ALLOWED_ORIGINS: comma-separated origins allowed for cookie-authenticated
+    WebSocket and CORS requests; the public URL is always allowed."""
+    secure_cookies: bool = False
+    """KOINONIA_SECURE_COOKIES: mark cookies Secure (set when served over TLS)."""
+    session_ttl_s: int = 7 * 24 * 3600
+    """KOINONIA_SESSION_TTL_S"""
+
+
+class SecuritySettings(msgspec.Struct, frozen=True, kw_only=True):
+    phone_key: bytes = b""
+    """KOINONIA_PHONE_KEY: base64 of 32 bytes; AES-256-GCM key for phone numbers at rest."""
+    lookup_key: bytes = b""
+    """KOINONIA_LOOKUP_KEY: base64 of 32 bytes; HMAC-SHA256 key for phone lookup hashes."""
+
+
+class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True):
+    base_url: str = "http://127.0.0.1:8025"
+    """KOINONIA_PROVIDER_URL: Telnyx API base (https://api.telnyx.com) or the simulator."""
+    api_key: str = "dev-key"
+    """KOINONIA_PROVIDER_API_KEY: Telnyx API key (Bearer)."""
+    public_key: str = ""
+    """KOINONIA_PROVIDER_PUBLIC_KEY: base64 Ed25519 public key that signs inbound webhooks."""
+    webhook_tolerance_s: int = 300
+    """KOINONIA_WEBHOOK_TOLERANCE_S"""
+    timeout_s: float = 10.0
+    """KOINONIA_PROVIDER_TIMEOUT_S"""
+    number_pool_prefix: str = "+1555"
+    """KOINONIA_NUMBER_POOL_PREFIX: development sending numbers are allocated from here."""
+
+
+class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
+    shards: int = 8
+    """KOINONIA_QUEUE_SHARDS: number of send-queue shard streams."""
+    batch_size: int = 100
+    """KOINONIA_BATCH_SIZE: recipients per queue entry."""
+    concurrency: int = 64
+    """KOINONIA_WORKER_CONCURRENCY: provider calls in flight per worker."""
+    max_attempts: int = 5
+    """KOINONIA_MAX_ATTEMPTS"""
+    retry_base_s: float = 2.0
+    """KOINONIA_RETRY_BASE_S: first retry delay; doubles each attempt, with jitter."""
+    claim_idle_ms: int = 60_000
+    """KOINONIA_CLAIM_IDLE_MS: queue entries idle this long are taken over (XAUTOCLAIM)."""
+    reconcile_after_s: int = 300
+    """KOINONIA_RECONCILE_AFTER_S: recipients still queued/sending this long are re-enqueued."""
+    scheduler_interval_s: float = 5.0
+    """KOINONIA_SCHEDULER_INTERVAL_S"""
+
+
+class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    """KOINONIA_SIM_HOST"""
+    port: int = 8025
+    """KOINONIA_SIM_PORT"""
+    api_key: str = ""
+    """KOINONIA_SIM_API_KEY: when set, the only Bearer key the simulator accepts."""
+    signing_seed: str = ""
+    """KOINONIA_SIM_SIGNING_SEED: base64 32-byte Ed25519 seed; generated when empty."""
+    default_webhook_url: str = ""
+    """KOINONIA_SIM_WEBHOOK_URL: where webhooks go when a send names no webhook_url."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path = Path(".koinonia")
+    """KOINONIA_DATA_DIR: embedded Postgres/Redis and development keys live here."""
+    environment: str = "production"
+    """KOINONIA_ENV: production | development | test."""
+    log_level: str = "INFO"
+    """KOINONIA_LOG_LEVEL"""
+    database: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    http: HttpSettings = HttpSettings()
+    security: SecuritySettings = SecuritySettings()
+    provider: ProviderSettings = ProviderSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+
+    @property
+    def public_url(self) -> str:
+        return self.http.public_url or f"http://{self.http.host}:{self.http.port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+
+        def s(name: str, default: str) -> str:
+            return e.get(name, default)
+
+        def i(name: str, default: int) -> int:
+            return int(e.get(name, default))
+
+        def f(name: str, default: float) -> float:
+            return float(e.get(name, default))
+
+        def b(name: str, default: bool) -> bool:
+            raw = e.get(name)
+            return default if raw is None else raw.strip().lower() in {"1", "true", "yes", "on"}
+
+        def key(name: str) -> bytes:
+            raw = e.get(name, "")
+            if not raw:
+                return b""
+            value = base64.b64decode(raw)
+            if len(value) != 32:
+                raise ValueError(f"{name} must be base64 of exactly 32 bytes")
+            return value
+
+        origins = tuple(o.strip() for o in s("KOINONIA_ALLOWED_ORIGINS", "").split(",") if o.strip())
+        return cls(
+            data_dir=Path(s("KOINONIA_DATA_DIR", ".koinonia")),
+            environment=s("KOINONIA_ENV", "production"),
+            log_level=s("KOINONIA_LOG_LEVEL", "INFO"),
+            database=DatabaseSettings(
+                url=s("DATABASE_URL", ""),
+                pool_min=i("KOINONIA_DB_POOL_MIN", 2),
+                pool_max=i("KOINONIA_DB_POOL_MAX", 10),
+            ),
+            redis=RedisSettings(url=s("REDIS_URL", "")),
+            http=HttpSettings(
+                host=s("KOINONIA_HTTP_HOST", "127.0.0.1"),
+                port=i("KOINONIA_HTTP_PORT", 8000),
+                public_url=s("KOINONIA_PUBLIC_URL", ""),
+                max_body_bytes=i("KOINONIA_MAX_BODY_BYTES", 1_048_576),
+                allowed_origins=origins,
+                secure_cookies=b("KOINONIA_SECURE_COOKIES", False),
+                session_ttl_s=i("KOINONIA_SESSION_TTL_S", 7 * 24 * 3600),
+            ),
+            security=SecuritySettings(
+                phone_key=key("KOINONIA_PHONE_KEY"), lookup_key=key("KOINONIA_LOOKUP_KEY")
+            ),
+            provider=ProviderSettings(
+                base_url=s("KOINONIA_PROVIDER_URL", "http://127.0.0.1:8025"),
+                api_key=s("KOINONIA_PROVIDER_API_KEY", "dev-key"),
+                public_key=s("KOINONIA_PROVIDER_PUBLIC_KEY", ""),
+                webhook_tolerance_s=i("KOINONIA_WEBHOOK_TOLERANCE_S", 300),
+                timeout_s=f("KOINONIA_PROVIDER_TIMEOUT_S", 10.0),
+                number_pool_prefix=s("KOINONIA_NUMBER_POOL_PREFIX", "+1555"),
+            ),
+            delivery=DeliverySettings(
+                shards=i("KOINONIA_QUEUE_SHARDS", 8),
+                batch_size=i("KOINONIA_BATCH_SIZE", 100),
+                concurrency=i("KOINONIA_WORKER_CONCURRENCY", 64),
+                max_attempts=i("KOINONIA_MAX_ATTEMPTS", 5),
+                retry_base_s=f("KOINONIA_RETRY_BASE_S", 2.0),
+                claim_idle_ms=i("KOINONIA_CLAIM_IDLE_MS", 60_000),
+                reconcile_after_s=i("KOINONIA_RECONCILE_AFTER_S", 300),
+                scheduler_interval_s=f("KOINONIA_SCHEDULER_INTERVAL_S", 5.0),
+            ),
+            simulator=SimulatorSettings(
+                host=s("KOINONIA_SIM_HOST", "127.0.0.1"),
+                port=i("KOINONIA_SIM_PORT", 8025),
+                api_key=s("KOINONIA_SIM_API_KEY", ""),
+                signing_seed=s("KOINONIA_SIM_SIGNING_SEED", ""),
+                default_webhook_url=s("KOINONIA_SIM_WEBHOOK_URL", ""),
+            ),
+        )

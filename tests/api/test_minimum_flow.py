@@ -1,0 +1,199 @@
+"""The minimum flow of PROTOCOL.md, the envelope, validation and tenancy."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+
+from tests.conftest import Church, unique_phone
+
+
+def _wait_for(predicate: object, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_signup_to_delivered(church: Church) -> None:
+    group = church.group()
+    members = [church.member(unique_phone(), [group]) for _ in range(3)]
+    answer = church.api.post(
+        "/v1/messages", json={"body": "Service at 10am", "target": {"group_ids": [group]}}
+    )
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["success"] is True
+    assert body["meta"]["request_id"]
+    data = body["data"]
+    assert data["status"] == "queued"
+    assert data["recipient_count"] == 3
+    message_id = data["id"]
+
+    def delivered() -> bool:
+        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+        return bool(counts["delivered"] == 3)
+
+    _wait_for(delivered)
+    detail = church.api.get(f"/v1/messages/{message_id}").json()["data"]
+    assert set(detail["counts"]) == {
+        "queued", "sending", "sent", "delivered", "failed", "undelivered", "skipped"
+    }
+    recipients = church.api.get(f"/v1/messages/{message_id}/recipients").json()
+    assert {r["member_id"] for r in recipients["data"]} == set(members)
+    for r in recipients["data"]:
+        assert r["status"] == "delivered"
+        assert r["provider_message_id"]
+        assert r["error_code"] is None
+    assert recipients["meta"]["next_cursor"] is None
+
+
+def test_pagination_walks_every_member_once(church: Church) -> None:
+    created = {church.member(unique_phone()) for _ in range(7)}
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = church.api.get("/v1/members", params=params).json()
+        seen += [m["id"] for m in page["data"]]
+        cursor = page["meta"]["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(created)
+
+
+def test_unauthenticated_requests_get_401(base_url: str) -> None:
+    with httpx.Client(base_url=base_url) as anonymous:
+        for method, path in [("GET", "/v1/messages"), ("POST", "/v1/groups"), ("GET", "/v1/me")]:
+            answer = anonymous.request(method, path, json={})
+            assert answer.status_code == 401
+            error = answer.json()
+            assert error["success"] is False
+            assert error["error"]["code"] == "unauthorized"
+        bad_key = anonymous.get("/v1/messages", headers={"Authorization": "Bearer kn_abc_def"})
+        assert bad_key.status_code == 401
+
+
+def test_validation_errors_name_the_field(church: Church) -> None:
+    answer = church.api.post("/v1/members", json={"first_name": "Ada", "phone": "12"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["details"] == [
+        {"field": "phone", "message": "must be a valid phone number"}
+    ]
+    answer = church.api.post("/v1/groups", json={"name": "x", "colour": "red"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] == "validation_error"
+    assert answer.json()["error"]["details"][0]["field"] == "colour"
+    answer = church.api.post("/v1/messages", json={"body": "hi", "target": {}})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["details"][0]["field"] == "target"
+    answer = church.api.post("/v1/messages", json={"target": {"all": True}})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["details"][0] == {"field": "body", "message": "is required"}
+    answer = church.api.post(
+        "/v1/groups", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "bad_request"
+    answer = church.api.get("/v1/messages", params={"limit": 500})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["details"][0]["field"] == "limit"
+
+
+def test_oversized_bodies_get_413_and_change_nothing(church: Church) -> None:
+    before = church.api.get("/v1/groups").json()["data"]
+    big = {"name": "x" * 2_000_000}
+    answer = church.api.post("/v1/groups", json=big)
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "payload_too_large"
+    assert church.api.get("/v1/groups").json()["data"] == before
+
+
+def test_another_churchs_ids_are_not_found(church: Church, other_church: Church) -> None:
+    group = other_church.group()
+    member = other_church.member(unique_phone(), [group])
+    sent = other_church.api.post(
+        "/v1/messages", json={"body": "hello", "target": {"group_ids": [group]}}
+    )
+    message = sent.json()["data"]["id"]
+    for path in [
+        f"/v1/groups/{group}",
+        f"/v1/members/{member}",
+        f"/v1/messages/{message}",
+        f"/v1/messages/{message}/recipients",
+        f"/v1/conversations/{uuid.uuid4()}",
+    ]:
+        answer = church.api.get(path)
+        assert answer.status_code == 404, path
+        assert answer.json()["error"]["code"] == "not_found"
+    answer = church.api.post("/v1/messages", json={"body": "x", "target": {"group_ids": [group]}})
+    assert answer.status_code == 404
+    answer = church.api.post(
+        "/v1/members", json={"first_name": "A", "phone": unique_phone(), "group_ids": [group]}
+    )
+    assert answer.status_code == 404
+    assert church.api.get("/v1/messages").json()["data"] == []
+
+
+def test_cookie_writes_need_the_csrf_token(church: Church) -> None:
+    answer = church.session.post("/v1/groups", json={"name": "No token"})
+    assert answer.status_code == 403
+    answer = church.session.post(
+        "/v1/groups", json={"name": "With token"}, headers={"X-CSRF-Token": church.csrf}
+    )
+    assert answer.status_code == 201
+    me = church.session.get("/v1/me").json()["data"]
+    assert me["church"]["id"] == church.id
+    assert me["user"]["id"] == church.user_id
+
+
+def test_login_and_wrong_password(church: Church, base_url: str) -> None:
+    with httpx.Client(base_url=base_url) as client:
+        wrong = client.post(
+            "/v1/auth/login", json={"email": church.email, "password": "not the password"}
+        )
+        assert wrong.status_code == 401
+        right = client.post(
+            "/v1/auth/login", json={"email": church.email, "password": "correct horse battery"}
+        )
+        assert right.status_code == 200
+        assert client.get("/v1/me").json()["data"]["church"]["id"] == church.id
+
+
+def test_signup_rules(base_url: str) -> None:
+    with httpx.Client(base_url=base_url) as client:
+        short = client.post(
+            "/v1/auth/signup",
+            json={"church_name": "X", "email": "a@example.org", "password": "short"},
+        )
+        assert short.status_code == 422
+        assert short.json()["error"]["details"][0]["field"] == "password"
+
+
+def test_health_endpoints(base_url: str) -> None:
+    for path in ["/health", "/health/live", "/health/ready", "/health/detailed"]:
+        answer = httpx.get(base_url + path)
+        assert answer.status_code == 200, path
+    detailed = httpx.get(base_url + "/health/detailed").json()["data"]
+    assert detailed["checks"]["database"]["ok"] is True
+    assert detailed["checks"]["redis"]["ok"] is True
+    assert "pending" in detailed["checks"]["queue"]
+
+
+def test_webhook_endpoint_secret(church: Church) -> None:
+    answer = church.api.post(
+        "/v1/webhook-endpoints",
+        json={"url": "https://example.org/hooks", "events": ["message.*"]},
+    )
+    assert answer.status_code == 201
+    assert answer.json()["data"]["secret"].startswith("whsec_")
+    listed = church.api.get("/v1/webhook-endpoints").json()["data"]
+    assert "secret" not in listed[0]
+    bad = church.api.post(
+        "/v1/webhook-endpoints", json={"url": "ftp://x", "events": ["nope"]}
+    )
+    assert bad.status_code == 422
