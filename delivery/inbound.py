@@ -36,7 +36,7 @@ from storage.events import (
 from storage.ids import uuid7
 from storage.members import member_by_phone_hash
 from storage.phones import normalize
-from storage.recipients import Transition, locate_by_provider_id, transition
+from storage.recipients import apply_provider_status, locate_by_provider_id
 from storage.services import Services
 from storage.statuses import allowed_from, from_telnyx
 
@@ -131,24 +131,26 @@ class InboundHandler:
             return
         error = data.payload.errors[0].code if data.payload.errors else None
         where = _parse_ref(ref)
-        change: Transition | None = None
-        async with self.services.pool.connection() as conn, conn.transaction():
-            if not await _first_time(conn, data):
-                return
-            if where is None:
+        if where is None:
+            async with self.services.pool.connection() as conn:
                 where = await locate_by_provider_id(conn, data.payload.id)
-            if where is None:
-                log.info("status for an unknown message", extra={"provider_id": data.payload.id})
-                return
-            church_id, message_id, recipient_id = where
-            change = await transition(
-                conn, church_id, message_id, recipient_id, status,
+        if where is None:
+            log.info("status for an unknown message", extra={"provider_id": data.payload.id})
+            await self._dedupe_only(data)
+            return
+        church_id, message_id, recipient_id = where
+        async with self.services.pool.connection() as conn:
+            _, change = await apply_provider_status(
+                conn,
+                event_id=data.id,
+                event_type=data.event_type,
+                church_id=church_id,
+                message_id=message_id,
+                recipient_id=recipient_id,
+                target=status,
                 provider_message_id=data.payload.id,
                 error_code=None if error is None else str(error),
             )
-            if change is not None and change.provider_message_id != data.payload.id:
-                # The reference named a recipient another provider message belongs to.
-                raise _Mismatch
         if change is not None:
             await self.progress.record(church_id, message_id, [change])
 

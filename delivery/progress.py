@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from typing import Any
 
 from storage import keys
 from storage.database import Pool
@@ -30,6 +31,7 @@ from storage.events import (
 from storage.messages import mark_completed, message_counts
 from storage.recipients import Transition
 from storage.redis_connection import Redis
+from storage.scripts import Call
 from storage.statuses import ALL_STATUSES, FINAL
 
 log = logging.getLogger("koinonia.delivery.progress")
@@ -56,7 +58,8 @@ class ProgressTracker:
         self._redis = redis
         self._publisher = publisher
         self._pool = pool
-        self._apply = redis.register_script(_APPLY_LUA)
+        self._scripts = publisher.scripts
+        self._apply = self._scripts.register(_APPLY_LUA)
         self._trailing: dict[tuple[uuid.UUID, uuid.UUID], None] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -76,43 +79,56 @@ class ProgressTracker:
         if not changes:
             return
         channel = f"message:{message_id}"
-        await self._publisher.publish_many(
-            church_id,
-            [
-                (
-                    channel,
-                    new_event(
-                        "message.recipient.status",
-                        RecipientStatusChanged(
-                            message_id=message_id,
-                            recipient_id=c.id,
-                            member_id=c.member_id,
-                            status=c.status,
-                            provider_message_id=c.provider_message_id,
-                            error_code=c.error_code,
-                        ),
+        calls = [
+            self._publisher.publish_call(
+                church_id,
+                channel,
+                new_event(
+                    "message.recipient.status",
+                    RecipientStatusChanged(
+                        message_id=message_id,
+                        recipient_id=c.id,
+                        member_id=c.member_id,
+                        status=c.status,
+                        provider_message_id=c.provider_message_id,
+                        error_code=c.error_code,
                     ),
-                )
-                for c in changes
-            ],
-        )
+                ),
+            )
+            for c in changes
+        ]
         deltas: dict[str, int] = {}
         for c in changes:
             deltas[c.old_status] = deltas.get(c.old_status, 0) - 1
             deltas[c.status] = deltas.get(c.status, 0) + 1
-        await self._apply_deltas(church_id, message_id, deltas)
+        # The events and the counter update travel in one round trip.
+        results = await self._scripts.run([*calls, self._apply_call(church_id, message_id, deltas)])
+        await self._after_apply(church_id, message_id, results[-1])
 
-    async def _apply_deltas(
+    def _apply_call(
         self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]
-    ) -> None:
+    ) -> Call:
         args: list[str | int] = [GATE_MS]
         for field, delta in deltas.items():
             if delta:
                 args += [field, delta]
-        result = await self._apply(
-            keys=[keys.message_counts(church_id, message_id), keys.progress_gate(church_id, message_id)],
-            args=args,
+        return (
+            self._apply,
+            [keys.message_counts(church_id, message_id), keys.progress_gate(church_id, message_id)],
+            args,
         )
+
+    async def refresh(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        """Re-read the counters and publish (or complete) as the gate allows."""
+        await self._apply_deltas(church_id, message_id, {})
+
+    async def _apply_deltas(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]
+    ) -> None:
+        result = await self._scripts.run_one(*self._apply_call(church_id, message_id, deltas))
+        await self._after_apply(church_id, message_id, result)
+
+    async def _after_apply(self, church_id: uuid.UUID, message_id: uuid.UUID, result: Any) -> None:
         if result is None:
             await self._rebuild(church_id, message_id)
             return

@@ -32,8 +32,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Final
 
+import aiohttp
 import anyio
-import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -66,12 +66,10 @@ _send_decoder: Final = msgspec.json.Decoder(SendRequest)
 _inbound_decoder: Final = msgspec.json.Decoder(InboundRequest)
 _patch_decoder: Final = msgspec.json.Decoder(ConfigPatch)
 
-# Webhook delivery: one pooled client shared by a small fixed pool of senders. httpcore's
-# pool does work proportional to (requests in flight x pooled connections) on every request
-# (encode/httpcore#1035), so on a 2-core box one client's CPU per request went from ~1 ms at
-# 8 concurrent requests to ~4.4 ms at 100 and throughput fell by three quarters; 16 senders
-# keep that overhead low while still hiding a receiver's latency.
-WEBHOOK_SENDERS: Final = 16
+# Webhook delivery: one pooled session (at most WEBHOOK_CONNECTIONS connections) shared by a
+# fixed pool of senders; each sender has one webhook in flight, so this is the concurrency a
+# receiver sees, like Telnyx delivering to one endpoint from many workers.
+WEBHOOK_SENDERS: Final = 32
 WEBHOOK_CONNECTIONS: Final = 100
 WEBHOOK_TIMEOUT_S: Final = 10.0
 # On shutdown, queued webhooks get this long to go out before their tasks are cancelled.
@@ -370,14 +368,13 @@ class Simulator:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(
-            max_connections=WEBHOOK_CONNECTIONS, max_keepalive_connections=WEBHOOK_CONNECTIONS
-        )
+        connector = aiohttp.TCPConnector(limit=WEBHOOK_CONNECTIONS)
+        timeout = aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
         async with (
-            httpx.AsyncClient(limits=limits, timeout=WEBHOOK_TIMEOUT_S) as client,
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             anyio.create_task_group() as tg,
         ):
-            await tg.start(self.dispatcher.run, client)
+            await tg.start(self.dispatcher.run, session)
             try:
                 yield
             finally:

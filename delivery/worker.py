@@ -246,7 +246,7 @@ class Worker:
         ]
         await enqueue_sends(self.services.redis, batches, self.settings.shards)
         if total and not done.queued:
-            await self.progress.record(job.church_id, job.message_id, [])
+            await self.progress.refresh(job.church_id, job.message_id)
 
     async def send_batch(self, batch: SendBatch) -> None:
         async with self.services.pool.connection() as conn:

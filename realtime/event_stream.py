@@ -162,9 +162,7 @@ class _Stream:
             for subscription in subscriptions:
                 self.hub.unsubscribe(church_id, subscription.channel, subscription)
             if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
+                watcher.cancel()  # not awaited: that would mask our own cancellation
                 if not self.disconnected:
                     with contextlib.suppress(Exception):
                         await self.send({"type": "http.response.body", "body": b""})
@@ -202,9 +200,7 @@ class _Stream:
         if failed:
             data = _json.encode({"channels": failed})
             records.append(_record(encode_token(marks), b"recovery_failed", data))
-        await self.send(
-            {"type": "http.response.body", "body": b"".join(records), "more_body": True}
-        )
+        await self._write(b"".join(records))
 
     async def _pump(self) -> None:
         conn, queue, wakeup, marks = self.conn, self.conn.queue, self.wakeup, self.marks

@@ -69,6 +69,19 @@ class HubEvent(msgspec.Struct, frozen=True, gc=False):
     """The same frame as text, for ASGI ``websocket.send``."""
 
 
+def _event(channel: str, type_: str, epoch: str, offset: str | bytes, frame: bytes) -> HubEvent:
+    text = offset.decode() if isinstance(offset, bytes) else offset
+    return HubEvent(
+        channel=channel,
+        type=type_,
+        epoch=epoch,
+        offset=text,
+        position=position(text),
+        frame=frame,
+        text=frame.decode(),
+    )
+
+
 class Sink(Protocol):
     def deliver(self, event: HubEvent) -> None:
         """Take one event; must not block or raise."""
@@ -299,22 +312,11 @@ class Hub:
         if len(parts) != 4:
             log.error("malformed pub/sub message on %r", name)
             return
-        frame = parts[3]
-        offset = parts[2].decode()
         try:
-            pos = position(offset)
+            event = _event(ch.channel, parts[0].decode(), parts[1].decode(), parts[2], parts[3])
         except ValueError:
             log.error("malformed offset on %r", name)
             return
-        event = HubEvent(
-            channel=ch.channel,
-            type=parts[0].decode(),
-            epoch=parts[1].decode(),
-            offset=offset,
-            position=pos,
-            frame=frame,
-            text=frame.decode(),
-        )
         held = ch.held
         if held is None:
             self._accept(ch, event)
@@ -405,16 +407,7 @@ class Hub:
             for entry_id, fields in entries:
                 entry = entry_from_stream(entry_id, fields)
                 frame = frame_bytes(ch.channel, entry.offset, entry.event_json)
-                event = HubEvent(
-                    channel=ch.channel,
-                    type=entry.type,
-                    epoch=epoch,
-                    offset=entry.offset,
-                    position=position(entry.offset),
-                    frame=frame,
-                    text=frame.decode(),
-                )
-                self._accept(ch, event)
+                self._accept(ch, _event(ch.channel, entry.type, epoch, entry.offset, frame))
         if ch in self._to_fill:
             return  # reconnected again meanwhile: keep holding until that gap is read
         self._release(ch)

@@ -62,6 +62,16 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 _text_of = cast(Callable[[HubEvent], str], operator.attrgetter("text"))
 
 
+def _finish(task: asyncio.Task[None]) -> None:
+    """Stop a helper task without awaiting it (awaiting a cancelled task cannot be
+    told apart from our own cancellation); a failure it ended with is consumed:
+    a failed send only means the client went away."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
 class RealtimeEndpoint:
     """ASGI app for ``WebSocketRoute("/v1/realtime", RealtimeEndpoint())``."""
 
@@ -130,15 +140,14 @@ class _Session:
         try:
             await self._receive_loop()
             if conn.close_code is not None and not sender.done():
-                await sender  # it writes the close frame
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await sender  # it writes the close frame
         finally:
             church_id = self.principal.church_id
             for subscription in conn.subscriptions.values():
                 self.hub.unsubscribe(church_id, subscription.channel, subscription)
             conn.subscriptions.clear()
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
+            _finish(sender)
 
     # -- sending ---------------------------------------------------------------
 

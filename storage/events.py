@@ -24,6 +24,7 @@ import msgspec
 from storage import keys
 from storage.ids import uuid7
 from storage.redis_connection import Redis
+from storage.scripts import Call, ScriptRunner
 
 HISTORY_MAXLEN = 2000
 """Events kept per channel for recovery (approximate trimming)."""
@@ -210,29 +211,28 @@ class EventPublisher:
     """Publishes events to a church's channels; shared by web nodes and workers."""
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._publish = redis.register_script(_PUBLISH_LUA)
-        self._head = redis.register_script(_HEAD_LUA)
+        self.scripts = ScriptRunner(redis)
+        self._publish = self.scripts.register(_PUBLISH_LUA)
+        self._head = self.scripts.register(_HEAD_LUA)
 
-    async def publish(self, church_id: uuid.UUID, channel: str, event: Event) -> Published:
-        return await self.publish_encoded(church_id, channel, event.type, encode(event))
-
-    async def publish_encoded(
-        self, church_id: uuid.UUID, channel: str, event_type: str, event_json: bytes
-    ) -> Published:
-        result = await self._publish(
-            keys=[keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
-            args=[
+    def publish_call(self, church_id: uuid.UUID, channel: str, event: Event) -> Call:
+        """The script call that publishes ``event``, to batch with other calls."""
+        return (
+            self._publish,
+            [keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
+            [
                 keys.channel_pubsub(church_id, channel),
                 encode(channel),
-                event_json,
+                encode(event),
                 HISTORY_MAXLEN,
                 new_epoch(),
-                event_type,
+                event.type,
                 HISTORY_TTL_S,
             ],
         )
-        return Published(offset=_text(result[0]), epoch=_text(result[1]))
+
+    async def publish(self, church_id: uuid.UUID, channel: str, event: Event) -> Published:
+        return (await self.publish_many(church_id, [(channel, event)]))[0]
 
     async def publish_many(
         self, church_id: uuid.UUID, items: list[tuple[str, Event]]
@@ -240,33 +240,22 @@ class EventPublisher:
         """Publish several events of one church in one round trip, in order."""
         if not items:
             return []
-        pipe = self._redis.pipeline(transaction=False)
-        for channel, event in items:
-            await self._publish(
-                keys=[
-                    keys.channel_history(church_id, channel),
-                    keys.channel_epoch(church_id, channel),
-                ],
-                args=[
-                    keys.channel_pubsub(church_id, channel),
-                    encode(channel),
-                    encode(event),
-                    HISTORY_MAXLEN,
-                    new_epoch(),
-                    event.type,
-                    HISTORY_TTL_S,
-                ],
-                client=pipe,
-            )
-        results = await pipe.execute()
-        return [Published(offset=_text(r[0]), epoch=_text(r[1])) for r in results]
+        results = await self.scripts.run(
+            [self.publish_call(church_id, channel, event) for channel, event in items]
+        )
+        return [published(r) for r in results]
 
     async def head(self, church_id: uuid.UUID, channel: str) -> ChannelHead:
-        result = await self._head(
-            keys=[keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
-            args=[new_epoch(), HISTORY_TTL_S],
+        result = await self.scripts.run_one(
+            self._head,
+            [keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
+            [new_epoch(), HISTORY_TTL_S],
         )
         return ChannelHead(epoch=_text(result[0]), offset=_text(result[1]))
+
+
+def published(result: Any) -> Published:
+    return Published(offset=_text(result[0]), epoch=_text(result[1]))
 
 
 def new_epoch() -> str:

@@ -236,6 +236,54 @@ async def transition_many(
     return [Transition(r[0], r[1], old[r[0]], r[2], r[3], r[4]) for r in rows]
 
 
+async def apply_provider_status(
+    conn: Conn,
+    *,
+    event_id: str,
+    event_type: str,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    recipient_id: uuid.UUID,
+    target: RecipientStatus,
+    provider_message_id: str,
+    error_code: str | None,
+) -> tuple[bool, Transition | None]:
+    """Record a provider event id and apply its status, in one statement (one round
+    trip, one implicit transaction): (first time seen, the transition if any).
+
+    The update only happens when the event id is new, the status rules allow it,
+    and the row's provider id is unset or the same as the event's (a reference
+    that names someone else's recipient moves nothing).
+    """
+    allowed = [s.value for s in allowed_from(target)]
+    created_at = created_at_of(message_id)
+    cur = await conn.execute(
+        "WITH ev AS (INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) "
+        "  ON CONFLICT DO NOTHING RETURNING event_id), "
+        "old AS (SELECT id, status FROM message_recipient WHERE church_id = %s "
+        "  AND message_id = %s AND created_at = %s AND id = %s AND status = ANY(%s) "
+        "  AND (provider_message_id IS NULL OR provider_message_id = %s) "
+        "  AND EXISTS (SELECT 1 FROM ev) FOR UPDATE), "
+        "upd AS (UPDATE message_recipient r SET status = %s, updated_at = now(), "
+        "  provider_message_id = %s, error_code = coalesce(%s, r.error_code) FROM old "
+        "  WHERE r.church_id = %s AND r.message_id = %s AND r.created_at = %s AND r.id = old.id "
+        "  RETURNING r.id, r.member_id, old.status, r.status, r.provider_message_id, r.error_code) "
+        "SELECT (SELECT count(*) FROM ev), upd.* FROM (SELECT 1) one LEFT JOIN upd ON true",
+        (
+            event_id, event_type,
+            church_id, message_id, created_at, recipient_id, allowed, provider_message_id,
+            target.value, provider_message_id, error_code,
+            church_id, message_id, created_at,
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    first = bool(row[0])
+    if row[1] is None:
+        return first, None
+    return first, Transition(row[1], row[2], row[3], row[4], row[5], row[6])
+
+
 async def locate_by_provider_id(
     conn: Conn, provider_message_id: str
 ) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID] | None:
