@@ -31,12 +31,22 @@ def _services(request: Request) -> Services:
 def _with_session(response: Response, services: Services, token: str, csrf: str) -> Response:
     http = services.settings.http
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=http.session_ttl_s, httponly=True,
-        samesite="lax", secure=http.secure_cookies, path="/",
+        SESSION_COOKIE,
+        token,
+        max_age=http.session_ttl_s,
+        httponly=True,
+        samesite="lax",
+        secure=http.secure_cookies,
+        path="/",
     )
     response.set_cookie(
-        CSRF_COOKIE, csrf, max_age=http.session_ttl_s, httponly=False,
-        samesite="lax", secure=http.secure_cookies, path="/",
+        CSRF_COOKIE,
+        csrf,
+        max_age=http.session_ttl_s,
+        httponly=False,
+        samesite="lax",
+        secure=http.secure_cookies,
+        path="/",
     )
     return response
 
@@ -54,7 +64,10 @@ async def signup(request: Request) -> Response:
             number_prefix=services.settings.provider.number_pool_prefix,
         )
     token, csrf = await create_session(
-        services.redis, church_id=church.id, user_id=user.id, role=user.role,
+        services.redis,
+        church_id=church.id,
+        user_id=user.id,
+        role=user.role,
         ttl_s=services.settings.http.session_ttl_s,
     )
     return _with_session(
@@ -78,7 +91,10 @@ async def login(request: Request) -> Response:
     async with services.pool.connection() as conn:
         church = await get_church(conn, user.church_id)
     token, csrf = await create_session(
-        services.redis, church_id=user.church_id, user_id=user.id, role=user.role,
+        services.redis,
+        church_id=user.church_id,
+        user_id=user.id,
+        role=user.role,
         ttl_s=services.settings.http.session_ttl_s,
     )
     return _with_session(ok(SignupData(church=church, user=user)), services, token, csrf)  # type: ignore[arg-type]
@@ -117,7 +133,8 @@ async def create_key(request: Request) -> Response:
     unknown = [s for s in scopes if s not in ALL_SCOPES]
     if unknown or not scopes:
         raise ApiError(
-            "validation_error", "unknown scope",
+            "validation_error",
+            "unknown scope",
             [{"field": "scopes", "message": f"allowed: {', '.join(ALL_SCOPES)}"}],
         )
     async with _services(request).pool.connection() as conn:
@@ -126,7 +143,11 @@ async def create_key(request: Request) -> Response:
         )
     return ok(
         ApiKeyCreated(
-            id=key.id, name=key.name, prefix=key.prefix, scopes=key.scopes, key=secret,
+            id=key.id,
+            name=key.name,
+            prefix=key.prefix,
+            scopes=key.scopes,
+            key=secret,
             created_at=key.created_at,
         ),
         status=201,

@@ -59,7 +59,8 @@ async def post_member(request: Request) -> Response:
             phone = normalize(body.phone, country)
         except Exception as exc:
             raise ApiError(
-                "validation_error", "request body is not valid",
+                "validation_error",
+                "request body is not valid",
                 [FieldError("phone", "must be a valid phone number")],
             ) from exc
         if body.group_ids:
@@ -67,9 +68,14 @@ async def post_member(request: Request) -> Response:
             if found != set(body.group_ids):
                 raise NotFound("group")
         member = await create_member(
-            conn, services.vault, who.church_id,
-            first_name=body.first_name, last_name=body.last_name, phone_e164=phone,
-            email=body.email, group_ids=list(dict.fromkeys(body.group_ids)),
+            conn,
+            services.vault,
+            who.church_id,
+            first_name=body.first_name,
+            last_name=body.last_name,
+            phone_e164=phone,
+            email=body.email,
+            group_ids=list(dict.fromkeys(body.group_ids)),
         )
     return ok(member, status=201)
 

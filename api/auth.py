@@ -32,8 +32,10 @@ async def principal(request: Request, scope: str = "read") -> Principal:
         sent = request.headers.get("x-csrf-token", "")
         cookie = request.cookies.get(CSRF_COOKIE, "")
         expected = cached.csrf_token or ""
-        if not sent or not hmac.compare_digest(sent, cookie) or not hmac.compare_digest(
-            sent, expected
+        if (
+            not sent
+            or not hmac.compare_digest(sent, cookie)
+            or not hmac.compare_digest(sent, expected)
         ):
             raise Forbidden("missing or wrong X-CSRF-Token for a cookie-authenticated write")
     if not cached.can(scope):

@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import ApiError
 from api.schemas import MessageAccepted, MessageDetail, MessageRequest
-from api.validation import page_params, path_id, decode_body
+from api.validation import decode_body, page_params, path_id
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
 from storage.events import Counts, MessageCreated, new_event
@@ -42,8 +42,12 @@ async def post_message(request: Request) -> Response:
         church = await get_church(conn, who.church_id)
         assert church is not None
         message = await accept_message(
-            conn, who.church_id, body=body.body, target=body.target.to_target(),
-            from_number=church.phone_number, created_by=who.user_id,
+            conn,
+            who.church_id,
+            body=body.body,
+            target=body.target.to_target(),
+            from_number=church.phone_number,
+            created_by=who.user_id,
         )
     # Committed: from here on nothing can lose the message. If Redis is down the
     # scheduler's reconciler materializes it later; the 202 stands either way.
@@ -70,8 +74,12 @@ async def post_message(request: Request) -> Response:
         log.exception("enqueue after accept failed; the reconciler will pick it up")
     return ok(
         MessageAccepted(
-            id=message.id, status=message.status, recipient_count=message.recipient_count,
-            segments=message.segments, encoding=message.encoding, created_at=message.created_at,
+            id=message.id,
+            status=message.status,
+            recipient_count=message.recipient_count,
+            segments=message.segments,
+            encoding=message.encoding,
+            created_at=message.created_at,
         ),
         status=202,
     )
@@ -88,10 +96,17 @@ async def show_message(request: Request) -> Response:
         counts = Counts(queued=message.recipient_count)
     return ok(
         MessageDetail(
-            id=message.id, body=message.body, target=message.target, status=message.status,
-            recipient_count=message.recipient_count, segments=message.segments,
-            encoding=message.encoding, from_number=message.from_number, counts=counts,
-            created_at=message.created_at, completed_at=message.completed_at,
+            id=message.id,
+            body=message.body,
+            target=message.target,
+            status=message.status,
+            recipient_count=message.recipient_count,
+            segments=message.segments,
+            encoding=message.encoding,
+            from_number=message.from_number,
+            counts=counts,
+            created_at=message.created_at,
+            completed_at=message.completed_at,
         )
     )
 
@@ -111,7 +126,8 @@ async def index_recipients(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in RecipientStatus}:
         raise ApiError(
-            "validation_error", "query parameter out of range",
+            "validation_error",
+            "query parameter out of range",
             [FieldError("status", "must be a recipient status")],
         )
     async with _services(request).pool.connection() as conn:

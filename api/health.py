@@ -87,7 +87,9 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     services: Services = request.app.state.services
     checks = dict(
-        await asyncio.gather(_check("database", _database(services)), _check("redis", _redis(services)))
+        await asyncio.gather(
+            _check("database", _database(services)), _check("redis", _redis(services))
+        )
     )
     return _answer(checks)
 

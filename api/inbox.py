@@ -66,7 +66,9 @@ async def post_reply(request: Request) -> Response:
         services.redis,
         [
             ConversationSend(
-                church_id=who.church_id, conversation_id=conversation.id, message_id=message.id,
+                church_id=who.church_id,
+                conversation_id=conversation.id,
+                message_id=message.id,
                 max_attempts=services.settings.delivery.max_attempts,
             )
         ],
@@ -75,8 +77,11 @@ async def post_reply(request: Request) -> Response:
     event = new_event(
         "conversation.message.created",
         ConversationMessageCreated(
-            conversation_id=conversation.id, message_id=message.id,
-            member_id=conversation.member_id, direction="outbound", body=message.body,
+            conversation_id=conversation.id,
+            message_id=message.id,
+            member_id=conversation.member_id,
+            direction="outbound",
+            body=message.body,
             created_at=message.created_at,
         ),
     )

@@ -94,8 +94,10 @@ class ReplyRequest(Request, frozen=True):
 
 class WebhookEndpointRequest(Request, frozen=True):
     url: Annotated[str, msgspec.Meta(min_length=8, max_length=2000)]
-    events: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=100)]],
-                      msgspec.Meta(min_length=1, max_length=100)]
+    events: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=100)]],
+        msgspec.Meta(min_length=1, max_length=100),
+    ]
 
 
 class SignupData(msgspec.Struct, frozen=True):

@@ -45,8 +45,10 @@ def field_of(message: str) -> tuple[str, str]:
         return "body", message
     path = match.group(1).lstrip(".")
     text = message[: match.start()].rstrip(" -")
-    for kind, verb in (("Object missing required field", "is required"),
-                       ("Object contains unknown field", "is not a known field")):
+    for kind, verb in (
+        ("Object missing required field", "is required"),
+        ("Object contains unknown field", "is not a known field"),
+    ):
         if text.startswith(kind):
             name = text.split("`")[1]
             return (f"{path}.{name}" if path else name), verb

@@ -18,10 +18,19 @@ from storage.webhook_endpoints import create_endpoint, list_endpoints
 
 EVENT_TYPES = frozenset(
     {
-        "message.created", "message.progress", "message.completed", "message.recipient.status",
-        "conversation.created", "conversation.updated", "conversation.message.created",
-        "conversation.message.status", "member.created", "member.updated",
-        "member.opted_out", "member.opted_in", "webhook_endpoint.disabled",
+        "message.created",
+        "message.progress",
+        "message.completed",
+        "message.recipient.status",
+        "conversation.created",
+        "conversation.updated",
+        "conversation.message.created",
+        "conversation.message.status",
+        "member.created",
+        "member.updated",
+        "member.opted_out",
+        "member.opted_in",
+        "webhook_endpoint.disabled",
     }
 )
 _PREFIXES = frozenset(t.split(".")[0] + ".*" for t in EVENT_TYPES)
@@ -53,8 +62,12 @@ async def post_endpoint(request: Request) -> Response:
         )
     return ok(
         WebhookEndpointCreated(
-            id=endpoint.id, url=endpoint.url, events=endpoint.events, secret=secret,
-            enabled=endpoint.enabled, created_at=endpoint.created_at,
+            id=endpoint.id,
+            url=endpoint.url,
+            events=endpoint.events,
+            secret=secret,
+            enabled=endpoint.enabled,
+            created_at=endpoint.created_at,
         ),
         status=201,
     )

@@ -38,7 +38,9 @@ def say(text: str) -> None:
     print(f"[pipeline] {text}", file=sys.stderr, flush=True)
 
 
-def seed_members(url: str, vault: PhoneVault, church_id: uuid.UUID, group_id: uuid.UUID, n: int) -> None:
+def seed_members(
+    url: str, vault: PhoneVault, church_id: uuid.UUID, group_id: uuid.UUID, n: int
+) -> None:
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
         with conn.cursor().copy(
@@ -50,8 +52,14 @@ def seed_members(url: str, vault: PhoneVault, church_id: uuid.UUID, group_id: uu
                 member_id = uuid7()
                 ids.append(member_id)
                 copy.write_row(
-                    (church_id, member_id, f"Member{i}", "Bench", vault.encrypt(church_id, phone),
-                     vault.lookup_hash(phone))
+                    (
+                        church_id,
+                        member_id,
+                        f"Member{i}",
+                        "Bench",
+                        vault.encrypt(church_id, phone),
+                        vault.lookup_hash(phone),
+                    )
                 )
                 if i and i % 10000 == 0:
                     say(f"seeded {i:,} members")
@@ -74,7 +82,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def follow(api: httpx.AsyncClient, message_id: str, n: int, timeout_s: float) -> list[tuple[float, dict[str, int]]]:
+async def follow(
+    api: httpx.AsyncClient, message_id: str, n: int, timeout_s: float
+) -> list[tuple[float, dict[str, int]]]:
     samples: list[tuple[float, dict[str, int]]] = []
     deadline = time.monotonic() + timeout_s
     last_print = 0.0
@@ -84,7 +94,9 @@ async def follow(api: httpx.AsyncClient, message_id: str, n: int, timeout_s: flo
         samples.append((now, counts))
         final = counts["delivered"] + counts["failed"] + counts["undelivered"] + counts["skipped"]
         if now - last_print > 2:
-            say(f"sent+ {counts['sent'] + counts['delivered']:,}  delivered {counts['delivered']:,} / {n:,}")
+            say(
+                f"sent+ {counts['sent'] + counts['delivered']:,}  delivered {counts['delivered']:,} / {n:,}"
+            )
             last_print = now
         if final >= n:
             break
@@ -94,12 +106,18 @@ async def follow(api: httpx.AsyncClient, message_id: str, n: int, timeout_s: flo
 
 def rate_between(samples: list[tuple[float, dict[str, int]]], key: str, n: int) -> float:
     """Recipients/s for ``key`` between 10 % and 90 % of n (the sustained part)."""
+
     def reached(fraction: float) -> float | None:
         for t, counts in samples:
-            value = counts["delivered"] if key == "delivered" else counts["sent"] + counts["delivered"] + counts["undelivered"]
+            value = (
+                counts["delivered"]
+                if key == "delivered"
+                else counts["sent"] + counts["delivered"] + counts["undelivered"]
+            )
             if value >= fraction * n:
                 return t
         return None
+
     t10, t90 = reached(0.1), reached(0.9)
     if t10 is None or t90 is None or t90 <= t10:
         return float("nan")
@@ -111,8 +129,14 @@ async def run(args: argparse.Namespace) -> None:
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
     env.update({"KOINONIA_LOG_LEVEL": "WARNING", "KOINONIA_DB_POOL_MAX": "20"})
-    stack = Stack(data_dir, http_port=web_port, sim_port=sim_port, env=env,
-                  fast_unsafe=args.unsafe, quiet=False)
+    stack = Stack(
+        data_dir,
+        http_port=web_port,
+        sim_port=sim_port,
+        env=env,
+        fast_unsafe=args.unsafe,
+        quiet=False,
+    )
     try:
         stack.start_stores()
         stack.spawn("simulator", "simulator")
@@ -126,22 +150,35 @@ async def run(args: argparse.Namespace) -> None:
         vault = PhoneVault(settings.security.phone_key, settings.security.lookup_key)
         base = f"http://127.0.0.1:{web_port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            signup = await client.post("/v1/auth/signup", json={
-                "church_name": "Bench", "email": f"bench-{uuid.uuid4().hex[:8]}@example.org",
-                "password": "benchmark-password"})
+            signup = await client.post(
+                "/v1/auth/signup",
+                json={
+                    "church_name": "Bench",
+                    "email": f"bench-{uuid.uuid4().hex[:8]}@example.org",
+                    "password": "benchmark-password",
+                },
+            )
             church_id = uuid.UUID(signup.json()["data"]["church"]["id"])
             csrf = client.cookies["koinonia_csrf"]
-            key = (await client.post("/v1/api-keys", json={"name": "bench"},
-                                     headers={"X-CSRF-Token": csrf})).json()["data"]["key"]
-        async with httpx.AsyncClient(base_url=base, timeout=30,
-                                     headers={"Authorization": f"Bearer {key}"}) as api:
+            key = (
+                await client.post(
+                    "/v1/api-keys", json={"name": "bench"}, headers={"X-CSRF-Token": csrf}
+                )
+            ).json()["data"]["key"]
+        async with httpx.AsyncClient(
+            base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        ) as api:
             group = (await api.post("/v1/groups", json={"name": "All"})).json()["data"]["id"]
-            seed_members(stack.env["DATABASE_URL"], vault, church_id, uuid.UUID(group), args.recipients)
+            seed_members(
+                stack.env["DATABASE_URL"], vault, church_id, uuid.UUID(group), args.recipients
+            )
             # Warm the path once so the measured 202 is not a cold start.
             await api.get("/v1/messages?limit=1")
             say("posting the broadcast")
             t0 = time.perf_counter()
-            answer = await api.post("/v1/messages", json={"body": "Bench broadcast", "target": {"group_ids": [group]}})
+            answer = await api.post(
+                "/v1/messages", json={"body": "Bench broadcast", "target": {"group_ids": [group]}}
+            )
             accepted_ms = (time.perf_counter() - t0) * 1000
             assert answer.status_code == 202, answer.text
             message_id = answer.json()["data"]["id"]
@@ -149,37 +186,59 @@ async def run(args: argparse.Namespace) -> None:
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM materialized_at - created_at), created_at FROM message WHERE id = %s",
-                (uuid.UUID(message_id),)).fetchone()
+                (uuid.UUID(message_id),),
+            ).fetchone()
             assert row is not None
             materialize_s = float(row[0]) if row[0] is not None else float("nan")
-            latencies = [float(r[0]) for r in conn.execute(
-                "SELECT extract(epoch FROM r.updated_at - m.created_at) FROM message_recipient r "
-                "JOIN message m ON m.church_id = r.church_id AND m.id = r.message_id AND m.created_at = r.created_at "
-                "WHERE r.message_id = %s AND r.status = 'delivered'", (uuid.UUID(message_id),)).fetchall()]
+            latencies = [
+                float(r[0])
+                for r in conn.execute(
+                    "SELECT extract(epoch FROM r.updated_at - m.created_at) FROM message_recipient r "
+                    "JOIN message m ON m.church_id = r.church_id AND m.id = r.message_id AND m.created_at = r.created_at "
+                    "WHERE r.message_id = %s AND r.status = 'delivered'",
+                    (uuid.UUID(message_id),),
+                ).fetchall()
+            ]
         final = samples[-1][1]
         elapsed = samples[-1][0] - samples[0][0]
         print()
         print(f"recipients               {args.recipients:,}")
-        print(f"web processes            {args.web_workers}   workers {args.workers}   durable={'no' if args.unsafe else 'yes'}")
+        print(
+            f"web processes            {args.web_workers}   workers {args.workers}   durable={'no' if args.unsafe else 'yes'}"
+        )
         print(f"accepted (202) in        {accepted_ms:.1f} ms")
-        print(f"materialized             {materialize_s * 1000:.0f} ms after acceptance "
-              f"({args.recipients / materialize_s:,.0f} rows/s incl. queue hop)")
-        print(f"sent rate (10-90 %)      {rate_between(samples, 'sent', args.recipients):,.0f} recipients/s")
-        print(f"delivered rate (10-90 %) {rate_between(samples, 'delivered', args.recipients):,.0f} recipients/s")
-        print(f"delivered                {final['delivered']:,} of {args.recipients:,} in {elapsed:.1f} s")
-        print(f"accept→delivered p50     {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
-              f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s")
+        print(
+            f"materialized             {materialize_s * 1000:.0f} ms after acceptance "
+            f"({args.recipients / materialize_s:,.0f} rows/s incl. queue hop)"
+        )
+        print(
+            f"sent rate (10-90 %)      {rate_between(samples, 'sent', args.recipients):,.0f} recipients/s"
+        )
+        print(
+            f"delivered rate (10-90 %) {rate_between(samples, 'delivered', args.recipients):,.0f} recipients/s"
+        )
+        print(
+            f"delivered                {final['delivered']:,} of {args.recipients:,} in {elapsed:.1f} s"
+        )
+        print(
+            f"accept→delivered p50     {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
+            f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s"
+        )
     finally:
         stack.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipients", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--web-workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--unsafe", action="store_true", help="Postgres without fsync (faster, not durable)")
+    parser.add_argument(
+        "--unsafe", action="store_true", help="Postgres without fsync (faster, not durable)"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

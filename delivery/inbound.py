@@ -169,7 +169,11 @@ class InboundHandler:
             if not await _first_time(conn, data):
                 return
             changed = await set_outbound_status(
-                conn, church_id, message_id, status.value, data.payload.id,
+                conn,
+                church_id,
+                message_id,
+                status.value,
+                data.payload.id,
                 [s.value for s in allowed_from(status)],
             )
             if changed is not None and changed.provider_message_id != data.payload.id:
@@ -179,7 +183,9 @@ class InboundHandler:
         event = new_event(
             "conversation.message.status",
             ConversationMessageStatus(
-                conversation_id=changed.conversation_id, message_id=changed.id, status=changed.status
+                conversation_id=changed.conversation_id,
+                message_id=changed.id,
+                status=changed.status,
             ),
         )
         await self.services.publisher.publish_many(
@@ -209,7 +215,12 @@ class InboundHandler:
                 await conn.execute(
                     "INSERT INTO member (church_id, id, first_name, phone_cipher, phone_hash, "
                     "verified, opt_source) VALUES (%s, %s, '', %s, %s, false, 'inbound')",
-                    (church.id, member_id, vault.encrypt(church.id, phone), vault.lookup_hash(phone)),
+                    (
+                        church.id,
+                        member_id,
+                        vault.encrypt(church.id, phone),
+                        vault.lookup_hash(phone),
+                    ),
                 )
             else:
                 member_id = found[0]
@@ -239,7 +250,12 @@ class InboundHandler:
             ),
         )
         thread = f"conversation:{conversation.id}"
-        events: list[tuple[str, Event]] = [("inbox", changed), (thread, changed), ("inbox", posted), (thread, posted)]
+        events: list[tuple[str, Event]] = [
+            ("inbox", changed),
+            (thread, changed),
+            ("inbox", posted),
+            (thread, posted),
+        ]
         await self.services.publisher.publish_many(church.id, events)
 
     async def _dedupe_only(self, data: _Data) -> None:
@@ -253,8 +269,7 @@ class _Mismatch(Exception):
 
 async def _first_time(conn: Conn, data: _Data) -> bool:
     cur = await conn.execute(
-        "INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) "
-        "ON CONFLICT DO NOTHING",
+        "INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) ON CONFLICT DO NOTHING",
         (data.id, data.event_type),
     )
     return cur.rowcount == 1

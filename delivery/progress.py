@@ -137,13 +137,20 @@ class ProgressTracker:
         await self._after_update(church_id, message_id, fields, gate_open=bool(gate_open))
 
     async def _after_update(
-        self, church_id: uuid.UUID, message_id: uuid.UUID, fields: dict[str, int], *, gate_open: bool
+        self,
+        church_id: uuid.UUID,
+        message_id: uuid.UUID,
+        fields: dict[str, int],
+        *,
+        gate_open: bool,
     ) -> None:
         counts = Counts(**{s.value: max(0, fields.get(s.value, 0)) for s in ALL_STATUSES})
         total = fields.get("total", 0)
         done = sum(fields.get(f, 0) for f in _FINAL_FIELDS)
         if total and done >= total:
-            first = await self._redis.hsetnx(keys.message_counts(church_id, message_id), "completed", 1)
+            first = await self._redis.hsetnx(
+                keys.message_counts(church_id, message_id), "completed", 1
+            )
             if first:
                 await self._complete(church_id, message_id, counts, total)
                 return
@@ -167,7 +174,12 @@ class ProgressTracker:
         channel = f"message:{message_id}"
         await self._publisher.publish_many(
             church_id,
-            [(channel, progress), ("dashboard", progress), (channel, completed), ("dashboard", completed)],
+            [
+                (channel, progress),
+                ("dashboard", progress),
+                (channel, completed),
+                ("dashboard", completed),
+            ],
         )
 
     async def _publish_progress(

@@ -16,6 +16,7 @@ No job deletes or drops message data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import defaultdict
@@ -51,10 +52,8 @@ class Scheduler:
                 await self.tick()
             except Exception:
                 log.exception("scheduler tick failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.scheduler_interval_s)
-            except TimeoutError:
-                pass
         log.info("scheduler stopped")
 
     async def tick(self) -> None:
@@ -115,7 +114,8 @@ class Scheduler:
             await enqueue_materialize(
                 redis,
                 MaterializeJob(
-                    church_id=church_id, message_id=message_id,
+                    church_id=church_id,
+                    message_id=message_id,
                     created_at=created_at_of(message_id),
                 ),
             )

@@ -206,41 +206,44 @@ class Simulator:
             )
         return None
 
-    async def send_message(self, request: Request) -> Response:
+    def _admit(self, request: Request) -> tuple[Response | None, dict[str, str]]:
+        """The refusal, if any, that comes before a send is even read (credentials, outage,
+        rate limit), and the rate-limit headers every answer then carries."""
         if not self._authorized(request):
-            return _error_response(
-                error(
-                    401,
-                    "10009",
-                    "Authentication failed",
-                    "The required authentication headers were either invalid or not included "
-                    "in the request.",
-                )
+            failure = error(
+                401,
+                "10009",
+                "Authentication failed",
+                "The required authentication headers were either invalid or not included "
+                "in the request.",
             )
-        state = self.state
-        if state.config.outage:
-            return _error_response(
-                error(
-                    503,
-                    "10007",
-                    "Unexpected error",
-                    "The service is temporarily unavailable; please retry later.",
-                ),
-                {"Retry-After": "1"},
+            return _error_response(failure), {}
+        if self.state.config.outage:
+            failure = error(
+                503,
+                "10007",
+                "Unexpected error",
+                "The service is temporarily unavailable; please retry later.",
             )
-        rate = state.admit(time.monotonic())
-        rate_headers = rate.headers() if rate else {}
-        if rate is not None and not rate.allowed:
-            return _error_response(
-                error(
-                    429,
-                    "10011",
-                    "Too many requests",
-                    "You have exceeded the maximum number of allowed requests.",
-                ),
-                rate_headers,
+            return _error_response(failure, {"Retry-After": "1"}), {}
+        rate = self.state.admit(time.monotonic())
+        if rate is None:
+            return None, {}
+        if not rate.allowed:
+            failure = error(
+                429,
+                "10011",
+                "Too many requests",
+                "You have exceeded the maximum number of allowed requests.",
             )
+            return _error_response(failure, rate.headers()), {}
+        return None, rate.headers()
 
+    async def send_message(self, request: Request) -> Response:
+        refusal, rate_headers = self._admit(request)
+        if refusal is not None:
+            return refusal
+        state = self.state
         raw = await request.body()
         key = request.headers.get("idempotency-key")
         try:
@@ -359,8 +362,7 @@ class Simulator:
                 self.state.configure(patch)
             except SimulatorError as exc:
                 # Config mistakes are always the caller's input: one status for all of them.
-                exc.status = 422
-                return _error_response(exc)
+                return _error_response(SimulatorError(422, *exc.errors))
         return _json(self.state.config)
 
     async def public_key(self, request: Request) -> Response:
@@ -383,7 +385,7 @@ class Simulator:
                 tg.cancel_scope.cancel()
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 405:
         failure = error(405, "10015", "Bad Request", "Method not allowed for this resource.")
@@ -409,7 +411,7 @@ def create_simulator_app(settings: SimulatorSettings) -> Starlette:
             Route("/_sim/config", sim.config, methods=["GET", "POST"]),
             Route("/_sim/public-key", sim.public_key, methods=["GET"]),
         ],
-        exception_handlers={404: _not_found, 405: _not_found},
+        exception_handlers={404: _http_error, 405: _http_error},
         lifespan=sim.lifespan,
     )
     # For in-process callers (the dev runner, tests) that want the state without HTTP.

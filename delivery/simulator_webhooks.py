@@ -11,7 +11,7 @@ request. On a 2-core box one httpx client spent ~1.8 ms of CPU per webhook at
 8 concurrent requests (~5 ms at 100) and delivered ~200 webhooks/s; aiohttp
 spent ~0.12 ms and the simulator delivered ~2,500 webhooks/s to the same receiver.
 
-    route ──reserve()──► slot ──submit(job, delay)──► heap (latency) ──► ready stream
+    route ──reserve()──► slot ──submit(job, delay)──► heap (latency) ──► ready queue
                                                                             │
                                         worker x N ◄────────────────────────┘
                                         (one job = every event of one message, in order)
@@ -29,6 +29,7 @@ base64 in ``telnyx-signature-ed25519``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import heapq
 import itertools
@@ -95,7 +96,7 @@ class WebhookJob(msgspec.Struct, frozen=True):
 
 
 class WebhookDispatcher:
-    """Bounded webhook delivery: a latency heap, a ready stream and ``workers`` senders."""
+    """Bounded webhook delivery: a latency heap, a ready queue and ``workers`` senders."""
 
     def __init__(
         self,
@@ -114,12 +115,11 @@ class WebhookDispatcher:
         # Telnyx tries each URL up to three times, then the failover URL.
         self.attempts_per_url = attempts_per_url
         self.backoff_s = backoff_s
-        # Every job holds a slot from reserve() until its last webhook is done; the stream
-        # can hold them all, so handing a reserved job over never blocks.
+        # Every job holds a slot from reserve() until its last webhook is done; the queue
+        # can hold them all, so handing a reserved job over never blocks. (asyncio's queue:
+        # aiohttp ties delivery to asyncio anyway, and it needs no closing.)
         self._slots = anyio.Semaphore(max_pending)
-        self._ready_send, self._ready_receive = anyio.create_memory_object_stream[WebhookJob](
-            max_pending
-        )
+        self._ready: asyncio.Queue[WebhookJob] = asyncio.Queue(max_pending)
         # Jobs waiting out their simulated latency: (due loop time, tie-breaker, job).
         self._delayed: list[tuple[float, int, WebhookJob]] = []
         self._sequence = itertools.count()
@@ -149,7 +149,7 @@ class WebhookDispatcher:
     def submit(self, job: WebhookJob, delay_s: float = 0.0) -> None:
         """Queue a job under a reservation; its webhooks start after ``delay_s`` seconds."""
         if delay_s <= 0:
-            self._ready_send.send_nowait(job)
+            self._ready.put_nowait(job)
             return
         entry = (anyio.current_time() + delay_s, next(self._sequence), job)
         heapq.heappush(self._delayed, entry)
@@ -182,12 +182,13 @@ class WebhookDispatcher:
             now = anyio.current_time()
             delayed = self._delayed
             while delayed and delayed[0][0] <= now:
-                self._ready_send.send_nowait(heapq.heappop(delayed)[2])
+                self._ready.put_nowait(heapq.heappop(delayed)[2])
             with anyio.move_on_after(delayed[0][0] - now if delayed else None):
                 await self._wakeup.wait()
 
     async def _work(self, session: aiohttp.ClientSession) -> None:
-        async for job in self._ready_receive:
+        while True:
+            job = await self._ready.get()
             try:
                 await self._deliver_job(session, job)
             except Exception:

@@ -235,6 +235,8 @@ SENDER_CARRIER: Final = Sender(phone_number="", carrier="TELNYX LLC", line_type=
 MEMBER_CARRIER: Final = ("T-MOBILE USA, INC.", "Wireless")
 PRICE_PER_PART: Final = 0.004
 VALIDITY: Final = timedelta(hours=4)
+# The sending number when a send names only a messaging profile (a Telnyx number pool).
+POOL_SENDER: Final = "+18005550100"
 
 FAILURES: Final[dict[str, TelnyxError]] = {
     "sending_failed": TelnyxError(
@@ -281,7 +283,7 @@ def validate_send(req: SendRequest) -> tuple[str, str, str]:
                 "'from' is required unless a messaging_profile_id is given.",
                 "/from",
             )
-        sender = "+18005550100"
+        sender = POOL_SENDER
     text = req.text or ""
     if not text and not req.media_urls:
         raise error(

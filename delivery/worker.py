@@ -213,7 +213,9 @@ class Worker:
         started = time.perf_counter()
         async with self.services.pool.connection() as conn:
             done = await materialize(conn, job.church_id, job.message_id)
-            cur = await conn.execute("SELECT phone_number FROM church WHERE id = %s", (job.church_id,))
+            cur = await conn.execute(
+                "SELECT phone_number FROM church WHERE id = %s", (job.church_id,)
+            )
             row = await cur.fetchone()
         if done is None or row is None:
             return
@@ -298,14 +300,23 @@ class Worker:
                     "UPDATE conversation_message SET provider_message_id = %s "
                     "WHERE church_id = %s AND id = %s AND created_at = %s "
                     "AND provider_message_id IS NULL",
-                    (result.provider_message_id, job.church_id, job.message_id,
-                     created_at_of(job.message_id)),
+                    (
+                        result.provider_message_id,
+                        job.church_id,
+                        job.message_id,
+                        created_at_of(job.message_id),
+                    ),
                 )
         elif result.retryable and job.attempt < job.max_attempts:
-            delay = max(result.retry_after_s or 0.0, backoff_s(job.attempt, self.settings.retry_base_s))
+            delay = max(
+                result.retry_after_s or 0.0, backoff_s(job.attempt, self.settings.retry_base_s)
+            )
             again = ConversationSend(
-                church_id=job.church_id, conversation_id=job.conversation_id,
-                message_id=job.message_id, attempt=job.attempt + 1, max_attempts=job.max_attempts,
+                church_id=job.church_id,
+                conversation_id=job.conversation_id,
+                message_id=job.message_id,
+                attempt=job.attempt + 1,
+                max_attempts=job.max_attempts,
             )
             await schedule_retry(
                 self.services.redis, again, int((time.time() + delay) * 1000), self.settings.shards
@@ -363,7 +374,11 @@ class Worker:
             await record_provider_ids(conn, batch.church_id, batch.message_id, sent)
             for code, ids in failed.items():
                 changes += await transition_many(
-                    conn, batch.church_id, batch.message_id, ids, RecipientStatus.FAILED,
+                    conn,
+                    batch.church_id,
+                    batch.message_id,
+                    ids,
+                    RecipientStatus.FAILED,
                     error_code=code,
                 )
         await self.progress.record(batch.church_id, batch.message_id, changes)
@@ -419,8 +434,12 @@ class Worker:
         for stream in [keys.MATERIALIZE_STREAM, *self._streams]:
             try:
                 claimed: Any = await self.services.redis.xautoclaim(
-                    stream, keys.SEND_GROUP, self.name, self.settings.claim_idle_ms,
-                    start_id="0-0", count=ENTRIES_PER_READ,
+                    stream,
+                    keys.SEND_GROUP,
+                    self.name,
+                    self.settings.claim_idle_ms,
+                    start_id="0-0",
+                    count=ENTRIES_PER_READ,
                 )
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):

@@ -30,9 +30,15 @@ def cmd_web(args: argparse.Namespace) -> None:
     _require_keys(settings)
     if args.workers > 1:
         uvicorn.run(
-            "deploy.app:app_from_env", factory=True, host=settings.http.host,
-            port=settings.http.port, workers=args.workers, log_config=None,
-            access_log=False, ws_per_message_deflate=False, lifespan="on",
+            "deploy.app:app_from_env",
+            factory=True,
+            host=settings.http.host,
+            port=settings.http.port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            ws_per_message_deflate=False,
+            lifespan="on",
             timeout_graceful_shutdown=10,
         )
         return
@@ -41,8 +47,13 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     configure_logging(settings.log_level, process="web")
     uvicorn.run(
-        create_app(settings), host=settings.http.host, port=settings.http.port,
-        log_config=None, access_log=False, ws_per_message_deflate=False, lifespan="on",
+        create_app(settings),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_config=None,
+        access_log=False,
+        ws_per_message_deflate=False,
+        lifespan="on",
         timeout_graceful_shutdown=10,
     )
 
@@ -74,8 +85,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     async def main() -> None:
         services = await Services.open(settings)
         provider = TelnyxProvider(
-            settings.provider.base_url, settings.provider.api_key,
-            timeout_s=settings.provider.timeout_s, concurrency=settings.delivery.concurrency,
+            settings.provider.base_url,
+            settings.provider.api_key,
+            timeout_s=settings.provider.timeout_s,
+            concurrency=settings.delivery.concurrency,
         )
         try:
             await _run_until_signal(Worker(services, provider, name=args.name))
@@ -114,8 +127,11 @@ def cmd_simulator(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level, process="simulator")
     uvicorn.run(
-        create_simulator_app(settings.simulator), host=settings.simulator.host,
-        port=settings.simulator.port, log_config=None, access_log=False,
+        create_simulator_app(settings.simulator),
+        host=settings.simulator.host,
+        port=settings.simulator.port,
+        log_config=None,
+        access_log=False,
     )
 
 
@@ -134,7 +150,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     stack = Stack(
-        Path(settings.data_dir).resolve(), http_port=settings.http.port,
+        Path(settings.data_dir).resolve(),
+        http_port=settings.http.port,
         sim_port=settings.simulator.port,
     )
     stopping = False
@@ -176,8 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("migrate", help="apply database migrations and create partitions")
     args = parser.parse_args(argv)
     handlers = {
-        "dev": cmd_dev, "web": cmd_web, "worker": cmd_worker, "scheduler": cmd_scheduler,
-        "simulator": cmd_simulator, "migrate": cmd_migrate,
+        "dev": cmd_dev,
+        "web": cmd_web,
+        "worker": cmd_worker,
+        "scheduler": cmd_scheduler,
+        "simulator": cmd_simulator,
+        "migrate": cmd_migrate,
     }
     handlers[args.command](args)
 

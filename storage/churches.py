@@ -9,7 +9,6 @@ import msgspec
 from psycopg import errors
 
 from storage.database import Conn
-
 from storage.errors import Conflict
 from storage.ids import uuid7
 
@@ -84,9 +83,7 @@ async def church_by_number(conn: Conn, number: str) -> Church | None:
     return Church(*row) if row else None
 
 
-async def user_for_login(
-    conn: Conn, email: str
-) -> tuple[StaffUser, str] | None:
+async def user_for_login(conn: Conn, email: str) -> tuple[StaffUser, str] | None:
     cur = await conn.execute(
         "SELECT id, church_id, email, role, created_at, password_hash FROM staff_user "
         "WHERE lower(email) = lower(%s)",
@@ -98,9 +95,7 @@ async def user_for_login(
     return StaffUser(*row[:5]), row[5]
 
 
-async def get_user(
-    conn: Conn, church_id: uuid.UUID, user_id: uuid.UUID
-) -> StaffUser | None:
+async def get_user(conn: Conn, church_id: uuid.UUID, user_id: uuid.UUID) -> StaffUser | None:
     cur = await conn.execute(
         "SELECT id, church_id, email, role, created_at FROM staff_user "
         "WHERE church_id = %s AND id = %s",

@@ -74,7 +74,12 @@ async def record_inbound(
 
 
 async def record_outbound(
-    conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID, *, body: str, sent_by: uuid.UUID | None
+    conn: Conn,
+    church_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    *,
+    body: str,
+    sent_by: uuid.UUID | None,
 ) -> tuple[Conversation, ConversationMessage]:
     message_id = uuid7()
     created_at = created_at_of(message_id)
@@ -97,7 +102,9 @@ async def record_outbound(
     return Conversation(*row), ConversationMessage(*mrow)
 
 
-async def get_conversation(conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID) -> Conversation:
+async def get_conversation(
+    conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID
+) -> Conversation:
     cur = await conn.execute(
         f"SELECT {_CONV} FROM conversation WHERE church_id = %s AND id = %s",
         (church_id, conversation_id),

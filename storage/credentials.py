@@ -112,9 +112,7 @@ async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:
         return None
     if not hmac.compare_digest(bytes(row[2]), _sha256(secret)):
         return None
-    return Principal(
-        church_id=row[0], kind="api_key", scopes=frozenset(row[3]), api_key_id=row[1]
-    )
+    return Principal(church_id=row[0], kind="api_key", scopes=frozenset(row[3]), api_key_id=row[1])
 
 
 async def create_session(

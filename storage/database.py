@@ -11,7 +11,6 @@ import logging
 from importlib import resources
 
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from storage.partitions import Conn, ensure_partitions

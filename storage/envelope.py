@@ -45,7 +45,7 @@ class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
 
 class Meta(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
-    next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET
+    next_cursor: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class Success(msgspec.Struct, frozen=True):
@@ -63,7 +63,9 @@ class Failure(msgspec.Struct, frozen=True):
 _encoder = msgspec.json.Encoder()
 
 
-def success_bytes(data: Any, *, next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+def success_bytes(
+    data: Any, *, next_cursor: str | msgspec.UnsetType | None = msgspec.UNSET
+) -> bytes:
     return _encoder.encode(
         Success(True, data, Meta(request_id=request_id_var.get(), next_cursor=next_cursor))
     )
@@ -80,7 +82,7 @@ class JSONResponse(Response):
 
 
 def ok(
-    data: Any, *, status: int = 200, next_cursor: str | None | msgspec.UnsetType = msgspec.UNSET
+    data: Any, *, status: int = 200, next_cursor: str | msgspec.UnsetType | None = msgspec.UNSET
 ) -> Response:
     return JSONResponse(success_bytes(data, next_cursor=next_cursor), status_code=status)
 

@@ -12,7 +12,9 @@ import msgspec
 from storage.envelope import request_id_var
 
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName",
+    "message",
+    "asctime",
+    "taskName",
 }
 _encoder = msgspec.json.Encoder()
 

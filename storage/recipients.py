@@ -150,8 +150,14 @@ async def claim_for_send(
         )
         attempts = {r[0]: int(r[1]) for r in await cur.fetchall()}
     rows = [
-        (rid, member_id, members.get(member_id, (b"", False))[0], attempts.get(rid, 0), old,
-         "skipped" if rid in set(skipped) else "sending")
+        (
+            rid,
+            member_id,
+            members.get(member_id, (b"", False))[0],
+            attempts.get(rid, 0),
+            old,
+            "skipped" if rid in set(skipped) else "sending",
+        )
         for rid, member_id, old in locked
     ]
     targets: list[SendTarget] = []
@@ -175,8 +181,13 @@ async def record_provider_ids(
         "FROM unnest(%s::uuid[], %s::text[]) AS s(id, pid) "
         "WHERE r.church_id = %s AND r.message_id = %s AND r.created_at = %s AND r.id = s.id "
         "AND r.provider_message_id IS NULL",
-        ([s[0] for s in sent], [s[1] for s in sent], church_id, message_id,
-         created_at_of(message_id)),
+        (
+            [s[0] for s in sent],
+            [s[1] for s in sent],
+            church_id,
+            message_id,
+            created_at_of(message_id),
+        ),
     )
 
 
@@ -193,8 +204,13 @@ async def transition(
     """Move one recipient to ``target`` if the rules allow; None when they do not
     (already further along, or no such recipient in this church)."""
     rows = await transition_many(
-        conn, church_id, message_id, [recipient_id], target,
-        provider_message_id=provider_message_id, error_code=error_code,
+        conn,
+        church_id,
+        message_id,
+        [recipient_id],
+        target,
+        provider_message_id=provider_message_id,
+        error_code=error_code,
     )
     return rows[0] if rows else None
 
@@ -229,8 +245,16 @@ async def transition_many(
             "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
             "AND status = ANY(%s) "
             "RETURNING id, member_id, status, provider_message_id, error_code",
-            (target.value, provider_message_id, error_code, church_id, message_id, created_at,
-             list(old), allowed),
+            (
+                target.value,
+                provider_message_id,
+                error_code,
+                church_id,
+                message_id,
+                created_at,
+                list(old),
+                allowed,
+            ),
         )
         rows = await cur.fetchall()
     return [Transition(r[0], r[1], old[r[0]], r[2], r[3], r[4]) for r in rows]
@@ -270,10 +294,20 @@ async def apply_provider_status(
         "  RETURNING r.id, r.member_id, old.status, r.status, r.provider_message_id, r.error_code) "
         "SELECT (SELECT count(*) FROM ev), upd.* FROM (SELECT 1) one LEFT JOIN upd ON true",
         (
-            event_id, event_type,
-            church_id, message_id, created_at, recipient_id, allowed, provider_message_id,
-            target.value, provider_message_id, error_code,
-            church_id, message_id, created_at,
+            event_id,
+            event_type,
+            church_id,
+            message_id,
+            created_at,
+            recipient_id,
+            allowed,
+            provider_message_id,
+            target.value,
+            provider_message_id,
+            error_code,
+            church_id,
+            message_id,
+            created_at,
         ),
     )
     row = await cur.fetchone()

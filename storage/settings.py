@@ -146,7 +146,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be base64 of exactly 32 bytes")
             return value
 
-        origins = tuple(o.strip() for o in s("KOINONIA_ALLOWED_ORIGINS", "").split(",") if o.strip())
+        origins = tuple(
+            o.strip() for o in s("KOINONIA_ALLOWED_ORIGINS", "").split(",") if o.strip()
+        )
         return cls(
             data_dir=Path(s("KOINONIA_DATA_DIR", ".koinonia")),
             environment=s("KOINONIA_ENV", "production"),

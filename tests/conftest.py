@@ -74,7 +74,11 @@ class Church:
         self.session = httpx.Client(base_url=base_url, timeout=10.0)
         answer = self.session.post(
             "/v1/auth/signup",
-            json={"church_name": "Grace Chapel", "email": self.email, "password": "correct horse battery"},
+            json={
+                "church_name": "Grace Chapel",
+                "email": self.email,
+                "password": "correct horse battery",
+            },
         )
         assert answer.status_code == 201, answer.text
         data = answer.json()["data"]

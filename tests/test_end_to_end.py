@@ -42,8 +42,14 @@ def _members(church: Church, count: int) -> str:
     return group
 
 
-async def _follow_ws(node: str, key: str, channel: str, ready: asyncio.Event,
-                     statuses: dict[str, list[str]], done: asyncio.Event) -> None:
+async def _follow_ws(
+    node: str,
+    key: str,
+    channel: str,
+    ready: asyncio.Event,
+    statuses: dict[str, list[str]],
+    done: asyncio.Event,
+) -> None:
     async with websockets.connect(
         f"ws://{node}/v1/realtime", additional_headers={"Authorization": f"Bearer {key}"}
     ) as ws:
@@ -53,7 +59,8 @@ async def _follow_ws(node: str, key: str, channel: str, ready: asyncio.Event,
         while True:
             frame = json.loads(await ws.recv())
             if frame["type"] == "subscribed":
-                assert frame["id"] == "s1" and frame["channel"] == channel
+                assert frame["id"] == "s1"
+                assert frame["channel"] == channel
                 ready.set()
                 continue
             assert frame["type"] == "event", frame
@@ -66,12 +73,23 @@ async def _follow_ws(node: str, key: str, channel: str, ready: asyncio.Event,
                     return
 
 
-async def _follow_sse(base: str, key: str, ready: asyncio.Event, progress: list[dict[str, object]],
-                      message_id: list[str], done: asyncio.Event) -> None:
-    async with httpx.AsyncClient(timeout=None) as client, client.stream(
-        "GET", f"{base}/v1/events", params={"channel": "dashboard"},
-        headers={"Authorization": f"Bearer {key}"},
-    ) as stream:
+async def _follow_sse(
+    base: str,
+    key: str,
+    ready: asyncio.Event,
+    progress: list[dict[str, object]],
+    message_id: list[str],
+    done: asyncio.Event,
+) -> None:
+    async with (
+        httpx.AsyncClient(timeout=None) as client,
+        client.stream(
+            "GET",
+            f"{base}/v1/events",
+            params={"channel": "dashboard"},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as stream,
+    ):
         assert stream.status_code == 200
         event_name = ""
         async for line in stream.aiter_lines():
@@ -112,7 +130,9 @@ async def test_broadcast_across_two_nodes(church: Church, base_url: str, node_b:
     )
     await asyncio.wait_for(sse_ready.wait(), 10)
 
-    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {church.key}"}) as api:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers={"Authorization": f"Bearer {church.key}"}
+    ) as api:
         started = time.monotonic()
         answer = await api.post(
             "/v1/messages", json={"body": "Potluck on Sunday", "target": {"group_ids": [group]}}

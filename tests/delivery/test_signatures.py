@@ -29,7 +29,9 @@ def test_valid_signature_passes() -> None:
     private, public = _keys()
     now = time.time()
     ts = str(int(now))
-    verify_telnyx(load_public_key(public), BODY, ts, _sign(private, ts, BODY), now=now, tolerance_s=300)
+    verify_telnyx(
+        load_public_key(public), BODY, ts, _sign(private, ts, BODY), now=now, tolerance_s=300
+    )
 
 
 def test_tampered_body_is_rejected() -> None:
@@ -38,7 +40,11 @@ def test_tampered_body_is_rejected() -> None:
     ts = str(int(now))
     with pytest.raises(SignatureRejected, match="does not verify"):
         verify_telnyx(
-            load_public_key(public), BODY + b" ", ts, _sign(private, ts, BODY), now=now,
+            load_public_key(public),
+            BODY + b" ",
+            ts,
+            _sign(private, ts, BODY),
+            now=now,
             tolerance_s=300,
         )
 
@@ -48,7 +54,9 @@ def test_stale_timestamp_is_rejected() -> None:
     now = time.time()
     ts = str(int(now) - 301)
     with pytest.raises(SignatureRejected, match="tolerance"):
-        verify_telnyx(load_public_key(public), BODY, ts, _sign(private, ts, BODY), now=now, tolerance_s=300)
+        verify_telnyx(
+            load_public_key(public), BODY, ts, _sign(private, ts, BODY), now=now, tolerance_s=300
+        )
 
 
 def test_other_key_and_missing_headers_are_rejected() -> None:
@@ -57,7 +65,14 @@ def test_other_key_and_missing_headers_are_rejected() -> None:
     now = time.time()
     ts = str(int(now))
     with pytest.raises(SignatureRejected):
-        verify_telnyx(load_public_key(other_public), BODY, ts, _sign(private, ts, BODY), now=now, tolerance_s=300)
+        verify_telnyx(
+            load_public_key(other_public),
+            BODY,
+            ts,
+            _sign(private, ts, BODY),
+            now=now,
+            tolerance_s=300,
+        )
     with pytest.raises(SignatureRejected, match="missing"):
         verify_telnyx(load_public_key(other_public), BODY, None, None, now=now, tolerance_s=300)
     with pytest.raises(SignatureRejected):
@@ -66,10 +81,16 @@ def test_other_key_and_missing_headers_are_rejected() -> None:
 
 def test_provider_answers_are_interpreted() -> None:
     ok = interpret(200, b'{"data":{"id":"abc","record_type":"message"}}', httpx.Headers())
-    assert ok.ok and ok.provider_message_id == "abc"
+    assert ok.ok
+    assert ok.provider_message_id == "abc"
     limited = interpret(429, b'{"errors":[{"code":"10011"}]}', httpx.Headers({"Retry-After": "3"}))
-    assert limited.retryable and limited.retry_after_s == 3.0 and limited.error_code == "10011"
+    assert limited.retryable
+    assert limited.retry_after_s == 3.0
+    assert limited.error_code == "10011"
     outage = interpret(503, b"", httpx.Headers())
-    assert outage.retryable and outage.error_code == "http_503"
+    assert outage.retryable
+    assert outage.error_code == "http_503"
     blocked = interpret(400, b'{"errors":[{"code":"40300","title":"Blocked"}]}', httpx.Headers())
-    assert not blocked.ok and not blocked.retryable and blocked.error_code == "40300"
+    assert not blocked.ok
+    assert not blocked.retryable
+    assert blocked.error_code == "40300"

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from storage.errors import InvalidInput
 from storage.ids import created_at_of, uuid7
 from storage.pagination import decode_cursor, encode_cursor
-from storage.errors import InvalidInput
 from storage.segments import count_segments
 
 

@@ -1,0 +1,188 @@
+"""Inbound provider webhooks against the running stack: signatures, dedupe, guards."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import msgspec
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from deploy.stack import Stack
+from tests.conftest import Church, unique_phone
+
+PATH = "/v1/provider/telnyx/webhooks"
+
+
+@pytest.fixture
+def held_receipts(sim_url: str) -> Iterator[None]:
+    """The simulator's own receipts wait 20 s, so the test's webhooks act alone."""
+    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [20_000, 20_000]}).raise_for_status()
+    yield
+    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
+
+
+def _signer(stack: Stack) -> Ed25519PrivateKey:
+    seed = base64.b64decode(stack.env["KOINONIA_SIM_SIGNING_SEED"])
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _event(event_type: str, event_id: str, provider_id: str, status: str) -> bytes:
+    return msgspec.json.encode(
+        {
+            "data": {
+                "event_type": event_type,
+                "id": event_id,
+                "occurred_at": "2026-11-22T10:00:00.000+00:00",
+                "record_type": "event",
+                "payload": {
+                    "id": provider_id,
+                    "record_type": "message",
+                    "direction": "outbound",
+                    "to": [{"phone_number": "+12015550123", "status": status}],
+                    "errors": [],
+                },
+            },
+            "meta": {"attempt": 1, "delivered_to": "x"},
+        }
+    )
+
+
+def _post(
+    base_url: str, body: bytes, signer: Ed25519PrivateKey | None, ref: str, ts: int | None = None
+) -> httpx.Response:
+    stamp = str(ts if ts is not None else int(time.time()))
+    key = signer or Ed25519PrivateKey.generate()
+    signature = base64.b64encode(key.sign(stamp.encode() + b"|" + body)).decode()
+    return httpx.post(
+        f"{base_url}{PATH}",
+        params={"ref": ref},
+        content=body,
+        headers={
+            "telnyx-signature-ed25519": signature,
+            "telnyx-timestamp": stamp,
+            "content-type": "application/json",
+        },
+    )
+
+
+def _recipient(stack: Stack, message_id: str) -> tuple[Any, ...]:
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        row = conn.execute(
+            "SELECT church_id, id, status, provider_message_id FROM message_recipient "
+            "WHERE message_id = %s",
+            (uuid.UUID(message_id),),
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def _events_seen(stack: Stack, event_id: str) -> int:
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM provider_event WHERE event_id = %s", (event_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.usefixtures("held_receipts")
+def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_url: str) -> None:
+    church.member(unique_phone(), [group := church.group()])
+    sent = church.api.post("/v1/messages", json={"body": "hi", "target": {"group_ids": [group]}})
+    message_id = sent.json()["data"]["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        church_id, recipient_id, status, provider_id = _recipient(stack, message_id)
+        if provider_id:
+            break
+        time.sleep(0.1)
+    assert status == "sending"
+    assert provider_id
+    ref = f"{church_id}.{message_id}.{recipient_id}"
+    signer = _signer(stack)
+
+    # A bad signature, a stale one, and a missing one: 401 and nothing written.
+    bad_id = f"evt-{uuid.uuid4()}"
+    body = _event("message.finalized", bad_id, provider_id, "delivery_failed")
+    assert _post(base_url, body, None, ref).status_code == 401
+    assert _post(base_url, body, signer, ref, ts=int(time.time()) - 301).status_code == 401
+    unsigned = httpx.post(f"{base_url}{PATH}", params={"ref": ref}, content=body)
+    assert unsigned.status_code == 401
+    assert unsigned.json()["error"]["code"] == "unauthorized"
+    assert _events_seen(stack, bad_id) == 0
+    assert _recipient(stack, message_id)[2] == "sending"
+
+    # message.sent twice with one event id: applied once.
+    sent_id = f"evt-{uuid.uuid4()}"
+    body = _event("message.sent", sent_id, provider_id, "sent")
+    assert _post(base_url, body, signer, ref).status_code == 200
+    assert _post(base_url, body, signer, ref).status_code == 200
+    assert _events_seen(stack, sent_id) == 1
+    assert _recipient(stack, message_id)[2] == "sent"
+
+    # A reference to this recipient with someone else's provider id moves nothing.
+    foreign = _event("message.finalized", f"evt-{uuid.uuid4()}", "another-id", "delivered")
+    assert _post(base_url, foreign, signer, ref).status_code == 200
+    assert _recipient(stack, message_id)[2] == "sent"
+
+    # Finalized as delivery_failed → undelivered; a late "delivered" changes nothing.
+    final = _event("message.finalized", f"evt-{uuid.uuid4()}", provider_id, "delivery_failed")
+    assert _post(base_url, final, signer, ref).status_code == 200
+    assert _recipient(stack, message_id)[2] == "undelivered"
+    late = _event("message.finalized", f"evt-{uuid.uuid4()}", provider_id, "delivered")
+    assert _post(base_url, late, signer, ref).status_code == 200
+    assert _recipient(stack, message_id)[2] == "undelivered"
+    counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+    assert counts["undelivered"] == 1
+    assert counts["delivered"] == 0
+
+
+def test_malformed_webhooks_are_refused(stack: Stack, base_url: str) -> None:
+    signer = _signer(stack)
+    answer = _post(base_url, b"{not json", signer, "x")
+    assert answer.status_code == 400
+    answer = _post(base_url, b'{"data": {"event_type": 1}}', signer, "x")
+    assert answer.status_code == 422
+    big = b"{" + b" " * 2_000_000 + b"}"
+    assert _post(base_url, big, signer, "x").status_code == 413
+
+
+def test_reply_arrives_in_the_inbox(church: Church, sim_url: str) -> None:
+    phone = unique_phone()
+    member_id = church.member(phone)
+    answer = httpx.post(
+        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Amen"}
+    )
+    assert answer.status_code == 202, answer.text
+    deadline = time.monotonic() + 10
+    conversations: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not conversations:
+        conversations = church.api.get("/v1/conversations").json()["data"]
+        time.sleep(0.1)
+    assert conversations, "the reply never reached the inbox"
+    conversation = conversations[0]
+    assert conversation["member_id"] == member_id
+    assert conversation["unread_count"] == 1
+    assert conversation["status"] == "open"
+    thread = church.api.get(f"/v1/conversations/{conversation['id']}/messages").json()["data"]
+    assert [(m["direction"], m["body"]) for m in thread] == [("inbound", "Amen")]
+
+    reply = church.api.post(
+        f"/v1/conversations/{conversation['id']}/messages", json={"body": "Bless you"}
+    )
+    assert reply.status_code == 202, reply.text
+    deadline = time.monotonic() + 10
+    status = ""
+    while time.monotonic() < deadline and status != "delivered":
+        thread = church.api.get(f"/v1/conversations/{conversation['id']}/messages").json()["data"]
+        status = next(m["status"] for m in thread if m["direction"] == "outbound")
+        time.sleep(0.1)
+    assert status == "delivered"
+    stats = httpx.get(f"{sim_url}/_sim/stats").json()
+    assert stats["by_destination"][phone] == 1
