@@ -128,7 +128,7 @@ async def run(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="koinonia-bench-"))
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
-    env.update({"KOINONIA_LOG_LEVEL": "WARNING", "KOINONIA_DB_POOL_MAX": "20"})
+    env.update({"KOINONIA_LOG_LEVEL": os.environ.get("KOINONIA_LOG_LEVEL", "WARNING"), "KOINONIA_DB_POOL_MAX": "20"})
     stack = Stack(
         data_dir,
         http_port=web_port,
@@ -138,14 +138,14 @@ async def run(args: argparse.Namespace) -> None:
         quiet=False,
     )
     try:
-        stack.start_stores()
+        await asyncio.to_thread(stack.start_stores)
         stack.spawn("simulator", "simulator")
         web_args = ["web"] + (["--workers", str(args.web_workers)] if args.web_workers > 1 else [])
         stack.spawn("web", *web_args)
         for i in range(args.workers):
             stack.spawn(f"worker{i}", "worker", "--name", f"bench-{i}")
         stack.spawn("scheduler", "scheduler")
-        stack.wait_ready()
+        await asyncio.to_thread(stack.wait_ready)
         settings = Settings.from_env(stack.env)
         vault = PhoneVault(settings.security.phone_key, settings.security.lookup_key)
         base = f"http://127.0.0.1:{web_port}"

@@ -6,11 +6,12 @@ order is wrong (``"9-0" > "10-0"``).
 
 Recovery (``since``) is possible when the channel's epoch is the one the client
 holds and nothing after its offset has been removed. Trimming removes the
-oldest entries first, so while the oldest entry kept is at or before the
-client's offset, everything after it is still there (XINFO STREAM
-``first-entry``). XTRIM does not move ``max-deleted-entry-id`` (only XDEL
-does), so that field only guards against deletions in the middle. The check
-and the read run in one MULTI so a trim cannot slip between them.
+oldest entries first, so while the oldest entry kept (XINFO STREAM
+``first-entry``) is at or before the client's offset, everything after it is
+still there; ``entries-added`` minus ``length`` counts what was removed. XTRIM
+does not move ``max-deleted-entry-id`` (only XDEL does), so that field only
+guards against deletions in the middle. The check and the read run in one
+MULTI so a trim cannot slip between them.
 """
 
 from __future__ import annotations
@@ -114,11 +115,16 @@ def _recoverable(start: Position, info: Any) -> bool:
     max_deleted = info.get("max-deleted-entry-id")
     if max_deleted is not None and position(max_deleted) > start:
         return False  # an entry after the client's was deleted
-    if info.get("entries-added") == info.get("length"):
+    added, length = info.get("entries-added"), info.get("length")
+    removed = None if added is None or length is None else added - length
+    if removed is not None and removed <= 0:
         return True  # nothing was ever removed
     first = info.get("first-entry")
     if first is None:
         return start == last_generated  # all removed: only a client that had them all
-    # The client's entry (or an older one) is still kept. When its own entry was
-    # just trimmed we cannot prove the next one was not, so we refuse.
-    return position(first[0]) <= start
+    if position(first[0]) <= start:
+        return True  # the client's entry, or an older one, is still kept
+    # The client's own entry was trimmed. Every offset of this epoch is at or after
+    # the stream's first entry, so if that was the only one removed, it was the
+    # client's (an empty channel's placeholder, say) and nothing after it went.
+    return removed == 1

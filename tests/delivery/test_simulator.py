@@ -35,7 +35,7 @@ from delivery.simulator_state import (
     apply_patch,
     keyword,
 )
-from delivery.simulator_wire import GSM7_BASIC, SimulatorError, segment
+from delivery.simulator_wire import GSM7_BASIC, SimulatorError, plan_events, segment
 from storage.settings import SimulatorSettings
 
 CHURCH = "+15550100001"
@@ -709,8 +709,6 @@ async def test_configured_seed_signs_with_its_public_key() -> None:
 
 
 def test_reordering_is_random_per_message() -> None:
-    from delivery.simulator_wire import plan_events
-
     rng = random.Random(7)
     orders = {plan_events("delivered", rng, 0.0, True)[0].event_type for _ in range(50)}
     assert orders == {"message.sent", "message.finalized"}
