@@ -176,7 +176,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         say("stopping")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A second signal must not cut the clean-up short and orphan the children.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
         say("stopped")
