@@ -8,42 +8,29 @@ from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.errors import ApiError
+from api.listing import church_listing, paged, services_of
 from api.schemas import GroupRequest, MemberRequest
-from api.validation import decode_body, page_params, path_id
+from api.validation import decode_body, path_id
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
 from storage.errors import NotFound
 from storage.groups import create_group, existing_ids, get_group, list_groups
 from storage.members import create_member, get_member, list_members
 from storage.phones import normalize
-from storage.services import Services
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 async def post_group(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, GroupRequest)
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         group = await create_group(conn, who.church_id, body.name)
     return ok(group, status=201)
-
-
-async def index_groups(request: Request) -> Response:
-    who = await principal(request, "read")
-    limit, cursor = page_params(request)
-    async with _services(request).pool.connection() as conn:
-        page = await list_groups(conn, who.church_id, limit=limit, cursor=cursor)
-    return ok(page.items, next_cursor=page.next_cursor)
 
 
 async def show_group(request: Request) -> Response:
     who = await principal(request, "read")
     group_id = path_id(request)
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         group = await get_group(conn, who.church_id, group_id)
     return ok(group)
 
@@ -51,7 +38,7 @@ async def show_group(request: Request) -> Response:
 async def post_member(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, MemberRequest)
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         country = church.country if church else "US"
@@ -81,18 +68,19 @@ async def post_member(request: Request) -> Response:
 
 
 async def index_members(request: Request) -> Response:
-    who = await principal(request, "read")
-    limit, cursor = page_params(request)
-    services = _services(request)
-    async with services.pool.connection() as conn:
-        page = await list_members(conn, services.vault, who.church_id, limit=limit, cursor=cursor)
-    return ok(page.items, next_cursor=page.next_cursor)
+    vault = services_of(request).vault
+    return await paged(
+        request,
+        lambda conn, church, limit, cursor: list_members(
+            conn, vault, church, limit=limit, cursor=cursor
+        ),
+    )
 
 
 async def show_member(request: Request) -> Response:
     who = await principal(request, "read")
     member_id = path_id(request)
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.connection() as conn:
         member = await get_member(conn, services.vault, who.church_id, member_id)
     return ok(member)
@@ -101,7 +89,7 @@ async def show_member(request: Request) -> Response:
 def audience_routes() -> list[BaseRoute]:
     return [
         Route("/v1/groups", post_group, methods=["POST"]),
-        Route("/v1/groups", index_groups, methods=["GET"]),
+        Route("/v1/groups", church_listing(list_groups), methods=["GET"]),
         Route("/v1/groups/{id}", show_group, methods=["GET"]),
         Route("/v1/members", post_member, methods=["POST"]),
         Route("/v1/members", index_members, methods=["GET"]),

@@ -10,6 +10,7 @@ from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.errors import ApiError
+from api.listing import church_listing, services_of
 from api.schemas import MessageAccepted, MessageDetail, MessageRequest
 from api.validation import decode_body, page_params, path_id
 from storage.churches import get_church
@@ -18,15 +19,9 @@ from storage.events import Counts, MessageCreated, new_event
 from storage.messages import accept_message, get_message, list_messages, message_counts
 from storage.queue import MaterializeJob, enqueue_materialize
 from storage.recipients import list_recipients
-from storage.services import Services
 from storage.statuses import RecipientStatus
 
 log = logging.getLogger("koinonia.api.broadcasts")
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 async def post_message(request: Request) -> Response:
@@ -37,7 +32,7 @@ async def post_message(request: Request) -> Response:
         raise ApiError(
             "validation_error", "request body is not valid", [FieldError("target", problem)]
         )
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         assert church is not None
@@ -88,7 +83,7 @@ async def post_message(request: Request) -> Response:
 async def show_message(request: Request) -> Response:
     who = await principal(request, "read")
     message_id = path_id(request)
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         message = await get_message(conn, who.church_id, message_id)
         counts = await message_counts(conn, who.church_id, message_id)
     if sum(getattr(counts, s.value) for s in RecipientStatus) == 0:
@@ -111,14 +106,6 @@ async def show_message(request: Request) -> Response:
     )
 
 
-async def index_messages(request: Request) -> Response:
-    who = await principal(request, "read")
-    limit, cursor = page_params(request)
-    async with _services(request).pool.connection() as conn:
-        page = await list_messages(conn, who.church_id, limit=limit, cursor=cursor)
-    return ok(page.items, next_cursor=page.next_cursor)
-
-
 async def index_recipients(request: Request) -> Response:
     who = await principal(request, "read")
     message_id = path_id(request)
@@ -130,7 +117,7 @@ async def index_recipients(request: Request) -> Response:
             "query parameter out of range",
             [FieldError("status", "must be a recipient status")],
         )
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         await get_message(conn, who.church_id, message_id)
         page = await list_recipients(
             conn, who.church_id, message_id, limit=limit, cursor=cursor, status=status
@@ -141,7 +128,7 @@ async def index_recipients(request: Request) -> Response:
 def broadcast_routes() -> list[BaseRoute]:
     return [
         Route("/v1/messages", post_message, methods=["POST"]),
-        Route("/v1/messages", index_messages, methods=["GET"]),
+        Route("/v1/messages", church_listing(list_messages), methods=["GET"]),
         Route("/v1/messages/{id}", show_message, methods=["GET"]),
         Route("/v1/messages/{id}/recipients", index_recipients, methods=["GET"]),
     ]

@@ -7,8 +7,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
+from api.listing import church_listing, paged, services_of
 from api.schemas import ReplyRequest
-from api.validation import decode_body, page_params, path_id
+from api.validation import decode_body, path_id
 from storage.conversations import (
     get_conversation,
     list_conversation_messages,
@@ -18,46 +19,31 @@ from storage.conversations import (
 from storage.envelope import ok
 from storage.events import ConversationMessageCreated, new_event
 from storage.queue import ConversationSend, enqueue_sends
-from storage.services import Services
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-async def index_conversations(request: Request) -> Response:
-    who = await principal(request, "read")
-    limit, cursor = page_params(request)
-    async with _services(request).pool.connection() as conn:
-        page = await list_conversations(conn, who.church_id, limit=limit, cursor=cursor)
-    return ok(page.items, next_cursor=page.next_cursor)
 
 
 async def show_conversation(request: Request) -> Response:
     who = await principal(request, "read")
     conversation_id = path_id(request)
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         conversation = await get_conversation(conn, who.church_id, conversation_id)
     return ok(conversation)
 
 
 async def index_thread(request: Request) -> Response:
-    who = await principal(request, "read")
     conversation_id = path_id(request)
-    limit, cursor = page_params(request)
-    async with _services(request).pool.connection() as conn:
-        page = await list_conversation_messages(
-            conn, who.church_id, conversation_id, limit=limit, cursor=cursor
-        )
-    return ok(page.items, next_cursor=page.next_cursor)
+    return await paged(
+        request,
+        lambda conn, church, limit, cursor: list_conversation_messages(
+            conn, church, conversation_id, limit=limit, cursor=cursor
+        ),
+    )
 
 
 async def post_reply(request: Request) -> Response:
     who = await principal(request, "write")
     conversation_id = path_id(request)
     body = await decode_body(request, ReplyRequest)
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.connection() as conn:
         conversation, message = await record_outbound(
             conn, who.church_id, conversation_id, body=body.body, sent_by=who.user_id
@@ -93,7 +79,7 @@ async def post_reply(request: Request) -> Response:
 
 def inbox_routes() -> list[BaseRoute]:
     return [
-        Route("/v1/conversations", index_conversations, methods=["GET"]),
+        Route("/v1/conversations", church_listing(list_conversations), methods=["GET"]),
         Route("/v1/conversations/{id}", show_conversation, methods=["GET"]),
         Route("/v1/conversations/{id}/messages", index_thread, methods=["GET"]),
         Route("/v1/conversations/{id}/messages", post_reply, methods=["POST"]),

@@ -10,8 +10,9 @@ from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.errors import ApiError
+from api.listing import church_listing
 from api.schemas import WebhookEndpointCreated, WebhookEndpointRequest
-from api.validation import decode_body, page_params
+from api.validation import decode_body
 from storage.envelope import FieldError, ok
 from storage.services import Services
 from storage.webhook_endpoints import create_endpoint, list_endpoints
@@ -73,17 +74,8 @@ async def post_endpoint(request: Request) -> Response:
     )
 
 
-async def index_endpoints(request: Request) -> Response:
-    who = await principal(request, "read")
-    limit, cursor = page_params(request)
-    services: Services = request.app.state.services
-    async with services.pool.connection() as conn:
-        page = await list_endpoints(conn, who.church_id, limit=limit, cursor=cursor)
-    return ok(page.items, next_cursor=page.next_cursor)
-
-
 def webhook_endpoint_routes() -> list[BaseRoute]:
     return [
         Route("/v1/webhook-endpoints", post_endpoint, methods=["POST"]),
-        Route("/v1/webhook-endpoints", index_endpoints, methods=["GET"]),
+        Route("/v1/webhook-endpoints", church_listing(list_endpoints), methods=["GET"]),
     ]

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from delivery.errors import SignatureRejected
 from delivery.progress import ProgressTracker
+from delivery.receipts import ReceiptBatcher
 from delivery.signatures import load_public_key, verify_telnyx
 from storage.churches import church_by_number
 from storage.conversations import record_inbound, set_outbound_status
@@ -36,7 +37,7 @@ from storage.events import (
 from storage.ids import uuid7
 from storage.members import member_by_phone_hash
 from storage.phones import normalize
-from storage.recipients import apply_provider_status, locate_by_provider_id
+from storage.recipients import ProviderStatus, locate_by_provider_id
 from storage.services import Services
 from storage.statuses import allowed_from, from_telnyx
 
@@ -80,9 +81,12 @@ _decoder = msgspec.json.Decoder(TelnyxWebhook)
 class InboundHandler:
     """Applies verified Telnyx events; one per process, built at start-up."""
 
-    def __init__(self, services: Services, progress: ProgressTracker) -> None:
+    def __init__(
+        self, services: Services, progress: ProgressTracker, receipts: ReceiptBatcher
+    ) -> None:
         self.services = services
         self.progress = progress
+        self.receipts = receipts
         key = services.settings.provider.public_key
         self._key: Ed25519PublicKey | None = load_public_key(key) if key else None
 
@@ -139,9 +143,8 @@ class InboundHandler:
             await self._dedupe_only(data)
             return
         church_id, message_id, recipient_id = where
-        async with self.services.pool.connection() as conn:
-            _, change = await apply_provider_status(
-                conn,
+        await self.receipts.submit(
+            ProviderStatus(
                 event_id=data.id,
                 event_type=data.event_type,
                 church_id=church_id,
@@ -151,8 +154,7 @@ class InboundHandler:
                 provider_message_id=data.payload.id,
                 error_code=None if error is None else str(error),
             )
-        if change is not None:
-            await self.progress.record(church_id, message_id, [change])
+        )
 
     async def _reply_status(self, data: _Data, cref: str) -> None:
         party = data.payload.to[0] if data.payload.to else None

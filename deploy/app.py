@@ -15,6 +15,7 @@ from api.middleware import RequestContext
 from api.routes import api_routes, exception_handlers
 from delivery.inbound import InboundHandler, inbound_routes
 from delivery.progress import ProgressTracker
+from delivery.receipts import ReceiptBatcher
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
 from storage.logs import configure_logging
@@ -29,12 +30,15 @@ def create_app(settings: Settings) -> Starlette:
         hub = Hub(settings.redis, services.publisher, services.redis)
         await hub.start()
         progress = ProgressTracker(services.redis, services.publisher, services.pool)
+        receipts = ReceiptBatcher(services.pool, progress)
+        receipts.start()
         app.state.services = services
         app.state.hub = hub
-        app.state.inbound = InboundHandler(services, progress)
+        app.state.inbound = InboundHandler(services, progress, receipts)
         try:
             yield
         finally:
+            await receipts.stop()
             await hub.stop()
             await progress.aclose()
             await services.close()

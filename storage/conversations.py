@@ -11,7 +11,7 @@ import msgspec
 from storage.database import Conn
 from storage.errors import NotFound
 from storage.ids import created_at_of, uuid7
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -131,13 +131,7 @@ async def list_conversations(
         params,
     )
     rows = [Conversation(*r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows else None
-    return Page(
-        items=rows,
-        next_cursor=encode_cursor(last.last_message_at, last.id) if more and last else None,
-    )
+    return page_of(rows, limit, lambda r: (r.last_message_at, r.id))
 
 
 async def list_conversation_messages(
@@ -157,12 +151,7 @@ async def list_conversation_messages(
         params,
     )
     rows = [ConversationMessage(*r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows else None
-    return Page(
-        items=rows, next_cursor=encode_cursor(last.created_at, last.id) if more and last else None
-    )
+    return page_of(rows, limit, lambda r: (r.created_at, r.id))
 
 
 async def set_outbound_status(

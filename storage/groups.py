@@ -10,7 +10,7 @@ import msgspec
 from storage.database import Conn
 from storage.errors import NotFound
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 
 
 class Group(msgspec.Struct, frozen=True):
@@ -56,7 +56,7 @@ async def list_groups(
         (church_id, after, after, limit + 1),
     )
     rows = [Group(*r) for r in await cur.fetchall()]
-    return _page(rows, limit)
+    return page_of(rows, limit, lambda g: (None, g.id))
 
 
 async def existing_ids(
@@ -81,9 +81,3 @@ async def add_members(
         "SELECT %s, g, %s FROM unnest(%s::uuid[]) AS g ON CONFLICT DO NOTHING",
         (church_id, member_id, group_ids),
     )
-
-
-def _page(rows: list[Group], limit: int) -> Page[Group]:
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=rows, next_cursor=encode_cursor(None, rows[-1].id) if more else None)

@@ -13,7 +13,7 @@ from storage.database import Conn
 from storage.errors import Conflict, NotFound
 from storage.groups import add_members
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 from storage.phones import PhoneVault
 
 
@@ -102,9 +102,7 @@ async def list_members(
         (church_id, after, after, limit + 1),
     )
     rows = [_member(vault, church_id, r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=rows, next_cursor=encode_cursor(None, rows[-1].id) if more else None)
+    return page_of(rows, limit, lambda r: (None, r.id))
 
 
 async def member_by_phone_hash(

@@ -23,7 +23,7 @@ from storage.errors import NotFound
 from storage.events import Counts
 from storage.groups import existing_ids
 from storage.ids import created_at_of, uuid7
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 from storage.segments import count_segments
 from storage.statuses import ALL_STATUSES, MessageStatus
 
@@ -214,13 +214,7 @@ async def list_messages(
             (church_id, limit + 1),
         )
     rows = [_message(r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if rows else None
-    return Page(
-        items=rows,
-        next_cursor=encode_cursor(last.created_at, last.id) if more and last else None,
-    )
+    return page_of(rows, limit, lambda r: (r.created_at, r.id))
 
 
 async def message_counts(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> Counts:

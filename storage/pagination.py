@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -43,3 +44,13 @@ T = TypeVar("T")
 class Page(msgspec.Struct, Generic[T], frozen=True):
     items: list[T]
     next_cursor: str | None
+
+
+def page_of(
+    rows: list[T], limit: int, key: Callable[[T], tuple[datetime | None, uuid.UUID]]
+) -> Page[T]:
+    """A page from ``limit + 1`` fetched rows: the extra row only says there is more."""
+    more = len(rows) > limit
+    items = rows[:limit]
+    cursor = encode_cursor(*key(items[-1])) if more and items else None
+    return Page(items=items, next_cursor=cursor)

@@ -17,7 +17,7 @@ from psycopg import sql
 from storage.database import Conn
 from storage.ids import created_at_of
 from storage.messages import AUDIENCE_PLAN, Target, audience_params
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 from storage.partitions import month_start, partition_name
 from storage.statuses import RecipientStatus, allowed_from
 
@@ -89,7 +89,7 @@ async def materialize(
         rows = await cur.fetchall()
         queued = [r[0] for r in rows if r[1] == "queued"]
         await conn.execute(
-            "UPDATE message SET materialized_at = now(), recipient_count = %s, "
+            "UPDATE message SET materialized_at = clock_timestamp(), recipient_count = %s, "
             "status = CASE WHEN %s = 0 THEN 'completed' ELSE 'sending' END, "
             "completed_at = CASE WHEN %s = 0 THEN now() END "
             "WHERE church_id = %s AND id = %s AND created_at = %s",
@@ -107,9 +107,7 @@ async def refresh_statistics(conn: Conn, message_id: uuid.UUID, inserted: int) -
         return False
     month = created_at_of(message_id).date()
     name = partition_name("message_recipient", month_start(month))
-    cur = await conn.execute(
-        "SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", (name,)
-    )
+    cur = await conn.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", (name,))
     row = await cur.fetchone()
     if row is None or float(row[0]) >= inserted:
         return False
@@ -281,56 +279,72 @@ async def transition_many(
     return [Transition(r[0], r[1], old[r[0]], r[2], r[3], r[4]) for r in rows]
 
 
-async def apply_provider_status(
-    conn: Conn,
-    *,
-    event_id: str,
-    event_type: str,
-    church_id: uuid.UUID,
-    message_id: uuid.UUID,
-    recipient_id: uuid.UUID,
-    target: RecipientStatus,
-    provider_message_id: str,
-    error_code: str | None,
-) -> tuple[bool, Transition | None]:
-    """Record a provider event id and apply its status, in one statement (one round
-    trip, one implicit transaction): (first time seen, the transition if any).
+class ProviderStatus(msgspec.Struct, frozen=True):
+    """One provider receipt to apply: its event id, whose recipient, what status."""
 
-    The update only happens when the event id is new, the status rules allow it,
-    and the row's provider id is unset or the same as the event's (a reference
-    that names someone else's recipient moves nothing).
+    event_id: str
+    event_type: str
+    church_id: uuid.UUID
+    message_id: uuid.UUID
+    recipient_id: uuid.UUID
+    target: RecipientStatus
+    provider_message_id: str
+    error_code: str | None
+
+
+async def apply_provider_statuses(
+    conn: Conn, updates: list[ProviderStatus]
+) -> list[tuple[uuid.UUID, uuid.UUID, Transition]]:
+    """Apply many receipts in one statement: each event id is recorded once and its
+    status applied when the rules allow: forward only, and only when the row's
+    provider id is unset or the receipt's own (a reference naming someone else's
+    recipient moves nothing).
+
+    The caller gives each recipient at most once per call (two receipts for one
+    recipient in one statement would update its row once, arbitrarily). Joins
+    are forced to primary-key lookups: the plan must not depend on statistics.
     """
-    allowed = [s.value for s in allowed_from(target)]
-    created_at = created_at_of(message_id)
-    cur = await conn.execute(
-        # Every reference to message_recipient is by its full primary key, so the
-        # plan is an index lookup even on statistics that predate the broadcast.
-        "WITH ev AS (INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) "
-        "  ON CONFLICT DO NOTHING RETURNING event_id), "
-        "old AS (SELECT status FROM message_recipient WHERE church_id = %s "
-        "  AND message_id = %s AND id = %s AND created_at = %s AND status = ANY(%s) "
-        "  AND (provider_message_id IS NULL OR provider_message_id = %s) "
-        "  AND EXISTS (SELECT 1 FROM ev) FOR UPDATE), "
-        "upd AS (UPDATE message_recipient r SET status = %s, updated_at = now(), "
-        "  provider_message_id = %s, error_code = coalesce(%s, r.error_code) "
-        "  WHERE r.church_id = %s AND r.message_id = %s AND r.id = %s AND r.created_at = %s "
-        "  AND EXISTS (SELECT 1 FROM old) "
-        "  RETURNING r.id, r.member_id, (SELECT status FROM old), r.status, "
-        "  r.provider_message_id, r.error_code) "
-        "SELECT (SELECT count(*) FROM ev), upd.* FROM (SELECT 1) one LEFT JOIN upd ON true",
-        (
-            event_id, event_type,
-            church_id, message_id, recipient_id, created_at, allowed, provider_message_id,
-            target.value, provider_message_id, error_code,
-            church_id, message_id, recipient_id, created_at,
-        ),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    first = bool(row[0])
-    if row[1] is None:
-        return first, None
-    return first, Transition(row[1], row[2], row[3], row[4], row[5], row[6])
+    if not updates:
+        return []
+    async with conn.transaction():
+        await conn.execute("SET LOCAL enable_hashjoin = off")
+        await conn.execute("SET LOCAL enable_mergejoin = off")
+        cur = await conn.execute(
+            "WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::uuid[], "
+            "  %s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
+            "  %s::text[]) AS i(event_id, event_type, church_id, message_id, id, created_at, "
+            "  target, pid, err, allowed)), "
+            "ev AS (INSERT INTO provider_event (event_id, event_type) "
+            "  SELECT event_id, event_type FROM input ON CONFLICT DO NOTHING RETURNING event_id), "
+            "old AS (SELECT r.church_id, r.message_id, r.id, r.created_at, r.status AS before, "
+            "  i.target, i.pid, i.err FROM input i JOIN message_recipient r "
+            "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
+            "  AND r.created_at = i.created_at "
+            "  WHERE i.event_id IN (SELECT event_id FROM ev) "
+            "  AND r.status = ANY(string_to_array(i.allowed, ',')) "
+            "  AND (r.provider_message_id IS NULL OR r.provider_message_id = i.pid) "
+            "  FOR UPDATE OF r) "
+            "UPDATE message_recipient r SET status = old.target, updated_at = now(), "
+            "  provider_message_id = old.pid, error_code = coalesce(old.err, r.error_code) "
+            "FROM old WHERE r.church_id = old.church_id AND r.message_id = old.message_id "
+            "  AND r.id = old.id AND r.created_at = old.created_at "
+            "RETURNING r.church_id, r.message_id, r.id, r.member_id, old.before, r.status, "
+            "  r.provider_message_id, r.error_code",
+            (
+                [u.event_id for u in updates],
+                [u.event_type for u in updates],
+                [u.church_id for u in updates],
+                [u.message_id for u in updates],
+                [u.recipient_id for u in updates],
+                [created_at_of(u.message_id) for u in updates],
+                [u.target.value for u in updates],
+                [u.provider_message_id for u in updates],
+                [u.error_code for u in updates],
+                [",".join(s.value for s in allowed_from(u.target)) for u in updates],
+            ),
+        )
+        rows = await cur.fetchall()
+    return [(r[0], r[1], Transition(r[2], r[3], r[4], r[5], r[6], r[7])) for r in rows]
 
 
 async def locate_by_provider_id(
@@ -369,9 +383,7 @@ async def list_recipients(
         params,
     )
     rows = [Recipient(*r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=rows, next_cursor=encode_cursor(None, rows[-1].id) if more else None)
+    return page_of(rows, limit, lambda r: (None, r.id))
 
 
 async def stale_open_recipients(

@@ -11,7 +11,7 @@ import msgspec
 
 from storage.database import Conn
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, encode_cursor
+from storage.pagination import Page, decode_cursor, page_of
 
 
 class WebhookEndpoint(msgspec.Struct, frozen=True):
@@ -51,6 +51,4 @@ async def list_endpoints(
         (church_id, after, after, limit + 1),
     )
     rows = [WebhookEndpoint(*r) for r in await cur.fetchall()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=rows, next_cursor=encode_cursor(None, rows[-1].id) if more else None)
+    return page_of(rows, limit, lambda r: (None, r.id))
