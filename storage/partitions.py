@@ -16,6 +16,9 @@ Conn = AsyncConnection[TupleRow]
 
 PARTITIONED_TABLES: tuple[str, ...] = ("message", "message_recipient", "conversation_message")
 MONTHS_AHEAD = 3
+# Recipient rows change status three or four times each: free room in every page
+# keeps those updates HOT (no index touched, no new page).
+FILLFACTOR = {"message_recipient": 70}
 
 
 def month_start(day: date) -> date:
@@ -53,12 +56,14 @@ async def ensure_partitions(
                 continue
             await conn.execute(
                 sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({}) "
+                    "WITH (fillfactor = {})"
                 ).format(
                     sql.Identifier(name),
                     sql.Identifier(table),
                     sql.Literal(f"{month.isoformat()} 00:00:00+00"),
                     sql.Literal(f"{next_month(month).isoformat()} 00:00:00+00"),
+                    sql.Literal(FILLFACTOR.get(table, 100)),
                 )
             )
             created.append(name)

@@ -392,9 +392,11 @@ async def stale_open_recipients(
     """(church, message, recipient) still queued, or sending without a provider id,
     untouched since ``older_than``: work the queue lost."""
     cur = await conn.execute(
-        "SELECT church_id, message_id, id FROM message_recipient "
-        "WHERE status IN ('queued', 'sending') AND provider_message_id IS NULL "
-        "AND updated_at < %s ORDER BY updated_at LIMIT %s",
+        "SELECT r.church_id, r.message_id, r.id FROM message m JOIN message_recipient r "
+        "ON r.church_id = m.church_id AND r.message_id = m.id AND r.created_at = m.created_at "
+        "WHERE m.status = 'sending' AND r.status IN ('queued', 'sending') "
+        "AND r.provider_message_id IS NULL AND r.updated_at < %s "
+        "ORDER BY m.created_at LIMIT %s",
         (older_than, limit),
     )
     return [(r[0], r[1], r[2]) for r in await cur.fetchall()]

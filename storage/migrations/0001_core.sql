@@ -114,6 +114,7 @@ CREATE TABLE message (
 ) PARTITION BY RANGE (created_at);
 CREATE INDEX message_list ON message (church_id, created_at DESC, id DESC);
 CREATE INDEX message_pending ON message (created_at) WHERE materialized_at IS NULL;
+CREATE INDEX message_active ON message (created_at) WHERE status = 'sending';
 
 -- No foreign key from recipients to message: a broadcast materializes tens of
 -- thousands of rows at once and a per-row RI check would halve that rate; the
@@ -134,8 +135,9 @@ CREATE TABLE message_recipient (
 ) PARTITION BY RANGE (created_at);
 CREATE INDEX message_recipient_provider ON message_recipient (provider_message_id)
     WHERE provider_message_id IS NOT NULL;
-CREATE INDEX message_recipient_open ON message_recipient (updated_at)
-    WHERE status IN ('queued', 'sending');
+-- No index on status or updated_at: every status change would then be a
+-- non-HOT update touching it. The reconciler finds open recipients through the
+-- broadcasts still sending (message_active) and their primary-key prefix.
 
 CREATE TABLE conversation (
     church_id        uuid NOT NULL,

@@ -73,14 +73,19 @@ def _post(
 
 
 def _recipient(stack: Stack, message_id: str) -> tuple[Any, ...]:
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        row = conn.execute(
-            "SELECT church_id, id, status, provider_message_id FROM message_recipient "
-            "WHERE message_id = %s",
-            (uuid.UUID(message_id),),
-        ).fetchone()
-    assert row is not None
-    return tuple(row)
+    """The broadcast's one recipient, waiting for the worker to materialize it."""
+    deadline = time.monotonic() + 15
+    while True:
+        with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+            row = conn.execute(
+                "SELECT church_id, id, status, provider_message_id FROM message_recipient "
+                "WHERE message_id = %s",
+                (uuid.UUID(message_id),),
+            ).fetchone()
+        if row is not None:
+            return tuple(row)
+        assert time.monotonic() < deadline, "the recipient was never materialized"
+        time.sleep(0.05)
 
 
 def _events_seen(stack: Stack, event_id: str) -> int:
