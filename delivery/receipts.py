@@ -5,8 +5,8 @@ Every recipient costs two signed webhooks (``message.sent`` and
 a Redis round trip. Here concurrent requests hand their receipt to a batcher
 and wait: a few runners each take what has queued up (at most ``max_batch``),
 apply it in one statement and one commit, and answer every waiting request at
-once; the events then go out in one Redis pipeline per broadcast. A webhook is
-answered 200 only after its receipt is committed, as before.
+once; the events go out in one Redis pipeline per broadcast. A webhook is
+answered 200 only after its receipt is committed and its events published.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class ReceiptBatcher:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[tuple[ProviderStatus, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._publishing: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._runners)]
@@ -64,8 +63,6 @@ class ReceiptBatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._publishing:
-            await asyncio.gather(*self._publishing, return_exceptions=True)
 
     async def submit(self, update: ProviderStatus) -> None:
         """Return once the receipt is committed (raises what the commit raised)."""
@@ -93,13 +90,14 @@ class ReceiptBatcher:
                 if not done.done():
                     done.set_exception(exc)
             return
+        # Published before the webhooks are answered: the provider sends a
+        # recipient's next receipt only after this answer, so a recipient's
+        # events reach the channel in the order of its transitions.
+        if changes:
+            await self._publish(changes)
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
-        if changes:
-            task = asyncio.create_task(self._publish(changes))
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, changes: list[tuple[uuid.UUID, uuid.UUID, Transition]]) -> None:
         by_message: dict[tuple[uuid.UUID, uuid.UUID], list[Transition]] = defaultdict(list)

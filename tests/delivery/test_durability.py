@@ -1,0 +1,41 @@
+"""Nothing accepted is lost: Redis forgetting the queue only delays delivery."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import redis
+
+from deploy.stack import Stack
+from tests.conftest import Church, unique_phone
+
+
+def test_broadcast_survives_an_empty_redis(church: Church, stack: Stack, sim_url: str) -> None:
+    group = church.group()
+    phones = [unique_phone() for _ in range(5)]
+    for phone in phones:
+        church.member(phone, [group])
+    stack.stop_process("worker")
+    try:
+        answer = church.api.post(
+            "/v1/messages", json={"body": "Still coming", "target": {"group_ids": [group]}}
+        )
+        assert answer.status_code == 202
+        message_id = answer.json()["data"]["id"]
+        # The materialize entry is the only trace in Redis; wipe it all.
+        client = redis.Redis.from_url(stack.env["REDIS_URL"])
+        client.flushall()
+        client.close()
+    finally:
+        stack.spawn("worker", "worker")
+    deadline = time.monotonic() + 40
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+        if counts["delivered"] == 5:
+            break
+        time.sleep(0.25)
+    assert counts["delivered"] == 5, counts
+    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
+    assert [by_destination.get(p) for p in phones] == [1] * 5
