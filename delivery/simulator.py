@@ -69,8 +69,8 @@ _patch_decoder: Final = msgspec.json.Decoder(ConfigPatch)
 # Webhook delivery: one pooled session (at most WEBHOOK_CONNECTIONS connections) shared by a
 # fixed pool of senders; each sender has one webhook in flight, so this is the concurrency a
 # receiver sees, like Telnyx delivering to one endpoint from many workers.
-WEBHOOK_SENDERS: Final = 32
-WEBHOOK_CONNECTIONS: Final = 100
+WEBHOOK_SENDERS: Final = 96
+WEBHOOK_CONNECTIONS: Final = 128
 WEBHOOK_TIMEOUT_S: Final = 10.0
 # On shutdown, queued webhooks get this long to go out before their tasks are cancelled.
 SHUTDOWN_DRAIN_S: Final = 1.0

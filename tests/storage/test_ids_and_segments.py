@@ -72,3 +72,13 @@ def test_cursor_round_trip_and_garbage() -> None:
 def test_segments(body: str, encoding: str, segments: int) -> None:
     info = count_segments(body)
     assert (info.encoding, info.segments) == (encoding, segments)
+
+
+def test_recipient_ids_follow_their_message() -> None:
+    from storage.recipients import recipient_id
+
+    message = uuid7()
+    ids = [recipient_id(message, n) for n in (1, 2, 255, 256, 70_000)]
+    assert ids == sorted(ids)
+    assert all(i.bytes[:10] == message.bytes[:10] for i in ids)
+    assert str(ids[0]).replace("-", "") == message.hex[:20] + "000000000001"
