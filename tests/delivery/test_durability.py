@@ -39,3 +39,41 @@ def test_broadcast_survives_an_empty_redis(church: Church, stack: Stack, sim_url
     assert counts["delivered"] == 5, counts
     by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
     assert [by_destination.get(p) for p in phones] == [1] * 5
+
+
+def test_killed_worker_loses_nothing_and_doubles_nothing(
+    church: Church, stack: Stack, sim_url: str
+) -> None:
+    """kill -9 the worker mid-broadcast; a new one takes over the stalled queue
+    entries (XAUTOCLAIM) and the provider idempotency key stops repeats."""
+    count = 1500
+    group = church.group()
+    phones = [unique_phone() for _ in range(count)]
+    for phone in phones:
+        church.member(phone, [group])
+    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [50, 150]}).raise_for_status()
+    try:
+        answer = church.api.post(
+            "/v1/messages", json={"body": "Crash test", "target": {"group_ids": [group]}}
+        )
+        message_id = answer.json()["data"]["id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+            if counts["sending"] + counts["sent"] + counts["delivered"] >= count // 5:
+                break
+            time.sleep(0.02)
+        stack.stop_process("worker", kill=True)
+        stack.spawn("worker", "worker")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+            if counts["delivered"] == count:
+                break
+            time.sleep(0.25)
+    finally:
+        httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
+    assert counts["delivered"] == count, counts
+    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
+    texts = [by_destination.get(p, 0) for p in phones]
+    assert texts.count(1) == count, f"lost: {texts.count(0)}, doubled: {sum(t > 1 for t in texts)}"
