@@ -167,9 +167,3 @@ def free_ports(count: int) -> list[int]:
     while len(ports) < count:
         ports.add(free_port())
     return sorted(ports)
-
-
-def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
-    env = dict(base)
-    env.update(overrides)
-    return env

@@ -46,7 +46,3 @@ def created_at_of(value: uuid.UUID) -> datetime:
     if value.version != 7:
         raise ValueError("not a UUIDv7")
     return _EPOCH + timedelta(milliseconds=value.int >> 80)
-
-
-def is_uuid7(value: uuid.UUID) -> bool:
-    return value.version == 7

@@ -224,30 +224,6 @@ async def record_provider_ids(
     )
 
 
-async def transition(
-    conn: Conn,
-    church_id: uuid.UUID,
-    message_id: uuid.UUID,
-    recipient_id: uuid.UUID,
-    target: RecipientStatus,
-    *,
-    provider_message_id: str | None = None,
-    error_code: str | None = None,
-) -> Transition | None:
-    """Move one recipient to ``target`` if the rules allow; None when they do not
-    (already further along, or no such recipient in this church)."""
-    rows = await transition_many(
-        conn,
-        church_id,
-        message_id,
-        [recipient_id],
-        target,
-        provider_message_id=provider_message_id,
-        error_code=error_code,
-    )
-    return rows[0] if rows else None
-
-
 async def transition_many(
     conn: Conn,
     church_id: uuid.UUID,
