@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 
 from delivery.simulator import new_signing_seed, public_key_b64
-from deploy.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from deploy.embedded import free_port
+from deploy.embedded_postgres import EmbeddedPostgres
+from deploy.embedded_redis import EmbeddedRedis
 from storage.database import migrate
 
 INBOUND_PATH = "/v1/provider/telnyx/webhooks"

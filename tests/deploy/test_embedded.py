@@ -18,7 +18,9 @@ import psycopg
 import pytest
 import redis
 
-from deploy.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
+from deploy.embedded import EmbeddedServerError, free_port
+from deploy.embedded_postgres import EmbeddedPostgres
+from deploy.embedded_redis import EmbeddedRedis
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -158,7 +160,8 @@ def test_servers_left_by_a_dead_process_are_replaced(data_dir: pathlib.Path) -> 
     script = textwrap.dedent(
         f"""
         import os, pathlib
-        from deploy.embedded import EmbeddedPostgres, EmbeddedRedis
+        from deploy.embedded_postgres import EmbeddedPostgres
+        from deploy.embedded_redis import EmbeddedRedis
         data_dir = pathlib.Path({str(data_dir)!r})
         EmbeddedPostgres(data_dir, fast_unsafe=True).start()
         EmbeddedRedis(data_dir).start()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.embedded import EmbeddedRedis
+from deploy.embedded_redis import EmbeddedRedis
 from realtime.hub import Hub
 from storage.events import EventPublisher
 from storage.redis_connection import Redis, open_redis
