@@ -4,7 +4,10 @@
 - materialization sweep: accepted broadcasts whose materialize entry was lost
   (Redis flushed, or down at acceptance) are enqueued again;
 - reconciler: recipients left ``queued`` or ``sending`` without a provider id
-  past ``reconcile_after_s`` are enqueued again. Postgres is the truth, so an
+  past ``reconcile_after_s`` are enqueued again;
+- provider-event pruning: the dedupe record of a provider webhook is kept a
+  week (providers stop retrying within a day or two), then deleted in small
+  batches. It is not message data. Postgres is the truth, so an
   empty Redis only delays delivery; the provider idempotency key keeps a repeat
   from texting anyone twice.
 
@@ -32,6 +35,9 @@ log = logging.getLogger("koinonia.delivery.scheduler")
 
 _LOCK_PARTITIONS = 7_311_020_201
 _LOCK_RECONCILE = 7_311_020_202
+_LOCK_PRUNE = 7_311_020_203
+PROVIDER_EVENT_RETENTION = timedelta(days=7)
+_PRUNE_BATCH = 5000
 _PARTITION_EVERY_S = 3600.0
 
 
@@ -62,6 +68,7 @@ class Scheduler:
             await self.premake_partitions()
             self._last_partitions = loop.time()
         await self.reconcile()
+        await self.prune_provider_events()
 
     async def premake_partitions(self) -> list[str]:
         async with self.services.pool.connection() as conn, conn.transaction():
@@ -73,6 +80,21 @@ class Scheduler:
         if created:
             log.info("partitions created", extra={"partitions": created})
         return created
+
+    async def prune_provider_events(self, now: datetime | None = None) -> int:
+        """Delete one batch of dedupe records past retention; returns how many."""
+        cutoff = (now or datetime.now(UTC)) - PROVIDER_EVENT_RETENTION
+        async with self.services.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_PRUNE,))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return 0
+            cur = await conn.execute(
+                "DELETE FROM provider_event WHERE event_id IN (SELECT event_id FROM "
+                "provider_event WHERE received_at < %s ORDER BY received_at LIMIT %s)",
+                (cutoff, _PRUNE_BATCH),
+            )
+            return cur.rowcount
 
     async def reconcile(self) -> tuple[int, int]:
         """Re-enqueue lost work; returns (messages, recipients) re-enqueued."""
