@@ -14,7 +14,14 @@ from api.errors import ApiError, Unauthorized
 from api.schemas import ApiKeyCreated, ApiKeyRequest, LoginRequest, SignupData, SignupRequest
 from api.validation import decode_body
 from storage.churches import create_church_with_owner, get_church, get_user, user_for_login
-from storage.credentials import ALL_SCOPES, create_api_key, create_session, delete_session
+from storage.credentials import (
+    ALL_SCOPES,
+    TICKET_TTL_S,
+    create_api_key,
+    create_session,
+    create_ticket,
+    delete_session,
+)
 from storage.envelope import ok
 from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
 
@@ -154,6 +161,14 @@ async def create_key(request: Request) -> Response:
     )
 
 
+async def create_realtime_ticket(request: Request) -> Response:
+    """A one-time ticket for ``/v1/realtime?ticket=`` or ``/v1/events?ticket=``."""
+    # A POST: cookie-authenticated callers pass the CSRF check in ``principal``.
+    who = await principal(request, "read")
+    ticket = await create_ticket(_services(request).redis, who)
+    return ok({"ticket": ticket, "expires_in": TICKET_TTL_S}, status=201)
+
+
 def account_routes() -> list[BaseRoute]:
     return [
         Route("/v1/auth/signup", signup, methods=["POST"]),
@@ -161,4 +176,5 @@ def account_routes() -> list[BaseRoute]:
         Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/v1/me", me, methods=["GET"]),
         Route("/v1/api-keys", create_key, methods=["POST"]),
+        Route("/v1/realtime/tickets", create_realtime_ticket, methods=["POST"]),
     ]

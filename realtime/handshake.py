@@ -1,6 +1,7 @@
 """Authentication at the handshake, shared by the WebSocket and SSE endpoints.
 
-Credentials: ``Authorization: Bearer <api key>``, or the session cookie. A
+Credentials: ``?ticket=`` (one-time, from ``POST /v1/realtime/tickets``),
+``Authorization: Bearer <api key>``, or the session cookie. A
 cookie is sent by the browser whatever page opened the connection, so with a
 cookie the ``Origin`` must be the public URL or an allowed origin; browsers
 always send ``Origin`` on a WebSocket handshake. A same-origin ``EventSource``
@@ -15,12 +16,12 @@ it); a server without it can only close, which clients see as 403.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import cookie_parser
 from starlette.types import Scope, Send
 
-from storage.credentials import Principal
+from storage.credentials import Principal, principal_for_ticket
 from storage.envelope import STATUS, error_bytes
 from storage.services import SESSION_COOKIE, Services
 from storage.settings import Settings
@@ -37,6 +38,13 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def query_value(scope: Scope, name: str) -> str | None:
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+        if key == name:
+            return str(value)
+    return None
+
+
 def origin_allowed(origin: str, settings: Settings) -> bool:
     if origin in settings.http.allowed_origins:
         return True
@@ -46,6 +54,9 @@ def origin_allowed(origin: str, settings: Settings) -> bool:
 
 async def authenticate(scope: Scope, services: Services, *, websocket: bool) -> Principal | None:
     """The principal for a handshake, or None to refuse with 401."""
+    ticket = query_value(scope, "ticket")
+    if ticket:
+        return await principal_for_ticket(services.redis, ticket)
     authorization = header(scope, b"authorization")
     if authorization is not None:
         return await services.authenticate(authorization, None)

@@ -143,3 +143,53 @@ async def principal_for_session(redis: Redis, token: str) -> Principal | None:
 
 async def delete_session(redis: Redis, token: str) -> None:
     await redis.delete(keys.session(_sha256(token).hex()))
+
+
+TICKET_TTL_S = 30
+
+
+class _Ticket(msgspec.Struct, frozen=True, array_like=True):
+    church_id: uuid.UUID
+    kind: str
+    scopes: list[str]
+    user_id: uuid.UUID | None
+    api_key_id: uuid.UUID | None
+    role: str | None
+
+
+_ticket_encoder = msgspec.msgpack.Encoder()
+_ticket_decoder = msgspec.msgpack.Decoder(_Ticket)
+
+
+async def create_ticket(redis: Redis, principal: Principal) -> str:
+    """A one-time ticket standing for ``principal`` at one realtime handshake, for
+    browsers on another origin (no cookie there, no header in a WebSocket API)."""
+    ticket = secrets.token_urlsafe(32)
+    record = _Ticket(
+        church_id=principal.church_id,
+        kind=principal.kind,
+        scopes=sorted(principal.scopes),
+        user_id=principal.user_id,
+        api_key_id=principal.api_key_id,
+        role=principal.role,
+    )
+    await redis.set(
+        keys.realtime_ticket(_sha256(ticket).hex()), _ticket_encoder.encode(record), ex=TICKET_TTL_S
+    )
+    return ticket
+
+
+async def principal_for_ticket(redis: Redis, ticket: str) -> Principal | None:
+    """The ticket's principal, consuming it (GETDEL: a second use finds nothing)."""
+    raw = await redis.getdel(keys.realtime_ticket(_sha256(ticket).hex()))
+    if raw is None:
+        return None
+    record = _ticket_decoder.decode(raw if isinstance(raw, bytes) else raw.encode())
+    return Principal(
+        church_id=record.church_id,
+        kind=record.kind,
+        scopes=frozenset(record.scopes),
+        user_id=record.user_id,
+        api_key_id=record.api_key_id,
+        role=record.role,
+    )

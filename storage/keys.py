@@ -76,3 +76,8 @@ def progress_gate(church_id: uuid.UUID, message_id: uuid.UUID) -> str:
 # Staff sessions.
 def session(token_hash: str) -> str:
     return f"{PREFIX}:sess:{token_hash}"
+
+
+def realtime_ticket(ticket_hash: str) -> str:
+    """A one-time realtime ticket (single use, 30 s)."""
+    return f"{PREFIX}:rtt:{ticket_hash}"

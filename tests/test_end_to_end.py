@@ -168,3 +168,32 @@ async def test_broadcast_across_two_nodes(church: Church, base_url: str, node_b:
     for seen in statuses.values():
         assert seen == sorted(seen, key=["sending", "sent", "delivered"].index)
     assert progress[-1]["counts"]["delivered"] == MEMBERS  # type: ignore[index]
+
+
+@pytest.mark.anyio
+async def test_one_time_ticket_opens_one_connection(church: Church, base_url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"{base_url}/v1/realtime/tickets", headers={"Authorization": f"Bearer {church.key}"}
+        )
+    assert answer.status_code == 201, answer.text
+    data = answer.json()["data"]
+    assert data["expires_in"] == 30
+    ws_url = base_url.replace("http://", "ws://") + "/v1/realtime"
+    async with websockets.connect(f"{ws_url}?ticket={data['ticket']}") as ws:
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        await ws.send(json.dumps({"type": "subscribe", "id": "a", "channel": "dashboard"}))
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"{ws_url}?ticket={data['ticket']}"):
+            pass
+    assert refused.value.response.status_code == 401
+
+    # A cookie session needs the CSRF token to mint one.
+    cookies = dict(church.session.cookies)
+    async with httpx.AsyncClient(base_url=base_url, cookies=cookies) as session:
+        assert (await session.post("/v1/realtime/tickets")).status_code == 403
+        minted = await session.post(
+            "/v1/realtime/tickets", headers={"X-CSRF-Token": church.csrf}
+        )
+        assert minted.status_code == 201
