@@ -18,6 +18,7 @@ from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
+from realtime.websocket import Sessions
 from storage.logs import configure_logging
 from storage.services import Services
 from storage.settings import Settings
@@ -34,6 +35,7 @@ def create_app(settings: Settings) -> Starlette:
         receipts.start()
         app.state.services = services
         app.state.hub = hub
+        app.state.sessions = Sessions()
         app.state.inbound = InboundHandler(services, progress, receipts)
         try:
             yield

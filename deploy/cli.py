@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -39,6 +40,10 @@ _UVICORN_OPTIONS: dict[str, Any] = {
 }
 
 
+DRAIN_TIMEOUT_S = 5.0
+"""How long WebSocket clients get to close after the server's 1001."""
+
+
 def cmd_web(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -55,10 +60,24 @@ def cmd_web(args: argparse.Namespace) -> None:
         )
         return
     from deploy.app import create_app
+    from realtime.websocket import Sessions
     from storage.logs import configure_logging
 
     configure_logging(settings.log_level, process="web")
-    uvicorn.run(create_app(settings), **address, **_UVICORN_OPTIONS)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """Closes WebSockets with 1001 (PROTOCOL.md: server draining) before uvicorn's
+        own shutdown, which would close them with 1012. With ``--workers N``
+        uvicorn makes its servers itself, and they close with 1012."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            sessions: Sessions | None = getattr(app.state, "sessions", None)
+            if sessions is not None and len(sessions):
+                await sessions.drain(DRAIN_TIMEOUT_S)
+            await super().shutdown(sockets)
+
+    DrainingServer(uvicorn.Config(app, **address, **_UVICORN_OPTIONS)).run()
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

@@ -72,6 +72,42 @@ def _finish(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+CLOSE_DRAINING = 1001
+
+
+class Sessions:
+    """A node's open WebSocket sessions, so a server that is shutting down can close
+    them with 1001 (clients reconnect elsewhere and recover with ``since``)
+    before it drops whatever is left."""
+
+    def __init__(self) -> None:
+        self._open: set[_Session] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, session: _Session) -> None:
+        self._open.add(session)
+        self._empty.clear()
+
+    def discard(self, session: _Session) -> None:
+        self._open.discard(session)
+        if not self._open:
+            self._empty.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Close every session with 1001 and wait (at most ``timeout_s``) for them to
+        end; returns how many were open."""
+        count = len(self._open)
+        for session in list(self._open):
+            session.conn.close(CLOSE_DRAINING)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), timeout_s)
+        return count
+
+
 class RealtimeEndpoint:
     """ASGI app for ``WebSocketRoute("/v1/realtime", RealtimeEndpoint())``."""
 
@@ -88,7 +124,16 @@ class RealtimeEndpoint:
             await refuse_websocket(scope, send)
             return
         await send({"type": "websocket.accept"})
-        await _Session(receive, send, services, state.hub, principal, self.limits).run()
+        session = _Session(receive, send, services, state.hub, principal, self.limits)
+        sessions: Sessions | None = getattr(state, "sessions", None)
+        if sessions is None:
+            await session.run()
+            return
+        sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            sessions.discard(session)
 
 
 class _Session:

@@ -197,3 +197,28 @@ async def test_one_time_ticket_opens_one_connection(church: Church, base_url: st
             "/v1/realtime/tickets", headers={"X-CSRF-Token": church.csrf}
         )
         assert minted.status_code == 201
+
+
+@pytest.mark.anyio
+async def test_draining_node_closes_websockets_with_1001(church: Church, stack: Stack) -> None:
+    (port,) = free_ports(1)
+    env = dict(stack.env)
+    env["KOINONIA_HTTP_PORT"] = str(port)
+    stack.spawn("web_c", "web", env=env)
+    try:
+        await asyncio.to_thread(stack.wait_ready, f"http://127.0.0.1:{port}/health/ready")
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/v1/realtime",
+            additional_headers={"Authorization": f"Bearer {church.key}"},
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(json.dumps({"type": "subscribe", "id": "d", "channel": "dashboard"}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            stack.processes["web_c"].terminate()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1001
+    finally:
+        await asyncio.to_thread(stack.stop_process, "web_c")
