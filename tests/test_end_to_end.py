@@ -199,6 +199,11 @@ async def test_one_time_ticket_opens_one_connection(church: Church, base_url: st
         assert minted.status_code == 201
 
 
+async def _read_until_closed(ws: websockets.ClientConnection) -> None:
+    while True:
+        await asyncio.wait_for(ws.recv(), 10)
+
+
 @pytest.mark.anyio
 async def test_draining_node_closes_websockets_with_1001(church: Church, stack: Stack) -> None:
     (port,) = free_ports(1)
@@ -216,8 +221,7 @@ async def test_draining_node_closes_websockets_with_1001(church: Church, stack: 
             assert json.loads(await ws.recv())["type"] == "subscribed"
             stack.processes["web_c"].terminate()
             with pytest.raises(websockets.ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 10)
+                await _read_until_closed(ws)
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1001
     finally:
