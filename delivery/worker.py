@@ -122,6 +122,9 @@ class Worker:
         self._pump = RetryPump(services.redis, self.settings.shards)
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        # Queue entries in flight. Each is a batch of up to batch_size sends that the
+        # provider adapter bounds to ``concurrency`` calls at once; a few batches
+        # overlap claiming, sending and recording, more would only queue up.
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency // 16))
         self._streams = [keys.send_stream(s) for s in range(self.settings.shards)]
 
@@ -154,6 +157,8 @@ class Worker:
         streams.update({s: ">" for s in self._streams})
         while not self._stopping.is_set():
             try:
+                # Read only when an entry can start: unread work stays in Redis,
+                # where another worker can take it.
                 await self._slots.acquire()
                 self._slots.release()
                 reply: Any = await self.services.redis.xreadgroup(

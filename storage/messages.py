@@ -49,7 +49,6 @@ class Message(msgspec.Struct, frozen=True):
     completed_at: datetime | None
 
 
-_target_decoder = msgspec.json.Decoder(Target)
 _COLS = (
     "id, body, target, status, recipient_count, segments, encoding, from_number, "
     "send_at, created_at, completed_at"
