@@ -35,7 +35,10 @@ def create_app(settings: Settings) -> Starlette:
         receipts.start()
         app.state.services = services
         app.state.hub = hub
-        app.state.sessions = Sessions()
+        app.state.sessions = Sessions(
+            max_total=settings.realtime.max_connections,
+            max_per_church=settings.realtime.max_connections_per_church,
+        )
         app.state.inbound = InboundHandler(services, progress, receipts)
         try:
             yield

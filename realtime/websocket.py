@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import operator
 import secrets
+import uuid
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -73,27 +74,46 @@ def _finish(task: asyncio.Task[None]) -> None:
 
 
 CLOSE_DRAINING = 1001
+CLOSE_TOO_MANY = 4029
 
 
 class Sessions:
-    """A node's open WebSocket sessions, so a server that is shutting down can close
-    them with 1001 (clients reconnect elsewhere and recover with ``since``)
-    before it drops whatever is left."""
+    """A node's open WebSocket sessions: counted against the node's and each
+    church's limits (4029 beyond them), and closed with 1001 when the server
+    shuts down (clients reconnect elsewhere and recover with ``since``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_total: int = 20_000, max_per_church: int = 2_000) -> None:
         self._open: set[_Session] = set()
+        self._per_church: dict[uuid.UUID, int] = {}
+        self._max_total = max_total
+        self._max_per_church = max_per_church
         self._empty = asyncio.Event()
         self._empty.set()
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, session: _Session) -> None:
+    def add(self, session: _Session) -> bool:
+        """Admit the session; False when a limit is reached (it is not added)."""
+        church = session.principal.church_id
+        held = self._per_church.get(church, 0)
+        if len(self._open) >= self._max_total or held >= self._max_per_church:
+            return False
         self._open.add(session)
+        self._per_church[church] = held + 1
         self._empty.clear()
+        return True
 
     def discard(self, session: _Session) -> None:
+        if session not in self._open:
+            return
         self._open.discard(session)
+        church = session.principal.church_id
+        left = self._per_church[church] - 1
+        if left:
+            self._per_church[church] = left
+        else:
+            del self._per_church[church]
         if not self._open:
             self._empty.set()
 
@@ -129,7 +149,9 @@ class RealtimeEndpoint:
         if sessions is None:
             await session.run()
             return
-        sessions.add(session)
+        if not sessions.add(session):
+            await send({"type": "websocket.close", "code": CLOSE_TOO_MANY})
+            return
         try:
             await session.run()
         finally:

@@ -47,6 +47,13 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_SESSION_TTL_S"""
 
 
+class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    max_connections: int = 20_000
+    """KOINONIA_WS_MAX_CONNECTIONS: WebSocket connections one web process holds."""
+    max_connections_per_church: int = 2_000
+    """KOINONIA_WS_MAX_PER_CHURCH: per church and web process; more close with 4029."""
+
+
 class SecuritySettings(msgspec.Struct, frozen=True, kw_only=True):
     phone_key: bytes = b""
     """KOINONIA_PHONE_KEY: base64 of 32 bytes; AES-256-GCM key for phone numbers at rest."""
@@ -111,6 +118,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database: DatabaseSettings = DatabaseSettings()
     redis: RedisSettings = RedisSettings()
     http: HttpSettings = HttpSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
     security: SecuritySettings = SecuritySettings()
     provider: ProviderSettings = ProviderSettings()
     delivery: DeliverySettings = DeliverySettings()
@@ -167,6 +175,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 allowed_origins=origins,
                 secure_cookies=b("KOINONIA_SECURE_COOKIES", False),
                 session_ttl_s=i("KOINONIA_SESSION_TTL_S", 7 * 24 * 3600),
+            ),
+            realtime=RealtimeSettings(
+                max_connections=i("KOINONIA_WS_MAX_CONNECTIONS", 20_000),
+                max_connections_per_church=i("KOINONIA_WS_MAX_PER_CHURCH", 2_000),
             ),
             security=SecuritySettings(
                 phone_key=key("KOINONIA_PHONE_KEY"), lookup_key=key("KOINONIA_LOOKUP_KEY")

@@ -24,13 +24,20 @@ from tests.conftest import Church, unique_phone
 MEMBERS = 100
 
 
+def _spawn_node(stack: Stack, name: str, **env: str) -> int:
+    """Another web process on the session's stores; returns its port once ready."""
+    (port,) = free_ports(1)
+    node_env = dict(stack.env)
+    node_env.update(env)
+    node_env["KOINONIA_HTTP_PORT"] = str(port)
+    stack.spawn(name, "web", env=node_env)
+    stack.wait_ready(f"http://127.0.0.1:{port}/health/ready")
+    return port
+
+
 @pytest.fixture(scope="module")
 def node_b(stack: Stack) -> Iterator[str]:
-    (port,) = free_ports(1)
-    env = dict(stack.env)
-    env["KOINONIA_HTTP_PORT"] = str(port)
-    stack.spawn("web_b", "web", env=env)
-    stack.wait_ready(f"http://127.0.0.1:{port}/health/ready")
+    port = _spawn_node(stack, "web_b")
     yield f"127.0.0.1:{port}"
     stack.stop_process("web_b")
 
@@ -199,6 +206,19 @@ async def test_one_time_ticket_opens_one_connection(church: Church, base_url: st
         assert minted.status_code == 201
 
 
+async def _welcomed_within(url: str, headers: dict[str, str], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            try:
+                if json.loads(await ws.recv())["type"] == "welcome":
+                    return True
+            except websockets.ConnectionClosed:
+                pass
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _read_until_closed(ws: websockets.ClientConnection) -> None:
     while True:
         await asyncio.wait_for(ws.recv(), 10)
@@ -206,12 +226,8 @@ async def _read_until_closed(ws: websockets.ClientConnection) -> None:
 
 @pytest.mark.anyio
 async def test_draining_node_closes_websockets_with_1001(church: Church, stack: Stack) -> None:
-    (port,) = free_ports(1)
-    env = dict(stack.env)
-    env["KOINONIA_HTTP_PORT"] = str(port)
-    stack.spawn("web_c", "web", env=env)
+    port = await asyncio.to_thread(_spawn_node, stack, "web_c")
     try:
-        await asyncio.to_thread(stack.wait_ready, f"http://127.0.0.1:{port}/health/ready")
         async with websockets.connect(
             f"ws://127.0.0.1:{port}/v1/realtime",
             additional_headers={"Authorization": f"Bearer {church.key}"},
@@ -226,3 +242,34 @@ async def test_draining_node_closes_websockets_with_1001(church: Church, stack: 
             assert closed.value.rcvd.code == 1001
     finally:
         await asyncio.to_thread(stack.stop_process, "web_c")
+
+
+@pytest.mark.anyio
+async def test_connections_beyond_the_church_limit_close_with_4029(
+    church: Church, other_church: Church, stack: Stack
+) -> None:
+    port = await asyncio.to_thread(_spawn_node, stack, "web_d", KOINONIA_WS_MAX_PER_CHURCH="2")
+    url = f"ws://127.0.0.1:{port}/v1/realtime"
+
+    def auth(c: Church) -> dict[str, str]:
+        return {"Authorization": f"Bearer {c.key}"}
+
+    try:
+        async with (
+            websockets.connect(url, additional_headers=auth(church)) as first,
+            websockets.connect(url, additional_headers=auth(church)) as second,
+        ):
+            for ws in (first, second):
+                assert json.loads(await ws.recv())["type"] == "welcome"
+            async with websockets.connect(url, additional_headers=auth(church)) as third:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await _read_until_closed(third)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4029
+            # Another church is counted on its own.
+            async with websockets.connect(url, additional_headers=auth(other_church)) as theirs:
+                assert json.loads(await theirs.recv())["type"] == "welcome"
+        # Closed connections free their places (once the server has seen them go).
+        assert await _welcomed_within(url, auth(church), 5.0)
+    finally:
+        await asyncio.to_thread(stack.stop_process, "web_d")
