@@ -11,8 +11,9 @@ from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.errors import ApiError, Unauthorized
+from api.listing import church_listing
 from api.schemas import ApiKeyCreated, ApiKeyRequest, LoginRequest, SignupData, SignupRequest
-from api.validation import decode_body
+from api.validation import decode_body, path_id
 from storage.churches import create_church_with_owner, get_church, get_user, user_for_login
 from storage.credentials import (
     ALL_SCOPES,
@@ -21,6 +22,8 @@ from storage.credentials import (
     create_session,
     create_ticket,
     delete_session,
+    list_api_keys,
+    revoke_api_key,
 )
 from storage.envelope import ok
 from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
@@ -169,6 +172,14 @@ async def create_realtime_ticket(request: Request) -> Response:
     return ok({"ticket": ticket, "expires_in": TICKET_TTL_S}, status=201)
 
 
+async def delete_key(request: Request) -> Response:
+    who = await principal(request, "write")
+    key_id = path_id(request)
+    async with _services(request).pool.connection() as conn:
+        key = await revoke_api_key(conn, who.church_id, key_id)
+    return ok(key)
+
+
 def account_routes() -> list[BaseRoute]:
     return [
         Route("/v1/auth/signup", signup, methods=["POST"]),
@@ -176,5 +187,7 @@ def account_routes() -> list[BaseRoute]:
         Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/v1/me", me, methods=["GET"]),
         Route("/v1/api-keys", create_key, methods=["POST"]),
+        Route("/v1/api-keys", church_listing(list_api_keys), methods=["GET"]),
+        Route("/v1/api-keys/{id}", delete_key, methods=["DELETE"]),
         Route("/v1/realtime/tickets", create_realtime_ticket, methods=["POST"]),
     ]

@@ -24,7 +24,9 @@ import msgspec
 
 from storage import keys
 from storage.database import Conn
+from storage.errors import NotFound
 from storage.ids import uuid7
+from storage.pagination import Page, decode_cursor, page_of
 from storage.redis_connection import Redis
 
 ALL_SCOPES: tuple[str, ...] = ("read", "write")
@@ -96,6 +98,33 @@ async def create_api_key(
     row = await cur.fetchone()
     assert row is not None
     return ApiKey(*row), secret
+
+
+async def list_api_keys(
+    conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> Page[ApiKey]:
+    after = decode_cursor(cursor).id if cursor else None
+    cur = await conn.execute(
+        "SELECT id, name, prefix, scopes, created_at, last_used_at, revoked_at FROM api_key "
+        "WHERE church_id = %s AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
+        (church_id, after, after, limit + 1),
+    )
+    rows = [ApiKey(*r) for r in await cur.fetchall()]
+    return page_of(rows, limit, lambda k: (None, k.id))
+
+
+async def revoke_api_key(conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
+    """Revoke a key of this church (idempotent: a revoked key stays revoked)."""
+    cur = await conn.execute(
+        "UPDATE api_key SET revoked_at = coalesce(revoked_at, now()) "
+        "WHERE church_id = %s AND id = %s "
+        "RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
+        (church_id, key_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("api key")
+    return ApiKey(*row)
 
 
 async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:

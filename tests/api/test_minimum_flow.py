@@ -201,3 +201,22 @@ def test_webhook_endpoint_secret(church: Church) -> None:
     assert "secret" not in listed[0]
     bad = church.api.post("/v1/webhook-endpoints", json={"url": "ftp://x", "events": ["nope"]})
     assert bad.status_code == 422
+
+
+def test_api_keys_list_and_revoke(church: Church, other_church: Church, base_url: str) -> None:
+    made = church.api.post("/v1/api-keys", json={"name": "zapier", "scopes": ["read"]})
+    assert made.status_code == 201
+    key = made.json()["data"]
+    listed = church.api.get("/v1/api-keys").json()["data"]
+    assert {k["name"] for k in listed} == {"tests", "zapier"}
+    assert all("key" not in k and "secret_hash" not in k for k in listed)
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key['key']}"}) as zap:
+        assert zap.get("/v1/messages").status_code == 200
+        assert zap.post("/v1/groups", json={"name": "x"}).status_code == 403  # read only
+        assert other_church.api.delete(f"/v1/api-keys/{key['id']}").status_code == 404
+        revoked = church.api.delete(f"/v1/api-keys/{key['id']}")
+        assert revoked.status_code == 200
+        assert revoked.json()["data"]["revoked_at"] is not None
+        assert zap.get("/v1/messages").status_code == 401
+    bad_scope = church.api.post("/v1/api-keys", json={"name": "x", "scopes": ["admin"]})
+    assert bad_scope.status_code == 422
