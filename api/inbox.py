@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import uuid
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.listing import church_listing, paged, services_of
-from api.schemas import ReplyRequest
+from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
 from storage.conversations import (
+    Conversation,
+    changed_event,
     get_conversation,
     list_conversation_messages,
     list_conversations,
     record_outbound,
+    update_conversation,
 )
 from storage.envelope import ok
 from storage.events import ConversationMessageCreated, new_event
@@ -77,10 +82,43 @@ async def post_reply(request: Request) -> Response:
     return ok(message, status=202)
 
 
+async def _changed(request: Request, church_id: uuid.UUID, conversation: Conversation) -> Response:
+    """Tell the inbox and the thread, then answer with the new state."""
+    event = changed_event(conversation)
+    await services_of(request).publisher.publish_many(
+        church_id, [("inbox", event), (f"conversation:{conversation.id}", event)]
+    )
+    return ok(conversation)
+
+
+async def patch_conversation(request: Request) -> Response:
+    """Close, reopen or (un)assign a conversation."""
+    who = await principal(request, "write")
+    conversation_id = path_id(request)
+    body = await decode_body(request, ConversationPatch)
+    async with services_of(request).pool.connection() as conn:
+        conversation = await update_conversation(
+            conn, who.church_id, conversation_id, status=body.status, assignee_id=body.assignee_id
+        )
+    return await _changed(request, who.church_id, conversation)
+
+
+async def mark_read(request: Request) -> Response:
+    who = await principal(request, "write")
+    conversation_id = path_id(request)
+    async with services_of(request).pool.connection() as conn:
+        conversation = await update_conversation(
+            conn, who.church_id, conversation_id, mark_read=True
+        )
+    return await _changed(request, who.church_id, conversation)
+
+
 def inbox_routes() -> list[BaseRoute]:
     return [
         Route("/v1/conversations", church_listing(list_conversations), methods=["GET"]),
         Route("/v1/conversations/{id}", show_conversation, methods=["GET"]),
+        Route("/v1/conversations/{id}", patch_conversation, methods=["PATCH"]),
+        Route("/v1/conversations/{id}/read", mark_read, methods=["POST"]),
         Route("/v1/conversations/{id}/messages", index_thread, methods=["GET"]),
         Route("/v1/conversations/{id}/messages", post_reply, methods=["POST"]),
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -90,6 +90,11 @@ class MessageRequest(Request, frozen=True):
 
 class ReplyRequest(Request, frozen=True):
     body: Body
+
+
+class ConversationPatch(Request, frozen=True):
+    status: Literal["open", "closed"] | None = None
+    assignee_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class WebhookEndpointRequest(Request, frozen=True):

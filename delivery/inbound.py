@@ -24,11 +24,10 @@ from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.signatures import load_public_key, verify_telnyx
 from storage.churches import church_by_number
-from storage.conversations import record_inbound, set_outbound_status
+from storage.conversations import changed_event, record_inbound, set_outbound_status
 from storage.database import Conn
 from storage.envelope import BodyTooLarge, fail, ok, read_body
 from storage.events import (
-    ConversationChanged,
     ConversationMessageCreated,
     ConversationMessageStatus,
     Event,
@@ -229,17 +228,7 @@ class InboundHandler:
             conversation, message, created = await record_inbound(
                 conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
             )
-        changed = new_event(
-            "conversation.created" if created else "conversation.updated",
-            ConversationChanged(
-                conversation_id=conversation.id,
-                member_id=conversation.member_id,
-                status=conversation.status,
-                unread_count=conversation.unread_count,
-                assignee_id=conversation.assignee_id,
-                last_message_at=conversation.last_message_at,
-            ),
-        )
+        changed = changed_event(conversation, created=created)
         posted = new_event(
             "conversation.message.created",
             ConversationMessageCreated(

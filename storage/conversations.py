@@ -9,7 +9,8 @@ from typing import Any
 import msgspec
 
 from storage.database import Conn
-from storage.errors import NotFound
+from storage.errors import InvalidInput, NotFound
+from storage.events import ConversationChanged, Event, new_event
 from storage.ids import created_at_of, uuid7
 from storage.pagination import Page, decode_cursor, page_of
 
@@ -100,6 +101,55 @@ async def record_outbound(
     mrow = await cur.fetchone()
     assert mrow is not None
     return Conversation(*row), ConversationMessage(*mrow)
+
+
+def changed_event(conversation: Conversation, *, created: bool = False) -> Event:
+    """``conversation.created`` or ``conversation.updated`` for its current state."""
+    return new_event(
+        "conversation.created" if created else "conversation.updated",
+        ConversationChanged(
+            conversation_id=conversation.id,
+            member_id=conversation.member_id,
+            status=conversation.status,
+            unread_count=conversation.unread_count,
+            assignee_id=conversation.assignee_id,
+            last_message_at=conversation.last_message_at,
+        ),
+    )
+
+
+async def update_conversation(
+    conn: Conn,
+    church_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    *,
+    status: str | None = None,
+    assignee_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET,
+    mark_read: bool = False,
+) -> Conversation:
+    """Change status, assignee or read state; the assignee must be staff of the church."""
+    if not isinstance(assignee_id, msgspec.UnsetType) and assignee_id is not None:
+        cur = await conn.execute(
+            "SELECT 1 FROM staff_user WHERE church_id = %s AND id = %s", (church_id, assignee_id)
+        )
+        if await cur.fetchone() is None:
+            raise InvalidInput("assignee_id", "is not a staff user of this church")
+    sets = ["status = coalesce(%s, status)"]
+    params: list[Any] = [status]
+    if not isinstance(assignee_id, msgspec.UnsetType):
+        sets.append("assignee_id = %s")
+        params.append(assignee_id)
+    if mark_read:
+        sets.append("unread_count = 0")
+    cur = await conn.execute(
+        f"UPDATE conversation SET {', '.join(sets)} WHERE church_id = %s AND id = %s "
+        f"RETURNING {_CONV}",
+        (*params, church_id, conversation_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("conversation")
+    return Conversation(*row)
 
 
 async def get_conversation(

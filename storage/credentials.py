@@ -133,7 +133,9 @@ async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:
         return None
     prefix, secret = parsed
     cur = await conn.execute(
-        "SELECT church_id, id, secret_hash, scopes, revoked_at FROM api_key WHERE prefix = %s",
+        "SELECT church_id, id, secret_hash, scopes, revoked_at, "
+        "last_used_at IS NULL OR last_used_at < now() - interval '1 minute' "
+        "FROM api_key WHERE prefix = %s",
         (prefix,),
     )
     row = await cur.fetchone()
@@ -141,6 +143,12 @@ async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:
         return None
     if not hmac.compare_digest(bytes(row[2]), _sha256(secret)):
         return None
+    if row[5]:
+        # Minute resolution: a busy key writes once a minute, not once a request.
+        await conn.execute(
+            "UPDATE api_key SET last_used_at = now() WHERE church_id = %s AND id = %s",
+            (row[0], row[1]),
+        )
     return Principal(church_id=row[0], kind="api_key", scopes=frozenset(row[3]), api_key_id=row[1])
 
 

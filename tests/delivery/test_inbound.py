@@ -191,3 +191,36 @@ def test_reply_arrives_in_the_inbox(church: Church, sim_url: str) -> None:
     assert status == "delivered"
     stats = httpx.get(f"{sim_url}/_sim/stats").json()
     assert stats["by_destination"][phone] == 1
+
+
+def test_staff_work_the_inbox(church: Church, other_church: Church, sim_url: str) -> None:
+    phone = unique_phone()
+    church.member(phone)
+    httpx.post(
+        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
+    ).raise_for_status()
+    deadline = time.monotonic() + 10
+    conversations: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not conversations:
+        conversations = church.api.get("/v1/conversations").json()["data"]
+        time.sleep(0.1)
+    conversation_id = conversations[0]["id"]
+    path = f"/v1/conversations/{conversation_id}"
+
+    read = church.api.post(f"{path}/read")
+    assert read.status_code == 200
+    assert read.json()["data"]["unread_count"] == 0
+    assigned = church.api.patch(path, json={"assignee_id": church.user_id})
+    assert assigned.json()["data"]["assignee_id"] == church.user_id
+    closed = church.api.patch(path, json={"status": "closed"})
+    assert closed.json()["data"]["status"] == "closed"
+    assert closed.json()["data"]["assignee_id"] == church.user_id
+    unassigned = church.api.patch(path, json={"assignee_id": None, "status": "open"})
+    assert unassigned.json()["data"]["assignee_id"] is None
+    assert unassigned.json()["data"]["status"] == "open"
+
+    stranger = church.api.patch(path, json={"assignee_id": other_church.user_id})
+    assert stranger.status_code == 422
+    assert church.api.patch(path, json={"status": "snoozed"}).status_code == 422
+    assert other_church.api.patch(path, json={"status": "closed"}).status_code == 404
+    assert other_church.api.post(f"{path}/read").status_code == 404
