@@ -9,13 +9,19 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import ApiError
 from api.listing import church_listing, paged, services_of
-from api.schemas import GroupRequest, MemberRequest
+from api.schemas import GroupRequest, MemberPatch, MemberRequest
 from api.validation import decode_body, path_id
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
-from storage.errors import NotFound
+from storage.errors import InvalidPhone, NotFound
 from storage.groups import create_group, existing_ids, get_group, list_groups
-from storage.members import create_member, get_member, list_members
+from storage.members import (
+    create_member,
+    erase_member,
+    get_member,
+    list_members,
+    update_member,
+)
 from storage.phones import normalize
 
 
@@ -42,14 +48,7 @@ async def post_member(request: Request) -> Response:
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         country = church.country if church else "US"
-        try:
-            phone = normalize(body.phone, country)
-        except Exception as exc:
-            raise ApiError(
-                "validation_error",
-                "request body is not valid",
-                [FieldError("phone", "must be a valid phone number")],
-            ) from exc
+        phone = _valid_phone(body.phone, country)
         if body.group_ids:
             found = await existing_ids(conn, who.church_id, "member_group", body.group_ids)
             if found != set(body.group_ids):
@@ -86,6 +85,49 @@ async def show_member(request: Request) -> Response:
     return ok(member)
 
 
+def _valid_phone(raw: str, country: str) -> str:
+    try:
+        return normalize(raw, country)
+    except InvalidPhone as exc:
+        raise ApiError(
+            "validation_error",
+            "request body is not valid",
+            [FieldError("phone", "must be a valid phone number")],
+        ) from exc
+
+
+async def patch_member(request: Request) -> Response:
+    who = await principal(request, "write")
+    member_id = path_id(request)
+    body = await decode_body(request, MemberPatch)
+    services = services_of(request)
+    async with services.pool.connection() as conn:
+        phone = None
+        if body.phone is not None:
+            church = await get_church(conn, who.church_id)
+            phone = _valid_phone(body.phone, church.country if church else "US")
+        member = await update_member(
+            conn,
+            services.vault,
+            who.church_id,
+            member_id,
+            first_name=body.first_name,
+            last_name=body.last_name,
+            email=body.email,
+            phone_e164=phone,
+        )
+    return ok(member)
+
+
+async def delete_member(request: Request) -> Response:
+    """Erase the member's personal data; past broadcasts keep their counts."""
+    who = await principal(request, "write")
+    member_id = path_id(request)
+    async with services_of(request).pool.connection() as conn:
+        await erase_member(conn, who.church_id, member_id)
+    return ok({"id": member_id, "deleted": True})
+
+
 def audience_routes() -> list[BaseRoute]:
     return [
         Route("/v1/groups", post_group, methods=["POST"]),
@@ -94,4 +136,6 @@ def audience_routes() -> list[BaseRoute]:
         Route("/v1/members", post_member, methods=["POST"]),
         Route("/v1/members", index_members, methods=["GET"]),
         Route("/v1/members/{id}", show_member, methods=["GET"]),
+        Route("/v1/members/{id}", patch_member, methods=["PATCH"]),
+        Route("/v1/members/{id}", delete_member, methods=["DELETE"]),
     ]

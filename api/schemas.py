@@ -56,6 +56,13 @@ class MemberRequest(Request, frozen=True):
     group_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=1000)] = []
 
 
+class MemberPatch(Request, frozen=True):
+    first_name: Name | None = None
+    last_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    email: Email | msgspec.UnsetType | None = msgspec.UNSET
+    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=40)] | None = None
+
+
 class TargetRequest(Request, frozen=True):
     group_ids: IdList | None = None
     member_ids: IdList | None = None

@@ -116,3 +116,57 @@ async def member_by_phone_hash(
     )
     row = await cur.fetchone()
     return (row[0], row[1]) if row else None
+
+
+async def update_member(
+    conn: Conn,
+    vault: PhoneVault,
+    church_id: uuid.UUID,
+    member_id: uuid.UUID,
+    *,
+    first_name: str | None = None,
+    last_name: str | None = None,
+    email: str | msgspec.UnsetType | None = msgspec.UNSET,
+    phone_e164: str | None = None,
+) -> Member:
+    sets = ["first_name = coalesce(%s, first_name)", "last_name = coalesce(%s, last_name)"]
+    params: list[Any] = [first_name, last_name]
+    if not isinstance(email, msgspec.UnsetType):
+        sets.append("email = %s")
+        params.append(email)
+    if phone_e164 is not None:
+        sets += ["phone_cipher = %s", "phone_hash = %s"]
+        params += [vault.encrypt(church_id, phone_e164), vault.lookup_hash(phone_e164)]
+    try:
+        cur = await conn.execute(
+            f"UPDATE member SET {', '.join(sets)} WHERE church_id = %s AND id = %s "
+            "AND deleted_at IS NULL",
+            (*params, church_id, member_id),
+        )
+    except errors.UniqueViolation as exc:
+        raise Conflict("a member with this phone already exists", field="phone") from exc
+    if cur.rowcount != 1:
+        raise NotFound("member")
+    return await get_member(conn, vault, church_id, member_id)
+
+
+async def erase_member(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID) -> None:
+    """Delete a member: their personal data is erased (name, email, phone, group
+    memberships) while the row stays, so past broadcasts keep their recipient
+    counts and conversations keep their thread. The phone hash becomes random, so
+    the number can join again as a new member."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE member SET first_name = '', last_name = '', email = NULL, "
+            "phone_cipher = '\\x', "
+            "phone_hash = sha256(convert_to(gen_random_uuid()::text, 'UTF8')), opted_in = false, "
+            "opt_source = 'erased', opt_changed_at = now(), deleted_at = now() "
+            "WHERE church_id = %s AND id = %s AND deleted_at IS NULL",
+            (church_id, member_id),
+        )
+        if cur.rowcount != 1:
+            raise NotFound("member")
+        await conn.execute(
+            "DELETE FROM group_membership WHERE church_id = %s AND member_id = %s",
+            (church_id, member_id),
+        )

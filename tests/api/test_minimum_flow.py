@@ -222,3 +222,38 @@ def test_api_keys_list_and_revoke(church: Church, other_church: Church, base_url
         assert zap.get("/v1/messages").status_code == 401
     bad_scope = church.api.post("/v1/api-keys", json={"name": "x", "scopes": ["admin"]})
     assert bad_scope.status_code == 422
+
+
+def test_member_update_and_erasure_keep_counts(church: Church, other_church: Church) -> None:
+    group = church.group()
+    phone = unique_phone()
+    member = church.member(phone, [group])
+    changed = church.api.patch(
+        f"/v1/members/{member}", json={"first_name": "Grace", "email": "grace@example.org"}
+    )
+    assert changed.status_code == 200
+    assert changed.json()["data"]["first_name"] == "Grace"
+    assert changed.json()["data"]["phone"] == phone
+    assert church.api.patch(f"/v1/members/{member}", json={"phone": "123"}).status_code == 422
+    assert other_church.api.patch(f"/v1/members/{member}", json={}).status_code == 404
+
+    sent = church.api.post("/v1/messages", json={"body": "Hi", "target": {"group_ids": [group]}})
+    message_id = sent.json()["data"]["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
+        if counts["delivered"] == 1:
+            break
+        time.sleep(0.1)
+    assert other_church.api.delete(f"/v1/members/{member}").status_code == 404
+    erased = church.api.delete(f"/v1/members/{member}")
+    assert erased.status_code == 200
+    assert church.api.get(f"/v1/members/{member}").status_code == 404
+    assert church.api.delete(f"/v1/members/{member}").status_code == 404
+    detail = church.api.get(f"/v1/messages/{message_id}").json()["data"]
+    assert detail["recipient_count"] == 1
+    assert detail["counts"]["delivered"] == 1
+    assert church.api.get(f"/v1/groups/{group}").json()["data"]["member_count"] == 0
+    # The number may join again, as someone new.
+    again = church.member(phone)
+    assert again != member
