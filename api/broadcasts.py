@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,16 +11,22 @@ from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
 from api.errors import ApiError
-from api.listing import church_listing, services_of
+from api.listing import paged, services_of
 from api.schemas import MessageAccepted, MessageDetail, MessageRequest
 from api.validation import decode_body, page_params, path_id
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
 from storage.events import Counts, MessageCreated, new_event
-from storage.messages import accept_message, get_message, list_messages, message_counts
+from storage.messages import (
+    MessageFilter,
+    accept_message,
+    get_message,
+    list_messages,
+    message_counts,
+)
 from storage.queue import MaterializeJob, enqueue_materialize
 from storage.recipients import list_recipients
-from storage.statuses import RecipientStatus
+from storage.statuses import MessageStatus, RecipientStatus
 
 log = logging.getLogger("koinonia.api.broadcasts")
 
@@ -125,10 +132,47 @@ async def index_recipients(request: Request) -> Response:
     return ok(page.items, next_cursor=page.next_cursor)
 
 
+def _when(request: Request, name: str) -> datetime | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise ApiError(
+            "validation_error",
+            "query parameter out of range",
+            [FieldError(name, "must be an ISO 8601 time with a zone, e.g. 2026-11-01T00:00:00Z")],
+        )
+    return value
+
+
+async def index_messages(request: Request) -> Response:
+    """``?status=``, ``?since=`` (inclusive), ``?until=`` (exclusive) filter the list."""
+    status = request.query_params.get("status")
+    if status is not None and status not in {s.value for s in MessageStatus}:
+        raise ApiError(
+            "validation_error",
+            "query parameter out of range",
+            [FieldError("status", "must be a message status")],
+        )
+    where = MessageFilter(
+        status=status, since=_when(request, "since"), until=_when(request, "until")
+    )
+    return await paged(
+        request,
+        lambda conn, church, limit, cursor: list_messages(
+            conn, church, limit=limit, cursor=cursor, where=where
+        ),
+    )
+
+
 def broadcast_routes() -> list[BaseRoute]:
     return [
         Route("/v1/messages", post_message, methods=["POST"]),
-        Route("/v1/messages", church_listing(list_messages), methods=["GET"]),
+        Route("/v1/messages", index_messages, methods=["GET"]),
         Route("/v1/messages/{id}", show_message, methods=["GET"]),
         Route("/v1/messages/{id}/recipients", index_recipients, methods=["GET"]),
     ]

@@ -196,22 +196,44 @@ async def message_exists(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID
     return await cur.fetchone() is not None
 
 
+class MessageFilter(msgspec.Struct, frozen=True):
+    status: str | None = None
+    since: datetime | None = None
+    """Created at or after (inclusive); bounds the partitions scanned."""
+    until: datetime | None = None
+    """Created before (exclusive)."""
+
+
 async def list_messages(
-    conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    where: MessageFilter | None = None,
 ) -> Page[Message]:
+    """Newest first; a date range prunes partitions."""
+    clauses = ["church_id = %s"]
+    params: list[Any] = [church_id]
     if cursor:
         c = decode_cursor(cursor)
-        cur = await conn.execute(
-            f"SELECT {_COLS} FROM message WHERE church_id = %s AND (created_at, id) < (%s, %s) "
-            "ORDER BY created_at DESC, id DESC LIMIT %s",
-            (church_id, c.at, c.id, limit + 1),
-        )
-    else:
-        cur = await conn.execute(
-            f"SELECT {_COLS} FROM message WHERE church_id = %s "
-            "ORDER BY created_at DESC, id DESC LIMIT %s",
-            (church_id, limit + 1),
-        )
+        clauses.append("(created_at, id) < (%s, %s)")
+        params += [c.at, c.id]
+    if where is not None:
+        for clause, value in (
+            ("status = %s", where.status),
+            ("created_at >= %s", where.since),
+            ("created_at < %s", where.until),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+    params.append(limit + 1)
+    cur = await conn.execute(
+        f"SELECT {_COLS} FROM message WHERE {' AND '.join(clauses)} "
+        "ORDER BY created_at DESC, id DESC LIMIT %s",
+        params,
+    )
     rows = [_message(r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
 

@@ -257,3 +257,23 @@ def test_member_update_and_erasure_keep_counts(church: Church, other_church: Chu
     # The number may join again, as someone new.
     again = church.member(phone)
     assert again != member
+
+
+def test_message_list_filters(church: Church) -> None:
+    group = church.group()
+    church.member(unique_phone(), [group])
+    first = church.api.post("/v1/messages", json={"body": "one", "target": {"group_ids": [group]}})
+    between = first.json()["data"]["created_at"]
+    time.sleep(0.01)
+    church.api.post("/v1/messages", json={"body": "two", "target": {"group_ids": [group]}})
+    everything = church.api.get("/v1/messages").json()["data"]
+    assert [m["body"] for m in everything] == ["two", "one"]
+    later = church.api.get("/v1/messages", params={"since": between}).json()["data"]
+    assert [m["body"] for m in later] == ["two", "one"]
+    earlier = church.api.get("/v1/messages", params={"until": between}).json()["data"]
+    assert earlier == []
+    future = church.api.get("/v1/messages", params={"since": "2099-01-01T00:00:00Z"}).json()
+    assert future["data"] == []
+    assert church.api.get("/v1/messages", params={"status": "nope"}).status_code == 422
+    assert church.api.get("/v1/messages", params={"since": "yesterday"}).status_code == 422
+    assert church.api.get("/v1/messages", params={"since": "2026-11-01T00:00:00"}).status_code == 422
