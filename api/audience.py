@@ -9,12 +9,19 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import ApiError
 from api.listing import church_listing, paged, services_of
-from api.schemas import GroupRequest, MemberPatch, MemberRequest
+from api.schemas import GroupMembersRequest, GroupRequest, MemberPatch, MemberRequest
 from api.validation import decode_body, path_id
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
 from storage.errors import InvalidPhone, NotFound
-from storage.groups import create_group, existing_ids, get_group, list_groups
+from storage.groups import (
+    add_members,
+    create_group,
+    existing_ids,
+    get_group,
+    list_groups,
+    remove_member,
+)
 from storage.members import (
     create_member,
     erase_member,
@@ -85,6 +92,33 @@ async def show_member(request: Request) -> Response:
     return ok(member)
 
 
+async def post_group_members(request: Request) -> Response:
+    """Add members to a group (already there: unchanged)."""
+    who = await principal(request, "write")
+    group_id = path_id(request)
+    body = await decode_body(request, GroupMembersRequest)
+    wanted = list(dict.fromkeys(body.member_ids))
+    async with services_of(request).pool.connection() as conn, conn.transaction():
+        await get_group(conn, who.church_id, group_id)
+        if await existing_ids(conn, who.church_id, "member", wanted) != set(wanted):
+            raise NotFound("member")
+        for member_id in wanted:
+            await add_members(conn, who.church_id, [group_id], member_id)
+        group = await get_group(conn, who.church_id, group_id)
+    return ok(group)
+
+
+async def delete_group_member(request: Request) -> Response:
+    who = await principal(request, "write")
+    group_id = path_id(request)
+    member_id = path_id(request, "member_id")
+    async with services_of(request).pool.connection() as conn:
+        if not await remove_member(conn, who.church_id, group_id, member_id):
+            raise NotFound("group membership")
+        group = await get_group(conn, who.church_id, group_id)
+    return ok(group)
+
+
 def _valid_phone(raw: str, country: str) -> str:
     try:
         return normalize(raw, country)
@@ -133,6 +167,8 @@ def audience_routes() -> list[BaseRoute]:
         Route("/v1/groups", post_group, methods=["POST"]),
         Route("/v1/groups", church_listing(list_groups), methods=["GET"]),
         Route("/v1/groups/{id}", show_group, methods=["GET"]),
+        Route("/v1/groups/{id}/members", post_group_members, methods=["POST"]),
+        Route("/v1/groups/{id}/members/{member_id}", delete_group_member, methods=["DELETE"]),
         Route("/v1/members", post_member, methods=["POST"]),
         Route("/v1/members", index_members, methods=["GET"]),
         Route("/v1/members/{id}", show_member, methods=["GET"]),

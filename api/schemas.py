@@ -56,6 +56,10 @@ class MemberRequest(Request, frozen=True):
     group_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=1000)] = []
 
 
+class GroupMembersRequest(Request, frozen=True):
+    member_ids: IdList
+
+
 class MemberPatch(Request, frozen=True):
     first_name: Name | None = None
     last_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None

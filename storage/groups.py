@@ -81,3 +81,13 @@ async def add_members(
         "SELECT %s, g, %s FROM unnest(%s::uuid[]) AS g ON CONFLICT DO NOTHING",
         (church_id, member_id, group_ids),
     )
+
+
+async def remove_member(
+    conn: Conn, church_id: uuid.UUID, group_id: uuid.UUID, member_id: uuid.UUID
+) -> bool:
+    cur = await conn.execute(
+        "DELETE FROM group_membership WHERE church_id = %s AND group_id = %s AND member_id = %s",
+        (church_id, group_id, member_id),
+    )
+    return cur.rowcount == 1

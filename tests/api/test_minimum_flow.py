@@ -276,4 +276,26 @@ def test_message_list_filters(church: Church) -> None:
     assert future["data"] == []
     assert church.api.get("/v1/messages", params={"status": "nope"}).status_code == 422
     assert church.api.get("/v1/messages", params={"since": "yesterday"}).status_code == 422
-    assert church.api.get("/v1/messages", params={"since": "2026-11-01T00:00:00"}).status_code == 422
+    assert (
+        church.api.get("/v1/messages", params={"since": "2026-11-01T00:00:00"}).status_code == 422
+    )
+
+
+def test_group_membership(church: Church, other_church: Church) -> None:
+    group = church.group()
+    members = [church.member(unique_phone()) for _ in range(3)]
+    added = church.api.post(f"/v1/groups/{group}/members", json={"member_ids": members})
+    assert added.status_code == 200
+    assert added.json()["data"]["member_count"] == 3
+    again = church.api.post(f"/v1/groups/{group}/members", json={"member_ids": members[:1]})
+    assert again.json()["data"]["member_count"] == 3
+    removed = church.api.delete(f"/v1/groups/{group}/members/{members[0]}")
+    assert removed.json()["data"]["member_count"] == 2
+    assert church.api.delete(f"/v1/groups/{group}/members/{members[0]}").status_code == 404
+    theirs = other_church.member(unique_phone())
+    foreign = church.api.post(f"/v1/groups/{group}/members", json={"member_ids": [theirs]})
+    assert foreign.status_code == 404
+    assert church.api.get(f"/v1/groups/{group}").json()["data"]["member_count"] == 2
+    path = f"/v1/groups/{group}/members"
+    assert other_church.api.post(path, json={"member_ids": [theirs]}).status_code == 404
+    assert church.api.post(path, json={"member_ids": []}).status_code == 422
