@@ -9,11 +9,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.listing import church_listing, paged, services_of
+from api.errors import ApiError
+from api.listing import paged, services_of
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
 from storage.conversations import (
     Conversation,
+    ConversationFilter,
     changed_event,
     get_conversation,
     list_conversation_messages,
@@ -21,7 +23,7 @@ from storage.conversations import (
     record_outbound,
     update_conversation,
 )
-from storage.envelope import ok
+from storage.envelope import FieldError, ok
 from storage.events import ConversationMessageCreated, new_event
 from storage.queue import ConversationSend, enqueue_sends
 
@@ -113,9 +115,48 @@ async def mark_read(request: Request) -> Response:
     return await _changed(request, who.church_id, conversation)
 
 
+def _conversation_filter(request: Request) -> ConversationFilter:
+    query = request.query_params
+    problems: list[FieldError] = []
+    status = query.get("status")
+    if status is not None and status not in ("open", "closed"):
+        problems.append(FieldError("status", "must be open or closed"))
+    unread_raw = query.get("unread")
+    unread = None if unread_raw is None else unread_raw.lower() in ("true", "1", "yes")
+    if unread_raw is not None and unread_raw.lower() not in (
+        "true",
+        "false",
+        "1",
+        "0",
+        "yes",
+        "no",
+    ):
+        problems.append(FieldError("unread", "must be true or false"))
+    assignee: uuid.UUID | None = None
+    if (raw := query.get("assignee_id")) is not None:
+        try:
+            assignee = uuid.UUID(raw)
+        except ValueError:
+            problems.append(FieldError("assignee_id", "must be a UUID"))
+    if problems:
+        raise ApiError("validation_error", "query parameter out of range", problems)
+    return ConversationFilter(status=status, unread=unread, assignee_id=assignee)
+
+
+async def index_conversations(request: Request) -> Response:
+    """``?status=open|closed``, ``?unread=true|false``, ``?assignee_id=`` filter the list."""
+    where = _conversation_filter(request)
+    return await paged(
+        request,
+        lambda conn, church, limit, cursor: list_conversations(
+            conn, church, limit=limit, cursor=cursor, where=where
+        ),
+    )
+
+
 def inbox_routes() -> list[BaseRoute]:
     return [
-        Route("/v1/conversations", church_listing(list_conversations), methods=["GET"]),
+        Route("/v1/conversations", index_conversations, methods=["GET"]),
         Route("/v1/conversations/{id}", show_conversation, methods=["GET"]),
         Route("/v1/conversations/{id}", patch_conversation, methods=["PATCH"]),
         Route("/v1/conversations/{id}/read", mark_read, methods=["POST"]),

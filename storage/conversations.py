@@ -165,18 +165,39 @@ async def get_conversation(
     return Conversation(*row)
 
 
+class ConversationFilter(msgspec.Struct, frozen=True):
+    status: str | None = None
+    unread: bool | None = None
+    assignee_id: uuid.UUID | None = None
+
+
 async def list_conversations(
-    conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    where: ConversationFilter | None = None,
 ) -> Page[Conversation]:
+    """Most recent activity first."""
     params: list[Any] = [church_id]
-    where = "church_id = %s"
+    clauses = ["church_id = %s"]
     if cursor:
         c = decode_cursor(cursor)
-        where += " AND (last_message_at, id) < (%s, %s)"
+        clauses.append("(last_message_at, id) < (%s, %s)")
         params += [c.at, c.id]
+    if where is not None:
+        if where.status is not None:
+            clauses.append("status = %s")
+            params.append(where.status)
+        if where.unread is not None:
+            clauses.append("unread_count > 0" if where.unread else "unread_count = 0")
+        if where.assignee_id is not None:
+            clauses.append("assignee_id = %s")
+            params.append(where.assignee_id)
     params.append(limit + 1)
     cur = await conn.execute(
-        f"SELECT {_CONV} FROM conversation WHERE {where} "
+        f"SELECT {_CONV} FROM conversation WHERE {' AND '.join(clauses)} "
         "ORDER BY last_message_at DESC, id DESC LIMIT %s",
         params,
     )

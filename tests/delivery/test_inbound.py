@@ -224,3 +224,36 @@ def test_staff_work_the_inbox(church: Church, other_church: Church, sim_url: str
     assert church.api.patch(path, json={"status": "snoozed"}).status_code == 422
     assert other_church.api.patch(path, json={"status": "closed"}).status_code == 404
     assert other_church.api.post(f"{path}/read").status_code == 404
+
+
+def test_inbox_filters(church: Church, sim_url: str) -> None:
+    phones = [unique_phone(), unique_phone()]
+    for phone in phones:
+        church.member(phone)
+        httpx.post(
+            f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "?"}
+        ).raise_for_status()
+    deadline = time.monotonic() + 10
+    conversations: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(conversations) < 2:
+        conversations = church.api.get("/v1/conversations").json()["data"]
+        time.sleep(0.1)
+    first, second = conversations
+    church.api.post(f"/v1/conversations/{first['id']}/read")
+    church.api.patch(
+        f"/v1/conversations/{second['id']}",
+        json={"status": "closed", "assignee_id": church.user_id},
+    )
+
+    def ids(**params: str) -> list[str]:
+        answer = church.api.get("/v1/conversations", params=params)
+        assert answer.status_code == 200, answer.text
+        return [c["id"] for c in answer.json()["data"]]
+
+    assert ids(unread="true") == [second["id"]]
+    assert ids(unread="false") == [first["id"]]
+    assert ids(status="closed") == [second["id"]]
+    assert ids(status="open") == [first["id"]]
+    assert ids(assignee_id=church.user_id) == [second["id"]]
+    for bad in ({"status": "snoozed"}, {"unread": "maybe"}, {"assignee_id": "x"}):
+        assert church.api.get("/v1/conversations", params=bad).status_code == 422
