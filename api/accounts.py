@@ -10,11 +10,18 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import ApiError, Unauthorized
-from api.listing import church_listing
+from api.errors import Unauthorized, invalid_body
+from api.listing import church_listing, services_of
 from api.schemas import ApiKeyCreated, ApiKeyRequest, LoginRequest, SignupData, SignupRequest
 from api.validation import decode_body, path_id
-from storage.churches import create_church_with_owner, get_church, get_user, user_for_login
+from storage.churches import (
+    Church,
+    StaffUser,
+    create_church_with_owner,
+    get_church,
+    get_user,
+    user_for_login,
+)
 from storage.credentials import (
     ALL_SCOPES,
     TICKET_TTL_S,
@@ -25,7 +32,7 @@ from storage.credentials import (
     list_api_keys,
     revoke_api_key,
 )
-from storage.envelope import ok
+from storage.envelope import FieldError, ok
 from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
 
 _hasher = PasswordHasher()
@@ -33,36 +40,35 @@ _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _with_session(response: Response, services: Services, token: str, csrf: str) -> Response:
+async def _signed_in(
+    services: Services, church: Church, user: StaffUser, *, status: int = 200
+) -> Response:
+    """Start a session for ``user`` and answer with it: the session cookie (httpOnly)
+    and the CSRF cookie that cookie-authenticated writes echo back."""
     http = services.settings.http
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=http.session_ttl_s,
-        httponly=True,
-        samesite="lax",
-        secure=http.secure_cookies,
-        path="/",
+    token, csrf = await create_session(
+        services.redis,
+        church_id=church.id,
+        user_id=user.id,
+        role=user.role,
+        ttl_s=http.session_ttl_s,
     )
-    response.set_cookie(
-        CSRF_COOKIE,
-        csrf,
-        max_age=http.session_ttl_s,
-        httponly=False,
-        samesite="lax",
-        secure=http.secure_cookies,
-        path="/",
-    )
+    response = ok(SignupData(church=church, user=user), status=status)
+    for name, value, httponly in ((SESSION_COOKIE, token, True), (CSRF_COOKIE, csrf, False)):
+        response.set_cookie(
+            name,
+            value,
+            max_age=http.session_ttl_s,
+            httponly=httponly,
+            samesite="lax",
+            secure=http.secure_cookies,
+            path="/",
+        )
     return response
 
 
 async def signup(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     body = await decode_body(request, SignupRequest)
     password_hash = await anyio.to_thread.run_sync(_hasher.hash, body.password)
     async with services.pool.connection() as conn:
@@ -73,20 +79,11 @@ async def signup(request: Request) -> Response:
             password_hash=password_hash,
             number_prefix=services.settings.provider.number_pool_prefix,
         )
-    token, csrf = await create_session(
-        services.redis,
-        church_id=church.id,
-        user_id=user.id,
-        role=user.role,
-        ttl_s=services.settings.http.session_ttl_s,
-    )
-    return _with_session(
-        ok(SignupData(church=church, user=user), status=201), services, token, csrf
-    )
+    return await _signed_in(services, church, user, status=201)
 
 
 async def login(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     body = await decode_body(request, LoginRequest)
     async with services.pool.connection() as conn:
         found = await user_for_login(conn, body.email.strip())
@@ -100,21 +97,16 @@ async def login(request: Request) -> Response:
     user = found[0]
     async with services.pool.connection() as conn:
         church = await get_church(conn, user.church_id)
-    token, csrf = await create_session(
-        services.redis,
-        church_id=user.church_id,
-        user_id=user.id,
-        role=user.role,
-        ttl_s=services.settings.http.session_ttl_s,
-    )
-    return _with_session(ok(SignupData(church=church, user=user)), services, token, csrf)  # type: ignore[arg-type]
+    if church is None:
+        raise Unauthorized("wrong email or password")
+    return await _signed_in(services, church, user)
 
 
 async def logout(request: Request) -> Response:
     await principal(request, "read")
     token = request.cookies.get(SESSION_COOKIE)
     if token:
-        await delete_session(_services(request).redis, token)
+        await delete_session(services_of(request).redis, token)
     response = ok({"logged_out": True})
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE, path="/")
@@ -123,7 +115,7 @@ async def logout(request: Request) -> Response:
 
 async def me(request: Request) -> Response:
     who = await principal(request, "read")
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         user = await get_user(conn, who.church_id, who.user_id) if who.user_id else None
@@ -142,12 +134,8 @@ async def create_key(request: Request) -> Response:
     scopes = sorted(set(body.scopes)) if body.scopes is not None else list(ALL_SCOPES)
     unknown = [s for s in scopes if s not in ALL_SCOPES]
     if unknown or not scopes:
-        raise ApiError(
-            "validation_error",
-            "unknown scope",
-            [{"field": "scopes", "message": f"allowed: {', '.join(ALL_SCOPES)}"}],
-        )
-    async with _services(request).pool.connection() as conn:
+        raise invalid_body(FieldError("scopes", f"allowed: {', '.join(ALL_SCOPES)}"))
+    async with services_of(request).pool.connection() as conn:
         key, secret = await create_api_key(
             conn, who.church_id, name=body.name, scopes=scopes, created_by=who.user_id
         )
@@ -168,14 +156,14 @@ async def create_realtime_ticket(request: Request) -> Response:
     """A one-time ticket for ``/v1/realtime?ticket=`` or ``/v1/events?ticket=``."""
     # A POST: cookie-authenticated callers pass the CSRF check in ``principal``.
     who = await principal(request, "read")
-    ticket = await create_ticket(_services(request).redis, who)
+    ticket = await create_ticket(services_of(request).redis, who)
     return ok({"ticket": ticket, "expires_in": TICKET_TTL_S}, status=201)
 
 
 async def delete_key(request: Request) -> Response:
     who = await principal(request, "write")
     key_id = path_id(request)
-    async with _services(request).pool.connection() as conn:
+    async with services_of(request).pool.connection() as conn:
         key = await revoke_api_key(conn, who.church_id, key_id)
     return ok(key)
 

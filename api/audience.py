@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import ApiError
+from api.errors import invalid_body
 from api.listing import church_listing, paged, services_of
 from api.schemas import GroupMembersRequest, GroupRequest, MemberPatch, MemberRequest
 from api.validation import decode_body, path_id
@@ -123,11 +123,7 @@ def _valid_phone(raw: str, country: str) -> str:
     try:
         return normalize(raw, country)
     except InvalidPhone as exc:
-        raise ApiError(
-            "validation_error",
-            "request body is not valid",
-            [FieldError("phone", "must be a valid phone number")],
-        ) from exc
+        raise invalid_body(FieldError("phone", "must be a valid phone number")) from exc
 
 
 async def patch_member(request: Request) -> Response:

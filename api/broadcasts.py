@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import ApiError
+from api.errors import invalid_body, invalid_query
 from api.listing import paged, services_of
 from api.schemas import MessageAccepted, MessageDetail, MessageRequest
 from api.validation import decode_body, page_params, path_id
@@ -36,9 +36,7 @@ async def post_message(request: Request) -> Response:
     body = await decode_body(request, MessageRequest)
     problem = body.target.problem()
     if problem:
-        raise ApiError(
-            "validation_error", "request body is not valid", [FieldError("target", problem)]
-        )
+        raise invalid_body(FieldError("target", problem))
     services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
@@ -119,11 +117,7 @@ async def index_recipients(request: Request) -> Response:
     limit, cursor = page_params(request)
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in RecipientStatus}:
-        raise ApiError(
-            "validation_error",
-            "query parameter out of range",
-            [FieldError("status", "must be a recipient status")],
-        )
+        raise invalid_query(FieldError("status", "must be a recipient status"))
     async with services_of(request).pool.connection() as conn:
         await get_message(conn, who.church_id, message_id)
         page = await list_recipients(
@@ -141,10 +135,8 @@ def _when(request: Request, name: str) -> datetime | None:
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
-        raise ApiError(
-            "validation_error",
-            "query parameter out of range",
-            [FieldError(name, "must be an ISO 8601 time with a zone, e.g. 2026-11-01T00:00:00Z")],
+        raise invalid_query(
+            FieldError(name, "must be an ISO 8601 time with a zone, e.g. 2026-11-01T00:00:00Z")
         )
     return value
 
@@ -153,11 +145,7 @@ async def index_messages(request: Request) -> Response:
     """``?status=``, ``?since=`` (inclusive), ``?until=`` (exclusive) filter the list."""
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in MessageStatus}:
-        raise ApiError(
-            "validation_error",
-            "query parameter out of range",
-            [FieldError("status", "must be a message status")],
-        )
+        raise invalid_query(FieldError("status", "must be a message status"))
     where = MessageFilter(
         status=status, since=_when(request, "since"), until=_when(request, "until")
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage.envelope import FieldError
+
 
 class ApiError(Exception):
     def __init__(
@@ -37,3 +39,13 @@ class Unauthorized(ApiError):
 class Forbidden(ApiError):
     def __init__(self, message: str = "not allowed") -> None:
         super().__init__("forbidden", message)
+
+
+def invalid_body(*errors: FieldError) -> ApiError:
+    """``validation_error`` for a body that decoded but breaks a rule."""
+    return ApiError("validation_error", "request body is not valid", list(errors))
+
+
+def invalid_query(*errors: FieldError) -> ApiError:
+    """``validation_error`` for a query parameter out of range."""
+    return ApiError("validation_error", "query parameter out of range", list(errors))

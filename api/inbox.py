@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import ApiError
+from api.errors import invalid_query
 from api.listing import paged, services_of
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
@@ -139,7 +139,7 @@ def _conversation_filter(request: Request) -> ConversationFilter:
         except ValueError:
             problems.append(FieldError("assignee_id", "must be a UUID"))
     if problems:
-        raise ApiError("validation_error", "query parameter out of range", problems)
+        raise invalid_query(*problems)
     return ConversationFilter(status=status, unread=unread, assignee_id=assignee)
 
 

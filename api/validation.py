@@ -14,7 +14,7 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
-from api.errors import ApiError
+from api.errors import ApiError, invalid_body, invalid_query
 from storage.envelope import BodyTooLarge, FieldError, read_body
 from storage.services import Services
 
@@ -67,9 +67,7 @@ async def decode_body(request: Request, kind: type[T]) -> T:
         return _decoder(kind).decode(raw)
     except msgspec.ValidationError as exc:
         field, message = field_of(str(exc))
-        raise ApiError(
-            "validation_error", "request body is not valid", [FieldError(field, message)]
-        ) from exc
+        raise invalid_body(FieldError(field, message)) from exc
     except msgspec.DecodeError as exc:
         raise ApiError("bad_request", "request body is not valid JSON") from exc
 
@@ -89,10 +87,6 @@ def page_params(request: Request) -> tuple[int, str | None]:
     except ValueError:
         limit = -1
     if not 1 <= limit <= 200:
-        raise ApiError(
-            "validation_error",
-            "query parameter out of range",
-            [FieldError("limit", "must be an integer from 1 to 200")],
-        )
+        raise invalid_query(FieldError("limit", "must be an integer from 1 to 200"))
     cursor = request.query_params.get("cursor") or None
     return limit, cursor

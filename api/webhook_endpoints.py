@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import ApiError
+from api.errors import invalid_body
 from api.listing import church_listing
 from api.schemas import WebhookEndpointCreated, WebhookEndpointRequest
 from api.validation import decode_body
@@ -55,7 +55,7 @@ async def post_endpoint(request: Request) -> Response:
     if problem:
         errors.append(FieldError("events", problem))
     if errors:
-        raise ApiError("validation_error", "request body is not valid", errors)
+        raise invalid_body(*errors)
     services: Services = request.app.state.services
     async with services.pool.connection() as conn:
         endpoint, secret = await create_endpoint(
