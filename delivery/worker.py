@@ -22,6 +22,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -316,13 +317,7 @@ class Worker:
             delay = max(
                 result.retry_after_s or 0.0, backoff_s(job.attempt, self.settings.retry_base_s)
             )
-            again = ConversationSend(
-                church_id=job.church_id,
-                conversation_id=job.conversation_id,
-                message_id=job.message_id,
-                attempt=job.attempt + 1,
-                max_attempts=job.max_attempts,
-            )
+            again = msgspec.structs.replace(job, attempt=job.attempt + 1)
             await schedule_retry(
                 self.services.redis, again, int((time.time() + delay) * 1000), self.settings.shards
             )
@@ -391,17 +386,7 @@ class Worker:
             await self.services.redis.xadd(
                 keys.DEAD_LETTER_STREAM,
                 {
-                    "j": encode_entry(
-                        SendBatch(
-                            church_id=batch.church_id,
-                            message_id=batch.message_id,
-                            created_at=batch.created_at,
-                            recipient_ids=retry,
-                            from_number=batch.from_number,
-                            attempt=batch.attempt,
-                            max_attempts=batch.max_attempts,
-                        )
-                    ),
+                    "j": encode_entry(msgspec.structs.replace(batch, recipient_ids=retry)),
                     "reason": "max_attempts",
                 },
                 maxlen=STREAM_MAXLEN,
@@ -409,15 +394,7 @@ class Worker:
             )
         elif retry:
             delay = max(retry_after, backoff_s(batch.attempt, self.settings.retry_base_s))
-            again = SendBatch(
-                church_id=batch.church_id,
-                message_id=batch.message_id,
-                created_at=batch.created_at,
-                recipient_ids=retry,
-                from_number=batch.from_number,
-                attempt=batch.attempt + 1,
-                max_attempts=batch.max_attempts,
-            )
+            again = msgspec.structs.replace(batch, recipient_ids=retry, attempt=batch.attempt + 1)
             due_ms = int((time.time() + delay) * 1000)
             await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
 
