@@ -10,8 +10,9 @@ signs up its own church, so nothing needs truncating between tests.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,36 @@ class Church:
         assert answer.status_code == 201, answer.text
         return str(answer.json()["data"]["id"])
 
+    def broadcast(self, group: str, body: str = "Hello") -> str:
+        """Post a broadcast to one group; returns the message id."""
+        answer = self.api.post(
+            "/v1/messages", json={"body": body, "target": {"group_ids": [group]}}
+        )
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["data"]["id"])
+
+    def counts_when(
+        self, message_id: str, done: Callable[[dict[str, int]], bool], seconds: float = 30
+    ) -> dict[str, int]:
+        """Poll a broadcast's counts until ``done`` holds or time runs out; the last
+        counts either way, for the caller's assertion to show."""
+        deadline = time.monotonic() + seconds
+        while True:
+            counts: dict[str, int] = self.api.get(f"/v1/messages/{message_id}").json()["data"][
+                "counts"
+            ]
+            if done(counts) or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.02)
+
+    def conversations_when(self, at_least: int, seconds: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + seconds
+        while True:
+            found: list[dict[str, Any]] = self.api.get("/v1/conversations").json()["data"]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
     def close(self) -> None:
         self.session.close()
         self.api.close()
@@ -126,6 +157,12 @@ def other_church(base_url: str) -> Iterator[Church]:
     created = Church(base_url)
     yield created
     created.close()
+
+
+def texts_sent(sim_url: str, phones: list[str]) -> list[int]:
+    """How many texts the simulator really sent to each phone (replays not counted)."""
+    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
+    return [int(by_destination.get(p, 0)) for p in phones]
 
 
 _phone_counter = iter(range(10_000_000))

@@ -200,9 +200,7 @@ async def test_one_time_ticket_opens_one_connection(church: Church, base_url: st
     cookies = dict(church.session.cookies)
     async with httpx.AsyncClient(base_url=base_url, cookies=cookies) as session:
         assert (await session.post("/v1/realtime/tickets")).status_code == 403
-        minted = await session.post(
-            "/v1/realtime/tickets", headers={"X-CSRF-Token": church.csrf}
-        )
+        minted = await session.post("/v1/realtime/tickets", headers={"X-CSRF-Token": church.csrf})
         assert minted.status_code == 201
 
 

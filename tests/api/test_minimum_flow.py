@@ -10,15 +10,6 @@ import httpx
 from tests.conftest import Church, unique_phone
 
 
-def _wait_for(predicate: object, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
-
-
 def test_signup_to_delivered(church: Church) -> None:
     group = church.group()
     members = [church.member(unique_phone(), [group]) for _ in range(3)]
@@ -34,11 +25,8 @@ def test_signup_to_delivered(church: Church) -> None:
     assert data["recipient_count"] == 3
     message_id = data["id"]
 
-    def delivered() -> bool:
-        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-        return bool(counts["delivered"] == 3)
-
-    _wait_for(delivered)
+    counts = church.counts_when(message_id, lambda c: c["delivered"] == 3, 20)
+    assert counts["delivered"] == 3, counts
     detail = church.api.get(f"/v1/messages/{message_id}").json()["data"]
     assert set(detail["counts"]) == {
         "queued",
@@ -237,14 +225,8 @@ def test_member_update_and_erasure_keep_counts(church: Church, other_church: Chu
     assert church.api.patch(f"/v1/members/{member}", json={"phone": "123"}).status_code == 422
     assert other_church.api.patch(f"/v1/members/{member}", json={}).status_code == 404
 
-    sent = church.api.post("/v1/messages", json={"body": "Hi", "target": {"group_ids": [group]}})
-    message_id = sent.json()["data"]["id"]
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-        if counts["delivered"] == 1:
-            break
-        time.sleep(0.1)
+    message_id = church.broadcast(group, "Hi")
+    church.counts_when(message_id, lambda c: c["delivered"] == 1, 15)
     assert other_church.api.delete(f"/v1/members/{member}").status_code == 404
     erased = church.api.delete(f"/v1/members/{member}")
     assert erased.status_code == 200

@@ -2,81 +2,75 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 import redis
 
 from deploy.stack import Stack
-from tests.conftest import Church, unique_phone
+from tests.conftest import Church, texts_sent, unique_phone
+
+
+def _flush_redis(stack: Stack) -> None:
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    client.flushall()
+    client.close()
+
+
+def _audience(church: Church, count: int) -> tuple[str, list[str]]:
+    group = church.group()
+    phones = [unique_phone() for _ in range(count)]
+    for phone in phones:
+        church.member(phone, [group])
+    return group, phones
+
+
+def _once_each(sim_url: str, phones: list[str]) -> None:
+    texts = texts_sent(sim_url, phones)
+    lost, doubled = texts.count(0), sum(t > 1 for t in texts)
+    assert texts.count(1) == len(phones), f"lost: {lost}, doubled: {doubled}"
+
+
+@pytest.fixture
+def slow_receipts(sim_url: str) -> Iterator[None]:
+    """Receipts take 50-150 ms, so a broadcast is still in flight when disturbed."""
+    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [50, 150]}).raise_for_status()
+    yield
+    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
 
 
 def test_broadcast_survives_an_empty_redis(church: Church, stack: Stack, sim_url: str) -> None:
-    group = church.group()
-    phones = [unique_phone() for _ in range(5)]
-    for phone in phones:
-        church.member(phone, [group])
+    group, phones = _audience(church, 5)
     stack.stop_process("worker")
     try:
-        answer = church.api.post(
-            "/v1/messages", json={"body": "Still coming", "target": {"group_ids": [group]}}
-        )
-        assert answer.status_code == 202
-        message_id = answer.json()["data"]["id"]
+        message_id = church.broadcast(group, "Still coming")
         # The materialize entry is the only trace in Redis; wipe it all.
-        client = redis.Redis.from_url(stack.env["REDIS_URL"])
-        client.flushall()
-        client.close()
+        _flush_redis(stack)
     finally:
         stack.spawn("worker", "worker")
-    deadline = time.monotonic() + 40
-    counts: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-        if counts["delivered"] == 5:
-            break
-        time.sleep(0.25)
+    counts = church.counts_when(message_id, lambda c: c["delivered"] == 5, 40)
     assert counts["delivered"] == 5, counts
-    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
-    assert [by_destination.get(p) for p in phones] == [1] * 5
+    assert texts_sent(sim_url, phones) == [1] * 5
 
 
+@pytest.mark.usefixtures("slow_receipts")
 def test_killed_worker_loses_nothing_and_doubles_nothing(
     church: Church, stack: Stack, sim_url: str
 ) -> None:
     """kill -9 the worker mid-broadcast; a new one takes over the stalled queue
     entries (XAUTOCLAIM) and the provider idempotency key stops repeats."""
     count = 1500
-    group = church.group()
-    phones = [unique_phone() for _ in range(count)]
-    for phone in phones:
-        church.member(phone, [group])
-    httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [50, 150]}).raise_for_status()
-    try:
-        answer = church.api.post(
-            "/v1/messages", json={"body": "Crash test", "target": {"group_ids": [group]}}
-        )
-        message_id = answer.json()["data"]["id"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-            if counts["sending"] + counts["sent"] + counts["delivered"] >= count // 5:
-                break
-            time.sleep(0.02)
-        stack.stop_process("worker", kill=True)
-        stack.spawn("worker", "worker")
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-            if counts["delivered"] == count:
-                break
-            time.sleep(0.25)
-    finally:
-        httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
+    group, phones = _audience(church, count)
+    message_id = church.broadcast(group, "Crash test")
+    church.counts_when(
+        message_id, lambda c: c["sending"] + c["sent"] + c["delivered"] >= count // 5
+    )
+    stack.stop_process("worker", kill=True)
+    stack.spawn("worker", "worker")
+    counts = church.counts_when(message_id, lambda c: c["delivered"] == count, 90)
     assert counts["delivered"] == count, counts
-    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
-    texts = [by_destination.get(p, 0) for p in phones]
-    assert texts.count(1) == count, f"lost: {texts.count(0)}, doubled: {sum(t > 1 for t in texts)}"
+    _once_each(sim_url, phones)
 
 
 def test_redis_flushed_mid_broadcast_loses_nothing_and_doubles_nothing(
@@ -86,40 +80,20 @@ def test_redis_flushed_mid_broadcast_loses_nothing_and_doubles_nothing(
     every queue entry and scheduled retry: the reconciler re-enqueues from
     Postgres, and idempotency keys keep any repeat from texting twice."""
     count = 300
-    group = church.group()
-    phones = [unique_phone() for _ in range(count)]
-    for phone in phones:
-        church.member(phone, [group])
+    group, phones = _audience(church, count)
     config = f"{sim_url}/_sim/config"
     httpx.post(config, json={"outage": True}).raise_for_status()
     try:
-        answer = church.api.post(
-            "/v1/messages", json={"body": "Flush test", "target": {"group_ids": [group]}}
-        )
-        message_id = answer.json()["data"]["id"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-            if counts["sending"] == count:
-                break
-            time.sleep(0.02)
+        message_id = church.broadcast(group, "Flush test")
+        counts = church.counts_when(message_id, lambda c: c["sending"] == count)
         assert counts["sending"] == count, counts
         # Every recipient now waits for a retry that lives only in Redis.
         stack.stop_process("worker")
-        client = redis.Redis.from_url(stack.env["REDIS_URL"])
-        client.flushall()
-        client.close()
+        _flush_redis(stack)
     finally:
         httpx.post(config, json={"outage": False}).raise_for_status()
         if "worker" not in stack.processes:
             stack.spawn("worker", "worker")
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
-        if counts["delivered"] == count:
-            break
-        time.sleep(0.25)
+    counts = church.counts_when(message_id, lambda c: c["delivered"] == count, 90)
     assert counts["delivered"] == count, counts
-    by_destination = httpx.get(f"{sim_url}/_sim/stats").json()["by_destination"]
-    texts = [by_destination.get(p, 0) for p in phones]
-    assert texts.count(1) == count, f"lost: {texts.count(0)}, doubled: {sum(t > 1 for t in texts)}"
+    _once_each(sim_url, phones)

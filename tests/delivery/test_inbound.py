@@ -165,11 +165,7 @@ def test_reply_arrives_in_the_inbox(church: Church, sim_url: str) -> None:
         f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Amen"}
     )
     assert answer.status_code == 202, answer.text
-    deadline = time.monotonic() + 10
-    conversations: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and not conversations:
-        conversations = church.api.get("/v1/conversations").json()["data"]
-        time.sleep(0.1)
+    conversations = church.conversations_when(1)
     assert conversations, "the reply never reached the inbox"
     conversation = conversations[0]
     assert conversation["member_id"] == member_id
@@ -199,11 +195,7 @@ def test_staff_work_the_inbox(church: Church, other_church: Church, sim_url: str
     httpx.post(
         f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
     ).raise_for_status()
-    deadline = time.monotonic() + 10
-    conversations: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and not conversations:
-        conversations = church.api.get("/v1/conversations").json()["data"]
-        time.sleep(0.1)
+    conversations = church.conversations_when(1)
     conversation_id = conversations[0]["id"]
     path = f"/v1/conversations/{conversation_id}"
 
@@ -233,11 +225,7 @@ def test_inbox_filters(church: Church, sim_url: str) -> None:
         httpx.post(
             f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "?"}
         ).raise_for_status()
-    deadline = time.monotonic() + 10
-    conversations: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and len(conversations) < 2:
-        conversations = church.api.get("/v1/conversations").json()["data"]
-        time.sleep(0.1)
+    conversations = church.conversations_when(2)
     first, second = conversations
     church.api.post(f"/v1/conversations/{first['id']}/read")
     church.api.patch(
