@@ -22,6 +22,7 @@ import msgspec
 
 from storage import keys
 from storage.redis_connection import Redis
+from storage.scripts import ScriptRunner
 
 STREAM_MAXLEN = 1_000_000
 
@@ -107,22 +108,26 @@ async def schedule_retry(redis: Redis, batch: Work, due_ms: int, shards: int) ->
 
 class RetryPump:
     """Moves due retries from each shard's sorted set onto its stream, atomically
-    (one Lua call per shard: the entry is either still delayed or queued)."""
+    (one Lua call per shard: the entry is either still delayed or queued); all
+    shards in one pipelined round trip."""
 
     def __init__(self, redis: Redis, shards: int) -> None:
-        self._script = redis.register_script(_DUE_LUA)
+        self._scripts = ScriptRunner(redis)
+        self._due = self._scripts.register(_DUE_LUA)
         self._shards = shards
 
     async def pump(self, now_ms: int, limit: int = 500) -> int:
-        moved = 0
-        for shard in range(self._shards):
-            moved += int(
-                await self._script(
-                    keys=[keys.delayed_set(shard), keys.send_stream(shard)],
-                    args=[now_ms, limit, STREAM_MAXLEN],
+        moved = await self._scripts.run(
+            [
+                (
+                    self._due,
+                    [keys.delayed_set(shard), keys.send_stream(shard)],
+                    [now_ms, limit, STREAM_MAXLEN],
                 )
-            )
-        return moved
+                for shard in range(self._shards)
+            ]
+        )
+        return sum(int(m) for m in moved)
 
 
 def encode_entry(value: MaterializeJob | Work) -> bytes:
