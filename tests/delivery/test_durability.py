@@ -97,3 +97,20 @@ def test_redis_flushed_mid_broadcast_loses_nothing_and_doubles_nothing(
     counts = church.counts_when(message_id, lambda c: c["delivered"] == count, 90)
     assert counts["delivered"] == count, counts
     _once_each(sim_url, phones)
+
+
+def test_short_outage_is_retried_with_backoff(church: Church, sim_url: str) -> None:
+    """Sends refused with 503 wait in the retry set and go out once it clears."""
+    group, phones = _audience(church, 20)
+    config = f"{sim_url}/_sim/config"
+    httpx.post(config, json={"outage": True}).raise_for_status()
+    try:
+        message_id = church.broadcast(group, "Retry test")
+        counts = church.counts_when(message_id, lambda c: c["sending"] == 20)
+        assert counts["sending"] == 20, counts
+    finally:
+        httpx.post(config, json={"outage": False}).raise_for_status()
+    counts = church.counts_when(message_id, lambda c: c["delivered"] == 20, 30)
+    assert counts["delivered"] == 20, counts
+    assert counts["failed"] == 0
+    _once_each(sim_url, phones)
