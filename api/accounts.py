@@ -1,4 +1,4 @@
-"""Sign-up, sessions and API keys."""
+"""Sign-up, staff sessions and the caller's own identity."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from api.auth import principal
-from api.errors import Unauthorized, invalid_body
-from api.listing import church_listing, services_of
-from api.schemas import ApiKeyCreated, ApiKeyRequest, LoginRequest, SignupData, SignupRequest
-from api.validation import decode_body, path_id
+from api.errors import Unauthorized
+from api.guard import charge_attempt
+from api.listing import services_of
+from api.operation import Operation
+from api.schemas import Credential, LoggedOut, LoginRequest, MeData, SignupData, SignupRequest
+from api.validation import decode_body
 from storage.churches import (
     Church,
     StaffUser,
@@ -22,17 +23,8 @@ from storage.churches import (
     get_user,
     user_for_login,
 )
-from storage.credentials import (
-    ALL_SCOPES,
-    TICKET_TTL_S,
-    create_api_key,
-    create_session,
-    create_ticket,
-    delete_session,
-    list_api_keys,
-    revoke_api_key,
-)
-from storage.envelope import FieldError, ok
+from storage.credentials import create_session, delete_session
+from storage.envelope import ok
 from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
 
 _hasher = PasswordHasher()
@@ -85,6 +77,7 @@ async def signup(request: Request) -> Response:
 async def login(request: Request) -> Response:
     services = services_of(request)
     body = await decode_body(request, LoginRequest)
+    await charge_attempt(request, "login", body.email.strip().lower())
     async with services.pool.connection() as conn:
         found = await user_for_login(conn, body.email.strip())
     stored = found[1] if found else _DUMMY_HASH
@@ -107,7 +100,7 @@ async def logout(request: Request) -> Response:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         await delete_session(services_of(request).redis, token)
-    response = ok({"logged_out": True})
+    response = ok(LoggedOut(logged_out=True))
     response.delete_cookie(SESSION_COOKIE, path="/")
     response.delete_cookie(CSRF_COOKIE, path="/")
     return response
@@ -120,62 +113,67 @@ async def me(request: Request) -> Response:
         church = await get_church(conn, who.church_id)
         user = await get_user(conn, who.church_id, who.user_id) if who.user_id else None
     return ok(
-        {
-            "church": church,
-            "user": user,
-            "credential": {"kind": who.kind, "scopes": sorted(who.scopes)},
-        }
-    )
-
-
-async def create_key(request: Request) -> Response:
-    who = await principal(request, "write")
-    body = await decode_body(request, ApiKeyRequest)
-    scopes = sorted(set(body.scopes)) if body.scopes is not None else list(ALL_SCOPES)
-    unknown = [s for s in scopes if s not in ALL_SCOPES]
-    if unknown or not scopes:
-        raise invalid_body(FieldError("scopes", f"allowed: {', '.join(ALL_SCOPES)}"))
-    async with services_of(request).pool.connection() as conn:
-        key, secret = await create_api_key(
-            conn, who.church_id, name=body.name, scopes=scopes, created_by=who.user_id
+        MeData(
+            church=church,
+            user=user,
+            credential=Credential(kind=who.kind, scopes=sorted(who.scopes)),
         )
-    return ok(
-        ApiKeyCreated(
-            id=key.id,
-            name=key.name,
-            prefix=key.prefix,
-            scopes=key.scopes,
-            key=secret,
-            created_at=key.created_at,
-        ),
-        status=201,
     )
 
 
-async def create_realtime_ticket(request: Request) -> Response:
-    """A one-time ticket for ``/v1/realtime?ticket=`` or ``/v1/events?ticket=``."""
-    # A POST: cookie-authenticated callers pass the CSRF check in ``principal``.
-    who = await principal(request, "read")
-    ticket = await create_ticket(services_of(request).redis, who)
-    return ok({"ticket": ticket, "expires_in": TICKET_TTL_S}, status=201)
-
-
-async def delete_key(request: Request) -> Response:
-    who = await principal(request, "write")
-    key_id = path_id(request)
-    async with services_of(request).pool.connection() as conn:
-        key = await revoke_api_key(conn, who.church_id, key_id)
-    return ok(key)
-
-
-def account_routes() -> list[BaseRoute]:
+def account_operations() -> list[Operation]:
     return [
-        Route("/v1/auth/signup", signup, methods=["POST"]),
-        Route("/v1/auth/login", login, methods=["POST"]),
-        Route("/v1/auth/logout", logout, methods=["POST"]),
-        Route("/v1/me", me, methods=["GET"]),
-        Route("/v1/api-keys", create_key, methods=["POST"]),
-        Route("/v1/api-keys", church_listing(list_api_keys), methods=["GET"]),
-        Route("/v1/api-keys/{id}", delete_key, methods=["DELETE"]),
-        Route("/v1/realtime/tickets", create_realtime_ticket, methods=["POST"]),
+        Operation(
+            "POST",
+            "/v1/auth/signup",
+            signup,
+            "auth.signup",
+            "Create a church and its owner",
+            "auth",
+            scope=None,
+            body=SignupRequest,
+            response=SignupData,
+            status=201,
+            errors=("conflict",),
+            examples={
+                "signup": {
+                    "church_name": "Grace Chapel",
+                    "email": "pastor@grace.example",
+                    "password": "correct horse battery",
+                }
+            },
+        ),
+        Operation(
+            "POST",
+            "/v1/auth/login",
+            login,
+            "auth.login",
+            "Start a staff session",
+            "auth",
+            scope=None,
+            body=LoginRequest,
+            response=SignupData,
+            errors=("unauthorized", "rate_limited"),
+        ),
+        Operation(
+            "POST",
+            "/v1/auth/logout",
+            logout,
+            "auth.logout",
+            "End this session",
+            "auth",
+            scope="read",
+            session_only=True,
+            response=LoggedOut,
+            audit=False,
+        ),
+        Operation(
+            "GET",
+            "/v1/me",
+            me,
+            "me.show",
+            "The caller: church, user and credential",
+            "auth",
+            response=MeData,
+        ),
     ]

@@ -9,6 +9,7 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import invalid_body
 from api.listing import church_listing, paged, services_of
+from api.operation import Operation
 from api.schemas import GroupMembersRequest, GroupRequest, MemberPatch, MemberRequest
 from api.validation import decode_body, path_id
 from storage.churches import get_church
@@ -171,3 +172,7 @@ def audience_routes() -> list[BaseRoute]:
         Route("/v1/members/{id}", patch_member, methods=["PATCH"]),
         Route("/v1/members/{id}", delete_member, methods=["DELETE"]),
     ]
+
+
+def audience_operations() -> list[Operation]:
+    return []

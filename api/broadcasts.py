@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import invalid_body, invalid_query
 from api.listing import paged, services_of
+from api.operation import Operation
 from api.schemas import MessageAccepted, MessageDetail, MessageRequest
 from api.validation import decode_body, page_params, path_id
 from storage.churches import get_church
@@ -164,3 +165,7 @@ def broadcast_routes() -> list[BaseRoute]:
         Route("/v1/messages/{id}", show_message, methods=["GET"]),
         Route("/v1/messages/{id}/recipients", index_recipients, methods=["GET"]),
     ]
+
+
+def broadcast_operations() -> list[Operation]:
+    return []

@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import invalid_query
 from api.listing import paged, services_of
+from api.operation import Operation
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
 from storage.conversations import (
@@ -163,3 +164,7 @@ def inbox_routes() -> list[BaseRoute]:
         Route("/v1/conversations/{id}/messages", index_thread, methods=["GET"]),
         Route("/v1/conversations/{id}/messages", post_reply, methods=["POST"]),
     ]
+
+
+def inbox_operations() -> list[Operation]:
+    return []

@@ -59,6 +59,8 @@ class RequestContext:
                     headers = list(message.get("headers", []))
                     headers.append((b"x-request-id", rid.encode()))
                     headers.extend(_SECURITY_HEADERS)
+                    # Set by handlers for any outcome, errors too (RateLimit-*).
+                    headers.extend(scope.get("koinonia.extra_headers", ()))
                     message = {**message, "headers": headers}
                 await send(message)
 

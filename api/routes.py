@@ -11,23 +11,39 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from api.accounts import account_routes
-from api.audience import audience_routes
-from api.broadcasts import broadcast_routes
+from api.accounts import account_operations
+from api.api_keys import api_key_operations
+from api.audience import audience_operations, audience_routes
+from api.broadcasts import broadcast_operations, broadcast_routes
 from api.errors import ApiError
+from api.guard import guarded
 from api.health import health_routes
-from api.inbox import inbox_routes
-from api.webhook_endpoints import webhook_endpoint_routes
+from api.inbox import inbox_operations, inbox_routes
+from api.operation import Operation, routes_of
+from api.webhook_endpoints import webhook_endpoint_operations, webhook_endpoint_routes
 from storage.envelope import FieldError, fail
 from storage.errors import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("koinonia.api")
 
 
+def operations() -> list[Operation]:
+    """Every ``/v1`` operation: the routes, the OpenAPI document and the route-walking
+    tests all come from this list."""
+    return [
+        *account_operations(),
+        *api_key_operations(),
+        *audience_operations(),
+        *broadcast_operations(),
+        *inbox_operations(),
+        *webhook_endpoint_operations(),
+    ]
+
+
 def api_routes() -> list[BaseRoute]:
     return [
         *health_routes(),
-        *account_routes(),
+        *routes_of(operations(), guarded),
         *audience_routes(),
         *broadcast_routes(),
         *inbox_routes(),

@@ -41,7 +41,8 @@ class LoginRequest(Request, frozen=True):
 
 class ApiKeyRequest(Request, frozen=True):
     name: Name
-    scopes: list[str] | None = None
+    scopes: list[Literal["read", "write"]] | None = None
+    rate_limit_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
 
 
 class GroupRequest(Request, frozen=True):
@@ -128,6 +129,27 @@ class ApiKeyCreated(msgspec.Struct, frozen=True):
     scopes: list[str]
     key: str
     created_at: datetime
+    rate_limit_per_min: int | None = None
+
+
+class TicketData(msgspec.Struct, frozen=True):
+    ticket: str
+    expires_in: int
+
+
+class LoggedOut(msgspec.Struct, frozen=True):
+    logged_out: bool
+
+
+class Credential(msgspec.Struct, frozen=True):
+    kind: str
+    scopes: list[str]
+
+
+class MeData(msgspec.Struct, frozen=True):
+    church: Church | None
+    user: StaffUser | None
+    credential: Credential
 
 
 class MessageAccepted(msgspec.Struct, frozen=True):

@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Route
 from api.auth import principal
 from api.errors import invalid_body
 from api.listing import church_listing
+from api.operation import Operation
 from api.schemas import WebhookEndpointCreated, WebhookEndpointRequest
 from api.validation import decode_body
 from storage.envelope import FieldError, ok
@@ -79,3 +80,7 @@ def webhook_endpoint_routes() -> list[BaseRoute]:
         Route("/v1/webhook-endpoints", post_endpoint, methods=["POST"]),
         Route("/v1/webhook-endpoints", church_listing(list_endpoints), methods=["GET"]),
     ]
+
+
+def webhook_endpoint_operations() -> list[Operation]:
+    return []

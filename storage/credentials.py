@@ -23,7 +23,7 @@ from datetime import datetime
 import msgspec
 
 from storage import keys
-from storage.database import Conn
+from storage.database import Conn, Pool
 from storage.errors import NotFound
 from storage.ids import uuid7
 from storage.pagination import Page, decode_cursor, page_of
@@ -41,6 +41,8 @@ class Principal(msgspec.Struct, frozen=True):
     api_key_id: uuid.UUID | None = None
     role: str | None = None
     csrf_token: str | None = None
+    rate_limit_per_min: int | None = None
+    """An API key's own request limit (None: the default per-key limit)."""
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
@@ -54,6 +56,10 @@ class ApiKey(msgspec.Struct, frozen=True):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    rate_limit_per_min: int | None = None
+
+
+_KEY_COLUMNS = "id, name, prefix, scopes, created_at, last_used_at, revoked_at, rate_limit_per_min"
 
 
 class SessionRecord(msgspec.Struct, frozen=True):
@@ -85,19 +91,43 @@ async def create_api_key(
     name: str,
     scopes: list[str],
     created_by: uuid.UUID | None,
+    rate_limit_per_min: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the full secret, which is never stored."""
-    prefix = secrets.token_hex(6)
-    secret = f"kn_{prefix}_{secrets.token_urlsafe(32).replace('_', '-')}"
+    prefix, secret = _new_secret()
     cur = await conn.execute(
-        "INSERT INTO api_key (church_id, id, name, prefix, secret_hash, scopes, created_by) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s) "
-        "RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
-        (church_id, uuid7(), name, prefix, _sha256(secret), scopes, created_by),
+        "INSERT INTO api_key (church_id, id, name, prefix, secret_hash, scopes, created_by, "
+        f"rate_limit_per_min) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_KEY_COLUMNS}",
+        (church_id, uuid7(), name, prefix, _sha256(secret), scopes, created_by, rate_limit_per_min),
     )
     row = await cur.fetchone()
     assert row is not None
     return ApiKey(*row), secret
+
+
+def _new_secret() -> tuple[str, str]:
+    prefix = secrets.token_hex(6)
+    return prefix, f"kn_{prefix}_{secrets.token_urlsafe(32).replace('_', '-')}"
+
+
+async def rotate_api_key(
+    redis: Redis, conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID
+) -> tuple[ApiKey, str]:
+    """A new secret (and prefix) for a live key; the old secret stops working at once."""
+    prefix, secret = _new_secret()
+    cur = await conn.execute(
+        "UPDATE api_key SET prefix = %s, secret_hash = %s FROM "
+        "(SELECT secret_hash AS old_hash FROM api_key WHERE church_id = %s AND id = %s "
+        "AND revoked_at IS NULL FOR UPDATE) old "
+        "WHERE church_id = %s AND id = %s AND revoked_at IS NULL "
+        f"RETURNING old.old_hash, {', '.join('api_key.' + c for c in _KEY_COLUMNS.split(', '))}",
+        (prefix, _sha256(secret), church_id, key_id, church_id, key_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("api key")
+    await redis.delete(keys.api_key_auth(bytes(row[0]).hex()))
+    return ApiKey(*row[1:]), secret
 
 
 async def list_api_keys(
@@ -105,7 +135,7 @@ async def list_api_keys(
 ) -> Page[ApiKey]:
     after = decode_cursor(cursor).id if cursor else None
     cur = await conn.execute(
-        "SELECT id, name, prefix, scopes, created_at, last_used_at, revoked_at FROM api_key "
+        f"SELECT {_KEY_COLUMNS} FROM api_key "
         "WHERE church_id = %s AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
         (church_id, after, after, limit + 1),
     )
@@ -113,43 +143,70 @@ async def list_api_keys(
     return page_of(rows, limit, lambda k: (None, k.id))
 
 
-async def revoke_api_key(conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
-    """Revoke a key of this church (idempotent: a revoked key stays revoked)."""
+async def revoke_api_key(
+    redis: Redis, conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID
+) -> ApiKey:
+    """Revoke a key of this church (idempotent: a revoked key stays revoked); it stops
+    working on every node at once, its cached principal going with it."""
     cur = await conn.execute(
         "UPDATE api_key SET revoked_at = coalesce(revoked_at, now()) "
-        "WHERE church_id = %s AND id = %s "
-        "RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
+        f"WHERE church_id = %s AND id = %s RETURNING secret_hash, {_KEY_COLUMNS}",
         (church_id, key_id),
     )
     row = await cur.fetchone()
     if row is None:
         raise NotFound("api key")
-    return ApiKey(*row)
+    await redis.delete(keys.api_key_auth(bytes(row[0]).hex()))
+    return ApiKey(*row[1:])
 
 
-async def principal_for_api_key(conn: Conn, raw: str) -> Principal | None:
+API_KEY_CACHE_S = 60
+_principal_encoder = msgspec.msgpack.Encoder()
+_principal_decoder = msgspec.msgpack.Decoder(Principal)
+
+
+async def principal_for_api_key(redis: Redis, pool: Pool, raw: str) -> Principal | None:
+    """The key's principal, from Redis when cached (a minute at most; revocation and
+    rotation delete the entry), else from Postgres.
+
+    ``last_used_at`` has minute resolution: it is written when the cache is filled,
+    and the cache lives a minute, so a busy key writes once a minute, not per request.
+    """
     parsed = parse_api_key(raw)
     if parsed is None:
         return None
     prefix, secret = parsed
-    cur = await conn.execute(
-        "SELECT church_id, id, secret_hash, scopes, revoked_at, "
-        "last_used_at IS NULL OR last_used_at < now() - interval '1 minute' "
-        "FROM api_key WHERE prefix = %s",
-        (prefix,),
-    )
-    row = await cur.fetchone()
-    if row is None or row[4] is not None:
-        return None
-    if not hmac.compare_digest(bytes(row[2]), _sha256(secret)):
-        return None
-    if row[5]:
-        # Minute resolution: a busy key writes once a minute, not once a request.
-        await conn.execute(
-            "UPDATE api_key SET last_used_at = now() WHERE church_id = %s AND id = %s",
-            (row[0], row[1]),
+    digest = _sha256(secret)
+    cache_key = keys.api_key_auth(digest.hex())
+    cached = await redis.get(cache_key)
+    if cached is not None:
+        return _principal_decoder.decode(cached if isinstance(cached, bytes) else cached.encode())
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT church_id, id, secret_hash, scopes, revoked_at, rate_limit_per_min, "
+            "last_used_at IS NULL OR last_used_at < now() - interval '1 minute' "
+            "FROM api_key WHERE prefix = %s",
+            (prefix,),
         )
-    return Principal(church_id=row[0], kind="api_key", scopes=frozenset(row[3]), api_key_id=row[1])
+        row = await cur.fetchone()
+        if row is None or row[4] is not None:
+            return None
+        if not hmac.compare_digest(bytes(row[2]), digest):
+            return None
+        if row[6]:
+            await conn.execute(
+                "UPDATE api_key SET last_used_at = now() WHERE church_id = %s AND id = %s",
+                (row[0], row[1]),
+            )
+    principal = Principal(
+        church_id=row[0],
+        kind="api_key",
+        scopes=frozenset(row[3]),
+        api_key_id=row[1],
+        rate_limit_per_min=row[5],
+    )
+    await redis.set(cache_key, _principal_encoder.encode(principal), ex=API_KEY_CACHE_S)
+    return principal
 
 
 async def create_session(

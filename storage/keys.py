@@ -81,3 +81,28 @@ def session(token_hash: str) -> str:
 def realtime_ticket(ticket_hash: str) -> str:
     """A one-time realtime ticket (single use, 30 s)."""
     return f"{PREFIX}:rtt:{ticket_hash}"
+
+
+# Request limits (storage/rate_limits.py). A church's and its keys' limits share
+# the church tag so one script checks both; login limits are tagged by IP or account.
+def church_rate(church_id: uuid.UUID) -> str:
+    return f"{PREFIX}:rl:{church_tag(church_id)}"
+
+
+def api_key_rate(church_id: uuid.UUID, key_id: uuid.UUID) -> str:
+    return f"{PREFIX}:rl:{church_tag(church_id)}:k:{key_id}"
+
+
+def login_rate(kind: str, who: str) -> str:
+    """``kind`` is ``login-ip``, ``login-account``, ``reset-ip`` or ``reset-account``."""
+    return f"{PREFIX}:rl:{{{kind}:{who}}}"
+
+
+# Cache-aside entries (storage/cache.py), tagged by church.
+def cached(church_id: uuid.UUID, name: str) -> str:
+    return f"{PREFIX}:cache:{church_tag(church_id)}:{name}"
+
+
+def api_key_auth(token_hash: str) -> str:
+    """Cached principal of an API key, by SHA-256 of the whole key."""
+    return f"{PREFIX}:ak:{token_hash}"

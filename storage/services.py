@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import msgspec
 
+from storage.cache import Cache
 from storage.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.database import Pool, open_pool
 from storage.events import EventPublisher
 from storage.phones import PhoneVault
+from storage.rate_limits import ChurchLimits, RateLimiter
 from storage.redis_connection import Redis, open_redis
+from storage.scripts import ScriptRunner
 from storage.settings import Settings
 
 SESSION_COOKIE = "koinonia_session"
@@ -25,17 +28,26 @@ class Services(msgspec.Struct, kw_only=True):
     redis: Redis
     publisher: EventPublisher
     vault: PhoneVault
+    scripts: ScriptRunner
+    limiter: RateLimiter
+    church_limits: ChurchLimits
+    cache: Cache
 
     @classmethod
     async def open(cls, settings: Settings, *, redis_connections: int = 64) -> Services:
         pool = await open_pool(settings.database)
         redis = open_redis(settings.redis, max_connections=redis_connections)
+        scripts = ScriptRunner(redis)
         return cls(
             settings=settings,
             pool=pool,
             redis=redis,
             publisher=EventPublisher(redis),
             vault=PhoneVault(settings.security.phone_key, settings.security.lookup_key),
+            scripts=scripts,
+            limiter=RateLimiter(scripts),
+            church_limits=ChurchLimits(pool, settings.limits.plans),
+            cache=Cache(redis),
         )
 
     async def close(self) -> None:
@@ -51,8 +63,7 @@ class Services(msgspec.Struct, kw_only=True):
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
                 return None
-            async with self.pool.connection() as conn:
-                return await principal_for_api_key(conn, value.strip())
+            return await principal_for_api_key(self.redis, self.pool, value.strip())
         if session_token:
             return await principal_for_session(self.redis, session_token)
         return None

@@ -108,6 +108,33 @@ class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_SIM_WEBHOOK_URL: where webhooks go when a send names no webhook_url."""
 
 
+class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests per minute. Plans from the customer's card; every figure is a setting."""
+
+    plans: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"starter": 100, "growth": 300, "pro": 1000}
+    )
+    """KOINONIA_RATE_STARTER, KOINONIA_RATE_GROWTH, KOINONIA_RATE_PRO"""
+    api_key: int = 600
+    """KOINONIA_RATE_API_KEY: default per-key limit when a key sets none."""
+    login_per_ip: int = 20
+    """KOINONIA_RATE_LOGIN_IP"""
+    login_per_account: int = 10
+    """KOINONIA_RATE_LOGIN_ACCOUNT"""
+    reset_per_ip: int = 10
+    """KOINONIA_RATE_RESET_IP"""
+    reset_per_account: int = 3
+    """KOINONIA_RATE_RESET_ACCOUNT"""
+
+
+class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
+    smtp_url: str = ""
+    """KOINONIA_SMTP_URL: smtp://user:pass@host:port (smtps:// for TLS). Empty: mail
+    goes to the development outbox in Postgres (``koinonia outbox`` lists it)."""
+    sender: str = "Koinonia <no-reply@koinonia.local>"
+    """KOINONIA_MAIL_FROM"""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".koinonia")
     """KOINONIA_DATA_DIR: embedded Postgres/Redis and development keys live here."""
@@ -123,6 +150,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     provider: ProviderSettings = ProviderSettings()
     delivery: DeliverySettings = DeliverySettings()
     simulator: SimulatorSettings = SimulatorSettings()
+    limits: LimitSettings = LimitSettings()
+    mail: MailSettings = MailSettings()
 
     @property
     def public_url(self) -> str:
@@ -207,5 +236,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 api_key=s("KOINONIA_SIM_API_KEY", ""),
                 signing_seed=s("KOINONIA_SIM_SIGNING_SEED", ""),
                 default_webhook_url=s("KOINONIA_SIM_WEBHOOK_URL", ""),
+            ),
+            limits=LimitSettings(
+                plans={
+                    "starter": i("KOINONIA_RATE_STARTER", 100),
+                    "growth": i("KOINONIA_RATE_GROWTH", 300),
+                    "pro": i("KOINONIA_RATE_PRO", 1000),
+                },
+                api_key=i("KOINONIA_RATE_API_KEY", 600),
+                login_per_ip=i("KOINONIA_RATE_LOGIN_IP", 20),
+                login_per_account=i("KOINONIA_RATE_LOGIN_ACCOUNT", 10),
+                reset_per_ip=i("KOINONIA_RATE_RESET_IP", 10),
+                reset_per_account=i("KOINONIA_RATE_RESET_ACCOUNT", 3),
+            ),
+            mail=MailSettings(
+                smtp_url=s("KOINONIA_SMTP_URL", ""),
+                sender=s("KOINONIA_MAIL_FROM", "Koinonia <no-reply@koinonia.local>"),
             ),
         )

@@ -134,7 +134,13 @@ def test_another_churchs_ids_are_not_found(church: Church, other_church: Church)
 
 
 def test_cookie_writes_need_the_csrf_token(church: Church) -> None:
-    answer = church.session.post("/v1/groups", json={"name": "No token"})
+    answer = church.session.post(
+        "/v1/groups", json={"name": "No token"}, headers={"X-CSRF-Token": ""}
+    )
+    assert answer.status_code == 403
+    answer = church.session.post(
+        "/v1/groups", json={"name": "Wrong token"}, headers={"X-CSRF-Token": "x" * 32}
+    )
     assert answer.status_code == 403
     answer = church.session.post(
         "/v1/groups", json={"name": "With token"}, headers={"X-CSRF-Token": church.csrf}
@@ -192,23 +198,23 @@ def test_webhook_endpoint_secret(church: Church) -> None:
 
 
 def test_api_keys_list_and_revoke(church: Church, other_church: Church, base_url: str) -> None:
-    made = church.api.post("/v1/api-keys", json={"name": "zapier", "scopes": ["read"]})
+    made = church.session.post("/v1/api-keys", json={"name": "zapier", "scopes": ["read"]})
     assert made.status_code == 201
     key = made.json()["data"]
-    listed = church.api.get("/v1/api-keys").json()["data"]
+    listed = church.session.get("/v1/api-keys").json()["data"]
     assert {k["name"] for k in listed} == {"tests", "zapier"}
     assert all("key" not in k and "secret_hash" not in k for k in listed)
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key['key']}"}) as zap:
         assert zap.get("/v1/messages").status_code == 200
-        used = {k["name"]: k["last_used_at"] for k in church.api.get("/v1/api-keys").json()["data"]}
+        used = {k["name"]: k["last_used_at"] for k in church.session.get("/v1/api-keys").json()["data"]}
         assert used["zapier"] is not None
         assert zap.post("/v1/groups", json={"name": "x"}).status_code == 403  # read only
-        assert other_church.api.delete(f"/v1/api-keys/{key['id']}").status_code == 404
-        revoked = church.api.delete(f"/v1/api-keys/{key['id']}")
+        assert other_church.session.delete(f"/v1/api-keys/{key['id']}").status_code == 404
+        revoked = church.session.delete(f"/v1/api-keys/{key['id']}")
         assert revoked.status_code == 200
         assert revoked.json()["data"]["revoked_at"] is not None
         assert zap.get("/v1/messages").status_code == 401
-    bad_scope = church.api.post("/v1/api-keys", json={"name": "x", "scopes": ["admin"]})
+    bad_scope = church.session.post("/v1/api-keys", json={"name": "x", "scopes": ["admin"]})
     assert bad_scope.status_code == 422
 
 
