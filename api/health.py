@@ -6,12 +6,13 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
+from api.operation import Handler, Operation
 from storage import keys
-from storage.envelope import JSONResponse, success_bytes
+from storage.envelope import fail, ok
 from storage.services import Services
 
 CHECK_TIMEOUT_S = 2.0
@@ -70,10 +71,16 @@ async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
         return name, {"ok": False, "error": type(exc).__name__}
 
 
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    """``ok``; an unhealthy answer is the ``unavailable`` error with the checks as details."""
+    checks: dict[str, dict[str, Any]] = {}
+
+
 def _answer(checks: dict[str, dict[str, Any]]) -> Response:
-    healthy = all(c.get("ok") for c in checks.values())
-    body = {"status": "ok" if healthy else "unavailable", "checks": checks}
-    return JSONResponse(success_bytes(body), status_code=200 if healthy else 503)
+    if all(c.get("ok") for c in checks.values()):
+        return ok(Health(status="ok", checks=checks))
+    return fail("unavailable", "a dependency is not answering", checks)
 
 
 async def health(request: Request) -> Response:
@@ -81,7 +88,7 @@ async def health(request: Request) -> Response:
 
 
 async def live(request: Request) -> Response:
-    return JSONResponse(success_bytes({"status": "ok"}))
+    return ok(Health(status="ok"))
 
 
 async def ready(request: Request) -> Response:
@@ -103,13 +110,32 @@ async def detailed(request: Request) -> Response:
             _check("queue", _queue(services)),
         )
     )
+    checks["cache"] = {"ok": True, **services.cache.stats.snapshot()}
     return _answer(checks)
 
 
-def health_routes() -> list[BaseRoute]:
+def health_operations() -> list[Operation]:
+    def op(path: str, handler: Handler, name: str, summary: str) -> Operation:
+        return Operation(
+            "GET",
+            path,
+            handler,
+            name,
+            summary,
+            "health",
+            scope=None,
+            response=Health,
+            errors=("unavailable",),
+        )
+
     return [
-        Route("/health", health, methods=["GET"]),
-        Route("/health/live", live, methods=["GET"]),
-        Route("/health/ready", ready, methods=["GET"]),
-        Route("/health/detailed", detailed, methods=["GET"]),
+        op("/health", health, "health.show", "Ready to serve (as /health/ready)"),
+        op("/health/live", live, "health.live", "The process answers"),
+        op("/health/ready", ready, "health.ready", "Postgres and Redis answer"),
+        op(
+            "/health/detailed",
+            detailed,
+            "health.detailed",
+            "Postgres, Redis, queue depths and this process's cache hits and misses",
+        ),
     ]

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from api.auth import principal
 from api.errors import invalid_query
 from api.listing import paged, services_of
-from api.operation import Operation
+from api.operation import Operation, QueryParam
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
 from storage.conversations import (
     Conversation,
     ConversationFilter,
+    ConversationMessage,
     changed_event,
     get_conversation,
     list_conversation_messages,
@@ -156,15 +158,80 @@ async def index_conversations(request: Request) -> Response:
 
 
 def inbox_routes() -> list[BaseRoute]:
-    return [
-        Route("/v1/conversations", index_conversations, methods=["GET"]),
-        Route("/v1/conversations/{id}", show_conversation, methods=["GET"]),
-        Route("/v1/conversations/{id}", patch_conversation, methods=["PATCH"]),
-        Route("/v1/conversations/{id}/read", mark_read, methods=["POST"]),
-        Route("/v1/conversations/{id}/messages", index_thread, methods=["GET"]),
-        Route("/v1/conversations/{id}/messages", post_reply, methods=["POST"]),
-    ]
+    return []
 
 
 def inbox_operations() -> list[Operation]:
-    return []
+    conversation_filters = (
+        QueryParam("status", Literal["open", "closed"], "only open or only closed"),
+        QueryParam("unread", bool, "only conversations with (or without) unread messages"),
+        QueryParam("assignee_id", uuid.UUID, "only conversations assigned to this staff user"),
+    )
+    return [
+        Operation(
+            "GET",
+            "/v1/conversations",
+            index_conversations,
+            "conversation.list",
+            "List conversations, most recent activity first",
+            "inbox",
+            response=list[Conversation],
+            listing=True,
+            query=conversation_filters,
+        ),
+        Operation(
+            "GET",
+            "/v1/conversations/{id}",
+            show_conversation,
+            "conversation.show",
+            "One conversation",
+            "inbox",
+            response=Conversation,
+        ),
+        Operation(
+            "PATCH",
+            "/v1/conversations/{id}",
+            patch_conversation,
+            "conversation.update",
+            "Close, reopen, assign or unassign a conversation",
+            "inbox",
+            scope="write",
+            body=ConversationPatch,
+            response=Conversation,
+            examples={"close": {"status": "closed"}, "assign": {"assignee_id": None}},
+        ),
+        Operation(
+            "POST",
+            "/v1/conversations/{id}/read",
+            mark_read,
+            "conversation.read",
+            "Mark every message of a conversation read",
+            "inbox",
+            scope="write",
+            response=Conversation,
+            audit=False,
+        ),
+        Operation(
+            "GET",
+            "/v1/conversations/{id}/messages",
+            index_thread,
+            "conversation.messages",
+            "The thread, oldest first",
+            "inbox",
+            response=list[ConversationMessage],
+            listing=True,
+        ),
+        Operation(
+            "POST",
+            "/v1/conversations/{id}/messages",
+            post_reply,
+            "conversation.reply",
+            "Reply to the member (sent asynchronously)",
+            "inbox",
+            scope="write",
+            body=ReplyRequest,
+            response=ConversationMessage,
+            status=202,
+            examples={"reply": {"body": "Thanks! See you Sunday."}},
+        ),
+    ]

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from api.middleware import RequestContext
 from api.routes import api_routes, exception_handlers
@@ -50,7 +51,27 @@ def create_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[*api_routes(), *realtime_routes(), *inbound_routes()],
-        middleware=[Middleware(RequestContext, max_body_bytes=settings.http.max_body_bytes)],
+        middleware=[
+            Middleware(RequestContext, max_body_bytes=settings.http.max_body_bytes),
+            # Browsers on the allow-listed origins (a church's own site, a dashboard)
+            # may call the API with credentials; everyone else gets no CORS headers.
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.http.allowed_origins),
+                allow_credentials=True,
+                allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-Id"],
+                expose_headers=[
+                    "X-Request-Id",
+                    "Retry-After",
+                    "RateLimit-Limit",
+                    "RateLimit-Remaining",
+                    "RateLimit-Reset",
+                    "RateLimit-Policy",
+                ],
+                max_age=600,
+            ),
+        ],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
