@@ -1,10 +1,8 @@
-"""Sign-up, staff sessions and the caller's own identity."""
+"""Sign-up, staff sessions and the caller's own identity; staff management joins
+them from ``api/staff.py``."""
 
 from __future__ import annotations
 
-import anyio.to_thread
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -14,55 +12,25 @@ from api.guard import charge_attempt
 from api.listing import services_of
 from api.operation import Operation
 from api.schemas import Credential, LoggedOut, LoginRequest, MeData, SignupData, SignupRequest
+from api.sessions import clear_session_cookies, hash_password, password_matches, signed_in
+from api.staff import staff_operations
 from api.validation import decode_body
 from storage.churches import (
-    Church,
-    StaffUser,
     create_church_with_owner,
     get_church,
     get_user,
     user_for_login,
 )
-from storage.credentials import create_session, delete_session
+from storage.credentials import delete_session
 from storage.envelope import ok
-from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
-
-_hasher = PasswordHasher()
-# Verifying against this keeps an unknown email as slow as a wrong password.
-_DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
-
-
-async def _signed_in(
-    services: Services, church: Church, user: StaffUser, *, status: int = 200
-) -> Response:
-    """Start a session for ``user`` and answer with it: the session cookie (httpOnly)
-    and the CSRF cookie that cookie-authenticated writes echo back."""
-    http = services.settings.http
-    token, csrf = await create_session(
-        services.redis,
-        church_id=church.id,
-        user_id=user.id,
-        role=user.role,
-        ttl_s=http.session_ttl_s,
-    )
-    response = ok(SignupData(church=church, user=user), status=status)
-    for name, value, httponly in ((SESSION_COOKIE, token, True), (CSRF_COOKIE, csrf, False)):
-        response.set_cookie(
-            name,
-            value,
-            max_age=http.session_ttl_s,
-            httponly=httponly,
-            samesite="lax",
-            secure=http.secure_cookies,
-            path="/",
-        )
-    return response
+from storage.services import SESSION_COOKIE
+from storage.staff import record_login
 
 
 async def signup(request: Request) -> Response:
     services = services_of(request)
     body = await decode_body(request, SignupRequest)
-    password_hash = await anyio.to_thread.run_sync(_hasher.hash, body.password)
+    password_hash = await hash_password(body.password)
     async with services.pool.connection() as conn:
         church, user = await create_church_with_owner(
             conn,
@@ -71,28 +39,29 @@ async def signup(request: Request) -> Response:
             password_hash=password_hash,
             number_prefix=services.settings.provider.number_pool_prefix,
         )
-    return await _signed_in(services, church, user, status=201)
+    return await signed_in(services, church, user, status=201)
 
 
 async def login(request: Request) -> Response:
     services = services_of(request)
     body = await decode_body(request, LoginRequest)
     await charge_attempt(request, "login", body.email.strip().lower())
-    async with services.pool.connection() as conn:
-        found = await user_for_login(conn, body.email.strip())
-    stored = found[1] if found else _DUMMY_HASH
-    try:
-        await anyio.to_thread.run_sync(_hasher.verify, stored, body.password)
-    except (VerificationError, InvalidHashError):
-        found = None
-    if found is None:
+    found = None
+    if "\x00" not in body.email:  # no account has one, and Postgres text cannot hold it
+        async with services.pool.connection() as conn:
+            found = await user_for_login(conn, body.email.strip())
+    # An unknown email is checked against a dummy hash: it takes as long as a wrong password.
+    matched = await password_matches(found[1] if found else None, body.password)
+    if found is None or not matched:
         raise Unauthorized("wrong email or password")
     user = found[0]
     async with services.pool.connection() as conn:
         church = await get_church(conn, user.church_id)
+        if church is not None:
+            await record_login(conn, user.church_id, user.id)
     if church is None:
         raise Unauthorized("wrong email or password")
-    return await _signed_in(services, church, user)
+    return await signed_in(services, church, user)
 
 
 async def logout(request: Request) -> Response:
@@ -101,8 +70,7 @@ async def logout(request: Request) -> Response:
     if token:
         await delete_session(services_of(request).redis, token)
     response = ok(LoggedOut(logged_out=True))
-    response.delete_cookie(SESSION_COOKIE, path="/")
-    response.delete_cookie(CSRF_COOKIE, path="/")
+    clear_session_cookies(response, services_of(request).settings.http)
     return response
 
 
@@ -176,4 +144,5 @@ def account_operations() -> list[Operation]:
             "auth",
             response=MeData,
         ),
+        *staff_operations(),
     ]

@@ -1,88 +1,193 @@
-"""Broadcast messages: accept (202), read with counts, list, recipients."""
+"""Broadcast messages: accept (202) now or at ``send_at``, cancel, read with counts,
+list, recipients. Recurring messages and analytics add their operations here."""
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from api.analytics import analytics_operations, query_time
 from api.auth import principal
 from api.errors import invalid_body, invalid_query
 from api.listing import paged, services_of
-from api.operation import Operation
-from api.schemas import MessageAccepted, MessageDetail, MessageRequest
+from api.operation import Operation, QueryParam, audit_target
+from api.recurring import recurring_operations
+from api.schemas import Body, TargetRequest
+from api.schemas import Request as RequestBody
 from api.validation import decode_body, page_params, path_id
+from storage import merge_fields
 from storage.churches import get_church
 from storage.envelope import FieldError, ok
-from storage.events import Counts, MessageCreated, new_event
+from storage.events import Counts
 from storage.messages import (
+    MAX_SCHEDULE_AHEAD,
+    Message,
     MessageFilter,
+    Target,
     accept_message,
+    announce_started,
+    cancel_message,
     get_message,
     list_messages,
     message_counts,
 )
-from storage.queue import MaterializeJob, enqueue_materialize
-from storage.recipients import list_recipients
+from storage.recipients import Recipient, list_recipients
 from storage.statuses import MessageStatus, RecipientStatus
+from storage.templates import get_template
 
 log = logging.getLogger("koinonia.api.broadcasts")
+
+ANALYTICS = "analytics"
+
+
+class BroadcastRequest(RequestBody, frozen=True):
+    """Give exactly one of ``body`` and ``template_id``; ``send_at`` schedules it."""
+
+    target: TargetRequest
+    body: Body | None = None
+    template_id: uuid.UUID | None = None
+    """Send a template's current text (copied into the message at acceptance)."""
+    send_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    """RFC 3339 with a zone, in the future and at most 365 days ahead."""
+
+
+class BroadcastAccepted(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    status: str
+    """``queued``, or ``scheduled`` when ``send_at`` was given."""
+    recipient_count: int
+    segments: int
+    """Of the body as written: for a body with merge fields, the un-rendered text's."""
+    encoding: str
+    personalized: bool
+    """The body has merge fields, rendered for each recipient when sent."""
+    send_at: datetime | None
+    template_id: uuid.UUID | None
+    created_at: datetime
+
+
+class BroadcastDetail(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    body: str
+    target: Target
+    status: str
+    recipient_count: int
+    segments: int
+    """Of the body as written: for a body with merge fields, the un-rendered text's."""
+    encoding: str
+    personalized: bool
+    from_number: str
+    counts: Counts
+    send_at: datetime | None
+    template_id: uuid.UUID | None
+    recurring_id: uuid.UUID | None
+    created_at: datetime
+    completed_at: datetime | None
+    canceled_at: datetime | None
+
+
+def _body_problems(text: str, field: str) -> list[FieldError]:
+    return [FieldError(field, problem) for problem in merge_fields.problems(text)]
+
+
+def _request_problems(body: BroadcastRequest, now: datetime) -> list[FieldError]:
+    problems: list[FieldError] = []
+    target = body.target.problem()
+    if target:
+        problems.append(FieldError("target", target))
+    if body.body is None and body.template_id is None:
+        problems.append(FieldError("body", "is required"))
+    elif body.body is not None and body.template_id is not None:
+        problems.append(FieldError("body", "give exactly one of body or template_id"))
+    elif body.body is not None:
+        problems += _body_problems(body.body, "body")
+    if body.send_at is not None:
+        if body.send_at <= now:
+            problems.append(FieldError("send_at", "must be in the future"))
+        elif body.send_at > now + MAX_SCHEDULE_AHEAD:
+            problems.append(
+                FieldError("send_at", f"must be at most {MAX_SCHEDULE_AHEAD.days} days ahead")
+            )
+    return problems
 
 
 async def post_message(request: Request) -> Response:
     who = await principal(request, "write")
-    body = await decode_body(request, MessageRequest)
-    problem = body.target.problem()
-    if problem:
-        raise invalid_body(FieldError("target", problem))
+    body = await decode_body(request, BroadcastRequest)
+    problems = _request_problems(body, datetime.now(UTC))
+    if problems:
+        raise invalid_body(*problems)
     services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         assert church is not None
+        text = body.body
+        if body.template_id is not None:
+            text = (await get_template(conn, who.church_id, body.template_id)).body
+            problems = _body_problems(text, "template_id")
+            if problems:
+                raise invalid_body(*problems)
+        assert text is not None
         message = await accept_message(
             conn,
             who.church_id,
-            body=body.body,
+            body=text,
             target=body.target.to_target(),
             from_number=church.phone_number,
             created_by=who.user_id,
+            send_at=body.send_at,
+            template_id=body.template_id,
         )
+    audit_target(request, message.id)
     # Committed: from here on nothing can lose the message. If Redis is down the
-    # scheduler's reconciler materializes it later; the 202 stands either way.
+    # scheduler's sweeps materialize it later; the 202 stands either way.
     try:
-        await enqueue_materialize(
-            services.redis,
-            MaterializeJob(
-                church_id=who.church_id, message_id=message.id, created_at=message.created_at
-            ),
-        )
-        await services.publisher.publish(
-            who.church_id,
-            "dashboard",
-            new_event(
-                "message.created",
-                MessageCreated(
-                    message_id=message.id,
-                    recipient_count=message.recipient_count,
-                    status=message.status,
-                ),
-            ),
-        )
+        if message.status == MessageStatus.QUEUED:
+            await announce_started(services.redis, services.publisher, who.church_id, message)
+        await services.cache.invalidate(who.church_id, ANALYTICS)
     except Exception:
         log.exception("enqueue after accept failed; the reconciler will pick it up")
     return ok(
-        MessageAccepted(
+        BroadcastAccepted(
             id=message.id,
             status=message.status,
             recipient_count=message.recipient_count,
             segments=message.segments,
             encoding=message.encoding,
+            personalized=merge_fields.has_fields(message.body),
+            send_at=message.send_at,
+            template_id=message.template_id,
             created_at=message.created_at,
         ),
         status=202,
+    )
+
+
+def _detail(message: Message, counts: Counts) -> BroadcastDetail:
+    return BroadcastDetail(
+        id=message.id,
+        body=message.body,
+        target=message.target,
+        status=message.status,
+        recipient_count=message.recipient_count,
+        segments=message.segments,
+        encoding=message.encoding,
+        personalized=merge_fields.has_fields(message.body),
+        from_number=message.from_number,
+        counts=counts,
+        send_at=message.send_at,
+        template_id=message.template_id,
+        recurring_id=message.recurring_id,
+        created_at=message.created_at,
+        completed_at=message.completed_at,
+        canceled_at=message.canceled_at,
     )
 
 
@@ -92,24 +197,26 @@ async def show_message(request: Request) -> Response:
     async with services_of(request).pool.connection() as conn:
         message = await get_message(conn, who.church_id, message_id)
         counts = await message_counts(conn, who.church_id, message_id)
-    if sum(getattr(counts, s.value) for s in RecipientStatus) == 0:
+    if sum(getattr(counts, s.value) for s in RecipientStatus) == 0 and message.status in (
+        MessageStatus.SCHEDULED,
+        MessageStatus.QUEUED,
+    ):
         # Not materialized yet: the whole audience is still waiting.
         counts = Counts(queued=message.recipient_count)
-    return ok(
-        MessageDetail(
-            id=message.id,
-            body=message.body,
-            target=message.target,
-            status=message.status,
-            recipient_count=message.recipient_count,
-            segments=message.segments,
-            encoding=message.encoding,
-            from_number=message.from_number,
-            counts=counts,
-            created_at=message.created_at,
-            completed_at=message.completed_at,
-        )
-    )
+    return ok(_detail(message, counts))
+
+
+async def post_cancel(request: Request) -> Response:
+    """Only a ``scheduled`` message whose time has not come can be canceled."""
+    who = await principal(request, "write")
+    services = services_of(request)
+    async with services.pool.connection() as conn:
+        message = await cancel_message(conn, who.church_id, path_id(request))
+    try:
+        await services.cache.invalidate(who.church_id, ANALYTICS)
+    except Exception:
+        log.exception("analytics invalidation failed")
+    return ok(_detail(message, Counts()))
 
 
 async def index_recipients(request: Request) -> Response:
@@ -127,28 +234,13 @@ async def index_recipients(request: Request) -> Response:
     return ok(page.items, next_cursor=page.next_cursor)
 
 
-def _when(request: Request, name: str) -> datetime | None:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        value = None
-    if value is None or value.tzinfo is None:
-        raise invalid_query(
-            FieldError(name, "must be an ISO 8601 time with a zone, e.g. 2026-11-01T00:00:00Z")
-        )
-    return value
-
-
 async def index_messages(request: Request) -> Response:
     """``?status=``, ``?since=`` (inclusive), ``?until=`` (exclusive) filter the list."""
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in MessageStatus}:
         raise invalid_query(FieldError("status", "must be a message status"))
     where = MessageFilter(
-        status=status, since=_when(request, "since"), until=_when(request, "until")
+        status=status, since=query_time(request, "since"), until=query_time(request, "until")
     )
     return await paged(
         request,
@@ -159,13 +251,94 @@ async def index_messages(request: Request) -> Response:
 
 
 def broadcast_routes() -> list[BaseRoute]:
+    return []
+
+
+MessageStatusName = Literal["scheduled", "queued", "sending", "completed", "canceled"]
+RecipientStatusName = Literal[
+    "queued", "sending", "sent", "delivered", "failed", "undelivered", "skipped"
+]
+
+
+def message_operations() -> list[Operation]:
     return [
-        Route("/v1/messages", post_message, methods=["POST"]),
-        Route("/v1/messages", index_messages, methods=["GET"]),
-        Route("/v1/messages/{id}", show_message, methods=["GET"]),
-        Route("/v1/messages/{id}/recipients", index_recipients, methods=["GET"]),
+        Operation(
+            "POST",
+            "/v1/messages",
+            post_message,
+            "message.create",
+            "Send a broadcast now or at send_at (accepted at once, sent asynchronously)",
+            "messages",
+            scope="write",
+            body=BroadcastRequest,
+            response=BroadcastAccepted,
+            status=202,
+            errors=("not_found",),
+            description=(
+                "The audience is the target's members when the message is accepted; "
+                "members who opt out before it is sent are skipped. Merge fields "
+                "(`{{first_name}}`, `{{last_name}}`, `{{full_name}}`, `{{church_name}}`) "
+                "are rendered per recipient at send time; `segments` counts the text as "
+                "written."
+            ),
+            examples={
+                "now": {"body": "Service at 10am", "target": {"group_ids": ["<group id>"]}},
+                "scheduled": {
+                    "body": "Hi {{first_name}}, see you Sunday!",
+                    "target": {"all": True},
+                    "send_at": "2030-01-05T14:00:00Z",
+                },
+                "template": {"template_id": "<template id>", "target": {"all": True}},
+            },
+        ),
+        Operation(
+            "GET",
+            "/v1/messages",
+            index_messages,
+            "message.list",
+            "List broadcasts, newest first",
+            "messages",
+            response=list[Message],
+            listing=True,
+            query=(
+                QueryParam("status", MessageStatusName, "only messages in this status"),
+                QueryParam("since", datetime, "accepted at or after (inclusive)"),
+                QueryParam("until", datetime, "accepted before (exclusive)"),
+            ),
+        ),
+        Operation(
+            "GET",
+            "/v1/messages/{id}",
+            show_message,
+            "message.show",
+            "One broadcast with its recipient counts",
+            "messages",
+            response=BroadcastDetail,
+        ),
+        Operation(
+            "POST",
+            "/v1/messages/{id}/cancel",
+            post_cancel,
+            "message.cancel",
+            "Cancel a scheduled broadcast that has not started",
+            "messages",
+            scope="write",
+            response=BroadcastDetail,
+            errors=("conflict",),
+        ),
+        Operation(
+            "GET",
+            "/v1/messages/{id}/recipients",
+            index_recipients,
+            "message.recipients",
+            "A broadcast's recipients, in id order",
+            "messages",
+            response=list[Recipient],
+            listing=True,
+            query=(QueryParam("status", RecipientStatusName, "only recipients in this status"),),
+        ),
     ]
 
 
 def broadcast_operations() -> list[Operation]:
-    return []
+    return [*message_operations(), *recurring_operations(), *analytics_operations()]

@@ -14,6 +14,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.envelope import error_bytes, request_id_var
+from storage.member_import import IMPORT_PATH, MAX_IMPORT_BYTES
 
 log = logging.getLogger("koinonia.access")
 
@@ -47,7 +48,9 @@ class RequestContext:
         started = time.perf_counter()
         status = 0
         try:
-            if scope["type"] == "http" and declared > self.max_body_bytes:
+            # CSV imports stream up to their own, larger limit (storage/member_import.py).
+            limit = MAX_IMPORT_BYTES if scope["path"] == IMPORT_PATH else self.max_body_bytes
+            if scope["type"] == "http" and declared > limit:
                 status = 413
                 await _refuse(send, rid, 413)
                 return

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import psycopg
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,11 +15,13 @@ from starlette.routing import BaseRoute
 from api.accounts import account_operations
 from api.api_keys import api_key_operations
 from api.audience import audience_operations, audience_routes
+from api.audit_log import audit_operations
 from api.broadcasts import broadcast_operations, broadcast_routes
 from api.errors import ApiError
 from api.guard import guarded
-from api.health import health_routes
+from api.health import health_operations
 from api.inbox import inbox_operations, inbox_routes
+from api.openapi import docs_routes
 from api.operation import Operation, routes_of
 from api.webhook_endpoints import webhook_endpoint_operations, webhook_endpoint_routes
 from storage.envelope import FieldError, fail
@@ -31,8 +34,10 @@ def operations() -> list[Operation]:
     """Every ``/v1`` operation: the routes, the OpenAPI document and the route-walking
     tests all come from this list."""
     return [
+        *health_operations(),
         *account_operations(),
         *api_key_operations(),
+        *audit_operations(),
         *audience_operations(),
         *broadcast_operations(),
         *inbox_operations(),
@@ -42,7 +47,7 @@ def operations() -> list[Operation]:
 
 def api_routes() -> list[BaseRoute]:
     return [
-        *health_routes(),
+        *docs_routes(operations),
         *routes_of(operations(), guarded),
         *audience_routes(),
         *broadcast_routes(),
@@ -75,6 +80,17 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
+async def _data(request: Request, exc: Exception) -> Response:
+    # Input Postgres cannot store (a NUL character, an out-of-range number) that got
+    # past validation: still the client's input, so a 422, never a 500.
+    log.warning("input refused by the database", extra={"error": type(exc).__name__})
+    return fail(
+        "validation_error",
+        "request contains a value that cannot be stored",
+        [FieldError("body", "contains a value that cannot be stored (NUL or out of range)")],
+    )
+
+
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "bad_request")
@@ -92,6 +108,7 @@ def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitabl
         NotFound: _not_found,
         Conflict: _conflict,
         InvalidInput: _invalid,
+        psycopg.DataError: _data,
         HTTPException: _http,
         Exception: _unexpected,
     }

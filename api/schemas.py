@@ -17,10 +17,17 @@ from storage.churches import Church, StaffUser
 from storage.events import Counts
 from storage.messages import Target
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+# Postgres text cannot hold NUL, so every text field refuses it: a validation_error
+# naming the field, never a failed INSERT.
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+OptionalName = Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)]
+"""A name that may be empty (a last name)."""
+Email = Annotated[
+    str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")
+]
 Password = Annotated[str, msgspec.Meta(min_length=12, max_length=1024)]
-Body = Annotated[str, msgspec.Meta(min_length=1, max_length=1600)]
+Body = Annotated[str, msgspec.Meta(min_length=1, max_length=1600, pattern=NO_NUL)]
 IdList = Annotated[list[uuid.UUID], msgspec.Meta(min_length=1, max_length=1000)]
 
 

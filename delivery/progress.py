@@ -29,10 +29,12 @@ from storage.events import (
     new_event,
 )
 from storage.messages import mark_completed, message_counts
+from storage.outbox import record_events
 from storage.recipients import Transition
 from storage.redis_connection import Redis
 from storage.scripts import Call
 from storage.statuses import ALL_STATUSES, FINAL
+from storage.webhook_endpoints import interest
 
 log = logging.getLogger("koinonia.delivery.progress")
 
@@ -58,6 +60,7 @@ class ProgressTracker:
         self._redis = redis
         self._publisher = publisher
         self._pool = pool
+        self._webhooks = interest(pool)
         self._scripts = publisher.scripts
         self._apply = self._scripts.register(_APPLY_LUA)
         self._trailing: dict[tuple[uuid.UUID, uuid.UUID], None] = {}
@@ -79,30 +82,29 @@ class ProgressTracker:
         if not changes:
             return
         channel = f"message:{message_id}"
-        calls = [
-            self._publisher.publish_call(
-                church_id,
-                channel,
-                new_event(
-                    "message.recipient.status",
-                    RecipientStatusChanged(
-                        message_id=message_id,
-                        recipient_id=c.id,
-                        member_id=c.member_id,
-                        status=c.status,
-                        provider_message_id=c.provider_message_id,
-                        error_code=c.error_code,
-                    ),
+        events = [
+            new_event(
+                "message.recipient.status",
+                RecipientStatusChanged(
+                    message_id=message_id,
+                    recipient_id=c.id,
+                    member_id=c.member_id,
+                    status=c.status,
+                    provider_message_id=c.provider_message_id,
+                    error_code=c.error_code,
                 ),
             )
             for c in changes
         ]
+        calls = [self._publisher.publish_call(church_id, channel, e) for e in events]
         deltas: dict[str, int] = {}
         for c in changes:
             deltas[c.old_status] = deltas.get(c.old_status, 0) - 1
             deltas[c.status] = deltas.get(c.status, 0) + 1
         # The events and the counter update travel in one round trip.
         results = await self._scripts.run([*calls, self._apply_call(church_id, message_id, deltas)])
+        if self._webhooks.wants(church_id, "message.recipient.status"):
+            await self._to_webhooks(church_id, [(e.type, e.data) for e in events])
         await self._after_apply(church_id, message_id, results[-1])
 
     def _apply_call(
@@ -181,6 +183,7 @@ class ProgressTracker:
                 ("dashboard", completed),
             ],
         )
+        await self._to_webhooks(church_id, [(completed.type, completed.data)])
 
     async def _publish_progress(
         self, church_id: uuid.UUID, message_id: uuid.UUID, counts: Counts, total: int
@@ -192,6 +195,18 @@ class ProgressTracker:
         await self._publisher.publish_many(
             church_id, [(f"message:{message_id}", event), ("dashboard", event)]
         )
+        if self._webhooks.wants(church_id, event.type):
+            await self._to_webhooks(church_id, [(event.type, event.data)])
+
+    async def _to_webhooks(self, church_id: uuid.UUID, events: list[tuple[str, Any]]) -> None:
+        """Webhook copies of events for the church's matching endpoints (none: nothing
+        stored). Hot paths ask the interest cache first, sparing churches without
+        endpoints the round trip."""
+        try:
+            async with self._pool.connection() as conn:
+                await record_events(conn, church_id, events)
+        except Exception:
+            log.exception("recording webhook events failed", extra={"events": len(events)})
 
     async def _rebuild(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
         """Redis lost the counters: recount from Postgres, the truth."""

@@ -1,5 +1,10 @@
 """The scheduler: periodic jobs that keep accepted work moving.
 
+- scheduled sends: messages whose ``send_at`` has come are claimed with
+  ``FOR UPDATE SKIP LOCKED``, turned ``queued`` in the same transaction, then
+  enqueued for materialization;
+- recurring messages: each due occurrence is made exactly once (a row lock and
+  a unique occurrence key, storage/recurring.py) into an ordinary message;
 - partitions: keep the current month and the next three in place;
 - materialization sweep: accepted broadcasts whose materialize entry was lost
   (Redis flushed, or down at acceptance) are enqueued again;
@@ -11,9 +16,10 @@
   empty Redis only delays delivery; the provider idempotency key keeps a repeat
   from texting anyone twice.
 
-Any number of schedulers may run: each job takes a transaction-scoped advisory
-lock with ``pg_try_advisory_xact_lock`` and skips its turn when another holds it.
-No job deletes or drops message data.
+Any number of schedulers may run: the two sending jobs claim rows with ``SKIP
+LOCKED`` (two schedulers take different rows, never the same one); each other
+job takes a transaction-scoped advisory lock with ``pg_try_advisory_xact_lock``
+and skips its turn when another holds it. No job deletes or drops message data.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from storage.ids import created_at_of
+from storage.messages import announce_started, claim_due_scheduled, unstarted_scheduled
 from storage.partitions import ensure_partitions
 from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
 from storage.recipients import pending_materialization, stale_open_recipients, touch
+from storage.recurring import Ran, run_next_due
 from storage.services import Services
 
 log = logging.getLogger("koinonia.delivery.scheduler")
@@ -39,6 +47,7 @@ _LOCK_PRUNE = 7_311_020_203
 PROVIDER_EVENT_RETENTION = timedelta(days=7)
 _PRUNE_BATCH = 5000
 _PARTITION_EVERY_S = 3600.0
+_RECURRING_PER_TICK = 200
 
 
 class Scheduler:
@@ -67,8 +76,53 @@ class Scheduler:
         if loop.time() - self._last_partitions > _PARTITION_EVERY_S or not self._last_partitions:
             await self.premake_partitions()
             self._last_partitions = loop.time()
-        await self.reconcile()
+        # One failing job does not hold back the others.
+        for job in (self.start_scheduled, self.run_recurring, self.reconcile):
+            try:
+                await job()
+            except Exception:
+                log.exception("scheduler job failed", extra={"job": job.__name__})
         await self.prune_provider_events()
+
+    async def start_scheduled(self, now: datetime | None = None) -> int:
+        """Start every scheduled message whose ``send_at`` has come; returns how many."""
+        started = 0
+        while True:
+            async with self.services.pool.connection() as conn:
+                claimed = await claim_due_scheduled(conn, now or datetime.now(UTC))
+            for church_id, message in claimed:
+                await announce_started(
+                    self.services.redis, self.services.publisher, church_id, message
+                )
+            started += len(claimed)
+            if not claimed:
+                break
+        if started:
+            log.info("scheduled messages started", extra={"messages": started})
+        return started
+
+    async def run_recurring(self, now: datetime | None = None) -> list[Ran]:
+        """Make every due recurring occurrence (at most a bounded number per tick)."""
+        ran: list[Ran] = []
+        for _ in range(_RECURRING_PER_TICK):
+            async with self.services.pool.connection() as conn:
+                done = await run_next_due(conn, now or datetime.now(UTC))
+            if done is None:
+                break
+            ran.append(done)
+            if done.message is not None:
+                await announce_started(
+                    self.services.redis, self.services.publisher, done.church_id, done.message
+                )
+            log.info(
+                "recurring occurrence",
+                extra={
+                    "recurring_id": str(done.recurring_id),
+                    "occurrence_at": done.occurrence_at.isoformat(),
+                    "status": done.status,
+                },
+            )
+        return ran
 
     async def premake_partitions(self) -> list[str]:
         async with self.services.pool.connection() as conn, conn.transaction():
@@ -105,6 +159,7 @@ class Scheduler:
             if not row or not row[0]:
                 return 0, 0
             messages = await pending_materialization(conn, cutoff)
+            messages += await unstarted_scheduled(conn, cutoff)
             stale = await stale_open_recipients(conn, cutoff)
             by_message: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
             for church_id, message_id, recipient_id in stale:

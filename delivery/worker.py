@@ -28,11 +28,12 @@ from redis.exceptions import ResponseError
 
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider, SendRequest, SendResult
-from storage import keys
+from storage import keys, merge_fields
 from storage.conversations import set_outbound_status
 from storage.database import Conn
 from storage.events import ConversationMessageStatus, new_event
 from storage.ids import created_at_of
+from storage.messages import merge_values
 from storage.queue import (
     STREAM_MAXLEN,
     ConversationSend,
@@ -262,10 +263,24 @@ class Worker:
                 conn, batch.church_id, batch.message_id, batch.recipient_ids
             )
             body = await self._bodies.body(conn, batch.church_id, batch.message_id)
+            # Merge fields are rendered per recipient here, with the member's values now.
+            personal = bool(targets) and body is not None and merge_fields.has_fields(body)
+            values = (
+                await merge_values(conn, batch.church_id, [t.member_id for t in targets])
+                if personal
+                else {}
+            )
         await self.progress.record(batch.church_id, batch.message_id, changes)
         if not targets or body is None:
             return
-        requests = [self._request(batch, body, t) for t in targets]
+        requests = [
+            self._request(
+                batch,
+                merge_fields.render(body, values.get(t.member_id, {})) if personal else body,
+                t,
+            )
+            for t in targets
+        ]
         results = await self.provider.send(requests)
         await self._record(batch, targets, results)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -105,6 +106,7 @@ async def _run_until_signal(runner: _Runner) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from delivery.telnyx import TelnyxProvider
+    from delivery.webhooks import Alongside, WebhookDispatcher
     from delivery.worker import Worker
     from storage.logs import configure_logging
     from storage.services import Services
@@ -122,7 +124,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
             concurrency=settings.delivery.concurrency,
         )
         try:
-            await _run_until_signal(Worker(services, provider, name=args.name))
+            await _run_until_signal(
+                Alongside(Worker(services, provider, name=args.name), WebhookDispatcher(services))
+            )
         finally:
             await provider.aclose()
             await services.close()
@@ -176,10 +180,119 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
 
 
+def _running_database_url(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded Postgres that `koinonia dev` runs in the data folder
+    (its port is in ``postmaster.pid``)."""
+    if settings.database.url:
+        return settings.database.url
+    from deploy.embedded_postgres import PG_DATABASE, PG_ROLE
+
+    pid_file = Path(settings.data_dir).resolve() / "postgres" / "postmaster.pid"
+    try:
+        port = int(pid_file.read_text().splitlines()[3])
+    except (OSError, IndexError, ValueError):
+        sys.exit(f"koinonia: set DATABASE_URL, or run `koinonia dev` (no Postgres at {pid_file})")
+    return f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
+
+
+def cmd_outbox(args: argparse.Namespace) -> None:
+    """Print the development outbox: mail stored instead of sent (no KOINONIA_SMTP_URL)."""
+    from psycopg import AsyncConnection
+
+    from storage.mail import list_outbox
+
+    url = _running_database_url(Settings.from_env())
+
+    async def main() -> None:
+        async with await AsyncConnection.connect(url, autocommit=True) as conn:
+            entries = await list_outbox(conn, limit=args.limit, to=args.to)
+        if not entries:
+            print("outbox: no mail")
+        for entry in reversed(entries):
+            print(f"--- {entry.created_at.isoformat(timespec='seconds')}  [{entry.status}]")
+            print(f"To: {entry.recipient}")
+            print(f"Subject: {entry.subject}")
+            print()
+            # Mail that went through SMTP keeps no body (it may hold a live token).
+            print(entry.body if entry.body is not None else f"({entry.error or 'sent by SMTP'})")
+
+    asyncio.run(main())
+
+
+def cmd_import_members(args: argparse.Namespace) -> None:
+    """Import a CSV file of members (as ``POST /v1/members/import`` does), streaming it,
+    with progress on stderr every second and the summary as JSON on stdout. Exit
+    status: 0 every row imported, 1 some rows failed, 2 nothing could be imported."""
+    import uuid
+
+    import msgspec
+
+    from storage.audit import record
+    from storage.churches import get_church
+    from storage.errors import InvalidInput
+    from storage.member_import import MemberImporter, Progress, import_file
+    from storage.services import Services
+
+    settings = Settings.from_env()
+    _require_keys(settings)
+    try:
+        church_id = uuid.UUID(args.church_id)
+    except ValueError:
+        sys.exit("koinonia: --church-id must be a UUID")
+    path = Path(args.file)
+    if not path.is_file():
+        sys.exit(f"koinonia: no such file: {path}")
+
+    def show(p: Progress) -> None:
+        rate = p.rows / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        percent = 100.0 * p.bytes_read / p.total_bytes if p.total_bytes else 100.0
+        print(f"import: {p.rows} rows, {rate:.0f} rows/s, {percent:.1f}% of file", file=sys.stderr)
+
+    async def main() -> int:
+        services = await Services.open(settings, redis_connections=4)
+        try:
+            async with services.pool.connection() as conn:
+                church = await get_church(conn, church_id)
+            if church is None:
+                print(f"koinonia: no church {church_id}", file=sys.stderr)
+                return 2
+            importer = MemberImporter(
+                services.pool,
+                services.vault,
+                church_id,
+                country=church.country,
+                cache=services.cache,
+            )
+            try:
+                summary = await import_file(importer, path, on_progress=show)
+            except InvalidInput as exc:
+                print(f"koinonia: {exc.field}: {exc.message}", file=sys.stderr)
+                return 2
+            counts = {k: getattr(summary, k) for k in ("processed", "created", "updated", "failed")}
+            async with services.pool.connection() as conn:
+                await record(
+                    conn,
+                    church_id,
+                    actor_type="system",
+                    actor_id=None,
+                    action="member.import",
+                    target_type="members",
+                    details=counts,
+                )
+            print(msgspec.json.encode(summary).decode())
+            return 1 if summary.failed else 0
+        finally:
+            await services.close()
+
+    sys.exit(asyncio.run(main()))
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack, say
 
     settings = Settings.from_env()
+    # Development receivers usually listen on loopback (PROTOCOL.md "Running it").
+    os.environ.setdefault("KOINONIA_WEBHOOK_ALLOW_PRIVATE", "true")
     stack = Stack(
         Path(settings.data_dir).resolve(),
         http_port=settings.http.port,
@@ -223,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("scheduler", help="run the scheduler")
     sub.add_parser("simulator", help="run the Telnyx-compatible provider simulator")
     sub.add_parser("migrate", help="apply database migrations and create partitions")
+    outbox = sub.add_parser("outbox", help="list mail in the development outbox (newest last)")
+    outbox.add_argument("--limit", type=int, default=20, help="how many mails (default 20)")
+    outbox.add_argument("--to", default=None, help="only mail to this address")
+    imports = sub.add_parser("import-members", help="import members from a CSV file")
+    imports.add_argument("--church-id", required=True, help="the church to import into")
+    imports.add_argument("file", help="CSV file with a header row (phone, first_name, ...)")
     args = parser.parse_args(argv)
     handlers = {
         "dev": cmd_dev,
@@ -231,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         "scheduler": cmd_scheduler,
         "simulator": cmd_simulator,
         "migrate": cmd_migrate,
+        "outbox": cmd_outbox,
+        "import-members": cmd_import_members,
     }
     handlers[args.command](args)
 

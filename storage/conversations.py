@@ -10,8 +10,15 @@ import msgspec
 
 from storage.database import Conn
 from storage.errors import InvalidInput, NotFound
-from storage.events import ConversationChanged, Event, new_event
+from storage.events import (
+    ConversationChanged,
+    ConversationMessageCreated,
+    ConversationMessageStatus,
+    Event,
+    new_event,
+)
 from storage.ids import created_at_of, uuid7
+from storage.outbox import record_event, record_events
 from storage.pagination import Page, decode_cursor, page_of
 
 
@@ -71,7 +78,16 @@ async def record_inbound(
     )
     mrow = await cur.fetchone()
     assert mrow is not None
-    return conversation, ConversationMessage(*mrow), bool(row[7])
+    message, created = ConversationMessage(*mrow), bool(row[7])
+    await record_events(
+        conn,
+        church_id,
+        [
+            ("conversation.created" if created else "conversation.updated", _changed(conversation)),
+            ("conversation.message.created", _posted(conversation, message)),
+        ],
+    )
+    return conversation, message, created
 
 
 async def record_outbound(
@@ -100,21 +116,39 @@ async def record_outbound(
     )
     mrow = await cur.fetchone()
     assert mrow is not None
-    return Conversation(*row), ConversationMessage(*mrow)
+    conversation, message = Conversation(*row), ConversationMessage(*mrow)
+    await record_event(
+        conn, church_id, "conversation.message.created", _posted(conversation, message)
+    )
+    return conversation, message
 
 
 def changed_event(conversation: Conversation, *, created: bool = False) -> Event:
     """``conversation.created`` or ``conversation.updated`` for its current state."""
     return new_event(
-        "conversation.created" if created else "conversation.updated",
-        ConversationChanged(
-            conversation_id=conversation.id,
-            member_id=conversation.member_id,
-            status=conversation.status,
-            unread_count=conversation.unread_count,
-            assignee_id=conversation.assignee_id,
-            last_message_at=conversation.last_message_at,
-        ),
+        "conversation.created" if created else "conversation.updated", _changed(conversation)
+    )
+
+
+def _changed(conversation: Conversation) -> ConversationChanged:
+    return ConversationChanged(
+        conversation_id=conversation.id,
+        member_id=conversation.member_id,
+        status=conversation.status,
+        unread_count=conversation.unread_count,
+        assignee_id=conversation.assignee_id,
+        last_message_at=conversation.last_message_at,
+    )
+
+
+def _posted(conversation: Conversation, message: ConversationMessage) -> ConversationMessageCreated:
+    return ConversationMessageCreated(
+        conversation_id=conversation.id,
+        message_id=message.id,
+        member_id=conversation.member_id,
+        direction=message.direction,
+        body=message.body,
+        created_at=message.created_at,
     )
 
 
@@ -149,7 +183,9 @@ async def update_conversation(
     row = await cur.fetchone()
     if row is None:
         raise NotFound("conversation")
-    return Conversation(*row)
+    conversation = Conversation(*row)
+    await record_event(conn, church_id, "conversation.updated", _changed(conversation))
+    return conversation
 
 
 async def get_conversation(
@@ -241,4 +277,15 @@ async def set_outbound_status(
         (status, provider_message_id, church_id, message_id, created_at_of(message_id), allowed),
     )
     row = await cur.fetchone()
-    return ConversationMessage(*row) if row else None
+    if row is None:
+        return None
+    changed = ConversationMessage(*row)
+    await record_event(
+        conn,
+        church_id,
+        "conversation.message.status",
+        ConversationMessageStatus(
+            conversation_id=changed.conversation_id, message_id=changed.id, status=changed.status
+        ),
+    )
+    return changed

@@ -212,19 +212,34 @@ async def principal_for_api_key(redis: Redis, pool: Pool, raw: str) -> Principal
 async def create_session(
     redis: Redis, *, church_id: uuid.UUID, user_id: uuid.UUID, role: str, ttl_s: int
 ) -> tuple[str, str]:
-    """Store a new session; returns (session token, CSRF token)."""
+    """Store a new session; returns (session token, CSRF token).
+
+    The session's hash also joins its user's index (``keys.user_sessions``), so a
+    role change reaches every live session of that user and a removal or password
+    reset ends them all. The index lives as long as the user's newest session.
+    """
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(24)
+    token_hash = _sha256(token).hex()
     record = SessionRecord(church_id=church_id, user_id=user_id, role=role, csrf=csrf)
-    await redis.set(keys.session(_sha256(token).hex()), _session_encoder.encode(record), ex=ttl_s)
+    index = keys.user_sessions(church_id, user_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.session(token_hash), _session_encoder.encode(record), ex=ttl_s)
+        pipe.sadd(index, token_hash)
+        pipe.expire(index, ttl_s)
+        await pipe.execute()
     return token, csrf
+
+
+def _decode_session(raw: bytes | str) -> SessionRecord:
+    return _session_decoder.decode(raw if isinstance(raw, bytes) else raw.encode())
 
 
 async def principal_for_session(redis: Redis, token: str) -> Principal | None:
     raw = await redis.get(keys.session(_sha256(token).hex()))
     if raw is None:
         return None
-    record = _session_decoder.decode(raw if isinstance(raw, bytes) else raw.encode())
+    record = _decode_session(raw)
     return Principal(
         church_id=record.church_id,
         kind="session",
@@ -236,7 +251,66 @@ async def principal_for_session(redis: Redis, token: str) -> Principal | None:
 
 
 async def delete_session(redis: Redis, token: str) -> None:
-    await redis.delete(keys.session(_sha256(token).hex()))
+    token_hash = _sha256(token).hex()
+    raw = await redis.getdel(keys.session(token_hash))
+    if raw is not None:
+        record = _decode_session(raw)
+        await redis.srem(keys.user_sessions(record.church_id, record.user_id), token_hash)
+
+
+async def _user_session_hashes(redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID) -> list[str]:
+    members = await redis.smembers(keys.user_sessions(church_id, user_id))
+    return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+async def delete_user_sessions(
+    redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID, *, keep: str | None = None
+) -> int:
+    """End every session of a user (removal, password reset), or every one but the
+    session whose token is ``keep`` (a password change keeps its own session).
+    Returns how many sessions were ended."""
+    index = keys.user_sessions(church_id, user_id)
+    kept = _sha256(keep).hex() if keep else None
+    doomed = [h for h in await _user_session_hashes(redis, church_id, user_id) if h != kept]
+    if not doomed:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for token_hash in doomed:
+            pipe.delete(keys.session(token_hash))
+        pipe.srem(index, *doomed)
+        results = await pipe.execute()
+    return sum(int(n) for n in results[:-1])
+
+
+async def set_user_sessions_role(
+    redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID, role: str
+) -> int:
+    """Rewrite the role in every live session of a user, keeping each one's expiry,
+    so a role change applies to the very next request. Returns how many changed."""
+    index = keys.user_sessions(church_id, user_id)
+    hashes = await _user_session_hashes(redis, church_id, user_id)
+    if not hashes:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for token_hash in hashes:
+            pipe.get(keys.session(token_hash))
+        found = await pipe.execute()
+    gone = [h for h, raw in zip(hashes, found, strict=True) if raw is None]
+    changed = 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for token_hash, raw in zip(hashes, found, strict=True):
+            if raw is None:
+                continue
+            record = msgspec.structs.replace(_decode_session(raw), role=role)
+            # XX: a session that ended meanwhile (logout) is not brought back.
+            pipe.set(
+                keys.session(token_hash), _session_encoder.encode(record), keepttl=True, xx=True
+            )
+            changed += 1
+        if gone:
+            pipe.srem(index, *gone)
+        await pipe.execute()
+    return changed
 
 
 TICKET_TTL_S = 30

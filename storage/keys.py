@@ -106,3 +106,9 @@ def cached(church_id: uuid.UUID, name: str) -> str:
 def api_key_auth(token_hash: str) -> str:
     """Cached principal of an API key, by SHA-256 of the whole key."""
     return f"{PREFIX}:ak:{token_hash}"
+
+
+# Staff: the sessions of one user (a set of session token hashes), so a role
+# change rewrites them and a removal or password reset deletes them at once.
+def user_sessions(church_id: uuid.UUID, user_id: uuid.UUID) -> str:
+    return f"{PREFIX}:us:{church_tag(church_id)}:{user_id}"

@@ -12,18 +12,21 @@ found again by ``materialized_at IS NULL``.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 from psycopg.types.json import Jsonb
 
 from storage.database import Conn
-from storage.errors import NotFound
-from storage.events import Counts
+from storage.errors import Conflict, NotFound
+from storage.events import Counts, EventPublisher, MessageCreated, new_event
 from storage.groups import existing_ids
 from storage.ids import created_at_of, uuid7
+from storage.outbox import record_event
 from storage.pagination import Page, decode_cursor, page_of
+from storage.queue import MaterializeJob, enqueue_materialize
+from storage.redis_connection import Redis
 from storage.segments import count_segments
 from storage.statuses import ALL_STATUSES, MessageStatus
 
@@ -47,12 +50,18 @@ class Message(msgspec.Struct, frozen=True):
     send_at: datetime | None
     created_at: datetime
     completed_at: datetime | None
+    template_id: uuid.UUID | None = None
+    recurring_id: uuid.UUID | None = None
+    canceled_at: datetime | None = None
 
 
 _COLS = (
     "id, body, target, status, recipient_count, segments, encoding, from_number, "
-    "send_at, created_at, completed_at"
+    "send_at, created_at, completed_at, template_id, recurring_id, canceled_at"
 )
+
+MAX_SCHEDULE_AHEAD = timedelta(days=365)
+"""How far ahead ``send_at`` may be; it also bounds the partitions the scheduler scans."""
 
 
 def _message(row: tuple[Any, ...]) -> Message:
@@ -132,12 +141,22 @@ async def accept_message(
     target: Target,
     from_number: str,
     created_by: uuid.UUID | None,
+    send_at: datetime | None = None,
+    template_id: uuid.UUID | None = None,
+    recurring_id: uuid.UUID | None = None,
 ) -> Message:
-    """Commit the message and its resolved target; recipients follow from a worker."""
+    """Commit the message and its resolved target; recipients follow from a worker.
+
+    With ``send_at`` the message waits as ``scheduled``; otherwise it is ``queued``
+    and its ``message.created`` webhook event is recorded in the same transaction.
+    ``segments`` / ``encoding`` are those of ``body`` as written: for a body with
+    merge fields that is the un-rendered template, an estimate of each recipient's.
+    """
     message_id = uuid7()
     accepted_at = created_at_of(message_id)
     named = target_ids(target)
     info = count_segments(body)
+    status = MessageStatus.SCHEDULED if send_at is not None else MessageStatus.QUEUED
     async with conn.transaction():
         if named is not None:
             table, ids = named
@@ -151,8 +170,9 @@ async def accept_message(
         count = int(row[0]) if row else 0
         cur = await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
-            "recipient_count, segments, encoding, from_number, created_by) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "recipient_count, segments, encoding, from_number, created_by, send_at, "
+            "template_id, recurring_id) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             f"RETURNING {_COLS}",
             (
                 church_id,
@@ -160,17 +180,141 @@ async def accept_message(
                 accepted_at,
                 body,
                 Jsonb(msgspec.to_builtins(target)),
-                MessageStatus.QUEUED.value,
+                status.value,
                 count,
                 info.segments,
                 info.encoding,
                 from_number,
                 created_by,
+                send_at,
+                template_id,
+                recurring_id,
             ),
         )
         out = await cur.fetchone()
         assert out is not None
-    return _message(out)
+        message = _message(out)
+        if status is MessageStatus.QUEUED:
+            await record_created(conn, church_id, message)
+    return message
+
+
+def created_event(message: Message) -> MessageCreated:
+    return MessageCreated(
+        message_id=message.id, recipient_count=message.recipient_count, status=message.status
+    )
+
+
+async def record_created(conn: Conn, church_id: uuid.UUID, message: Message) -> None:
+    """The ``message.created`` webhook event, in the caller's transaction: when the
+    message starts (at acceptance, or when its ``send_at`` comes)."""
+    await record_event(
+        conn, church_id, "message.created", msgspec.to_builtins(created_event(message))
+    )
+
+
+async def announce_started(
+    redis: Redis, publisher: EventPublisher, church_id: uuid.UUID, message: Message
+) -> None:
+    """After the commit of a started message: enqueue its materialization and tell
+    the dashboard. Losing this only delays the message (the sweeps find it)."""
+    await enqueue_materialize(
+        redis,
+        MaterializeJob(church_id=church_id, message_id=message.id, created_at=message.created_at),
+    )
+    await publisher.publish(
+        church_id, "dashboard", new_event("message.created", created_event(message))
+    )
+
+
+async def cancel_message(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:
+    """Cancel a scheduled message that has not started; anything else is a Conflict.
+
+    Races with the scheduler are decided by the row lock: the scheduler's claim
+    holds it while it turns the message ``queued``, and this guarded UPDATE then
+    finds no ``scheduled`` row.
+    """
+    if message_id.version != 7:
+        raise NotFound("message")
+    cur = await conn.execute(
+        "UPDATE message SET status = 'canceled', canceled_at = now() "
+        "WHERE church_id = %s AND id = %s AND created_at = %s AND status = 'scheduled' "
+        f"RETURNING {_COLS}",
+        (church_id, message_id, created_at_of(message_id)),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        current = await get_message(conn, church_id, message_id)
+        raise Conflict(
+            f"only a scheduled message that has not started can be canceled; "
+            f"this one is {current.status}",
+            field="status",
+        )
+    return _message(row)
+
+
+async def claim_due_scheduled(
+    conn: Conn, now: datetime, limit: int = 100
+) -> list[tuple[uuid.UUID, Message]]:
+    """Turn due ``scheduled`` messages ``queued``, once across any number of schedulers
+    (``FOR UPDATE SKIP LOCKED``), recording each one's ``message.created`` in the
+    same transaction; returns (church id, message). The caller enqueues their
+    materialization after the commit (``unstarted_scheduled`` covers a lost one)."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE message SET status = 'queued' WHERE (church_id, id, created_at) IN ("
+            "  SELECT church_id, id, created_at FROM message WHERE status = 'scheduled' "
+            "  AND send_at <= %s AND created_at >= %s ORDER BY send_at LIMIT %s "
+            "  FOR UPDATE SKIP LOCKED) "
+            f"AND status = 'scheduled' RETURNING church_id, {_COLS}",
+            (now, now - MAX_SCHEDULE_AHEAD - timedelta(days=1), limit),
+        )
+        claimed = [(r[0], _message(r[1:])) for r in await cur.fetchall()]
+        for church_id, message in claimed:
+            await record_created(conn, church_id, message)
+    return claimed
+
+
+async def unstarted_scheduled(
+    conn: Conn, older_than: datetime, limit: int = 100
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(church id, message id) of scheduled messages claimed before ``older_than``
+    whose materialization never ran (the enqueue after the claim was lost)."""
+    cur = await conn.execute(
+        "SELECT church_id, id FROM message WHERE materialized_at IS NULL AND status = 'queued' "
+        "AND send_at IS NOT NULL AND send_at < %s AND created_at >= %s "
+        "ORDER BY created_at LIMIT %s",
+        (older_than, older_than - MAX_SCHEDULE_AHEAD - timedelta(days=1), limit),
+    )
+    return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+class MergeValues(msgspec.Struct, frozen=True):
+    first_name: str
+    last_name: str
+    church_name: str
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "first_name": self.first_name,
+            "last_name": self.last_name,
+            "full_name": f"{self.first_name} {self.last_name}".strip(),
+            "church_name": self.church_name,
+        }
+
+
+async def merge_values(
+    conn: Conn, church_id: uuid.UUID, member_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, str]]:
+    """The merge-field values of each member (storage/merge_fields.py FIELDS), as of now."""
+    if not member_ids:
+        return {}
+    cur = await conn.execute(
+        "SELECT m.id, m.first_name, m.last_name, c.name FROM member m "
+        "JOIN church c ON c.id = m.church_id WHERE m.church_id = %s AND m.id = ANY(%s)",
+        (church_id, member_ids),
+    )
+    return {r[0]: MergeValues(r[1], r[2], r[3]).fields() for r in await cur.fetchall()}
 
 
 async def get_message(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:

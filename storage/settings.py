@@ -135,6 +135,47 @@ class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_MAIL_FROM"""
 
 
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Outgoing integrator webhooks (Standard Webhooks), sent by the delivery worker."""
+
+    allow_private_destinations: bool = False
+    """KOINONIA_WEBHOOK_ALLOW_PRIVATE: let endpoints point at private, loopback or
+    link-local addresses (``koinonia dev`` sets it; production leaves it off)."""
+    timeout_s: float = 15.0
+    """KOINONIA_WEBHOOK_TIMEOUT_S: one attempt, connect to last byte."""
+    retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    """KOINONIA_WEBHOOK_RETRY_SCHEDULE: comma-separated delays (seconds) before each
+    retry; one attempt plus one per delay (default: 8 attempts over ~27.6 hours)."""
+    retry_scale: float = 1.0
+    """KOINONIA_WEBHOOK_RETRY_SCALE: multiplies every retry delay (tests compress them)."""
+    secret_overlap_s: int = 24 * 3600
+    """KOINONIA_WEBHOOK_SECRET_OVERLAP_S: a rotated-out secret keeps signing this long."""
+    failure_threshold: int = 100
+    """KOINONIA_WEBHOOK_FAILURE_THRESHOLD: consecutive deliveries that used up every
+    retry without a success in between disable the endpoint."""
+    disable_after_s: int = 5 * 24 * 3600
+    """KOINONIA_WEBHOOK_DISABLE_AFTER_S: an endpoint whose attempts have all failed
+    for this long is disabled."""
+    concurrency: int = 32
+    """KOINONIA_WEBHOOK_CONCURRENCY: webhook requests in flight per worker."""
+    per_endpoint_concurrency: int = 8
+    """KOINONIA_WEBHOOK_PER_ENDPOINT: of those, at most this many to one endpoint."""
+    poll_s: float = 0.25
+    """KOINONIA_WEBHOOK_POLL_S: how often an idle worker looks for due deliveries."""
+    retention_days: int = 30
+    """KOINONIA_WEBHOOK_RETENTION_DAYS: events, deliveries and attempts kept this long."""
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.retry_schedule_s) + 1
+
+    def retry_delay_s(self, attempt: int) -> float | None:
+        """The wait after failed attempt number ``attempt`` (1-based); None after the last."""
+        if attempt > len(self.retry_schedule_s):
+            return None
+        return self.retry_schedule_s[attempt - 1] * self.retry_scale
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".koinonia")
     """KOINONIA_DATA_DIR: embedded Postgres/Redis and development keys live here."""
@@ -152,6 +193,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     simulator: SimulatorSettings = SimulatorSettings()
     limits: LimitSettings = LimitSettings()
     mail: MailSettings = MailSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @property
     def public_url(self) -> str:
@@ -252,5 +294,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             mail=MailSettings(
                 smtp_url=s("KOINONIA_SMTP_URL", ""),
                 sender=s("KOINONIA_MAIL_FROM", "Koinonia <no-reply@koinonia.local>"),
+            ),
+            webhooks=WebhookSettings(
+                allow_private_destinations=b("KOINONIA_WEBHOOK_ALLOW_PRIVATE", False),
+                timeout_s=f("KOINONIA_WEBHOOK_TIMEOUT_S", 15.0),
+                retry_schedule_s=tuple(
+                    float(d)
+                    for d in s(
+                        "KOINONIA_WEBHOOK_RETRY_SCHEDULE", "5,300,1800,7200,18000,36000,36000"
+                    ).split(",")
+                    if d.strip()
+                ),
+                retry_scale=f("KOINONIA_WEBHOOK_RETRY_SCALE", 1.0),
+                secret_overlap_s=i("KOINONIA_WEBHOOK_SECRET_OVERLAP_S", 24 * 3600),
+                failure_threshold=i("KOINONIA_WEBHOOK_FAILURE_THRESHOLD", 100),
+                disable_after_s=i("KOINONIA_WEBHOOK_DISABLE_AFTER_S", 5 * 24 * 3600),
+                concurrency=i("KOINONIA_WEBHOOK_CONCURRENCY", 32),
+                per_endpoint_concurrency=i("KOINONIA_WEBHOOK_PER_ENDPOINT", 8),
+                poll_s=f("KOINONIA_WEBHOOK_POLL_S", 0.25),
+                retention_days=i("KOINONIA_WEBHOOK_RETENTION_DAYS", 30),
             ),
         )

@@ -1,25 +1,76 @@
-"""Integrators' webhook endpoints (delivery of events to them is the delivery package's)."""
+"""Integrators' webhook endpoints and their attempt logs (delivery of events to them
+is the delivery package's; the outbox rows are ``storage/outbox.py``'s).
+
+Secrets are Standard Webhooks secrets (``whsec_`` + base64 of 32 random bytes),
+shown once at creation and rotation. A rotated-out secret keeps signing beside
+the new one for an overlap, so receivers can switch without losing a delivery.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import ipaddress
+import logging
 import os
+import time
 import uuid
+import weakref
 from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
-from storage.database import Conn
+from storage.database import Conn, Pool
+from storage.errors import NotFound
 from storage.ids import uuid7
+from storage.outbox import (
+    VALID_FILTERS,
+    bump_version,
+    disable_endpoint,
+    endpoints_version,
+    event_id_text,
+    matches,
+    resume_deliveries,
+)
 from storage.pagination import Page, decode_cursor, page_of
+
+log = logging.getLogger("koinonia.storage.webhook_endpoints")
 
 
 class WebhookEndpoint(msgspec.Struct, frozen=True):
     id: uuid.UUID
     url: str
+    description: str
     events: list[str]
     enabled: bool
+    disabled_reason: str | None
+    """``manual``, ``gone`` (the endpoint answered 410) or ``persistent_failure``."""
     created_at: datetime
+    updated_at: datetime
+
+
+class WebhookAttempt(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    event_id: str
+    """The ``webhook-id`` the receiver saw."""
+    event_type: str
+    attempt: int
+    trigger: str
+    """``scheduled`` (the first send and its retries) or ``manual`` (replay, test)."""
+    status_code: int | None
+    latency_ms: int
+    response_excerpt: str | None
+    """The first KiB of the response body."""
+    error: str | None
+    """Why no response came (timeout, connection refused, destination refused)."""
+    created_at: datetime
+
+
+_COLUMNS = "id, url, description, events, enabled, disabled_reason, created_at, updated_at"
+NOT_FOUND = "webhook endpoint"
 
 
 def new_secret() -> str:
@@ -27,17 +78,78 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
+def filter_problem(events: list[str]) -> str | None:
+    for name in events:
+        if name not in VALID_FILTERS:
+            return f"unknown event type or prefix: {name}"
+    return None
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast: not private, loopback, link-local, shared,
+    reserved, multicast or unspecified (IPv4-mapped IPv6 judged as the IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def url_problem(url: str, *, allow_private: bool) -> str | None:
+    """Why ``url`` cannot be a webhook endpoint, checked when it is saved: an
+    absolute http(s) URL, and unless private destinations are allowed, no literal
+    non-public address or localhost name (names are resolved and checked again at
+    every send)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return "must be an absolute http or https URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an absolute http or https URL"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials (put a token in the path or query instead)"
+    if allow_private:
+        return None
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return "must not point at a private or loopback address"
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if not is_public_address(address):
+        return "must not point at a private or loopback address"
+    return None
+
+
 async def create_endpoint(
-    conn: Conn, church_id: uuid.UUID, *, url: str, events: list[str]
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    url: str,
+    events: list[str],
+    description: str = "",
+    enabled: bool = True,
 ) -> tuple[WebhookEndpoint, str]:
     secret = new_secret()
     cur = await conn.execute(
-        "INSERT INTO webhook_endpoint (church_id, id, url, secret, events) "
-        "VALUES (%s, %s, %s, %s, %s) RETURNING id, url, events, enabled, created_at",
-        (church_id, uuid7(), url, secret, events),
+        "INSERT INTO webhook_endpoint (church_id, id, url, secret, events, description, "
+        "enabled, disabled_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+        f"RETURNING {_COLUMNS}",
+        (
+            church_id,
+            uuid7(),
+            url,
+            secret,
+            events,
+            description,
+            enabled,
+            None if enabled else "manual",
+        ),
     )
     row = await cur.fetchone()
     assert row is not None
+    await bump_version(conn)
     return WebhookEndpoint(*row), secret
 
 
@@ -46,9 +158,197 @@ async def list_endpoints(
 ) -> Page[WebhookEndpoint]:
     after = decode_cursor(cursor).id if cursor else None
     cur = await conn.execute(
-        "SELECT id, url, events, enabled, created_at FROM webhook_endpoint "
+        f"SELECT {_COLUMNS} FROM webhook_endpoint "
         "WHERE church_id = %s AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
         (church_id, after, after, limit + 1),
     )
     rows = [WebhookEndpoint(*r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (None, r.id))
+
+
+async def get_endpoint(conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
+    cur = await conn.execute(
+        f"SELECT {_COLUMNS} FROM webhook_endpoint WHERE church_id = %s AND id = %s",
+        (church_id, endpoint_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(NOT_FOUND)
+    return WebhookEndpoint(*row)
+
+
+async def update_endpoint(
+    conn: Conn,
+    church_id: uuid.UUID,
+    endpoint_id: uuid.UUID,
+    *,
+    url: str | None = None,
+    events: list[str] | None = None,
+    description: str | None = None,
+    enabled: bool | None = None,
+) -> WebhookEndpoint:
+    """Change what is given. Disabling pauses pending deliveries; enabling clears
+    the failure record and sends what waited."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT enabled FROM webhook_endpoint WHERE church_id = %s AND id = %s FOR UPDATE",
+            (church_id, endpoint_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(NOT_FOUND)
+        was_enabled = bool(row[0])
+        if enabled is False and was_enabled:
+            await disable_endpoint(conn, church_id, endpoint_id, "manual")
+        elif enabled is True and not was_enabled:
+            await conn.execute(
+                "UPDATE webhook_endpoint SET enabled = true, disabled_reason = NULL, "
+                "disabled_at = NULL, failing_since = NULL, failed_deliveries = 0 "
+                "WHERE church_id = %s AND id = %s",
+                (church_id, endpoint_id),
+            )
+            await resume_deliveries(conn, church_id, endpoint_id)
+        sets: list[str] = ["updated_at = now()"]
+        params: list[Any] = []
+        for column, value in (("url", url), ("events", events), ("description", description)):
+            if value is not None:
+                sets.append(f"{column} = %s")
+                params.append(value)
+        cur = await conn.execute(
+            f"UPDATE webhook_endpoint SET {', '.join(sets)} WHERE church_id = %s AND id = %s "
+            f"RETURNING {_COLUMNS}",
+            (*params, church_id, endpoint_id),
+        )
+        updated = await cur.fetchone()
+        assert updated is not None
+    await bump_version(conn)
+    return WebhookEndpoint(*updated)
+
+
+async def delete_endpoint(
+    conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> WebhookEndpoint:
+    """Delete an endpoint with its pending deliveries and attempt log."""
+    cur = await conn.execute(
+        f"DELETE FROM webhook_endpoint WHERE church_id = %s AND id = %s RETURNING {_COLUMNS}",
+        (church_id, endpoint_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(NOT_FOUND)
+    await bump_version(conn)
+    return WebhookEndpoint(*row)
+
+
+async def rotate_secret(
+    conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID, *, overlap_s: int
+) -> tuple[WebhookEndpoint, str]:
+    """A new secret; the current one keeps signing beside it for ``overlap_s``."""
+    secret = new_secret()
+    cur = await conn.execute(
+        "UPDATE webhook_endpoint SET previous_secret = secret, "
+        "previous_expires_at = now() + make_interval(secs => %s), secret = %s, "
+        "updated_at = now() WHERE church_id = %s AND id = %s "
+        f"RETURNING {_COLUMNS}",
+        (overlap_s, secret, church_id, endpoint_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(NOT_FOUND)
+    return WebhookEndpoint(*row), secret
+
+
+async def list_attempts(
+    conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> Page[WebhookAttempt]:
+    """Newest first."""
+    await get_endpoint(conn, church_id, endpoint_id)
+    before = decode_cursor(cursor).id if cursor else None
+    cur = await conn.execute(
+        "SELECT id, event_id, event_type, attempt, trigger, status_code, latency_ms, "
+        "response_excerpt, error, created_at FROM webhook_attempt "
+        "WHERE church_id = %s AND endpoint_id = %s AND (%s::uuid IS NULL OR id < %s) "
+        "ORDER BY id DESC LIMIT %s",
+        (church_id, endpoint_id, before, before, limit + 1),
+    )
+    rows = [WebhookAttempt(r[0], event_id_text(r[1]), *r[2:]) for r in await cur.fetchall()]
+    return page_of(rows, limit, lambda r: (None, r.id))
+
+
+# -- the per-process interest cache -------------------------------------------
+
+
+class WebhookInterest:
+    """Per process: which churches have enabled endpoints for which events.
+
+    ``wants`` is a dict lookup. A background task checks the endpoints' version
+    every ``refresh_s`` and reloads when it changed (and every ``full_reload_s``
+    regardless), so a change reaches every process within about ``refresh_s``.
+    Until the first load it answers yes, leaving the decision to the exact SQL
+    of ``record_events``.
+    """
+
+    def __init__(self, pool: Pool, *, refresh_s: float = 1.0, full_reload_s: float = 60.0) -> None:
+        self._pool = pool
+        self._refresh_s = refresh_s
+        self._full_reload_s = full_reload_s
+        self._filters: dict[uuid.UUID, frozenset[str]] | None = None
+        self._version = -1
+        self._loaded_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def wants(self, church_id: uuid.UUID, event_type: str) -> bool:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._filters is None:
+            return True
+        filters = self._filters.get(church_id)
+        return filters is not None and matches(filters, event_type)
+
+    def invalidate(self) -> None:
+        """This process changed an endpoint: answer yes until reloaded, reload now."""
+        self._filters = None
+        self._version = -1
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # the pool closing at shutdown, Postgres restarting
+                log.debug("webhook interest refresh failed", extra={"error": str(exc)})
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+
+    async def refresh(self) -> None:
+        async with self._pool.connection() as conn:
+            version = await endpoints_version(conn)
+            stale = time.monotonic() - self._loaded_at > self._full_reload_s
+            if version == self._version and self._filters is not None and not stale:
+                return
+            cur = await conn.execute("SELECT church_id, events FROM webhook_endpoint WHERE enabled")
+            found: dict[uuid.UUID, set[str]] = {}
+            for church_id, events in await cur.fetchall():
+                found.setdefault(church_id, set()).update(events)
+        self._filters = {c: frozenset(f) for c, f in found.items()}
+        self._version = version
+        self._loaded_at = time.monotonic()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+_interests: weakref.WeakKeyDictionary[Pool, WebhookInterest] = weakref.WeakKeyDictionary()
+
+
+def interest(pool: Pool) -> WebhookInterest:
+    """The process's cache for ``pool`` (made on first use, shared by its callers)."""
+    found = _interests.get(pool)
+    if found is None:
+        found = _interests[pool] = WebhookInterest(pool)
+    return found

@@ -206,7 +206,9 @@ def test_api_keys_list_and_revoke(church: Church, other_church: Church, base_url
     assert all("key" not in k and "secret_hash" not in k for k in listed)
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key['key']}"}) as zap:
         assert zap.get("/v1/messages").status_code == 200
-        used = {k["name"]: k["last_used_at"] for k in church.session.get("/v1/api-keys").json()["data"]}
+        used = {
+            k["name"]: k["last_used_at"] for k in church.session.get("/v1/api-keys").json()["data"]
+        }
         assert used["zapier"] is not None
         assert zap.post("/v1/groups", json={"name": "x"}).status_code == 403  # read only
         assert other_church.session.delete(f"/v1/api-keys/{key['id']}").status_code == 404
