@@ -15,7 +15,6 @@ from typing import Annotated
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 from api.auth import principal
 from api.branches import Deleted, branch_operations
@@ -400,9 +399,6 @@ async def export_member_data(request: Request) -> Response:
         export = await export_member(conn, services.vault, who.church_id, member_id)
     return ok(export)
 
-
-def audience_routes() -> list[BaseRoute]:
-    return []
 
 
 def _group_operations() -> list[Operation]:

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 from api.analytics import analytics_operations, query_time
 from api.auth import principal
@@ -249,9 +248,6 @@ async def index_messages(request: Request) -> Response:
         ),
     )
 
-
-def broadcast_routes() -> list[BaseRoute]:
-    return []
 
 
 MessageStatusName = Literal["scheduled", "queued", "sending", "completed", "canceled"]

@@ -7,7 +7,6 @@ from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 from api.auth import principal
 from api.errors import invalid_query
@@ -156,9 +155,6 @@ async def index_conversations(request: Request) -> Response:
         ),
     )
 
-
-def inbox_routes() -> list[BaseRoute]:
-    return []
 
 
 def inbox_operations() -> list[Operation]:

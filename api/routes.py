@@ -14,16 +14,16 @@ from starlette.routing import BaseRoute
 
 from api.accounts import account_operations
 from api.api_keys import api_key_operations
-from api.audience import audience_operations, audience_routes
+from api.audience import audience_operations
 from api.audit_log import audit_operations
-from api.broadcasts import broadcast_operations, broadcast_routes
+from api.broadcasts import broadcast_operations
 from api.errors import ApiError
 from api.guard import guarded
 from api.health import health_operations
-from api.inbox import inbox_operations, inbox_routes
+from api.inbox import inbox_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
-from api.webhook_endpoints import webhook_endpoint_operations, webhook_endpoint_routes
+from api.webhook_endpoints import webhook_endpoint_operations
 from storage.envelope import FieldError, fail
 from storage.errors import Conflict, InvalidInput, NotFound
 
@@ -49,10 +49,6 @@ def api_routes() -> list[BaseRoute]:
     return [
         *docs_routes(operations),
         *routes_of(operations(), guarded),
-        *audience_routes(),
-        *broadcast_routes(),
-        *inbox_routes(),
-        *webhook_endpoint_routes(),
     ]
 
 

@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 import msgspec
 
 from storage.churches import Church, StaffUser
-from storage.events import Counts
 from storage.messages import Target
 
 # Postgres text cannot hold NUL, so every text field refuses it: a validation_error
@@ -52,27 +51,11 @@ class ApiKeyRequest(Request, frozen=True):
     rate_limit_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
 
 
-class GroupRequest(Request, frozen=True):
-    name: Name
-
-
-class MemberRequest(Request, frozen=True):
-    first_name: Name
-    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=40)]
-    last_name: Annotated[str, msgspec.Meta(max_length=200)] = ""
-    email: Email | None = None
-    group_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=1000)] = []
 
 
 class GroupMembersRequest(Request, frozen=True):
     member_ids: IdList
 
-
-class MemberPatch(Request, frozen=True):
-    first_name: Name | None = None
-    last_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
-    email: Email | msgspec.UnsetType | None = msgspec.UNSET
-    phone: Annotated[str, msgspec.Meta(min_length=3, max_length=40)] | None = None
 
 
 class TargetRequest(Request, frozen=True):
@@ -102,10 +85,6 @@ class TargetRequest(Request, frozen=True):
         return None
 
 
-class MessageRequest(Request, frozen=True):
-    body: Body
-    target: TargetRequest
-
 
 class ReplyRequest(Request, frozen=True):
     body: Body
@@ -114,14 +93,6 @@ class ReplyRequest(Request, frozen=True):
 class ConversationPatch(Request, frozen=True):
     status: Literal["open", "closed"] | None = None
     assignee_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
-
-
-class WebhookEndpointRequest(Request, frozen=True):
-    url: Annotated[str, msgspec.Meta(min_length=8, max_length=2000)]
-    events: Annotated[
-        list[Annotated[str, msgspec.Meta(min_length=1, max_length=100)]],
-        msgspec.Meta(min_length=1, max_length=100),
-    ]
 
 
 class SignupData(msgspec.Struct, frozen=True):
@@ -157,35 +128,3 @@ class MeData(msgspec.Struct, frozen=True):
     church: Church | None
     user: StaffUser | None
     credential: Credential
-
-
-class MessageAccepted(msgspec.Struct, frozen=True):
-    id: uuid.UUID
-    status: str
-    recipient_count: int
-    segments: int
-    encoding: str
-    created_at: datetime
-
-
-class MessageDetail(msgspec.Struct, frozen=True):
-    id: uuid.UUID
-    body: str
-    target: Target
-    status: str
-    recipient_count: int
-    segments: int
-    encoding: str
-    from_number: str
-    counts: Counts
-    created_at: datetime
-    completed_at: datetime | None
-
-
-class WebhookEndpointCreated(msgspec.Struct, frozen=True):
-    id: uuid.UUID
-    url: str
-    events: list[str]
-    secret: str
-    enabled: bool
-    created_at: datetime

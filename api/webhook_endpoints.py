@@ -14,7 +14,6 @@ from typing import Annotated
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 from api.auth import principal
 from api.errors import invalid_body
@@ -219,9 +218,6 @@ async def send_test_event(request: Request) -> Response:
         event_id = await record_test_event(conn, who.church_id, endpoint_id)
     return ok(WebhookDeliveryQueued(endpoint_id, event_id_text(event_id)), status=202)
 
-
-def webhook_endpoint_routes() -> list[BaseRoute]:
-    return []
 
 
 _TAG = "webhook_endpoints"

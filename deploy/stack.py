@@ -101,6 +101,8 @@ class Stack:
             self._say(f"migrations applied: {', '.join(applied)}")
         public = f"http://127.0.0.1:{self.http_port}"
         env.setdefault("KOINONIA_ENV", "development")
+        # Development receivers (a local webhook consumer) live on loopback.
+        env.setdefault("KOINONIA_WEBHOOK_ALLOW_PRIVATE", "true")
         env["KOINONIA_HTTP_PORT"] = str(self.http_port)
         env["KOINONIA_SIM_PORT"] = str(self.sim_port)
         env.setdefault("KOINONIA_PUBLIC_URL", public)

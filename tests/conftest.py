@@ -46,6 +46,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_RATE_API_KEY": "1000000",
             "KOINONIA_RATE_LOGIN_IP": "100000",
             "KOINONIA_RATE_RESET_IP": "100000",
+            # Webhook receivers in tests listen on loopback; retries compressed
+            # (the schedule's 27.6 h become about 2 s), endpoints disabled sooner.
+            "KOINONIA_WEBHOOK_ALLOW_PRIVATE": "true",
+            "KOINONIA_WEBHOOK_RETRY_SCALE": "0.00002",
+            "KOINONIA_WEBHOOK_FAILURE_THRESHOLD": "3",
         }
     )
     stack = Stack(
