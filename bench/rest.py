@@ -402,7 +402,10 @@ class Load:
         if process.returncode != 0 or line is None:
             raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
         r = json.loads(line[len("WRKJSON ") :])
-        errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+        kinds = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
+        errors = sum(kinds.values())
+        noise = self._noise(cpu)
+        detail = ", ".join(f"{v} {'non-2xx' if k == 'status' else k}" for k, v in kinds.items())
         return Row(
             phase,
             endpoint,
@@ -415,7 +418,7 @@ class Load:
             r["max"] / 1000,
             errors,
             cpu,
-            note=self._noise(cpu),
+            note="; ".join(x for x in (noise, f"errors: {detail}" if detail else "") if x),
         )
 
     def paced_run(

@@ -18,6 +18,8 @@ import pytest
 
 from api.operation import Operation
 from api.routes import operations
+from deploy.stack import Stack
+from tests.api.staff_support import join
 from tests.conftest import Church, unique_phone
 
 SOMEONE_ELSES = "00000000-0000-7000-8000-000000000000"
@@ -184,3 +186,58 @@ def test_docs_work_without_internet(base_url: str) -> None:
     explorer = httpx.get(base_url + "/docs/explorer.js").text
     assert "/openapi.json" in explorer
     assert "http" not in explorer.replace("/openapi.json", "")
+
+
+@pytest.fixture(scope="module")
+def staff_and_admin(
+    base_url: str, stack: Stack
+) -> Iterator[tuple[Church, httpx.Client, httpx.Client]]:
+    """A church with a signed-in ``staff`` user and a signed-in ``admin``."""
+    owner = Church(base_url)
+    staff, _ = join(owner, stack, base_url, "staff")
+    admin, _ = join(owner, stack, base_url, "admin")
+    yield owner, staff, admin
+    for client in (staff, admin):
+        client.close()
+    owner.close()
+
+
+@pytest.mark.parametrize(
+    "op",
+    [o for o in operations() if o.scope is not None and o.role != "staff"],
+    ids=lambda o: o.name,
+)
+def test_roles_below_the_least_role_are_forbidden(
+    op: Operation, staff_and_admin: tuple[Church, httpx.Client, httpx.Client]
+) -> None:
+    """The role is checked before the row is looked up: a staff user learns nothing
+    about ids on an admin route, and an admin nothing on an owner route."""
+    _, staff, admin = staff_and_admin
+    path = re.sub(r"\{[^}]+\}", SOMEONE_ELSES, op.path)
+    below = [staff] if op.role == "admin" else [staff, admin]
+    for client in below:
+        answer = client.request(op.method, path, json=_body(op))
+        assert answer.status_code == 403, f"{op.method} {path}: {answer.text}"
+        assert answer.json()["error"]["code"] == "forbidden"
+
+
+def test_cache_hits_and_misses_are_reported(church: Church, base_url: str) -> None:
+    """Group counts are cache-aside: the second read is a hit, a membership change
+    invalidates, and /health/detailed counts both (this process's counters)."""
+
+    def stats() -> dict[str, Any]:
+        cache: dict[str, Any] = httpx.get(base_url + "/health/detailed").json()["data"]["checks"][
+            "cache"
+        ]
+        return cache
+
+    group = church.group("Cached")
+    before = stats()
+    church.api.get(f"/v1/groups/{group}")
+    church.api.get(f"/v1/groups/{group}")
+    after = stats()
+    assert after["hits"] >= before["hits"] + 1
+    assert after["misses"] >= before["misses"] + 1
+    church.member(unique_phone(), [group])
+    shown = church.api.get(f"/v1/groups/{group}").json()["data"]
+    assert shown["member_count"] == 1
