@@ -11,7 +11,7 @@ from psycopg import errors
 from storage.database import Conn
 from storage.errors import Conflict, InvalidInput, NotFound
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, page_of
+from storage.pagination import Page, id_page
 
 
 class Branch(msgspec.Struct, frozen=True):
@@ -58,14 +58,14 @@ async def get_branch(conn: Conn, church_id: uuid.UUID, branch_id: uuid.UUID) -> 
 async def list_branches(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Branch]:
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        "SELECT id, name, created_at FROM branch WHERE church_id = %s "
-        "AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        "SELECT id, name, created_at FROM branch",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=Branch,
     )
-    rows = [Branch(*r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda b: (None, b.id))
 
 
 async def rename_branch(

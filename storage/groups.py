@@ -19,7 +19,7 @@ from psycopg import errors
 from storage.database import Conn
 from storage.errors import NotFound
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, page_of
+from storage.pagination import Page, id_page
 
 CACHE_TOPIC = "groups"
 
@@ -72,14 +72,15 @@ async def get_group(conn: Conn, church_id: uuid.UUID, group_id: uuid.UUID) -> Gr
 async def list_groups(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Group]:
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        f"SELECT {_COLS} FROM member_group g WHERE g.church_id = %s "
-        "AND (%s::uuid IS NULL OR g.id > %s) ORDER BY g.id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        f"SELECT {_COLS} FROM member_group g",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=lambda *r: _group(r),
+        alias="g",
     )
-    rows = [_group(r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda g: (None, g.id))
 
 
 async def update_group(

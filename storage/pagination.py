@@ -11,9 +11,10 @@ import base64
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
+from psycopg import AsyncConnection
 
 from storage.errors import InvalidInput
 
@@ -54,3 +55,39 @@ def page_of(
     items = rows[:limit]
     cursor = encode_cursor(*key(items[-1])) if more and items else None
     return Page(items=items, next_cursor=cursor)
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+R = TypeVar("R", bound=_HasId)
+
+
+async def id_page(
+    conn: AsyncConnection[Any],
+    select: str,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    row: Callable[..., R],
+    where: str = "",
+    alias: str = "",
+) -> Page[R]:
+    """One page of a church's rows in id order (UUIDv7: creation order).
+
+    ``select`` is ``SELECT <columns> FROM <table> [alias]`` with no WHERE; ``where``
+    adds conditions (``AND ...``) with no parameters; ``row`` builds an item from
+    a row's columns.
+    """
+    qualified = f"{alias}." if alias else ""
+    after = decode_cursor(cursor).id if cursor else None
+    cur = await conn.execute(
+        f"{select} WHERE {qualified}church_id = %s {where} "
+        f"AND (%s::uuid IS NULL OR {qualified}id > %s) ORDER BY {qualified}id LIMIT %s",
+        (church_id, after, after, limit + 1),
+    )
+    rows = [row(*r) for r in await cur.fetchall()]
+    return page_of(rows, limit, lambda item: (None, item.id))

@@ -34,7 +34,7 @@ from storage.churches import StaffUser
 from storage.database import Conn
 from storage.errors import Conflict, InvalidInput, NotFound, StorageError
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, page_of
+from storage.pagination import Page, id_page
 
 ROLES: tuple[str, ...] = ("staff", "admin", "owner")
 INVITATION_TTL = timedelta(days=7)
@@ -127,14 +127,14 @@ def invitation_refusal(actor_role: str, role: str) -> str | None:
 async def list_staff(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[StaffMember]:
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        f"SELECT {_MEMBER_COLS} FROM staff_user "
-        "WHERE church_id = %s AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        f"SELECT {_MEMBER_COLS} FROM staff_user",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=StaffMember,
     )
-    rows = [StaffMember(*r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda m: (None, m.id))
 
 
 async def get_staff(conn: Conn, church_id: uuid.UUID, user_id: uuid.UUID) -> StaffMember:
@@ -325,15 +325,15 @@ async def list_invitations(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Invitation]:
     """Pending invitations: not accepted, not revoked, not expired."""
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        f"SELECT {_INVITATION_COLS} FROM staff_invitation "
-        "WHERE church_id = %s AND accepted_at IS NULL AND revoked_at IS NULL "
-        "AND expires_at > now() AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        f"SELECT {_INVITATION_COLS} FROM staff_invitation",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=Invitation,
+        where="AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now()",
     )
-    rows = [Invitation(*r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda i: (None, i.id))
 
 
 async def revoke_invitation(

@@ -19,7 +19,7 @@ from storage import merge_fields
 from storage.database import Conn
 from storage.errors import Conflict, InvalidInput, NotFound
 from storage.ids import uuid7
-from storage.pagination import Page, decode_cursor, page_of
+from storage.pagination import Page, id_page
 from storage.segments import count_segments
 
 
@@ -102,14 +102,14 @@ async def get_template(conn: Conn, church_id: uuid.UUID, template_id: uuid.UUID)
 async def list_templates(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Template]:
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        f"SELECT {_COLS} FROM message_template WHERE church_id = %s "
-        "AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        f"SELECT {_COLS} FROM message_template",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=lambda *r: _template(r),
     )
-    rows = [_template(r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda t: (None, t.id))
 
 
 async def update_template(

@@ -35,7 +35,7 @@ from storage.outbox import (
     matches,
     resume_deliveries,
 )
-from storage.pagination import Page, decode_cursor, page_of
+from storage.pagination import Page, decode_cursor, id_page, page_of
 
 log = logging.getLogger("koinonia.storage.webhook_endpoints")
 
@@ -156,14 +156,14 @@ async def create_endpoint(
 async def list_endpoints(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[WebhookEndpoint]:
-    after = decode_cursor(cursor).id if cursor else None
-    cur = await conn.execute(
-        f"SELECT {_COLUMNS} FROM webhook_endpoint "
-        "WHERE church_id = %s AND (%s::uuid IS NULL OR id > %s) ORDER BY id LIMIT %s",
-        (church_id, after, after, limit + 1),
+    return await id_page(
+        conn,
+        f"SELECT {_COLUMNS} FROM webhook_endpoint",
+        church_id,
+        limit=limit,
+        cursor=cursor,
+        row=WebhookEndpoint,
     )
-    rows = [WebhookEndpoint(*r) for r in await cur.fetchall()]
-    return page_of(rows, limit, lambda r: (None, r.id))
 
 
 async def get_endpoint(conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
