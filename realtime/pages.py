@@ -35,8 +35,9 @@ _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
 }
-_ASSET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*\.(?:js|css)$")
+_ASSET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*\.(?:js|css|svg)$")
 
 
 class _File:
