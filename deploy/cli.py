@@ -28,10 +28,13 @@ def _require_keys(settings: Settings) -> None:
 
 # Per-message deflate off: per-connection zlib state was the largest per-delivery
 # cost and tripled memory per idle connection (measured by the realtime work).
-# Pings every 25 s match the heartbeat the welcome frame announces.
+# Pings every 25 s match the heartbeat the welcome frame announces. The WebSocket
+# protocol is uvicorn's wsproto one, leaner per idle connection (realtime/protocol.py;
+# figures in bench/README.md "connections").
 _UVICORN_OPTIONS: dict[str, Any] = {
     "log_config": None,
     "access_log": False,
+    "ws": "realtime.protocol:LeanWSProtocol",
     "ws_per_message_deflate": False,
     "ws_ping_interval": 25.0,
     "ws_ping_timeout": 20.0,
@@ -287,6 +290,97 @@ def cmd_import_members(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(main()))
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> None:
+    """List dead letters (one JSON object per line, oldest first) or requeue them with a
+    fresh attempt budget (storage/dead_letters.py), with progress on stderr and the
+    summary as JSON on stdout. Exit status: 0 done, 1 some entries were not found or
+    too old to requeue, 2 nothing to do or bad arguments."""
+    import uuid
+
+    import msgspec
+
+    from storage.audit import record
+    from storage.database import open_pool
+    from storage.dead_letters import dead_letters, requeue
+    from storage.errors import Conflict, NotFound
+    from storage.redis_connection import open_redis
+
+    settings = Settings.from_env()
+    if not settings.database.url or not settings.redis.url:
+        sys.exit("koinonia: DATABASE_URL and REDIS_URL are required")
+    try:
+        church_id = uuid.UUID(args.church_id) if args.church_id else None
+    except ValueError:
+        sys.exit("koinonia: --church-id must be a UUID")
+    if args.action == "requeue" and bool(args.entry) == bool(args.all):
+        sys.exit("koinonia: give one dead-letter id, or --all")
+
+    async def main() -> int:
+        pool = await open_pool(settings.database, name="koinonia-cli")
+        redis = open_redis(settings.redis, max_connections=4)
+        try:
+            if args.action == "list":
+                count = 0
+                async for letter in dead_letters(redis, church_id):
+                    print(msgspec.json.encode(letter).decode(), flush=True)
+                    count += 1
+                print(f"dead letters: {count}", file=sys.stderr)
+                return 0
+            refs: list[uuid.UUID | str] = (
+                [args.entry] if args.entry else [d.id async for d in dead_letters(redis, church_id)]
+            )
+            if not refs:
+                print("dead letters: none to requeue", file=sys.stderr)
+                return 2
+            summary = {"entries": len(refs), "requeued_entries": 0, "recipients": 0}
+            problems: list[dict[str, str]] = []
+            shown = time.monotonic()
+            for n, ref in enumerate(refs, 1):
+                try:
+                    done = await requeue(
+                        pool,
+                        redis,
+                        ref,
+                        church_id=church_id,
+                        shards=settings.delivery.shards,
+                        max_attempts=settings.delivery.max_attempts,
+                    )
+                except (NotFound, Conflict) as exc:
+                    problems.append({"id": str(ref), "error": str(exc)})
+                else:
+                    summary["requeued_entries"] += 1
+                    summary["recipients"] += done.requeued
+                    async with pool.connection() as conn:
+                        await record(
+                            conn,
+                            done.church_id,
+                            actor_type="system",
+                            actor_id=None,
+                            action="dead_letter.requeue",
+                            target_type="dead_letters",
+                            target_id=str(done.id),
+                            details={
+                                "message_id": str(done.message_id),
+                                "requeued": done.requeued,
+                                "unchanged": done.unchanged,
+                                "via": "cli",
+                            },
+                        )
+                if time.monotonic() - shown >= 1.0 or n == len(refs):
+                    shown = time.monotonic()
+                    print(
+                        f"requeue: {n}/{len(refs)} entries, {summary['recipients']} recipients",
+                        file=sys.stderr,
+                    )
+            print(msgspec.json.encode({**summary, "problems": problems}).decode())
+            return 1 if problems else 0
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+    sys.exit(asyncio.run(main()))
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack, say
 
@@ -342,6 +436,14 @@ def main(argv: list[str] | None = None) -> None:
     imports = sub.add_parser("import-members", help="import members from a CSV file")
     imports.add_argument("--church-id", required=True, help="the church to import into")
     imports.add_argument("file", help="CSV file with a header row (phone, first_name, ...)")
+    dead = sub.add_parser("dead-letters", help="list or requeue dead-lettered sends")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    dead_list = dead_sub.add_parser("list", help="one JSON object per entry, oldest first")
+    dead_list.add_argument("--church-id", default=None, help="only this church's entries")
+    dead_requeue = dead_sub.add_parser("requeue", help="send again with a fresh attempt budget")
+    dead_requeue.add_argument("entry", nargs="?", default=None, help="a dead-letter id")
+    dead_requeue.add_argument("--all", action="store_true", help="every entry (of --church-id)")
+    dead_requeue.add_argument("--church-id", default=None, help="only this church's entries")
     args = parser.parse_args(argv)
     handlers = {
         "dev": cmd_dev,
@@ -352,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": cmd_migrate,
         "outbox": cmd_outbox,
         "import-members": cmd_import_members,
+        "dead-letters": cmd_dead_letters,
     }
     handlers[args.command](args)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from realtime.history import ZERO, Position
 from realtime.hub import HubEvent
+from realtime.revocation import CLOSE_REVOKED
 
 CLOSE_POLICY = 1008
 """Repeated malformed frames."""
@@ -31,6 +32,11 @@ CLOSE_TOO_MANY = 4029
 """Frames kept coming far past the rate limit."""
 
 T = TypeVar("T")
+
+_IDLE: deque[Any] = deque(maxlen=0)
+"""The queue of every connection with nothing to send: a deque costs ~760 bytes
+even empty, so one is made when a connection has something to queue and dropped
+when its sender has emptied it (memory per idle connection: bench/connections.py)."""
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,7 +89,8 @@ class Connection(Generic[T]):
         self.convert = convert
         # Called when the queue goes from empty to non-empty, or on close: wakes the sender.
         self._wake = wake
-        self.queue: deque[T] = deque()
+        # Frames waiting to be written; the shared empty _IDLE while there are none.
+        self.queue: deque[T] = _IDLE
         self.subscriptions: dict[str, Subscription[T]] = {}
         self.close_code: int | None = None
         self.bad_frames = 0
@@ -98,12 +105,19 @@ class Connection(Generic[T]):
         if self.close_code is not None:
             return
         queue = self.queue
-        if len(queue) >= self.limits.send_queue:
+        if queue is _IDLE:
+            queue = self.queue = deque()
+        elif len(queue) >= self.limits.send_queue:
             self.close(CLOSE_SLOW_CONSUMER, drop=True)
             return
         queue.append(item)
         if len(queue) == 1:
             self._wake()
+
+    def release(self) -> None:
+        """The sender emptied the queue: give its memory back until the next frame."""
+        if not self.queue:
+            self.queue = _IDLE
 
     @property
     def room(self) -> int:
@@ -120,6 +134,10 @@ class Connection(Generic[T]):
         if drop:
             self.queue.clear()
         self._wake()
+
+    def revoke(self) -> None:
+        """Credentials revoked or expired: close with 4001, sending nothing more."""
+        self.close(CLOSE_REVOKED, drop=True)
 
     # -- receiving -------------------------------------------------------------
 
@@ -175,6 +193,13 @@ class Subscription(Generic[T]):
 
     Until ``go_live`` it holds events, so that history can be read and sent
     first; afterwards it passes on events newer than the last one it passed on.
+
+    An ephemeral event (typing) passes only while live and only when its offset
+    is the one the subscription stands at: it repeats the channel's latest
+    stored offset, so a client that keeps the offset of every frame it reads
+    never moves backwards, and ``since`` set from it recovers exactly what
+    followed. One that is older (published before the replay this subscription
+    started from) or comes while events are held is dropped.
     """
 
     __slots__ = ("channel", "connection", "epoch", "pending", "position")
@@ -188,6 +213,11 @@ class Subscription(Generic[T]):
 
     def deliver(self, event: HubEvent) -> None:
         pending = self.pending
+        if event.ephemeral:
+            if pending is None and event.position == self.position and event.epoch == self.epoch:
+                connection = self.connection
+                connection.push(connection.convert(event))
+            return
         if pending is not None:
             if len(pending) >= self.connection.limits.send_queue:
                 self.connection.close(CLOSE_SLOW_CONSUMER, drop=True)

@@ -11,6 +11,9 @@ before live events.
 A raw ASGI response so nothing buffers: each batch of events is one body
 message, written as soon as it is queued. One more task per stream waits for
 the client to go away.
+
+A stream whose credentials are revoked or whose session expires meanwhile just
+ends (``realtime.revocation``); reconnecting with them answers 401.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 from realtime import channels
 from realtime.connection import Connection, Limits
 from realtime.errors import ChannelError, HubStopped
-from realtime.handshake import authenticate, header, send_error
+from realtime.handshake import authenticate, header, lifetime, send_error
 from realtime.history import Replay, position, recover
 from realtime.hub import Hub, HubEvent
 from storage.credentials import Principal
@@ -83,6 +86,11 @@ class EventStreamEndpoint:
         state = scope["app"].state
         services: Services = state.services
         principal = await authenticate(scope, services, websocket=False)
+        expires_in = None
+        if principal is not None:
+            expires_in = await lifetime(services, principal)
+            if expires_in == 0:
+                principal = None  # a ticket whose session has ended since
         if principal is None:
             await send_error(send, "unauthorized", "missing or invalid credentials")
             return
@@ -105,7 +113,16 @@ class EventStreamEndpoint:
             token = next((value for key, value in query if key == "last_event_id"), None)
         resume = None if token is None else (decode_token(token) or {})
         stream = _Stream(receive, send, services, state.hub, principal, self.limits)
-        await stream.run(list(dict.fromkeys(names)), resume, head_only=scope["method"] == "HEAD")
+        hub: Hub = state.hub
+        revocations = hub.revocations
+        revocations.pool = getattr(services, "pool", None)
+        revocations.watch(principal, stream.conn, expires_in=expires_in)
+        try:
+            await stream.run(
+                list(dict.fromkeys(names)), resume, head_only=scope["method"] == "HEAD"
+            )
+        finally:
+            revocations.unwatch(principal, stream.conn)
 
 
 class _Stream:
@@ -136,6 +153,9 @@ class _Stream:
         )
 
     async def run(self, names: list[str], resume: dict[str, Mark] | None, head_only: bool) -> None:
+        if self.conn.close_code is not None:  # revoked since authenticating
+            await send_error(self.send, "unauthorized", "credentials revoked")
+            return
         if head_only:
             await self.send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             await self.send({"type": "http.response.body", "body": b""})
@@ -203,9 +223,9 @@ class _Stream:
         await self._write(b"".join(records))
 
     async def _pump(self) -> None:
-        conn, queue, wakeup, marks = self.conn, self.conn.queue, self.wakeup, self.marks
+        conn, wakeup, marks = self.conn, self.wakeup, self.marks
         while True:
-            if not queue and conn.close_code is None and not self.disconnected:
+            if not conn.queue and conn.close_code is None and not self.disconnected:
                 wakeup.clear()
                 try:
                     async with asyncio.timeout(KEEPALIVE_S):
@@ -217,10 +237,12 @@ class _Stream:
                 # A slow consumer's stream just ends: it resumes with Last-Event-ID.
                 return
             records = []
+            queue = conn.queue
             while queue:
                 event = queue.popleft()
                 marks[event.channel] = (event.epoch, *event.position)
                 records.append(_record(encode_token(marks), event.type.encode(), event.frame))
+            conn.release()
             await self._write(b"".join(records))
 
     async def _write(self, body: bytes) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import cookie_parser
 from starlette.types import Scope, Send
 
+from storage import keys
 from storage.credentials import Principal, principal_for_ticket
 from storage.envelope import STATUS, error_bytes
 from storage.services import SESSION_COOKIE, Services
@@ -71,6 +72,18 @@ async def authenticate(scope: Scope, services: Services, *, websocket: bool) -> 
     elif not origin_allowed(origin, services.settings):
         return None
     return await services.authenticate(None, token)
+
+
+async def lifetime(services: Services, principal: Principal) -> float | None:
+    """Seconds the principal's session has left: the connection closes with 4001
+    then. None when nothing expires (an API key, a session without TTL); 0 when
+    the session is gone already (a ticket whose session ended since it was made)."""
+    if principal.session_hash is None:
+        return None
+    ttl_ms = await services.redis.pttl(keys.session(principal.session_hash))
+    if ttl_ms == -2:
+        return 0.0
+    return None if ttl_ms < 0 else ttl_ms / 1000
 
 
 async def send_error(

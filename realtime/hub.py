@@ -18,6 +18,17 @@ WebSocket and SSE clients it serves (ARCHITECTURE.md "No broadcaster"):
 ``subscribe`` returns only once Redis has confirmed the subscription and the
 hub knows where the channel stands, so a caller can then read history
 without leaving a gap. Sinks must not block or raise: ``deliver`` queues.
+
+Two more kinds of message share the connection:
+
+- ephemeral events (``conversation.typing``, published by ``realtime.typing``):
+  pub/sub only, never in history. Their header's offset is ``~<offset>``: the
+  channel's latest stored offset, repeated, not a new one. The hub passes them
+  to the sinks while the channel is live and drops them while a gap is being
+  filled (a typing indicator is stale by then); it never records their offset;
+- credential revocations (``keys.CREDENTIAL_REVOCATIONS``, subscribed with every
+  (re)connection), handed to ``revocations``; after a reconnection the hub asks
+  it to recheck the node's credentials, since messages sent meanwhile are lost.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from redis.exceptions import RedisError
 
 from realtime.errors import HubStopped
 from realtime.history import ZERO, Position, entry_from_stream, position
+from realtime.revocation import Revocations
 from storage import keys
 from storage.events import EventPublisher, frame_bytes
 from storage.redis_connection import Redis, open_pubsub_client
@@ -67,9 +79,18 @@ class HubEvent(msgspec.Struct, frozen=True, gc=False):
     """The WebSocket ``event`` frame, byte for byte as published."""
     text: str
     """The same frame as text, for ASGI ``websocket.send``."""
+    ephemeral: bool = False
+    """Realtime only (typing): ``offset`` repeats the channel's latest stored one."""
 
 
-def _event(channel: str, type_: str, epoch: str, offset: str | bytes, frame: bytes) -> HubEvent:
+def _event(
+    channel: str,
+    type_: str,
+    epoch: str,
+    offset: str | bytes,
+    frame: bytes,
+    ephemeral: bool = False,
+) -> HubEvent:
     text = offset.decode() if isinstance(offset, bytes) else offset
     return HubEvent(
         channel=channel,
@@ -79,7 +100,11 @@ def _event(channel: str, type_: str, epoch: str, offset: str | bytes, frame: byt
         position=position(text),
         frame=frame,
         text=frame.decode(),
+        ephemeral=ephemeral,
     )
+
+
+_REVOCATIONS = keys.CREDENTIAL_REVOCATIONS.encode()
 
 
 class Sink(Protocol):
@@ -141,6 +166,10 @@ class Hub:
         self._reader: asyncio.Task[None] | None = None
         self._filler: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self.revocations = Revocations()
+        """The node's connections by credential, closed (4001) when those are revoked."""
+        self._connections = 0
+        self._rechecker: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -153,12 +182,12 @@ class Hub:
 
     async def stop(self) -> None:
         self._live = False
-        for task in (self._reader, self._filler, self._flusher):
+        for task in (self._reader, self._filler, self._flusher, self._rechecker):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._reader = self._filler = self._flusher = None
+        self._reader = self._filler = self._flusher = self._rechecker = None
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
         if self._client is not None:
@@ -220,7 +249,8 @@ class Hub:
         for ch in self._channels.values():
             ch.ready.clear()
         self._live = True
-        await self._send_subscribe(list(self._channels))
+        self._connections += 1
+        await self._send_subscribe([_REVOCATIONS, *self._channels])
 
     async def _run(self) -> None:
         delay = _BACKOFF_MIN_S
@@ -267,9 +297,11 @@ class Hub:
             return  # the next (re)connection subscribes every channel anyway
         try:
             await self._conn.send_command(*args, check_health=False)
-        except (RedisError, OSError) as exc:
-            # The reader sees the same broken connection and reconnects.
-            log.debug("pub/sub write failed: %s", exc)
+        except (RedisError, OSError, AttributeError) as exc:
+            # The reader sees the same broken connection and reconnects. (redis-py
+            # writes from a task of its own: a disconnect by the reader in between
+            # leaves it without a writer, an AttributeError.)
+            log.debug("pub/sub write failed: %r", exc)
 
     async def _send_subscribe(self, names: list[bytes]) -> None:
         if not self._live:
@@ -296,6 +328,10 @@ class Hub:
             self._inflight[name] = left
             return
         self._inflight.pop(name, None)
+        if name == _REVOCATIONS:
+            if self._connections > 1 and (self._rechecker is None or self._rechecker.done()):
+                self._rechecker = asyncio.create_task(self._recheck(), name="realtime-recheck")
+            return
         ch = self._channels.get(name)
         if ch is None:
             return
@@ -307,15 +343,29 @@ class Hub:
     def _on_message(self, name: bytes, data: bytes) -> None:
         ch = self._channels.get(name)
         if ch is None:
+            if name == _REVOCATIONS:
+                self.revocations.revoke(data)
             return
         parts = data.split(b"\n", 3)
         if len(parts) != 4:
             log.error("malformed pub/sub message on %r", name)
             return
+        offset = parts[2]
+        ephemeral = offset[:1] == b"~"
+        if ephemeral:
+            if ch.held is not None:
+                return  # a gap is being filled: the indicator would be stale
+            offset = offset[1:]
         try:
-            event = _event(ch.channel, parts[0].decode(), parts[1].decode(), parts[2], parts[3])
+            event = _event(
+                ch.channel, parts[0].decode(), parts[1].decode(), offset, parts[3], ephemeral
+            )
         except ValueError:
             log.error("malformed offset on %r", name)
+            return
+        if ephemeral:
+            for sink in ch.sinks:
+                sink.deliver(event)
             return
         held = ch.held
         if held is None:
@@ -337,6 +387,12 @@ class Hub:
         ch.last = event.position
         for sink in ch.sinks:
             sink.deliver(event)
+
+    async def _recheck(self) -> None:
+        try:
+            await self.revocations.recheck(self._redis)
+        except Exception:
+            log.exception("credential recheck after reconnecting failed")
 
     # -- filling gaps from history ---------------------------------------------
 

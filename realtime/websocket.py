@@ -2,10 +2,21 @@
 
 A raw ASGI app, so the handshake can be refused with HTTP 401 before it is
 accepted and the hot path sends the hub's shared frame text with no wrapper in
-between. Each connection runs two coroutines: the ASGI task, which receives
-and answers client frames, and one sender task, which drains the connection's
-bounded queue onto the socket. Nothing else is created per connection or per
-event.
+between. Each connection runs the ASGI task, which receives and answers client
+frames; a sender task, which drains the connection's bounded queue onto the
+socket, exists only while there is something to send (an idle connection holds
+no task of its own: memory per connection, see bench/connections.py). Nothing
+else is created per connection or per event.
+
+Credentials: the connection is watched by the hub's ``Revocations`` for as long
+as it lives, and closes with 4001 when its session or API key is revoked (on
+any node) or its session's TTL runs out (``realtime.revocation``).
+
+Typing (``realtime.typing``): a session's ``typing`` frame for a conversation
+of its church publishes ``conversation.typing`` (at most once a second per
+conversation, more dropped silently); a conversation that is not the church's,
+or does not exist, answers ``forbidden``, and so does any typing frame from an
+API key, which has no user to name.
 
 Subscribing is race-free: the subscription is registered with the hub first
 (it holds live events), then history is read and replayed, then ``subscribed``
@@ -24,13 +35,14 @@ import contextlib
 import operator
 import secrets
 import uuid
-from collections.abc import Callable, Iterable
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, cast
 
 from redis.exceptions import RedisError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from realtime import channels
+from realtime.channels import ChannelRef
 from realtime.connection import Connection, Limits
 from realtime.errors import ChannelError, HubStopped
 from realtime.frames import (
@@ -48,9 +60,10 @@ from realtime.frames import (
     decode_client,
     encode_text,
 )
-from realtime.handshake import authenticate, refuse_websocket
+from realtime.handshake import authenticate, lifetime, refuse_websocket
 from realtime.history import recover
 from realtime.hub import Hub, HubEvent
+from realtime.typing import TypingGate, publish_typing
 from storage.credentials import Principal
 from storage.events import frame_bytes
 from storage.services import Services
@@ -134,34 +147,17 @@ class RealtimeEndpoint:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
-            return
-        state = scope["app"].state
-        services: Services = state.services
-        principal = await authenticate(scope, services, websocket=True)
-        if principal is None:
-            await refuse_websocket(scope, send)
-            return
-        await send({"type": "websocket.accept"})
-        session = _Session(receive, send, services, state.hub, principal, self.limits)
-        sessions: Sessions | None = getattr(state, "sessions", None)
-        if sessions is None:
-            await session.run()
-            return
-        if not sessions.add(session):
-            await send({"type": "websocket.close", "code": CLOSE_TOO_MANY})
-            return
-        try:
-            await session.run()
-        finally:
-            sessions.discard(session)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        # Not a coroutine function: it hands back the session's own coroutine, so an
+        # idle connection holds one frame of ours (memory: bench/connections.py).
+        return _Session(receive, send, self.limits).serve(scope)
 
 
 class _Session:
     __slots__ = (
         "conn",
         "drained",
+        "ended",
         "hub",
         "loop",
         "principal",
@@ -169,70 +165,125 @@ class _Session:
         "send",
         "sender",
         "services",
-        "wakeup",
+        "sessions",
+        "typing",
     )
+    hub: Hub
+    principal: Principal
+    services: Services
 
-    def __init__(
-        self,
-        receive: Receive,
-        send: Send,
-        services: Services,
-        hub: Hub,
-        principal: Principal,
-        limits: Limits,
-    ) -> None:
+    def __init__(self, receive: Receive, send: Send, limits: Limits) -> None:
         self.receive = receive
         self.send = send
-        self.services = services
-        self.hub = hub
-        self.principal = principal
         self.loop = asyncio.get_running_loop()
-        # Set by the connection when its queue becomes non-empty or it closes.
-        self.wakeup = asyncio.Event()
         self.conn: Connection[str] = Connection(
             secrets.token_urlsafe(12),
             limits,
             convert=_text_of,
-            wake=self.wakeup.set,
+            wake=self._wake,
             now=self.loop.time(),
         )
         # Resolved by the sender when a replay waiting for room may continue.
         self.drained: asyncio.Future[None] | None = None
+        # Runs only while the queue has frames (or a close is to be written).
         self.sender: asyncio.Task[None] | None = None
+        # Set when a write failed (the client is gone) or the session ended: no more senders.
+        self.ended = False
+        # Created on the first typing frame.
+        self.typing: TypingGate | None = None
+        # The node's open sessions, once this one is counted among them.
+        self.sessions: Sessions | None = None
 
-    async def run(self) -> None:
-        conn = self.conn
+    async def serve(self, scope: Scope) -> None:
+        """The whole connection: handshake, then client frames until it ends. The
+        loop is here, not in a coroutine of its own: one frame per idle connection."""
+        if not await self._open(scope):
+            return
+        conn, receive, principal, hub = self.conn, self.receive, self.principal, self.hub
         self._reply(Welcome(connection_id=conn.id, heartbeat_s=HEARTBEAT_S))
-        self.sender = sender = asyncio.create_task(self._send_loop())
         try:
-            await self._receive_loop()
-            if conn.close_code is not None and not sender.done():
+            while conn.close_code is None:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                work = self._on_message(message)
+                if work is not None:
+                    await work
+            sender = self.sender
+            if conn.close_code is not None and sender is not None and not sender.done():
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await sender  # it writes the close frame
         finally:
-            church_id = self.principal.church_id
+            self.ended = True
+            church_id = principal.church_id
             for subscription in conn.subscriptions.values():
-                self.hub.unsubscribe(church_id, subscription.channel, subscription)
+                hub.unsubscribe(church_id, subscription.channel, subscription)
             conn.subscriptions.clear()
-            _finish(sender)
+            hub.revocations.unwatch(principal, conn)
+            if self.sessions is not None:
+                self.sessions.discard(self)
+            if self.sender is not None:
+                _finish(self.sender)
+
+    async def _open(self, scope: Scope) -> bool:
+        """Authenticate and accept (True), or refuse (401 before the upgrade; 4029
+        beyond the node's or church's limits)."""
+        receive, send = self.receive, self.send
+        if scope["type"] != "websocket" or (await receive())["type"] != "websocket.connect":
+            return False
+        state = scope["app"].state
+        services: Services = state.services
+        principal = await authenticate(scope, services, websocket=True)
+        expires_in = None
+        if principal is not None:
+            expires_in = await lifetime(services, principal)
+            if expires_in == 0:
+                principal = None  # a ticket whose session has ended since
+        if principal is None:
+            await refuse_websocket(scope, send)
+            return False
+        await send({"type": "websocket.accept"})
+        self.services, self.principal = services, principal
+        self.hub = hub = state.hub
+        self.sessions = sessions = getattr(state, "sessions", None)
+        if sessions is not None and not sessions.add(self):
+            self.sessions = None
+            await send({"type": "websocket.close", "code": CLOSE_TOO_MANY})
+            return False
+        revocations = hub.revocations
+        revocations.pool = getattr(services, "pool", None)
+        # Revoked in the moment since authenticating: closes at once.
+        revocations.watch(principal, self.conn, expires_in=expires_in)
+        return True
 
     # -- sending ---------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """The queue became non-empty or the connection is closing: start a sender
+        unless one is running (it runs until the queue is empty)."""
+        sender = self.sender
+        if (sender is None or sender.done()) and not self.ended:
+            self.sender = self.loop.create_task(self._send_loop())
+
     async def _send_loop(self) -> None:
-        conn, queue, send, wakeup = self.conn, self.conn.queue, self.send, self.wakeup
+        conn, queue, send = self.conn, self.conn.queue, self.send
         low_water = conn.limits.send_queue // 4
         try:
-            while True:
-                while queue:
-                    await send({"type": "websocket.send", "text": queue.popleft()})
-                    drained = self.drained
-                    if drained is not None and len(queue) <= low_water and not drained.done():
-                        drained.set_result(None)
-                if conn.close_code is not None:
-                    await send({"type": "websocket.close", "code": conn.close_code})
-                    return
-                wakeup.clear()
-                await wakeup.wait()
+            while queue:
+                await send({"type": "websocket.send", "text": queue.popleft()})
+                drained = self.drained
+                if drained is not None and len(queue) <= low_water and not drained.done():
+                    drained.set_result(None)
+            # No await between the last check of the queue and returning: a frame
+            # queued after it finds this task done and starts another.
+            conn.release()
+            if conn.close_code is not None:
+                self.ended = True
+                await send({"type": "websocket.close", "code": conn.close_code})
+        except Exception:
+            # A failed write means the client is gone; the receive side sees it too.
+            self.ended = True
+            conn.queue.clear()
         finally:
             if self.drained is not None and not self.drained.done():
                 self.drained.set_result(None)
@@ -261,43 +312,40 @@ class _Session:
 
     # -- receiving -------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        conn, loop = self.conn, self.loop
-        max_chars = conn.limits.max_frame_bytes // 4
-        while conn.close_code is None:
-            message = await self.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                return
-            if kind != "websocket.receive":
-                continue
-            data: str | bytes | None = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
-            size = len(data)
-            if size > max_chars and isinstance(data, str):
-                # A character is at most 4 UTF-8 bytes: only long text needs encoding to measure.
-                size = len(data.encode())
-            if not conn.accept_frame(size, loop.time()):
-                if conn.close_code is None:
-                    self._reply(Error(code="rate_limited", message="too many frames; slow down"))
-                continue
-            try:
-                frame = decode_client(data)
-            except BadFrame as exc:
-                conn.bad_frame()
-                if conn.close_code is None:
-                    self._reply(Error(code="bad_frame", message=str(exc)))
-                continue
-            match frame:
-                case Subscribe():
-                    await self._subscribe(frame)
-                case Unsubscribe():
-                    self._unsubscribe(frame)
-                case Ping():
-                    self._reply(Pong(id=frame.id))
-                case Typing():
-                    pass  # conversation.typing (realtime-only) is not published yet: issue 5
+    def _on_message(self, message: Message) -> Awaitable[None] | None:
+        """Answer one client message; what needs I/O (subscribe, typing) comes back
+        as an awaitable, so frames are still handled one at a time, in order."""
+        if message["type"] != "websocket.receive":
+            return None
+        conn = self.conn
+        data: str | bytes | None = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+        size = len(data)
+        if size > conn.limits.max_frame_bytes // 4 and isinstance(data, str):
+            # A character is at most 4 UTF-8 bytes: only long text needs encoding to measure.
+            size = len(data.encode())
+        if not conn.accept_frame(size, self.loop.time()):
+            if conn.close_code is None:
+                self._reply(Error(code="rate_limited", message="too many frames; slow down"))
+            return None
+        try:
+            frame = decode_client(data)
+        except BadFrame as exc:
+            conn.bad_frame()
+            if conn.close_code is None:
+                self._reply(Error(code="bad_frame", message=str(exc)))
+            return None
+        match frame:
+            case Subscribe():
+                return self._subscribe(frame)
+            case Unsubscribe():
+                self._unsubscribe(frame)
+            case Ping():
+                self._reply(Pong(id=frame.id))
+            case Typing():
+                return self._typing(frame)
+        return None
 
     async def _subscribe(self, frame: Subscribe) -> None:
         conn, hub, church_id = self.conn, self.hub, self.principal.church_id
@@ -346,6 +394,31 @@ class _Session:
             )
         )
         subscription.go_live(replay.epoch, replay.position)
+
+    async def _typing(self, frame: Typing) -> None:
+        principal, conversation_id = self.principal, frame.conversation_id
+        if principal.user_id is None:
+            self._reply(Error(code="forbidden", message="only staff sessions send typing"))
+            return
+        gate = self.typing
+        if gate is None:
+            gate = self.typing = TypingGate()
+        now = self.loop.time()
+        if not gate.due(conversation_id, now):
+            return  # the indicator is already showing
+        if not gate.known(conversation_id):
+            name = f"conversation:{conversation_id}"
+            ref = ChannelRef(kind="conversation", id=conversation_id, name=name)
+            try:
+                await channels.authorize(self.services, principal, ref)
+            except ChannelError as exc:
+                self._reply(Error(code=exc.code, message=exc.message))
+                return
+        gate.sent(conversation_id, now)
+        with contextlib.suppress(RedisError, OSError):  # an indicator lost is harmless
+            await publish_typing(
+                self.services.publisher, principal.church_id, conversation_id, principal.user_id
+            )
 
     def _unsubscribe(self, frame: Unsubscribe) -> None:
         try:

@@ -10,6 +10,14 @@ Two kinds of credentials reach every surface (REST, WebSocket, SSE):
 Both turn into a ``Principal``: the one church a request acts in, and what it
 may do there. REST and realtime share this module (ARCHITECTURE.md: turning
 credentials into a principal lives in storage).
+
+Every function that ends credentials before their time (logout, staff removal,
+password reset or change, API key revoke or rotate) also publishes a revocation
+on ``keys.CREDENTIAL_REVOCATIONS``, so realtime connections that authenticated
+with them, on any web node, close with 4001. A message is ASCII words:
+``session <hash> [<hash> ...]``, ``user <church id> <user id>`` (every session
+of that user) or ``api_key <key id>``; ``parse_revocation`` reads one. A role
+change rewrites sessions in place and is not a revocation.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ class Principal(msgspec.Struct, frozen=True):
     csrf_token: str | None = None
     rate_limit_per_min: int | None = None
     """An API key's own request limit (None: the default per-key limit)."""
+    session_hash: str | None = None
+    """A session's token hash (hex SHA-256): what a revocation names. Tickets carry
+    it over, so a connection opened with a ticket ends with the session it stands for."""
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
@@ -75,6 +86,23 @@ _session_decoder = msgspec.msgpack.Decoder(SessionRecord)
 
 def _sha256(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
+
+
+SESSION_REVOKED = "session"
+USER_REVOKED = "user"
+API_KEY_REVOKED = "api_key"
+
+
+def _revocation(kind: str, *names: object) -> str:
+    return " ".join((kind, *(str(n) for n in names)))
+
+
+def parse_revocation(data: bytes | str) -> tuple[str, list[str]]:
+    """(kind, names) of a revocation message; kind ``""`` when it is not one."""
+    words = (data.decode("ascii", "replace") if isinstance(data, bytes) else data).split()
+    if len(words) < 2 or words[0] not in (SESSION_REVOKED, USER_REVOKED, API_KEY_REVOKED):
+        return "", []
+    return words[0], words[1:]
 
 
 def parse_api_key(raw: str) -> tuple[str, str] | None:
@@ -126,8 +154,16 @@ async def rotate_api_key(
     row = await cur.fetchone()
     if row is None:
         raise NotFound("api key")
-    await redis.delete(keys.api_key_auth(bytes(row[0]).hex()))
+    await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
     return ApiKey(*row[1:]), secret
+
+
+async def _forget_api_key(redis: Redis, secret_hash: str, key_id: uuid.UUID) -> None:
+    """Drop a key's cached principal and tell every node to close its connections."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.api_key_auth(secret_hash))
+        pipe.publish(keys.CREDENTIAL_REVOCATIONS, _revocation(API_KEY_REVOKED, key_id))
+        await pipe.execute()
 
 
 async def list_api_keys(
@@ -156,7 +192,7 @@ async def revoke_api_key(
     row = await cur.fetchone()
     if row is None:
         raise NotFound("api key")
-    await redis.delete(keys.api_key_auth(bytes(row[0]).hex()))
+    await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
     return ApiKey(*row[1:])
 
 
@@ -236,7 +272,7 @@ def _decode_session(raw: bytes | str) -> SessionRecord:
 
 
 async def principal_for_session(redis: Redis, token: str) -> Principal | None:
-    raw = await redis.get(keys.session(_sha256(token).hex()))
+    raw = await redis.get(keys.session(session_hash(token)))
     if raw is None:
         return None
     record = _decode_session(raw)
@@ -247,7 +283,13 @@ async def principal_for_session(redis: Redis, token: str) -> Principal | None:
         user_id=record.user_id,
         role=record.role,
         csrf_token=record.csrf,
+        session_hash=session_hash(token),
     )
+
+
+def session_hash(token: str) -> str:
+    """The hash a session is stored and revoked under."""
+    return _sha256(token).hex()
 
 
 async def delete_session(redis: Redis, token: str) -> None:
@@ -255,7 +297,10 @@ async def delete_session(redis: Redis, token: str) -> None:
     raw = await redis.getdel(keys.session(token_hash))
     if raw is not None:
         record = _decode_session(raw)
-        await redis.srem(keys.user_sessions(record.church_id, record.user_id), token_hash)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.srem(keys.user_sessions(record.church_id, record.user_id), token_hash)
+            pipe.publish(keys.CREDENTIAL_REVOCATIONS, _revocation(SESSION_REVOKED, token_hash))
+            await pipe.execute()
 
 
 async def _user_session_hashes(redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID) -> list[str]:
@@ -272,14 +317,22 @@ async def delete_user_sessions(
     index = keys.user_sessions(church_id, user_id)
     kept = _sha256(keep).hex() if keep else None
     doomed = [h for h in await _user_session_hashes(redis, church_id, user_id) if h != kept]
-    if not doomed:
+    # Without a session to keep, every connection of the user ends, whatever
+    # session it came from; with one, only the sessions deleted here.
+    if kept is None:
+        revocation = _revocation(USER_REVOKED, church_id, user_id)
+    elif doomed:
+        revocation = _revocation(SESSION_REVOKED, *doomed)
+    else:
         return 0
     async with redis.pipeline(transaction=False) as pipe:
         for token_hash in doomed:
             pipe.delete(keys.session(token_hash))
-        pipe.srem(index, *doomed)
+        if doomed:
+            pipe.srem(index, *doomed)
+        pipe.publish(keys.CREDENTIAL_REVOCATIONS, revocation)
         results = await pipe.execute()
-    return sum(int(n) for n in results[:-1])
+    return sum(int(n) for n in results[: len(doomed)])
 
 
 async def set_user_sessions_role(
@@ -323,6 +376,7 @@ class _Ticket(msgspec.Struct, frozen=True, array_like=True):
     user_id: uuid.UUID | None
     api_key_id: uuid.UUID | None
     role: str | None
+    session_hash: str | None = None
 
 
 _ticket_encoder = msgspec.msgpack.Encoder()
@@ -340,6 +394,7 @@ async def create_ticket(redis: Redis, principal: Principal) -> str:
         user_id=principal.user_id,
         api_key_id=principal.api_key_id,
         role=principal.role,
+        session_hash=principal.session_hash,
     )
     await redis.set(
         keys.realtime_ticket(_sha256(ticket).hex()), _ticket_encoder.encode(record), ex=TICKET_TTL_S
@@ -360,4 +415,5 @@ async def principal_for_ticket(redis: Redis, ticket: str) -> Principal | None:
         user_id=record.user_id,
         api_key_id=record.api_key_id,
         role=record.role,
+        session_hash=record.session_hash,
     )

@@ -112,3 +112,51 @@ def api_key_auth(token_hash: str) -> str:
 # change rewrites them and a removal or password reset deletes them at once.
 def user_sessions(church_id: uuid.UUID, user_id: uuid.UUID) -> str:
     return f"{PREFIX}:us:{church_tag(church_id)}:{user_id}"
+
+
+# Credentials ended before their time (logout, staff removal, password reset or
+# change, API key revoke or rotate): one pub/sub channel that every web node's hub
+# listens to, so realtime connections on any node close with 4001. Global on
+# purpose: every node needs every message, and they are rare (a person's action,
+# never per request); on Redis Cluster a plain PUBLISH reaches every node anyway.
+CREDENTIAL_REVOCATIONS = f"{PREFIX}:revoked"
+
+
+# Delivery queue, per church (storage/queue.py): each church's send stream (one
+# consumer group, SEND_GROUP) and its sorted set of delayed retries share the
+# church tag, so one script moves due retries onto the stream and claims from it.
+def church_send_stream(church_id: uuid.UUID) -> str:
+    return f"{PREFIX}:q:{church_tag(church_id)}:send"
+
+
+def church_delayed(church_id: uuid.UUID) -> str:
+    """A church's batches waiting for a retry or a pause, scored by due time (ms)."""
+    return f"{PREFIX}:q:{church_tag(church_id)}:delayed"
+
+
+# Churches with work, spread over ``shards`` ready sets (no key serves every church):
+# a sorted set of church ids scored by the time (ms) a worker should next look at
+# the church, and a short list whose pushes wake idle workers.
+def ready_set(shard: int) -> str:
+    return f"{PREFIX}:q:{{r{shard}}}:ready"
+
+
+def ready_wake(shard: int) -> str:
+    return f"{PREFIX}:q:{{r{shard}}}:wake"
+
+
+# Sending limits and the circuit breaker of one provider account (storage/
+# token_buckets.py): every bucket of the account (the account's own and one per
+# sending number) and its circuit share the account tag, so one script checks
+# them all atomically. ``account`` is a digest, never the API key itself.
+def provider_tag(account: str) -> str:
+    return f"{{p:{account}}}"
+
+
+def send_bucket(account: str, name: str) -> str:
+    """``name`` is ``account`` or ``n:<E.164 sending number>``."""
+    return f"{PREFIX}:tb:{provider_tag(account)}:{name}"
+
+
+def provider_circuit(account: str) -> str:
+    return f"{PREFIX}:cb:{provider_tag(account)}"

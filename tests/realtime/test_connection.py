@@ -11,18 +11,22 @@ from realtime.connection import (
     Limits,
 )
 from realtime.hub import HubEvent
+from realtime.revocation import CLOSE_REVOKED
 
 
-def event(channel: str, ms: int, seq: int = 0, epoch: str = "e1") -> HubEvent:
+def event(
+    channel: str, ms: int, seq: int = 0, epoch: str = "e1", ephemeral: bool = False
+) -> HubEvent:
     frame = f'{{"type":"event","channel":"{channel}","offset":"{ms}-{seq}"}}'
     return HubEvent(
         channel=channel,
-        type="message.progress",
+        type="conversation.typing" if ephemeral else "message.progress",
         epoch=epoch,
         offset=f"{ms}-{seq}",
         position=(ms, seq),
         frame=frame.encode(),
         text=frame,
+        ephemeral=ephemeral,
     )
 
 
@@ -146,3 +150,29 @@ def test_subscription_limit() -> None:
     assert not conn.can_subscribe("message:0190e7f5-3c2e-7d4b-9a1c-5f0e6d7c8b9a")
     assert conn.drop("inbox") is not None
     assert conn.can_subscribe("message:0190e7f5-3c2e-7d4b-9a1c-5f0e6d7c8b9a")
+
+
+def test_typing_passes_only_live_and_at_the_offset_the_subscription_stands_at() -> None:
+    conn, _ = connection()
+    sub = conn.open("inbox")
+    sub.deliver(event("inbox", 2, ephemeral=True))  # held: dropped, not replayed later
+    sub.go_live("e1", (2, 0))
+    assert not conn.queue
+    sub.deliver(event("inbox", 2, ephemeral=True))
+    assert len(conn.queue) == 1
+    sub.deliver(event("inbox", 1, ephemeral=True))  # older than what the client has
+    sub.deliver(event("inbox", 2, epoch="e0", ephemeral=True))  # another epoch
+    assert len(conn.queue) == 1
+    assert (sub.epoch, sub.position) == ("e1", (2, 0))  # typing never moves the offset
+    sub.deliver(event("inbox", 3))
+    sub.deliver(event("inbox", 3, ephemeral=True))
+    assert len(conn.queue) == 3
+
+
+def test_revoking_closes_with_4001_and_drops_what_is_queued() -> None:
+    conn, wakes = connection()
+    conn.push("a")
+    conn.revoke()
+    assert conn.close_code == CLOSE_REVOKED == 4001
+    assert not conn.queue
+    assert wakes.count == 2

@@ -23,8 +23,10 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from realtime.connection import Limits
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
+from realtime.websocket import Sessions
 from storage import keys
 from storage.credentials import Principal
 from storage.events import ConversationTyping, EventPublisher, frame_bytes, new_event
@@ -34,6 +36,8 @@ from storage.settings import HttpSettings, RedisSettings, Settings
 
 pytestmark = pytest.mark.anyio
 
+WS_PROTOCOL = "realtime.protocol:LeanWSProtocol"
+"""What `koinonia web` runs (deploy/cli.py)."""
 API_KEY = "kn_test_secret"
 SESSION = "a-session-token"
 PUBLIC_URL = "http://app.test"
@@ -91,8 +95,17 @@ class Server:
                 await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def server(redis_url: str, redis: Redis, church_id: uuid.UUID) -> AsyncIterator[Server]:
+@contextlib.asynccontextmanager
+async def serving(
+    redis_url: str,
+    redis: Redis,
+    church_id: uuid.UUID,
+    *,
+    limits: Limits | None = None,
+    sessions: Sessions | None = None,
+    **options: Any,
+) -> AsyncIterator[Server]:
+    """The realtime routes under uvicorn on loopback; ``options`` for uvicorn.Config."""
     principal = Principal(church_id=church_id, kind="api_key", scopes=frozenset({"read", "write"}))
     services = StubServices(redis, principal)
 
@@ -102,21 +115,32 @@ async def server(redis_url: str, redis: Redis, church_id: uuid.UUID) -> AsyncIte
         await hub.start()
         app.state.services = services
         app.state.hub = hub
+        if sessions is not None:
+            app.state.sessions = sessions
         yield
         await hub.stop()
 
-    app = Starlette(routes=realtime_routes(), lifespan=lifespan)
+    app = Starlette(routes=realtime_routes(limits), lifespan=lifespan)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_ping_interval=25)
+    options = {"ws_ping_interval": 25, "ws": WS_PROTOCOL, **options}
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     uv = uvicorn.Server(config)
     task = asyncio.create_task(uv.serve(sockets=[sock]))
     with anyio.fail_after(5):
         while not uv.started:  # noqa: ASYNC110 (uvicorn offers no event)
             await asyncio.sleep(0.01)
-    yield Server(app, sock.getsockname()[1], services)
-    uv.should_exit = True
-    await task
+    try:
+        yield Server(app, sock.getsockname()[1], services)
+    finally:
+        uv.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def server(redis_url: str, redis: Redis, church_id: uuid.UUID) -> AsyncIterator[Server]:
+    async with serving(redis_url, redis, church_id) as running:
+        yield running
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -249,8 +273,10 @@ async def test_bad_frames_get_errors_and_ten_close_the_connection(server: Server
         await ws.send('{"type":"subscribe","id":"r1","channel":"bogus"}')
         assert (await receive(ws))["code"] == "unknown_channel"
         await ws.send(f'{{"type":"typing","conversation_id":"{uuid.uuid4()}"}}')
+        refused = await receive(ws)  # an API key has no user to show as typing
+        assert (refused["type"], refused["code"]) == ("error", "forbidden")
         await ws.send('{"type":"ping","id":"p"}')
-        assert await receive(ws) == {"type": "pong", "id": "p"}  # typing is accepted silently
+        assert await receive(ws) == {"type": "pong", "id": "p"}
         for _ in range(9):
             await ws.send('{"type":"shout"}')
         errors = await frames_until_closed(ws)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any, cast
 
@@ -10,6 +11,7 @@ import anyio
 import pytest
 
 from realtime.hub import Hub, HubEvent
+from realtime.typing import publish_typing
 from storage import keys
 from storage.events import ConversationTyping, EventPublisher, frame_bytes, new_event
 from storage.redis_connection import Redis
@@ -118,7 +120,11 @@ async def test_nothing_is_lost_or_repeated_across_reconnections(
 
     async def keep_killing() -> None:
         nonlocal kills
-        for _ in range(4):
+        # A kill while the hub is still reconnecting finds no pub/sub client (a busy
+        # machine reconnects slower): keep going until four connections were cut.
+        for _ in range(40):
+            if kills >= 4:
+                return
             await asyncio.sleep(0.06)
             killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
             kills += int(killed)
@@ -142,3 +148,33 @@ async def test_an_unconfirmed_subscription_waits_for_the_connection(
     offset = await publish(publisher, church_id, "inbox")
     await recorder.wait_for(1)
     assert recorder.offsets == [offset]
+
+
+async def test_typing_is_delivered_live_at_the_latest_offset_and_never_stored(
+    hub: Hub, redis: Redis, publisher: EventPublisher, church_id: uuid.UUID
+) -> None:
+    conversation = uuid.uuid4()
+    channel = f"conversation:{conversation}"
+    recorders = {name: Recorder() for name in (channel, "inbox")}
+    for name, recorder in recorders.items():
+        await hub.subscribe(church_id, name, recorder)
+    offset = await publish(publisher, church_id, "inbox")
+    await recorders["inbox"].wait_for(1)
+    lengths = [await redis.xlen(keys.channel_history(church_id, n)) for n in recorders]
+    user = uuid.uuid4()
+    await publish_typing(publisher, church_id, conversation, user)
+    typed = (await recorders["inbox"].wait_for(2))[1]
+    assert typed.ephemeral
+    assert typed.type == "conversation.typing"
+    assert typed.offset == offset  # the channel's latest offset, repeated
+    event = json.loads(typed.frame)
+    assert (event["channel"], event["offset"]) == ("inbox", offset)
+    assert event["event"]["data"] == {"conversation_id": str(conversation), "user_id": str(user)}
+    # A channel with no event yet: its head offset (as `subscribed` reports it).
+    [on_conversation] = await recorders[channel].wait_for(1)
+    head = await publisher.head(church_id, channel)
+    assert (on_conversation.offset, on_conversation.epoch) == (head.offset, head.epoch)
+    assert [await redis.xlen(keys.channel_history(church_id, n)) for n in recorders] == lengths
+    # The hub does not count it: the next stored event is delivered as usual.
+    after = await publish(publisher, church_id, "inbox")
+    assert (await recorders["inbox"].wait_for(3))[2].offset == after

@@ -1,0 +1,124 @@
+"""The WebSocket protocol uvicorn runs in the web process: uvicorn's wsproto one, leaner.
+
+A web node is to hold 20,000 idle WebSockets at ≤ 20 KB each
+(bench/connections.py). Of uvicorn's three implementations, ``wsproto`` holds
+the least per connection (no per-connection copy of the handshake's request
+and response headers, unlike ``websockets-sansio``; no three tasks, unlike the
+legacy ``websockets``). What each idle one still holds that it does not need:
+
+- an ``asyncio.Queue`` for the ASGI receive channel: three deques of ~760
+  bytes each, empty nearly always. ``Inbox`` keeps a list only while messages
+  wait and one future only while the app waits;
+- an ``asyncio.Event`` for write flow control (a deque): ``Writable`` makes a
+  future only while the transport is paused;
+- the spent HTTP/1.1 upgrade machinery (an ``h11.Connection`` and a deque):
+  once ``WSConnection.connection`` exists, wsproto only asks the handshake for
+  pending events, which a spent one never has; it is replaced by ``_SPENT``.
+
+Everything else is uvicorn's code unchanged. The two objects are duck-typed
+stand-ins for exactly the methods uvicorn 0.54 calls on them (``put_nowait``,
+``get``, ``empty``; ``set``, ``clear``, ``wait``): the realtime endpoint tests
+run on this class, so an upgrade that changes them fails there first. Select
+it with ``uvicorn --ws realtime.protocol:LeanWSProtocol`` (``koinonia web``
+does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+
+
+class Inbox:
+    """What uvicorn's protocol uses of an ``asyncio.Queue``, without its deques."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        items = self._items
+        item = items.pop(0)
+        if not items:
+            self._items = None
+        return item
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items or ())
+
+
+class Writable:
+    """What uvicorn's protocol uses of an ``asyncio.Event`` (set while the transport
+    accepts writes), with a future only while writes are paused."""
+
+    __slots__ = ("_paused",)
+
+    def __init__(self) -> None:
+        self._paused: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._paused is None
+
+    def set(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
+
+    def clear(self) -> None:
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> bool:
+        while (paused := self._paused) is not None:
+            await asyncio.shield(paused)
+        return True
+
+
+class _SpentHandshake:
+    """Stands in for wsproto's handshake once the connection is established."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+_SPENT = _SpentHandshake()
+
+
+class LeanWSProtocol(WSProtocol):
+    """uvicorn's wsproto protocol with the per-connection savings above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Writable()  # type: ignore[assignment]
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        conn = self.conn
+        if conn.connection is not None and not isinstance(conn.handshake, _SpentHandshake):
+            conn.handshake = _SPENT  # type: ignore[assignment]

@@ -1,0 +1,184 @@
+"""Credentials revoked or expired during a connection: close it with 4001.
+
+The storage functions that end credentials early (logout, staff removal,
+password reset or change, API key revoke and rotate) publish a revocation on
+``keys.CREDENTIAL_REVOCATIONS`` (format in ``storage.credentials``). Every web
+node's hub listens to that channel on its one pub/sub connection and hands
+each message to its ``Revocations``, which closes the node's connections
+(WebSocket and SSE alike) that authenticated with those credentials:
+
+- a session connection is known by ``session <hash>`` and by its user
+  (``user <church> <user>``, which ends every session of the user); a
+  connection opened with a ticket is known by the session or key the ticket
+  stands for, never by the ticket;
+- an API key connection by ``api_key <id>`` (revoked or rotated).
+
+Expiry needs no polling: a session connection gets one timer at the handshake,
+from the session's remaining TTL (sessions have a fixed lifetime; a role
+change rewrites them with KEEPTTL).
+
+Two races are closed here. A handshake that authenticated just before a
+revocation but registers just after its message arrived is caught by the
+revocations remembered for ``REMEMBER_S`` (longer than a ticket lives). A
+revocation published while the node's pub/sub connection was down is caught by
+``recheck`` after the hub reconnects: sessions by EXISTS on their keys, API
+keys by their row (a key rotated during the outage is not seen: its id stays
+valid; the outage and the rotation must coincide, and the client's next
+handshake fails anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from storage import keys
+from storage.credentials import (
+    API_KEY_REVOKED,
+    SESSION_REVOKED,
+    USER_REVOKED,
+    Principal,
+    parse_revocation,
+)
+from storage.database import Pool
+from storage.redis_connection import Redis
+
+log = logging.getLogger("koinonia.realtime.revocation")
+
+CLOSE_REVOKED = 4001
+"""Credentials expired or revoked during the connection (PROTOCOL.md)."""
+REMEMBER_S = 90.0
+"""How long a revocation is remembered for handshakes that raced it: more than a
+ticket's 30 s plus the time a handshake may take."""
+_RECHECK_CHUNK = 500
+
+
+class Revocable(Protocol):
+    def revoke(self) -> None:
+        """Close with 4001, dropping whatever is still queued."""
+
+
+def names_of(principal: Principal) -> list[str]:
+    """The revocation names a connection of this principal answers to."""
+    if principal.api_key_id is not None:
+        return [f"{API_KEY_REVOKED} {principal.api_key_id}"]
+    names = []
+    if principal.session_hash is not None:
+        names.append(f"{SESSION_REVOKED} {principal.session_hash}")
+    if principal.user_id is not None:
+        names.append(f"{USER_REVOKED} {principal.church_id} {principal.user_id}")
+    return names
+
+
+class Revocations:
+    """A node's live connections by credential, closed when those are revoked."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # Revocation name → the connections answering to it (insertion-ordered set).
+        self._watching: dict[str, dict[Revocable, None]] = {}
+        # Session connections' expiry timers.
+        self._timers: dict[Revocable, asyncio.TimerHandle] = {}
+        # Revocation name → when it arrived, oldest first.
+        self._recent: dict[str, float] = {}
+        self.pool: Pool | None = None
+        """Postgres for ``recheck`` of API keys; set by the endpoints (the hub has none)."""
+
+    def __len__(self) -> int:
+        return len({c for bucket in self._watching.values() for c in bucket})
+
+    def watch(self, principal: Principal, conn: Revocable, *, expires_in: float | None) -> bool:
+        """Follow a new connection; False (and it is revoked) when its credentials
+        were revoked moments ago. ``expires_in``: seconds its session has left."""
+        names = names_of(principal)
+        self._forget_old()
+        if any(name in self._recent for name in names):
+            conn.revoke()
+            return False
+        for name in names:
+            bucket = self._watching.get(name)
+            if bucket is None:
+                bucket = self._watching[name] = {}
+            bucket[conn] = None
+        if expires_in is not None:
+            loop = asyncio.get_running_loop()
+            self._timers[conn] = loop.call_later(max(expires_in, 0.0), conn.revoke)
+        return True
+
+    def unwatch(self, principal: Principal, conn: Revocable) -> None:
+        for name in names_of(principal):
+            bucket = self._watching.get(name)
+            if bucket is not None:
+                bucket.pop(conn, None)
+                if not bucket:
+                    del self._watching[name]
+        timer = self._timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+
+    def revoke(self, data: bytes | str) -> int:
+        """Apply one revocation message; returns how many connections it closed."""
+        kind, words = parse_revocation(data)
+        if kind == USER_REVOKED:
+            names = [f"{kind} {' '.join(words)}"]
+        elif kind:
+            names = [f"{kind} {word}" for word in words]
+        else:
+            log.error("malformed revocation %r", data[:200])
+            return 0
+        now = self._clock()
+        closed = 0
+        for name in names:
+            self._recent.pop(name, None)
+            self._recent[name] = now
+            for conn in list(self._watching.pop(name, ())):
+                conn.revoke()
+                closed += 1
+        self._forget_old()
+        return closed
+
+    def _forget_old(self) -> None:
+        recent = self._recent
+        if not recent:
+            return
+        horizon = self._clock() - REMEMBER_S
+        while recent:
+            name = next(iter(recent))
+            if recent[name] > horizon:
+                return
+            del recent[name]
+
+    async def recheck(self, redis: Redis) -> int:
+        """After the pub/sub connection was lost: revoke the connections whose
+        session or API key ended meanwhile. Returns how many were revoked."""
+        sessions = [n for n in self._watching if n.startswith(SESSION_REVOKED + " ")]
+        api_keys = [n for n in self._watching if n.startswith(API_KEY_REVOKED + " ")]
+        gone: list[str] = []
+        for i in range(0, len(sessions), _RECHECK_CHUNK):
+            chunk = sessions[i : i + _RECHECK_CHUNK]
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.exists(keys.session(name.partition(" ")[2]))
+                found = await pipe.execute()
+            gone += [n for n, exists in zip(chunk, found, strict=True) if not exists]
+        if api_keys and self.pool is not None:
+            ids = [n.partition(" ")[2] for n in api_keys]
+            async with self.pool.connection() as db:
+                cur = await db.execute(
+                    "SELECT id::text FROM api_key WHERE id = ANY(%s::uuid[]) "
+                    "AND revoked_at IS NULL",
+                    (ids,),
+                )
+                live = {row[0] for row in await cur.fetchall()}
+            gone += [f"{API_KEY_REVOKED} {i}" for i in ids if i not in live]
+        closed = 0
+        for name in gone:
+            for conn in list(self._watching.pop(name, ())):
+                conn.revoke()
+                closed += 1
+        if closed:
+            log.info("%d connections closed: credentials ended while pub/sub was down", closed)
+        return closed
