@@ -17,6 +17,8 @@ from api.api_keys import api_key_operations
 from api.audience import audience_operations
 from api.audit_log import audit_operations
 from api.broadcasts import broadcast_operations
+from api.church import church_operations
+from api.dead_letters import dead_letter_operations
 from api.errors import ApiError
 from api.guard import guarded
 from api.health import health_operations
@@ -42,6 +44,8 @@ def operations() -> list[Operation]:
         *broadcast_operations(),
         *inbox_operations(),
         *webhook_endpoint_operations(),
+        *church_operations(),
+        *dead_letter_operations(),
     ]
 
 

@@ -4,6 +4,12 @@ Order of work, so that a bad request changes nothing and a good one is applied
 exactly once: size limit → signature (before any parsing or write) → decode →
 one transaction that records the event id (dedupe) and applies it → publish
 events after commit. A duplicate event id answers 200 and does nothing.
+
+An inbound text that is a keyword (storage/keywords.py: STOP, START, HELP and
+their synonyms) is stored in the conversation like any other, so staff see it,
+and acts in the same transaction: consent, webhook event, audit row. Its answer,
+if any, is stored as an outbound conversation message and enqueued after the
+commit exactly as a staff reply is; the conversation keeps its unread count.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.signatures import load_public_key, verify_telnyx
 from storage.churches import church_by_number
-from storage.conversations import changed_event, record_inbound, set_outbound_status
+from storage.conversations import (
+    ConversationMessage,
+    changed_event,
+    get_conversation,
+    record_inbound,
+    record_outbound,
+    set_outbound_status,
+)
 from storage.database import Conn
 from storage.envelope import BodyTooLarge, fail, ok, read_body
 from storage.events import (
@@ -34,8 +47,10 @@ from storage.events import (
     new_event,
 )
 from storage.ids import uuid7
+from storage.keywords import apply_keyword, keep_unread
 from storage.members import member_by_phone_hash
 from storage.phones import normalize
+from storage.queue import ConversationSend, enqueue_sends
 from storage.recipients import ProviderStatus, locate_by_provider_id
 from storage.services import Services
 from storage.statuses import allowed_from, from_telnyx
@@ -228,25 +243,55 @@ class InboundHandler:
             conversation, message, created = await record_inbound(
                 conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
             )
+            reply: ConversationMessage | None = None
+            outcome = await apply_keyword(conn, church.id, member_id, payload.text or "")
+            if outcome is not None and outcome.reply is not None:
+                _, reply = await record_outbound(
+                    conn, church.id, conversation.id, body=outcome.reply, sent_by=None
+                )
+                await keep_unread(conn, church.id, conversation.id, conversation.unread_count)
+                conversation = await get_conversation(conn, church.id, conversation.id)
+        if outcome is not None:
+            log.info(
+                "keyword",
+                extra={
+                    "keyword": outcome.keyword,
+                    "changed": outcome.changed,
+                    "replied": reply is not None,
+                },
+            )
+        if reply is not None:
+            settings = self.services.settings.delivery
+            await enqueue_sends(
+                self.services.redis,
+                [
+                    ConversationSend(
+                        church_id=church.id,
+                        conversation_id=conversation.id,
+                        message_id=reply.id,
+                        max_attempts=settings.max_attempts,
+                    )
+                ],
+                settings.shards,
+            )
         changed = changed_event(conversation, created=created)
-        posted = new_event(
-            "conversation.message.created",
-            ConversationMessageCreated(
-                conversation_id=conversation.id,
-                message_id=message.id,
-                member_id=conversation.member_id,
-                direction="inbound",
-                body=message.body,
-                created_at=message.created_at,
-            ),
-        )
         thread = f"conversation:{conversation.id}"
-        events: list[tuple[str, Event]] = [
-            ("inbox", changed),
-            (thread, changed),
-            ("inbox", posted),
-            (thread, posted),
-        ]
+        events: list[tuple[str, Event]] = [("inbox", changed), (thread, changed)]
+        for posted in (message, reply):
+            if posted is None:
+                continue
+            event = new_event(
+                "conversation.message.created",
+                ConversationMessageCreated(
+                    conversation_id=conversation.id,
+                    message_id=posted.id,
+                    member_id=conversation.member_id,
+                    direction=posted.direction,
+                    body=posted.body,
+                    created_at=posted.created_at,
+                ),
+            )
+            events += [("inbox", event), (thread, event)]
         await self.services.publisher.publish_many(church.id, events)
 
     async def _dedupe_only(self, data: _Data) -> None:

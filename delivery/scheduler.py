@@ -10,13 +10,16 @@
   (Redis flushed, or down at acceptance) are enqueued again;
 - reconciler: recipients left ``queued`` or ``sending`` without a provider id
   past ``reconcile_after_s`` are enqueued again;
+- quiet hours: recipients held for their local sending window (``not_before``,
+  storage/recipients.py) are enqueued when it opens, once across any number of
+  schedulers (``FOR UPDATE SKIP LOCKED`` in the statement that clears the hold);
 - provider-event pruning: the dedupe record of a provider webhook is kept a
   week (providers stop retrying within a day or two), then deleted in small
   batches. It is not message data. Postgres is the truth, so an
   empty Redis only delays delivery; the provider idempotency key keeps a repeat
   from texting anyone twice.
 
-Any number of schedulers may run: the two sending jobs claim rows with ``SKIP
+Any number of schedulers may run: the three sending jobs claim rows with ``SKIP
 LOCKED`` (two schedulers take different rows, never the same one); each other
 job takes a transaction-scoped advisory lock with ``pg_try_advisory_xact_lock``
 and skips its turn when another holds it. No job deletes or drops message data.
@@ -31,10 +34,12 @@ import uuid
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
+from storage.database import Conn
 from storage.ids import created_at_of
 from storage.messages import announce_started, claim_due_scheduled, unstarted_scheduled
 from storage.partitions import ensure_partitions
 from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
+from storage.quiet_hours import release_held
 from storage.recipients import pending_materialization, stale_open_recipients, touch
 from storage.recurring import Ran, run_next_due
 from storage.services import Services
@@ -48,6 +53,7 @@ PROVIDER_EVENT_RETENTION = timedelta(days=7)
 _PRUNE_BATCH = 5000
 _PARTITION_EVERY_S = 3600.0
 _RECURRING_PER_TICK = 200
+_RELEASE_BATCH = 5000
 
 
 class Scheduler:
@@ -77,7 +83,7 @@ class Scheduler:
             await self.premake_partitions()
             self._last_partitions = loop.time()
         # One failing job does not hold back the others.
-        for job in (self.start_scheduled, self.run_recurring, self.reconcile):
+        for job in (self.start_scheduled, self.run_recurring, self.release_quiet, self.reconcile):
             try:
                 await job()
             except Exception:
@@ -124,6 +130,55 @@ class Scheduler:
             )
         return ran
 
+    async def release_quiet(self, now: datetime | None = None) -> int:
+        """Enqueue every held recipient whose quiet-hours window has opened; returns
+        how many. The hold is cleared when the rows are taken, so a lost enqueue
+        leaves ordinary ``queued`` rows that the reconciler finds."""
+        released = 0
+        while True:
+            async with self.services.pool.connection() as conn:
+                due = await release_held(conn, now or datetime.now(UTC), _RELEASE_BATCH)
+                batches = await self._batches(conn, due)
+            await enqueue_sends(self.services.redis, batches, self.settings.shards)
+            released += len(due)
+            if len(due) < _RELEASE_BATCH:
+                break
+        if released:
+            log.info("quiet hours over", extra={"recipients": released})
+        return released
+
+    async def _batches(
+        self, conn: Conn, rows: list[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]
+    ) -> list[SendBatch]:
+        """Send batches of (church, message, recipient) rows, per message, from the
+        church's sending number."""
+        by_message: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
+        for church_id, message_id, recipient_id in rows:
+            by_message[(church_id, message_id)].append(recipient_id)
+        numbers: dict[uuid.UUID, str] = {}
+        batches: list[SendBatch] = []
+        size = self.settings.batch_size
+        for (church_id, message_id), ids in by_message.items():
+            if church_id not in numbers:
+                cur = await conn.execute(
+                    "SELECT phone_number FROM church WHERE id = %s", (church_id,)
+                )
+                number = await cur.fetchone()
+                numbers[church_id] = number[0] if number else ""
+            ids.sort()
+            batches += [
+                SendBatch(
+                    church_id=church_id,
+                    message_id=message_id,
+                    created_at=created_at_of(message_id),
+                    recipient_ids=ids[i : i + size],
+                    from_number=numbers[church_id],
+                    max_attempts=self.settings.max_attempts,
+                )
+                for i in range(0, len(ids), size)
+            ]
+        return batches
+
     async def premake_partitions(self) -> list[str]:
         async with self.services.pool.connection() as conn, conn.transaction():
             cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_PARTITIONS,))
@@ -164,28 +219,9 @@ class Scheduler:
             by_message: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
             for church_id, message_id, recipient_id in stale:
                 by_message[(church_id, message_id)].append(recipient_id)
-            numbers: dict[uuid.UUID, str] = {}
-            batches: list[SendBatch] = []
             for (church_id, message_id), ids in by_message.items():
-                if church_id not in numbers:
-                    cur = await conn.execute(
-                        "SELECT phone_number FROM church WHERE id = %s", (church_id,)
-                    )
-                    number = await cur.fetchone()
-                    numbers[church_id] = number[0] if number else ""
                 await touch(conn, church_id, message_id, ids)
-                size = self.settings.batch_size
-                for i in range(0, len(ids), size):
-                    batches.append(
-                        SendBatch(
-                            church_id=church_id,
-                            message_id=message_id,
-                            created_at=created_at_of(message_id),
-                            recipient_ids=ids[i : i + size],
-                            from_number=numbers[church_id],
-                            max_attempts=self.settings.max_attempts,
-                        )
-                    )
+            batches = await self._batches(conn, stale)
         redis = self.services.redis
         for church_id, message_id in messages:
             await enqueue_materialize(

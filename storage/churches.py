@@ -1,16 +1,18 @@
-"""Churches (tenants) and their staff users."""
+"""Churches (tenants), their settings, and their staff users."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, time
+from typing import Any
 
 import msgspec
 from psycopg import errors
 
 from storage.database import Conn
-from storage.errors import Conflict
+from storage.errors import Conflict, NotFound
 from storage.ids import uuid7
+from storage.quiet_hours import QuietHours
 
 
 class Church(msgspec.Struct, frozen=True):
@@ -103,3 +105,93 @@ async def get_user(conn: Conn, church_id: uuid.UUID, user_id: uuid.UUID) -> Staf
     )
     row = await cur.fetchone()
     return StaffUser(*row) if row else None
+
+
+# Settings ---------------------------------------------------------------------------
+
+
+class ChurchSettings(msgspec.Struct, frozen=True):
+    """What a church's admins may change, with the fields they cannot (plan, number)."""
+
+    id: uuid.UUID
+    name: str
+    plan: str
+    phone_number: str
+    country: str
+    timezone: str
+    status: str
+    help_text: str
+    """Answer to HELP / INFO; empty: the built-in text (``keywords.default_help``)."""
+    opt_in_text: str
+    """Answer to START / UNSTOP / YES; empty: the built-in text."""
+    quiet_hours_start: time
+    quiet_hours_end: time
+    created_at: datetime
+
+    @property
+    def quiet_hours(self) -> QuietHours:
+        return QuietHours(self.quiet_hours_start, self.quiet_hours_end)
+
+
+class SettingsChange(msgspec.Struct, frozen=True, kw_only=True):
+    """Fields to change; None leaves a field as it is. Validated by the caller."""
+
+    name: str | None = None
+    timezone: str | None = None
+    country: str | None = None
+    help_text: str | None = None
+    opt_in_text: str | None = None
+    quiet_hours_start: time | None = None
+    quiet_hours_end: time | None = None
+
+
+_SETTINGS_COLS = (
+    "id, name, plan, phone_number, country, timezone, status, help_text, opt_in_text, "
+    "quiet_hours_start, quiet_hours_end, created_at"
+)
+
+
+async def get_settings(conn: Conn, church_id: uuid.UUID) -> ChurchSettings:
+    cur = await conn.execute(f"SELECT {_SETTINGS_COLS} FROM church WHERE id = %s", (church_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("church")
+    return ChurchSettings(*row)
+
+
+async def update_settings(
+    conn: Conn, church_id: uuid.UUID, change: SettingsChange
+) -> tuple[ChurchSettings, ChurchSettings]:
+    """Apply ``change`` under a row lock; returns (before, after). The caller runs
+    this inside the transaction that also re-plans held recipients."""
+    sets: list[str] = []
+    params: list[Any] = []
+    for column in (
+        "name",
+        "timezone",
+        "country",
+        "help_text",
+        "opt_in_text",
+        "quiet_hours_start",
+        "quiet_hours_end",
+    ):
+        value = getattr(change, column)
+        if value is not None:
+            sets.append(f"{column} = %s")
+            params.append(value)
+    cur = await conn.execute(
+        f"SELECT {_SETTINGS_COLS} FROM church WHERE id = %s FOR UPDATE", (church_id,)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound("church")
+    before = ChurchSettings(*row)
+    if not sets:
+        return before, before
+    cur = await conn.execute(
+        f"UPDATE church SET {', '.join(sets)} WHERE id = %s RETURNING {_SETTINGS_COLS}",
+        (*params, church_id),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return before, ChurchSettings(*row)

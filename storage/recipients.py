@@ -3,12 +3,19 @@
 Every status change is an ``UPDATE ... WHERE status = ANY(<allowed>)`` so a
 late, duplicated or reordered provider webhook, or a retried batch, can never
 move a recipient backwards (storage/statuses.py holds the rules).
+
+Quiet hours (storage/quiet_hours.py): a scheduled or recurring message's
+recipients outside their local window are made ``queued`` with ``not_before``, the
+instant their window opens. Claiming leaves such rows alone, the reconciler does
+not count them as lost, and the scheduler's ``release_held`` clears the column and
+re-enqueues them when the time comes. Counts are untouched: a held recipient is
+simply ``queued``, so the message completes only once it has been sent.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -19,6 +26,7 @@ from storage.ids import created_at_of
 from storage.messages import AUDIENCE_PLAN, Target, audience_params
 from storage.pagination import Page, decode_cursor, page_of
 from storage.partitions import month_start, partition_name
+from storage.quiet_hours import hold_plan, hold_sql
 from storage.statuses import RecipientStatus, allowed_from
 
 
@@ -38,6 +46,8 @@ class Materialized(msgspec.Struct, frozen=True):
     """Every recipient row made, in id order (skipped ones included)."""
     queued: int
     skipped: int
+    held: int = 0
+    """Of the queued, how many wait for their quiet-hours window to open."""
 
 
 class SendTarget(msgspec.Struct, frozen=True):
@@ -59,18 +69,20 @@ class Transition(msgspec.Struct, frozen=True):
 
 
 async def materialize(
-    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, *, now: datetime | None = None
 ) -> Materialized | None:
     """Create the recipient rows of an accepted message, once.
 
     Returns None when the message is already materialized or another worker holds
     it right now. Members who opted out since acceptance become ``skipped`` rows,
-    so the counts always add up to the recipient count.
+    so the counts always add up to the recipient count. A scheduled or recurring
+    message's recipients outside their quiet-hours window get ``not_before``.
     """
     created_at = created_at_of(message_id)
     async with conn.transaction():
         cur = await conn.execute(
-            "SELECT target, segments FROM message WHERE church_id = %s AND id = %s "
+            "SELECT target, segments, send_at IS NOT NULL OR recurring_id IS NOT NULL "
+            "FROM message WHERE church_id = %s AND id = %s "
             "AND created_at = %s AND materialized_at IS NULL FOR UPDATE SKIP LOCKED",
             (church_id, message_id, created_at),
         )
@@ -78,6 +90,8 @@ async def materialize(
         if row is None:
             return None
         target = msgspec.convert(row[0], Target)
+        plan = await hold_plan(conn, church_id, now or datetime.now(UTC)) if row[2] else None
+        hold, hold_params, joins, join_params = hold_sql(plan, church_id)
         await conn.execute(AUDIENCE_PLAN)
         audience, params = audience_params(target, church_id, created_at)
         # Ids are the message id's first 80 bits and a row number: increasing, so
@@ -86,15 +100,28 @@ async def materialize(
         # computable here, so no row travels back to the client.
         cur = await conn.execute(
             "WITH ins AS (INSERT INTO message_recipient (church_id, message_id, id, created_at, "
-            "member_id, status, segments) "
+            "member_id, status, segments, not_before) "
             "SELECT %s, %s, (%s || lpad(to_hex(row_number() OVER ()), 12, '0'))::uuid, %s, "
-            "a.id, CASE WHEN a.opted_in THEN 'queued' ELSE 'skipped' END, %s "
-            f"FROM ({audience}) a RETURNING status) "
-            "SELECT count(*), count(*) FILTER (WHERE status = 'queued') FROM ins",
-            (church_id, message_id, message_id.hex[:20], created_at, row[1], *params),
+            "a.id, CASE WHEN a.opted_in THEN 'queued' ELSE 'skipped' END, %s, "
+            f"CASE WHEN a.opted_in THEN {hold} END "
+            f"FROM ({audience}) a{joins} RETURNING status, not_before) "
+            "SELECT count(*), count(*) FILTER (WHERE status = 'queued'), "
+            "count(*) FILTER (WHERE not_before IS NOT NULL) FROM ins",
+            (
+                church_id,
+                message_id,
+                message_id.hex[:20],
+                created_at,
+                row[1],
+                *hold_params,
+                *params,
+                *join_params,
+            ),
         )
         counted = await cur.fetchone()
-        total, queued = (int(counted[0]), int(counted[1])) if counted else (0, 0)
+        total, queued, held = (
+            (int(counted[0]), int(counted[1]), int(counted[2])) if counted else (0, 0, 0)
+        )
         await conn.execute(
             "UPDATE message SET materialized_at = clock_timestamp(), recipient_count = %s, "
             "status = CASE WHEN %s = 0 THEN 'completed' ELSE 'sending' END, "
@@ -102,9 +129,9 @@ async def materialize(
             "WHERE church_id = %s AND id = %s AND created_at = %s",
             (total, queued, queued, church_id, message_id, created_at),
         )
-    # Skipped rows ride along in the batches: claiming ignores them.
+    # Skipped and held rows ride along in the batches: claiming ignores them.
     ids = [recipient_id(message_id, n) for n in range(1, total + 1)] if queued else []
-    return Materialized(recipient_ids=ids, queued=queued, skipped=total - queued)
+    return Materialized(recipient_ids=ids, queued=queued, skipped=total - queued, held=held)
 
 
 def recipient_id(message_id: uuid.UUID, number: int) -> uuid.UUID:
@@ -151,6 +178,7 @@ async def claim_for_send(
     Rows already ``sending`` with no provider id are taken again: a worker died
     between claiming and recording the send, and the provider's idempotency key
     makes the repeat harmless. Rows with a provider id were sent: left alone.
+    Rows held for quiet hours (``not_before`` ahead) are left ``queued``.
     """
     created_at = created_at_of(message_id)
     # Single-table statements on primary keys only: their plans stay right even
@@ -160,7 +188,8 @@ async def claim_for_send(
         cur = await conn.execute(
             "SELECT id, member_id, status FROM message_recipient "
             "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
-            "AND status IN ('queued', 'sending') AND provider_message_id IS NULL FOR UPDATE",
+            "AND status IN ('queued', 'sending') AND provider_message_id IS NULL "
+            "AND (not_before IS NULL OR not_before <= now()) FOR UPDATE",
             (church_id, message_id, created_at, recipient_ids),
         )
         locked = await cur.fetchall()
@@ -380,12 +409,13 @@ async def stale_open_recipients(
     conn: Conn, older_than: datetime, limit: int = 5000
 ) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]:
     """(church, message, recipient) still queued, or sending without a provider id,
-    untouched since ``older_than``: work the queue lost."""
+    untouched since ``older_than``: work the queue lost. Rows held for quiet hours
+    are not lost: ``release_held`` sends them when their window opens."""
     cur = await conn.execute(
         "SELECT r.church_id, r.message_id, r.id FROM message m JOIN message_recipient r "
         "ON r.church_id = m.church_id AND r.message_id = m.id AND r.created_at = m.created_at "
         "WHERE m.status = 'sending' AND r.status IN ('queued', 'sending') "
-        "AND r.provider_message_id IS NULL AND r.updated_at < %s "
+        "AND r.provider_message_id IS NULL AND r.not_before IS NULL AND r.updated_at < %s "
         "ORDER BY m.created_at LIMIT %s",
         (older_than, limit),
     )
@@ -401,3 +431,30 @@ async def touch(
         "AND message_id = %s AND created_at = %s AND id = ANY(%s)",
         (church_id, message_id, created_at_of(message_id), recipient_ids),
     )
+
+
+async def reset_exhausted(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, recipient_ids: list[uuid.UUID]
+) -> list[uuid.UUID]:
+    """Give dead-lettered recipients a fresh attempt budget: ``failed`` rows the
+    provider never accepted (no provider id) go back to ``queued`` with no attempts,
+    and their message, if it had completed, is ``sending`` again. Returns the rows
+    reset; a row already reset, sent meanwhile or accepted by the provider is left
+    alone, so resetting twice sends nobody twice."""
+    created_at = created_at_of(message_id)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE message_recipient SET status = 'queued', attempts = 0, error_code = NULL, "
+            "not_before = NULL, updated_at = now() "
+            "WHERE church_id = %s AND message_id = %s AND created_at = %s AND id = ANY(%s) "
+            "AND status = 'failed' AND provider_message_id IS NULL RETURNING id",
+            (church_id, message_id, created_at, recipient_ids),
+        )
+        reset = sorted(r[0] for r in await cur.fetchall())
+        if reset:
+            await conn.execute(
+                "UPDATE message SET status = 'sending', completed_at = NULL "
+                "WHERE church_id = %s AND id = %s AND created_at = %s AND status = 'completed'",
+                (church_id, message_id, created_at),
+            )
+    return reset

@@ -110,6 +110,13 @@ class Church:
         self.api = httpx.Client(
             base_url=base_url, timeout=10.0, headers={"Authorization": f"Bearer {self.key}"}
         )
+        # Quiet hours (08:00-21:00 church time by default) would hold scheduled and
+        # recurring sends whenever the suite runs at night; the quiet-hours tests set
+        # their own windows.
+        quiet = self.api.patch(
+            "/v1/church", json={"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
+        )
+        assert quiet.status_code == 200, quiet.text
 
     def group(self, name: str = "Choir") -> str:
         answer = self.api.post("/v1/groups", json={"name": name})

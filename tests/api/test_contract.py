@@ -20,6 +20,7 @@ from api.operation import Operation
 from api.routes import operations
 from deploy.stack import Stack
 from tests.api.staff_support import join
+from tests.api.test_dead_letters import plant_dead_letter
 from tests.conftest import Church, unique_phone
 
 SOMEONE_ELSES = "00000000-0000-7000-8000-000000000000"
@@ -58,7 +59,9 @@ def _body(op: Operation) -> Any:
 
 
 @pytest.fixture(scope="module")
-def other_resources(base_url: str, sim_url: str) -> Iterator[tuple[Church, dict[str, str]]]:
+def other_resources(
+    base_url: str, sim_url: str, stack: Stack
+) -> Iterator[tuple[Church, dict[str, str]]]:
     """Church B and one resource of every kind that has an id in a path."""
     b = Church(base_url)
     group = b.group("B's group")
@@ -99,6 +102,7 @@ def other_resources(base_url: str, sim_url: str) -> Iterator[tuple[Church, dict[
     inbound = {"from": phone, "to": b.phone_number, "text": "Hello from B"}
     assert httpx.post(sim_url + "/_sim/inbound", json=inbound).status_code < 300
     ids["conversations"] = b.conversations_when(1)[0]["id"]
+    ids["dead-letters"] = plant_dead_letter(stack, b.id)
     yield b, ids
     b.close()
 
