@@ -79,6 +79,10 @@ class HubEvent(msgspec.Struct, frozen=True, gc=False):
     """The WebSocket ``event`` frame, byte for byte as published."""
     text: str
     """The same frame as text, for ASGI ``websocket.send``."""
+    wire: bytes = b""
+    """The same frame as a whole server-to-client WebSocket message on the wire
+    (unmasked, one final text frame): built once here, written as is to every
+    connection (realtime/protocol.py), instead of framed again per connection."""
     ephemeral: bool = False
     """Realtime only (typing): ``offset`` repeats the channel's latest stored one."""
 
@@ -100,8 +104,21 @@ def _event(
         position=position(text),
         frame=frame,
         text=frame.decode(),
+        wire=wire_frame(frame),
         ephemeral=ephemeral,
     )
+
+
+def wire_frame(payload: bytes) -> bytes:
+    """RFC 6455 section 5.2: FIN + text opcode, no mask (server frames), the length."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
 
 
 _REVOCATIONS = keys.CREDENTIAL_REVOCATIONS.encode()

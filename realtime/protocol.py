@@ -108,6 +108,10 @@ class _SpentHandshake:
 
 _SPENT = _SpentHandshake()
 
+WIRE = "koinonia.wire"
+"""Key of a ``websocket.send`` message carrying the frame already encoded for the
+wire (realtime/hub.py ``wire_frame``); other servers ignore it and use ``text``."""
+
 
 class LeanWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol with the per-connection savings above."""
@@ -118,6 +122,20 @@ class LeanWSProtocol(WSProtocol):
         self.writable = Writable()  # type: ignore[assignment]
 
     async def send(self, message: Any) -> None:
+        wire = message.get(WIRE)
+        if (
+            wire
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.response_started
+            and not self.config.ws_per_message_deflate
+        ):
+            # A complete unfragmented server message leaves wsproto's connection state
+            # as it was, so the shared bytes can go straight to the transport.
+            await self.writable.wait()
+            if not self.transport.is_closing():
+                self.transport.write(wire)
+            return
         await super().send(message)
         conn = self.conn
         if conn.connection is not None and not isinstance(conn.handshake, _SpentHandshake):

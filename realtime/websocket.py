@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import operator
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, cast
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.types import Message, Receive, Scope, Send
@@ -63,6 +62,7 @@ from realtime.frames import (
 from realtime.handshake import authenticate, lifetime, refuse_websocket
 from realtime.history import recover
 from realtime.hub import Hub, HubEvent
+from realtime.protocol import WIRE
 from realtime.typing import TypingGate, publish_typing
 from storage.credentials import Principal
 from storage.events import frame_bytes
@@ -73,7 +73,9 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 """A subscription Redis cannot confirm in this time answers ``unavailable``."""
 
 # A C-level getter: the per-event, per-connection step of the hot path.
-_text_of = cast(Callable[[HubEvent], str], operator.attrgetter("text"))
+def _same_event(event: HubEvent) -> HubEvent:
+    """Queue the shared event itself: the sender writes its prebuilt wire frame."""
+    return event
 
 
 def _finish(task: asyncio.Task[None]) -> None:
@@ -176,10 +178,10 @@ class _Session:
         self.receive = receive
         self.send = send
         self.loop = asyncio.get_running_loop()
-        self.conn: Connection[str] = Connection(
+        self.conn: Connection[str | HubEvent] = Connection(
             secrets.token_urlsafe(12),
             limits,
-            convert=_text_of,
+            convert=_same_event,
             wake=self._wake,
             now=self.loop.time(),
         )
@@ -270,7 +272,11 @@ class _Session:
         low_water = conn.limits.send_queue // 4
         try:
             while queue:
-                await send({"type": "websocket.send", "text": queue.popleft()})
+                item = queue.popleft()
+                if isinstance(item, str):
+                    await send({"type": "websocket.send", "text": item})
+                else:
+                    await send({"type": "websocket.send", "text": item.text, WIRE: item.wire})
                 drained = self.drained
                 if drained is not None and len(queue) <= low_water and not drained.done():
                     drained.set_result(None)
