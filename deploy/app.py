@@ -5,6 +5,7 @@ This module and deploy/cli.py are the only ones that import all three packages.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,8 @@ from storage.logs import configure_logging
 from storage.services import Services
 from storage.settings import Settings
 
+GC_GEN0_THRESHOLD = 10_000
+
 
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
@@ -41,6 +44,12 @@ def create_app(settings: Settings) -> Starlette:
             max_per_church=settings.realtime.max_connections_per_church,
         )
         app.state.inbound = InboundHandler(services, progress, receipts)
+        # Everything made at start-up (modules, routes, schemas) lives as long as the
+        # process: moved out of the collector's generations, and young collections
+        # made rarer. The REST profile spent 13 % of a web process in the collector.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
         try:
             yield
         finally:

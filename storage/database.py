@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
+import msgspec
 from psycopg import AsyncConnection
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from storage.partitions import Conn, ensure_partitions
@@ -24,6 +26,12 @@ Pool = AsyncConnectionPool[Conn]
 __all__ = ["Conn", "Pool", "migrate", "open_pool"]
 
 
+async def _configure(conn: Conn) -> None:
+    # json/jsonb columns decoded by msgspec, several times faster than json.loads
+    # (8 % of a web process serving message pages went to json.loads).
+    set_json_loads(msgspec.json.decode, conn)
+
+
 async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Pool:
     pool: Pool = AsyncConnectionPool(
         settings.url,
@@ -32,6 +40,7 @@ async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Po
         open=False,
         name=name,
         kwargs={"autocommit": True, "prepare_threshold": 0},
+        configure=_configure,
     )
     await pool.open(wait=True, timeout=30)
     return pool
