@@ -13,7 +13,9 @@ from starlette.responses import Response
 from api.operation import Handler, Operation
 from storage import keys
 from storage.envelope import fail, ok
+from storage.queue import queue_depths
 from storage.services import Services
+from storage.token_buckets import account_id, circuit_snapshot
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -38,29 +40,23 @@ async def _redis(services: Services) -> dict[str, Any]:
 
 
 async def _queue(services: Services) -> dict[str, Any]:
-    shards = services.settings.delivery.shards
-    pipe = services.redis.pipeline(transaction=False)
-    streams = [keys.MATERIALIZE_STREAM] + [keys.send_stream(s) for s in range(shards)]
-    for stream in streams:
-        pipe.xlen(stream)
+    redis = services.redis
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(keys.MATERIALIZE_STREAM)
     pipe.xlen(keys.DEAD_LETTER_STREAM)
-    for shard in range(shards):
-        pipe.zcard(keys.delayed_set(shard))
-    values = [int(v) for v in await pipe.execute()]
-    pending = 0
-    for stream in streams:
-        try:
-            info = await services.redis.xpending(stream, keys.SEND_GROUP)
-            pending += int(info["pending"])
-        except Exception:
-            continue
+    materialize_backlog, dead_letter = [int(v) for v in await pipe.execute()]
+    depths = await queue_depths(redis, services.settings.delivery.shards)
+    try:
+        info = await redis.xpending(keys.MATERIALIZE_STREAM, keys.SEND_GROUP)
+        depths["pending"] += int(info["pending"])
+    except Exception:
+        pass
     return {
         "ok": True,
-        "materialize_backlog": values[0],
-        "send_stream_length": sum(values[1 : 1 + shards]),
-        "pending": pending,
-        "dead_letter": values[1 + shards],
-        "delayed_retries": sum(values[2 + shards :]),
+        "materialize_backlog": materialize_backlog,
+        **depths,
+        "dead_letter": dead_letter,
+        "provider_circuit": await circuit_snapshot(redis, account_id(services.settings.provider)),
     }
 
 

@@ -75,6 +75,49 @@ def seed_members(
     say(f"seeded {n:,} members in {time.perf_counter() - started:.1f} s")
 
 
+def _process_table() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds used so far, command line) for every process."""
+    table: dict[int, tuple[int, float, str]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmdline)
+    return table
+
+
+def stack_cpu(stack: Stack) -> dict[str, float]:
+    """CPU seconds used so far by each part of the stack, child processes included
+    (uvicorn workers, Postgres backends); Postgres and Redis found by their data folder."""
+    table = _process_table()
+    roots = {name: process.pid for name, process in stack.processes.items()}
+    redis_address = stack.env.get("REDIS_URL", "").split("//")[-1].split("/")[0]
+    for pid, (_, _, cmdline) in table.items():
+        if str(stack.data_dir) in cmdline and "postgres" in cmdline and "-D" in cmdline:
+            roots["postgres"] = pid
+        elif "-server" in cmdline and redis_address and redis_address in cmdline:
+            roots["redis"] = pid
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    used: dict[str, float] = {}
+    for name, root in roots.items():
+        total, todo = 0.0, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                total += table[pid][1]
+                todo += children.get(pid, [])
+        used[name] = total
+    return used
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -129,6 +172,11 @@ async def run(args: argparse.Namespace) -> None:
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
     env.update({"KOINONIA_LOG_LEVEL": os.environ.get("KOINONIA_LOG_LEVEL", "WARNING"), "KOINONIA_DB_POOL_MAX": "20"})
+    # The load generator polls the API from one address: plan and key limits out of the way.
+    env.update({"KOINONIA_RATE_STARTER": "1000000", "KOINONIA_RATE_API_KEY": "1000000"})
+    # The pipeline's own capacity is measured: no account limit of ours (the
+    # default, 1,000 texts/s, would be the ceiling); per-number limits are off.
+    env.setdefault("KOINONIA_SEND_RATE_PER_ACCOUNT", "0")
     stack = Stack(
         data_dir,
         http_port=web_port,
@@ -175,6 +223,7 @@ async def run(args: argparse.Namespace) -> None:
             # Warm the path once so the measured 202 is not a cold start.
             await api.get("/v1/messages?limit=1")
             say("posting the broadcast")
+            cpu_before = stack_cpu(stack)
             t0 = time.perf_counter()
             answer = await api.post(
                 "/v1/messages", json={"body": "Bench broadcast", "target": {"group_ids": [group]}}
@@ -183,6 +232,7 @@ async def run(args: argparse.Namespace) -> None:
             assert answer.status_code == 202, answer.text
             message_id = answer.json()["data"]["id"]
             samples = await follow(api, message_id, args.recipients, args.timeout)
+            cpu_after = stack_cpu(stack)
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM materialized_at - created_at), created_at FROM message WHERE id = %s",
@@ -223,6 +273,16 @@ async def run(args: argparse.Namespace) -> None:
         print(
             f"accept→delivered p50     {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
             f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s"
+        )
+        # CPU per delivered recipient, by process: what the two cores were spent on
+        # (independent of whatever else runs on the machine).
+        spent = {name: cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0) for name in cpu_after}
+        per = {name: 1000 * used / max(1, final["delivered"]) for name, used in spent.items()}
+        total_ms = sum(per.values())
+        print(
+            "CPU per recipient        "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(per.items(), key=lambda kv: -kv[1]))
+            + f"  = {total_ms:.2f} ms ({os.cpu_count()} cores: at most ~{1000 * (os.cpu_count() or 1) / total_ms:,.0f} recipients/s)"
         )
     finally:
         stack.stop()

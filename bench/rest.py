@@ -37,6 +37,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ ENDPOINTS = {
     "messages": "/v1/messages?limit=50",
     "conversations": "/v1/conversations",
 }
+NOISY = 20.0  # % of a core used by processes not ours: the run is marked (and retried)
 UNTHROTTLED = "100000000"  # requests per minute: far above anything two cores serve
 DEFAULT_DATA_DIR = ROOT / ".koinonia" / "bench-rest"
 OUT_DIR = ROOT / "bench" / "out"
@@ -356,6 +358,7 @@ class Load:
         *,
         quiet: float = 100.0,
         quiet_wait: float = 0.0,
+        retries: int = 0,
     ) -> None:
         self.wrk = wrk
         self.base = base
@@ -364,6 +367,7 @@ class Load:
         self.threads = threads
         self.quiet = quiet
         self.quiet_wait = quiet_wait
+        self.retries = retries
         self.script = Path(tempfile.mkdtemp(prefix="koinonia-rest-")) / "auth.lua"
         self.script.write_text(WRK_SCRIPT % key)
         self.script.chmod(0o600)
@@ -378,9 +382,30 @@ class Load:
     def _noise(cpu: dict[str, float]) -> str:
         """Other people's work on the machine during the run, when it was notable."""
         other = cpu.get("other", 0.0)
-        return f"noisy: other work took {other:.0f} % of a core" if other > 25 else ""
+        return f"noisy: other work took {other:.0f} % of a core" if other > NOISY else ""
 
-    def wrk_run(
+    def _least_noisy(self, attempt: Any) -> Row:
+        """Run ``attempt()`` again (up to ``retries`` more times) while other people's
+        work took a notable share of the machine; keep the quietest run."""
+        rows: list[Row] = []
+        for i in range(self.retries + 1):
+            row = attempt()
+            rows.append(row)
+            if row.cpu.get("other", 0.0) <= NOISY:
+                break
+            if i < self.retries:
+                say(f"noisy run (other work {row.cpu['other']:.0f} % of a core): again")
+        return min(rows, key=lambda r: r.cpu.get("other", 0.0))
+
+    def wrk_run(self, *a: Any, **kw: Any) -> Row:
+        if kw.get("phase") == "warm-up":
+            return self._wrk_once(*a, **kw)
+        return self._least_noisy(lambda: self._wrk_once(*a, **kw))
+
+    def paced_run(self, *a: Any, **kw: Any) -> Row:
+        return self._least_noisy(lambda: self._paced_once(*a, **kw))
+
+    def _wrk_once(
         self, endpoint: str, workers: int, connections: int, duration: float, *, phase: str = "max"
     ) -> Row:
         command = [
@@ -421,7 +446,7 @@ class Load:
             note="; ".join(x for x in (noise, f"errors: {detail}" if detail else "") if x),
         )
 
-    def paced_run(
+    def _paced_once(
         self, endpoint: str, workers: int, rate: float, duration: float, connections: int
     ) -> Row:
         host, _, port = self.base.removeprefix("http://").partition(":")
@@ -785,6 +810,11 @@ def run(args: argparse.Namespace) -> None:
     from storage.settings import Settings
 
     wrk = require_wrk()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that the finally below stops the stack
+
+    signal.signal(signal.SIGTERM, on_term)
     data_dir = Path(args.data_dir).absolute()
     if args.reseed and data_dir.exists():
         say(f"--reseed: removing {data_dir}")
@@ -824,7 +854,7 @@ def run(args: argparse.Namespace) -> None:
             groups = {"web": [stack.processes["web"].pid], **store_pids(stack)}
             load = Load(
                 wrk, base, seeded.api_key, groups, args.wrk_threads,
-                quiet=args.quiet, quiet_wait=args.quiet_wait,
+                quiet=args.quiet, quiet_wait=args.quiet_wait, retries=args.retries,
             )  # fmt: skip
             for endpoint in ENDPOINTS:
                 load.wrk_run(endpoint, workers, max(args.connections), args.warmup, phase="warm-up")
@@ -897,6 +927,9 @@ def main() -> None:
         help="before each run, wait until other processes use less than this %% of the machine",
     )  # fmt: skip
     parser.add_argument("--quiet-wait", type=float, default=180.0, help="longest wait for that, s")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="runs again when other work disturbed it"
+    )
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument(
         "--reseed", action="store_true", help="delete the data folder and seed again"

@@ -28,6 +28,12 @@ class SendResult(msgspec.Struct, frozen=True):
     """A failure worth another attempt (429, 5xx, timeout, connection error)."""
     error_code: str | None = None
     retry_after_s: float | None = None
+    throttled: bool = False
+    """The provider refused for its rate (429): wait ``retry_after_s`` and send again;
+    it says nothing about this recipient, so it never uses up an attempt."""
+    unavailable: bool = False
+    """The provider did not serve the request (5xx, 408, timeout, connection error):
+    counted by the circuit breaker; an attempt only while the circuit stays closed."""
 
 
 class Provider(Protocol):

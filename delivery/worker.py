@@ -1,12 +1,24 @@
 """The delivery worker: materialize accepted broadcasts, send batches, record outcomes.
 
-Loop shape (arq-style, bounded): blocking ``XREADGROUP`` claims entries, each
-entry runs claim → send → record, and only then ``XACK``. A worker that dies
-leaves its entries pending; ``XAUTOCLAIM`` hands them to a live worker after
-``claim_idle_ms``. Retryable failures go to a per-shard sorted set with
-exponential backoff and jitter; after ``max_attempts`` recipients end ``failed``
-and the batch is copied to the dead-letter stream with the reason. SIGTERM stops
-reading and lets in-flight entries finish.
+Loop shape (arq-style, bounded): a reading loop claims queue entries fairly
+across churches (storage/queue.py: each church's own stream, churches taking
+turns through the ready sets), each entry runs admit → claim → send → record in
+its own task, and only then is it acknowledged. A worker that dies leaves its
+entries pending; the next worker to lease that church takes them over
+(``XAUTOCLAIM``) after ``claim_idle_ms``.
+
+Admission (delivery/throttle.py, delivery/breaker.py): before recipients are
+claimed, tokens are taken from the provider account's and the sending number's
+buckets through the circuit, in one Redis call. A short wait is slept in place; a
+long one, an open circuit, or a ``429`` hands the recipients back to the church's
+delayed set at the same attempt. Failures of one send (an isolated 5xx, a bad
+answer) retry with exponential backoff and jitter at the next attempt; after
+``max_attempts`` the recipients end ``failed`` and the batch is copied to the
+dead-letter stream with the reason.
+
+SIGTERM stops reading; in-flight entries finish what is on the wire, hand back
+what has not gone yet (delayed set, due now) and are acknowledged, so nothing
+stays pending for a takeover and nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -26,8 +38,10 @@ import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from delivery.breaker import CircuitBreaker
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider, SendRequest, SendResult
+from delivery.throttle import ACCOUNT, Throttle
 from storage import keys, merge_fields
 from storage.conversations import set_outbound_status
 from storage.database import Conn
@@ -38,11 +52,14 @@ from storage.queue import (
     STREAM_MAXLEN,
     ConversationSend,
     MaterializeJob,
-    RetryPump,
     SendBatch,
+    SendQueue,
+    Taken,
+    Work,
     encode_entry,
     enqueue_sends,
     materialize_decoder,
+    migrate_shard_streams,
     schedule_retry,
     send_decoder,
 )
@@ -56,11 +73,13 @@ from storage.recipients import (
 )
 from storage.services import Services
 from storage.statuses import RecipientStatus
+from storage.token_buckets import CLOSED, Admission, ProviderLimits, account_id
 
 log = logging.getLogger("koinonia.delivery.worker")
 
 READ_BLOCK_MS = 1000
-ENTRIES_PER_READ = 8
+CLAIM_PER_READ = 8
+_NO_ID = uuid.UUID(int=0)
 
 
 def webhook_url(
@@ -83,10 +102,11 @@ def backoff_s(attempt: int, base_s: float, cap_s: float = 3600.0) -> float:
 
 
 async def ensure_groups(services: Services) -> None:
-    streams = [keys.send_stream(s) for s in range(services.settings.delivery.shards)]
-    for stream in [*streams, keys.MATERIALIZE_STREAM]:
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-            await services.redis.xgroup_create(stream, keys.SEND_GROUP, id="0", mkstream=True)
+    """The materialize stream's group (each church's send stream makes its own)."""
+    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+        await services.redis.xgroup_create(
+            keys.MATERIALIZE_STREAM, keys.SEND_GROUP, id="0", mkstream=True
+        )
 
 
 class _MessageCache:
@@ -113,6 +133,21 @@ class _MessageCache:
         return str(row[0])
 
 
+class Outcome(msgspec.Struct):
+    """What became of one chunk of a batch."""
+
+    successes: int = 0
+    throttled: list[uuid.UUID] = msgspec.field(default_factory=list)
+    """Refused with 429: again after ``retry_after_s``, same attempt."""
+    retry_after_s: float = 0.0
+    unavailable: list[uuid.UUID] = msgspec.field(default_factory=list)
+    """Not served (5xx, timeout, connection): the circuit decides whether they count."""
+    why: str | None = None
+    """The error code of the first of them, for the log."""
+    counted: list[uuid.UUID] = msgspec.field(default_factory=list)
+    """Failed in a way worth another attempt, and it counts as one."""
+
+
 class Worker:
     def __init__(self, services: Services, provider: Provider, *, name: str | None = None) -> None:
         self.services = services
@@ -121,30 +156,50 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.progress = ProgressTracker(services.redis, services.publisher, services.pool)
         self._bodies = _MessageCache()
-        self._pump = RetryPump(services.redis, self.settings.shards)
+        self.queue = SendQueue(
+            services.redis,
+            self.settings.shards,
+            self.name,
+            quantum=self.settings.church_quantum,
+            claim_idle_ms=self.settings.claim_idle_ms,
+        )
+        limits = ProviderLimits(services.scripts, account_id(services.settings.provider))
+        # A probe gets the provider's whole timeout before another may go.
+        probe_ms = round((services.settings.provider.timeout_s + 1) * 1000)
+        self.throttle = Throttle(limits, self.settings, probe_ms)
+        self.breaker = CircuitBreaker(limits, self.settings)
         self._stopping = asyncio.Event()
+        self._hold_until = 0.0
+        """Monotonic time before which this worker takes no new work (account paused)."""
         self._inflight: set[asyncio.Task[None]] = set()
         # Queue entries in flight. Each is a batch of up to batch_size sends that the
         # provider adapter bounds to ``concurrency`` calls at once; a few batches
         # overlap claiming, sending and recording, more would only queue up.
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency // 16))
-        self._streams = [keys.send_stream(s) for s in range(self.settings.shards)]
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
         await ensure_groups(self.services)
+        with contextlib.suppress(Exception):
+            moved = await migrate_shard_streams(self.services.redis, self.settings.shards)
+            if moved:
+                log.info("moved entries of the old shard streams", extra={"entries": moved})
         log.info("worker started", extra={"worker": self.name})
         loops = [
-            asyncio.create_task(self._read_loop(), name="read"),
+            asyncio.create_task(self._send_loop(), name="sends"),
+            asyncio.create_task(self._materialize_loop(), name="materialize"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
         await self._stopping.wait()
-        for task in loops:
+        # The loops see the stop within one blocking read; a loop is never cut
+        # between leasing a church and releasing it.
+        _, late = await asyncio.wait(loops, timeout=READ_BLOCK_MS / 1000 + 2)
+        for task in late:
             task.cancel()
         for task in loops:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._inflight:
             log.info("draining", extra={"in_flight": len(self._inflight)})
@@ -152,23 +207,88 @@ class Worker:
         await self.progress.aclose()
         log.info("worker stopped", extra={"worker": self.name})
 
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the worker is asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
+
     # -- claim ---------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        streams: dict[str, str] = {keys.MATERIALIZE_STREAM: ">"}
-        streams.update({s: ">" for s in self._streams})
+    async def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                taken = await self._next_work()
+            except BaseException:
+                self._slots.release()
+                raise
+            if taken is None:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute_all(taken))
+            self._inflight.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                self._inflight.discard(t)
+                self._slots.release()
+
+            task.add_done_callback(done)
+
+    async def _next_work(self) -> Taken | None:
+        """Entries of the church whose turn it is, or None after waiting a little
+        (for work to arrive, or for an open circuit or a paused account)."""
+        if self._stopping.is_set():
+            return None
+        hold = max(self.breaker.blocked_for(), self._hold_until - time.monotonic())
+        if hold > 0:
+            await self._sleep(hold)
+            return None
+        try:
+            taken = await self.queue.claim()
+            if taken is None:
+                await self.queue.wait(min(1.0, self.queue.next_due_in_s()))
+            return taken
+        except (RedisConnectionError, OSError):
+            log.warning("redis unavailable; retrying")
+        except Exception:
+            log.exception("claiming work failed")
+        await self._sleep(0.5)
+        return None
+
+    async def _execute_all(self, taken: Taken) -> None:
+        """The entries of one turn (``church_quantum`` of them at most), side by side."""
+        await asyncio.gather(
+            *(self._execute(taken.stream, entry_id, payload) for entry_id, payload in taken.entries)
+        )
+
+    async def _execute(self, stream: str, entry_id: str, payload: bytes | None) -> None:
+        try:
+            work = send_decoder.decode(payload) if payload is not None else None
+        except msgspec.DecodeError:
+            work = None
+        try:
+            match work:
+                case SendBatch() as batch:
+                    await self.send_batch(batch)
+                case ConversationSend() as reply:
+                    await self.send_reply(reply)
+                case None:
+                    log.error("unreadable queue entry dropped", extra={"entry": entry_id})
+        except Exception:
+            # Left pending: the church's next lease takes it over after claim_idle_ms,
+            # and the reconciler covers the rows even if the entry itself is lost.
+            log.exception("queue entry failed", extra={"entry": entry_id, "stream": stream})
+            return
+        await self.queue.done(stream, entry_id)
+
+    # -- materialize ---------------------------------------------------------
+
+    async def _materialize_loop(self) -> None:
+        streams: Any = {keys.MATERIALIZE_STREAM: ">"}
         while not self._stopping.is_set():
             try:
-                # Read only when an entry can start: unread work stays in Redis,
-                # where another worker can take it.
-                await self._slots.acquire()
-                self._slots.release()
                 reply: Any = await self.services.redis.xreadgroup(
-                    keys.SEND_GROUP,
-                    self.name,
-                    streams,  # type: ignore[arg-type]
-                    count=ENTRIES_PER_READ,
-                    block=READ_BLOCK_MS,
+                    keys.SEND_GROUP, self.name, streams, count=1, block=READ_BLOCK_MS
                 )
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -177,44 +297,21 @@ class Worker:
                 raise
             except (RedisConnectionError, OSError):
                 log.warning("redis unavailable; retrying")
-                await asyncio.sleep(0.5)
+                await self._sleep(0.5)
                 continue
-            for stream, entries in reply or []:
+            for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    await self._start(_text(stream), _text(entry_id), fields)
+                    await self._materialize_entry(_text(entry_id), fields)
 
-    async def _start(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._execute(stream, entry_id, fields))
-        self._inflight.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._inflight.discard(t)
-            self._slots.release()
-
-        task.add_done_callback(done)
-
-    async def _execute(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    async def _materialize_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         payload = fields.get(b"j")
         try:
-            if payload is None:
-                log.error("queue entry without payload", extra={"entry": entry_id})
-            elif stream == keys.MATERIALIZE_STREAM:
+            if payload is not None:
                 await self.materialize(materialize_decoder.decode(payload))
-            else:
-                match send_decoder.decode(payload):
-                    case SendBatch() as batch:
-                        await self.send_batch(batch)
-                    case ConversationSend() as reply:
-                        await self.send_reply(reply)
         except Exception:
-            # Left pending: XAUTOCLAIM retries it after claim_idle_ms, and the
-            # reconciler covers the rows even if the entry itself is lost.
-            log.exception("queue entry failed", extra={"entry": entry_id, "stream": stream})
+            log.exception("materialize failed", extra={"entry": entry_id})
             return
-        await self.services.redis.xack(stream, keys.SEND_GROUP, entry_id)
-
-    # -- execute -------------------------------------------------------------
+        await self.services.redis.xack(keys.MATERIALIZE_STREAM, keys.SEND_GROUP, entry_id)
 
     async def materialize(self, job: MaterializeJob) -> None:
         started = time.perf_counter()
@@ -254,13 +351,102 @@ class Worker:
             for i in range(0, len(ids), size)
         ]
         await enqueue_sends(self.services.redis, batches, self.settings.shards)
+        self.queue.look_again(job.church_id)
         if total and not done.queued:
             await self.progress.refresh(job.church_id, job.message_id)
 
+    # -- send ----------------------------------------------------------------
+
     async def send_batch(self, batch: SendBatch) -> None:
+        remaining = batch.recipient_ids
+        counted: list[uuid.UUID] = []
+        # Waits in place end here, well before another worker would take the entry over.
+        budget = time.monotonic() + max(
+            self.settings.throttle_hold_s, self.settings.claim_idle_ms / 4000
+        )
+        while remaining:
+            if self._stopping.is_set():
+                await self._hand_back(batch, remaining, 0.0)
+                break
+            admission = await self.throttle.admit(batch.from_number, len(remaining))
+            self.breaker.observe(admission)
+            if not admission.granted:
+                if (
+                    admission.circuit != CLOSED
+                    or admission.wait_s > self.settings.throttle_hold_s
+                    or time.monotonic() + admission.wait_s > budget
+                ):
+                    await self._hand_back(
+                        batch, remaining, self._wait_for(admission), admission.limited_by
+                    )
+                    break
+                if admission.limited_by != ACCOUNT:
+                    # The number is out of tokens: other workers pass this church by.
+                    await self.queue.pause(batch.church_id, _ms_from_now(admission.wait_s))
+                await self._sleep(admission.wait_s)
+                continue
+            chunk, remaining = remaining[: admission.granted], remaining[admission.granted :]
+            outcome = await self._send_chunk(batch, chunk)
+            counted += await self._settle(batch, outcome, admission.probe)
+        if counted:
+            await self._retry_or_dead_letter(batch, counted)
+
+    def _wait_for(self, admission: Admission) -> float:
+        if admission.circuit != CLOSED:
+            # Spread the return after an outage: the probe goes first anyway.
+            return admission.wait_s + random.random() * max(
+                1.0, self.settings.circuit_cooldown_s / 2
+            )
+        return admission.wait_s
+
+    async def _hand_back(
+        self, batch: Work, recipient_ids: list[uuid.UUID], delay_s: float, limited_by: int = -1
+    ) -> None:
+        """Back to the church's delayed set at the same attempt (waiting is not failing).
+
+        ``limited_by`` names the bucket that made the wait: the account's holds off
+        this worker's reading (every church would wait alike), the number's pauses
+        the church (others go on)."""
+        again = (
+            msgspec.structs.replace(batch, recipient_ids=recipient_ids)
+            if isinstance(batch, SendBatch)
+            else batch
+        )
+        due_ms = _ms_from_now(delay_s)
+        await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
+        self.queue.look_again(batch.church_id, due_ms)
+        if limited_by == ACCOUNT:
+            self._hold_until = max(self._hold_until, time.monotonic() + delay_s)
+        elif limited_by > ACCOUNT:
+            await self.queue.pause(batch.church_id, due_ms)
+
+    async def _settle(self, batch: SendBatch, outcome: Outcome, probe: bool) -> list[uuid.UUID]:
+        """Throttled and circuit-held recipients go back at the same attempt; returns
+        those whose failure counts as an attempt."""
+        counted = list(outcome.counted)
+        change = await self.breaker.record(
+            outcome.successes, len(outcome.unavailable), probe=probe, why=outcome.why
+        )
+        if outcome.unavailable:
+            if change is not None and change.state != CLOSED:
+                delay = max(0.0, change.open_until_ms / 1000 - time.time())
+                await self._hand_back(
+                    batch,
+                    outcome.unavailable,
+                    delay + random.random() * self.settings.circuit_cooldown_s / 2,
+                )
+            else:
+                counted += outcome.unavailable
+        if outcome.throttled:
+            wait = max(outcome.retry_after_s, 1.0)
+            await self.throttle.provider_said_wait(wait)
+            await self._hand_back(batch, outcome.throttled, wait, ACCOUNT)
+        return counted
+
+    async def _send_chunk(self, batch: SendBatch, recipient_ids: list[uuid.UUID]) -> Outcome:
         async with self.services.pool.connection() as conn:
             targets, changes = await claim_for_send(
-                conn, batch.church_id, batch.message_id, batch.recipient_ids
+                conn, batch.church_id, batch.message_id, recipient_ids
             )
             body = await self._bodies.body(conn, batch.church_id, batch.message_id)
             # Merge fields are rendered per recipient here, with the member's values now.
@@ -271,18 +457,28 @@ class Worker:
                 else {}
             )
         await self.progress.record(batch.church_id, batch.message_id, changes)
+        unused = len(recipient_ids) - (len(targets) if body is not None else 0)
+        if unused:
+            await self.throttle.refund(batch.from_number, unused)
         if not targets or body is None:
-            return
+            return Outcome()
+        # One callback prefix per chunk: only the recipient id differs.
+        callback = webhook_url(
+            self.services.settings.public_url, batch.church_id, batch.message_id, _NO_ID
+        ).removesuffix(str(_NO_ID))
+        decrypt = self.services.vault.decrypt
         requests = [
-            self._request(
-                batch,
-                merge_fields.render(body, values.get(t.member_id, {})) if personal else body,
-                t,
+            SendRequest(
+                from_number=batch.from_number,
+                to=decrypt(batch.church_id, t.phone_cipher),
+                text=merge_fields.render(body, values.get(t.member_id, {})) if personal else body,
+                webhook_url=callback + str(t.id),
+                idempotency_key=f"rcpt-{t.id}",
             )
             for t in targets
         ]
         results = await self.provider.send(requests)
-        await self._record(batch, targets, results)
+        return await self._record(batch, targets, results)
 
     async def send_reply(self, job: ConversationSend) -> None:
         """One staff reply: queued → sending, then the provider's webhooks take over."""
@@ -297,8 +493,14 @@ class Worker:
                 (job.church_id, job.message_id, created_at_of(job.message_id)),
             )
             row = await cur.fetchone()
-            if row is None or row[3] not in ("queued", "sending"):
-                return
+        if row is None or row[3] not in ("queued", "sending"):
+            return
+        admission = await self.throttle.admit(row[2], 1)
+        self.breaker.observe(admission)
+        if not admission.granted:
+            await self._hand_back(job, [], self._wait_for(admission), admission.limited_by)
+            return
+        async with self.services.pool.connection() as conn:
             changed = await set_outbound_status(
                 conn, job.church_id, job.message_id, "sending", None, ["queued"]
             )
@@ -315,6 +517,9 @@ class Worker:
             idempotency_key=f"conv-{job.message_id}",
         )
         result = (await self.provider.send([request]))[0]
+        change = await self.breaker.record(
+            int(result.ok), int(result.unavailable), probe=admission.probe, why=result.error_code
+        )
         if result.ok:
             async with self.services.pool.connection() as conn:
                 await conn.execute(
@@ -328,13 +533,19 @@ class Worker:
                         created_at_of(job.message_id),
                     ),
                 )
+        elif result.throttled:
+            wait = max(result.retry_after_s or 0.0, 1.0)
+            await self.throttle.provider_said_wait(wait)
+            await self._hand_back(job, [], wait, ACCOUNT)
+        elif result.unavailable and change is not None and change.state != CLOSED:
+            await self._hand_back(job, [], max(0.0, change.open_until_ms / 1000 - time.time()))
         elif result.retryable and job.attempt < job.max_attempts:
             delay = max(
                 result.retry_after_s or 0.0, backoff_s(job.attempt, self.settings.retry_base_s)
             )
             again = msgspec.structs.replace(job, attempt=job.attempt + 1)
             await schedule_retry(
-                self.services.redis, again, int((time.time() + delay) * 1000), self.settings.shards
+                self.services.redis, again, _ms_from_now(delay), self.settings.shards
             )
         else:
             async with self.services.pool.connection() as conn:
@@ -355,49 +566,55 @@ class Worker:
             job.church_id, [("inbox", event), (f"conversation:{job.conversation_id}", event)]
         )
 
-    def _request(self, batch: SendBatch, body: str, target: SendTarget) -> SendRequest:
-        return SendRequest(
-            from_number=batch.from_number,
-            to=self.services.vault.decrypt(batch.church_id, target.phone_cipher),
-            text=body,
-            webhook_url=webhook_url(
-                self.services.settings.public_url, batch.church_id, batch.message_id, target.id
-            ),
-            idempotency_key=f"rcpt-{target.id}",
-        )
-
     async def _record(
         self, batch: SendBatch, targets: list[SendTarget], results: list[SendResult]
-    ) -> None:
+    ) -> Outcome:
+        """Store provider ids and final failures; sort the retryable ones."""
         sent: list[tuple[uuid.UUID, str]] = []
         failed: dict[str, list[uuid.UUID]] = {}
-        retry: list[uuid.UUID] = []
-        retry_after = 0.0
+        outcome = Outcome()
         for target, result in zip(targets, results, strict=True):
             if result.ok and result.provider_message_id:
                 sent.append((target.id, result.provider_message_id))
+            elif result.throttled:
+                outcome.throttled.append(target.id)
+                outcome.retry_after_s = max(outcome.retry_after_s, result.retry_after_s or 0.0)
+            elif result.unavailable:
+                outcome.unavailable.append(target.id)
+                outcome.why = outcome.why or result.error_code
             elif result.retryable:
-                retry.append(target.id)
-                retry_after = max(retry_after, result.retry_after_s or 0.0)
+                outcome.counted.append(target.id)
             else:
                 failed.setdefault(result.error_code or "provider_error", []).append(target.id)
+        outcome.successes = len(sent)
         changes: list[Transition] = []
-        exhausted = batch.attempt >= batch.max_attempts
-        if retry and exhausted:
-            failed.setdefault("max_attempts", []).extend(retry)
-        async with self.services.pool.connection() as conn:
-            await record_provider_ids(conn, batch.church_id, batch.message_id, sent)
-            for code, ids in failed.items():
-                changes += await transition_many(
+        if sent or failed:
+            async with self.services.pool.connection() as conn:
+                await record_provider_ids(conn, batch.church_id, batch.message_id, sent)
+                for code, ids in failed.items():
+                    changes += await transition_many(
+                        conn,
+                        batch.church_id,
+                        batch.message_id,
+                        ids,
+                        RecipientStatus.FAILED,
+                        error_code=code,
+                    )
+        await self.progress.record(batch.church_id, batch.message_id, changes)
+        return outcome
+
+    async def _retry_or_dead_letter(self, batch: SendBatch, retry: list[uuid.UUID]) -> None:
+        if batch.attempt >= batch.max_attempts:
+            async with self.services.pool.connection() as conn:
+                changes = await transition_many(
                     conn,
                     batch.church_id,
                     batch.message_id,
-                    ids,
+                    retry,
                     RecipientStatus.FAILED,
-                    error_code=code,
+                    error_code="max_attempts",
                 )
-        await self.progress.record(batch.church_id, batch.message_id, changes)
-        if retry and exhausted:
+            await self.progress.record(batch.church_id, batch.message_id, changes)
             await self.services.redis.xadd(
                 keys.DEAD_LETTER_STREAM,
                 {
@@ -407,46 +624,51 @@ class Worker:
                 maxlen=STREAM_MAXLEN,
                 approximate=True,
             )
-        elif retry:
-            delay = max(retry_after, backoff_s(batch.attempt, self.settings.retry_base_s))
-            again = msgspec.structs.replace(batch, recipient_ids=retry, attempt=batch.attempt + 1)
-            due_ms = int((time.time() + delay) * 1000)
-            await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
+            return
+        delay = backoff_s(batch.attempt, self.settings.retry_base_s)
+        again = msgspec.structs.replace(batch, recipient_ids=retry, attempt=batch.attempt + 1)
+        due_ms = _ms_from_now(delay)
+        await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
+        self.queue.look_again(batch.church_id, due_ms)
 
     # -- maintenance ---------------------------------------------------------
 
     async def _maintenance_loop(self) -> None:
-        last_claim = 0.0
+        """Take over materialize entries of dead workers (send entries are taken over
+        by the church's next lease)."""
+        every = max(1.0, self.settings.claim_idle_ms / 4000)
         while not self._stopping.is_set():
+            await self._sleep(every)
+            if self._stopping.is_set():
+                break
             try:
-                await self._pump.pump(int(time.time() * 1000))
-                if time.monotonic() - last_claim > max(1.0, self.settings.claim_idle_ms / 4000):
-                    last_claim = time.monotonic()
-                    await self._autoclaim()
+                await self._autoclaim()
             except Exception:
                 log.exception("maintenance step failed")
-            await asyncio.sleep(0.2)
 
     async def _autoclaim(self) -> None:
-        for stream in [keys.MATERIALIZE_STREAM, *self._streams]:
-            try:
-                claimed: Any = await self.services.redis.xautoclaim(
-                    stream,
-                    keys.SEND_GROUP,
-                    self.name,
-                    self.settings.claim_idle_ms,
-                    start_id="0-0",
-                    count=ENTRIES_PER_READ,
-                )
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await ensure_groups(self.services)
-                    return
-                raise
-            for entry_id, fields in claimed[1]:
-                if fields:
-                    log.info("taking over stalled entry", extra={"entry": _text(entry_id)})
-                    await self._start(stream, _text(entry_id), fields)
+        try:
+            claimed: Any = await self.services.redis.xautoclaim(
+                keys.MATERIALIZE_STREAM,
+                keys.SEND_GROUP,
+                self.name,
+                self.settings.claim_idle_ms,
+                start_id="0-0",
+                count=CLAIM_PER_READ,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                await ensure_groups(self.services)
+                return
+            raise
+        for entry_id, fields in claimed[1]:
+            if fields:
+                log.info("taking over stalled entry", extra={"entry": _text(entry_id)})
+                await self._materialize_entry(_text(entry_id), fields)
+
+
+def _ms_from_now(seconds: float) -> int:
+    return int((time.time() + max(0.0, seconds)) * 1000)
 
 
 def _text(value: bytes | str) -> str:

@@ -78,7 +78,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
     shards: int = 8
-    """KOINONIA_QUEUE_SHARDS: number of send-queue shard streams."""
+    """KOINONIA_QUEUE_SHARDS: number of ready sets the churches with work are spread over."""
     batch_size: int = 100
     """KOINONIA_BATCH_SIZE: recipients per queue entry."""
     concurrency: int = 64
@@ -93,6 +93,25 @@ class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_RECONCILE_AFTER_S: recipients still queued/sending this long are re-enqueued."""
     scheduler_interval_s: float = 5.0
     """KOINONIA_SCHEDULER_INTERVAL_S"""
+    church_quantum: int = 1
+    """KOINONIA_QUEUE_QUANTUM: queue entries a worker takes from one church per turn;
+    churches with work take turns, so a small church waits for about one turn."""
+    rate_per_number: float = 0.0
+    """KOINONIA_SEND_RATE_PER_NUMBER: texts per second per sending number (token
+    bucket shared by every worker); 0 leaves the pace of a number to the provider."""
+    rate_per_account: float = 1000.0
+    """KOINONIA_SEND_RATE_PER_ACCOUNT: texts per second over the whole provider
+    account (every number); 0 means no limit of ours."""
+    rate_burst_s: float = 1.0
+    """KOINONIA_SEND_BURST_S: a bucket holds this many seconds of its rate."""
+    throttle_hold_s: float = 1.0
+    """KOINONIA_THROTTLE_HOLD_S: a batch waits in place for tokens at most this long;
+    a longer wait hands its recipients back to the church's delayed set."""
+    circuit_failures: int = 10
+    """KOINONIA_CIRCUIT_FAILURES: consecutive provider failures (5xx, timeouts,
+    connection errors) that open the circuit: no sends until the cool-down ends."""
+    circuit_cooldown_s: float = 5.0
+    """KOINONIA_CIRCUIT_COOLDOWN_S: how long an open circuit waits before one probe."""
 
 
 class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -271,6 +290,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 claim_idle_ms=i("KOINONIA_CLAIM_IDLE_MS", 60_000),
                 reconcile_after_s=i("KOINONIA_RECONCILE_AFTER_S", 300),
                 scheduler_interval_s=f("KOINONIA_SCHEDULER_INTERVAL_S", 5.0),
+                church_quantum=i("KOINONIA_QUEUE_QUANTUM", 1),
+                rate_per_number=f("KOINONIA_SEND_RATE_PER_NUMBER", 0.0),
+                rate_per_account=f("KOINONIA_SEND_RATE_PER_ACCOUNT", 1000.0),
+                rate_burst_s=f("KOINONIA_SEND_BURST_S", 1.0),
+                throttle_hold_s=f("KOINONIA_THROTTLE_HOLD_S", 1.0),
+                circuit_failures=i("KOINONIA_CIRCUIT_FAILURES", 10),
+                circuit_cooldown_s=f("KOINONIA_CIRCUIT_COOLDOWN_S", 5.0),
             ),
             simulator=SimulatorSettings(
                 host=s("KOINONIA_SIM_HOST", "127.0.0.1"),
