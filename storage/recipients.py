@@ -238,6 +238,9 @@ async def record_provider_ids(
     """Store provider message ids; statuses are left to the (possibly earlier) webhooks."""
     if not sent:
         return
+    # Rows are locked in input order (the join is driven by the unnest); receipts
+    # lock in id order too (apply_provider_statuses), so the two cannot deadlock.
+    sent = sorted(sent)
     await conn.execute(
         "UPDATE message_recipient r SET provider_message_id = s.pid, updated_at = now() "
         "FROM unnest(%s::uuid[], %s::text[]) AS s(id, pid) "
@@ -325,6 +328,9 @@ async def apply_provider_statuses(
     """
     if not updates:
         return []
+    # Lock order = input order (nested loops over the unnest): by id, as
+    # record_provider_ids does, so concurrent writers of one batch cannot deadlock.
+    updates = sorted(updates, key=lambda u: (u.church_id, u.message_id, u.recipient_id))
     async with conn.transaction():
         await conn.execute("SET LOCAL enable_hashjoin = off")
         await conn.execute("SET LOCAL enable_mergejoin = off")
