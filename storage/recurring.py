@@ -114,6 +114,21 @@ class RecurringFields(msgspec.Struct, frozen=True):
         return (self.rule, self.starts_on, self.ends_on, self.enabled)
 
 
+def _columns(fields: RecurringFields) -> tuple[Any, ...]:
+    """name, body, template_id, target, rule, starts_on, ends_on, enabled: the
+    columns create and update write, in that order."""
+    return (
+        fields.name,
+        fields.body,
+        fields.template_id,
+        Jsonb(msgspec.to_builtins(fields.target)),
+        Jsonb(msgspec.to_builtins(fields.rule)),
+        fields.starts_on,
+        fields.ends_on,
+        fields.enabled,
+    )
+
+
 async def _church_zone(conn: Conn, church_id: uuid.UUID) -> ZoneInfo:
     cur = await conn.execute("SELECT timezone FROM church WHERE id = %s", (church_id,))
     row = await cur.fetchone()
@@ -159,14 +174,7 @@ async def create_recurring(
         (
             church_id,
             uuid7(),
-            fields.name,
-            fields.body,
-            fields.template_id,
-            Jsonb(msgspec.to_builtins(fields.target)),
-            Jsonb(msgspec.to_builtins(fields.rule)),
-            fields.starts_on,
-            fields.ends_on,
-            fields.enabled,
+            *_columns(fields),
             next_run_at,
             created_by,
         ),
@@ -231,14 +239,7 @@ async def update_recurring(
             "next_run_at = %s, updated_at = now() WHERE church_id = %s AND id = %s "
             f"RETURNING *) SELECT {_COLS} FROM r JOIN church c ON c.id = r.church_id",
             (
-                after.name,
-                after.body,
-                after.template_id,
-                Jsonb(msgspec.to_builtins(after.target)),
-                Jsonb(msgspec.to_builtins(after.rule)),
-                after.starts_on,
-                after.ends_on,
-                after.enabled,
+                *_columns(after),
                 next_run_at,
                 church_id,
                 recurring_id,
