@@ -48,10 +48,10 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 #: Auto-chosen ports can be taken between ``free_port()`` and the server's
 #: bind; retry that many times with a fresh port before giving up.
-_PORT_ATTEMPTS = 3
+PORT_ATTEMPTS = 3
 #: ``sun_path`` is 108 bytes including the terminating NUL.
-_POLL_INTERVAL = 0.05
-_LOG_TAIL_LINES = 40
+POLL_INTERVAL = 0.05
+LOG_TAIL_LINES = 40
 
 
 class EmbeddedServerError(RuntimeError):
@@ -64,7 +64,7 @@ class EmbeddedServerError(RuntimeError):
 
     def __init__(self, message: str, log_path: pathlib.Path | None = None) -> None:
         self.log_path = log_path
-        self.log_tail = _log_tail(log_path) if log_path is not None else ""
+        self.log_tail = log_tail(log_path) if log_path is not None else ""
         if self.log_tail:
             message = f"{message}\n--- last lines of {log_path} ---\n{self.log_tail}"
         super().__init__(message)
@@ -82,7 +82,7 @@ def free_port() -> int:
         return port
 
 
-def _terminate(
+def terminate(
     process: subprocess.Popen[bytes],
     sig: signal.Signals,
     *,
@@ -115,7 +115,7 @@ def _terminate(
     process.wait()
 
 
-def _read_pid(path: pathlib.Path) -> int | None:
+def read_pid(path: pathlib.Path) -> int | None:
     try:
         first_line = path.read_text().split("\n", 1)[0].strip()
     except (FileNotFoundError, NotADirectoryError):
@@ -123,7 +123,7 @@ def _read_pid(path: pathlib.Path) -> int | None:
     return int(first_line) if first_line.isdigit() else None
 
 
-def _pid_alive(pid: int, name: str) -> bool:
+def pid_alive(pid: int, name: str) -> bool:
     """Whether ``pid`` runs and is the expected program.
 
     After a reboot a stale pid file can name an unrelated process; the name
@@ -147,14 +147,14 @@ def _pid_alive(pid: int, name: str) -> bool:
     return True
 
 
-def _file_size(path: pathlib.Path) -> int:
+def file_size(path: pathlib.Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
 
 
-def _port_clash(log_path: pathlib.Path, offset: int) -> bool:
+def port_clash(log_path: pathlib.Path, offset: int) -> bool:
     """Whether the server logged a bind failure since ``offset``."""
     try:
         with log_path.open("rb") as log:
@@ -164,12 +164,11 @@ def _port_clash(log_path: pathlib.Path, offset: int) -> bool:
         return False
 
 
-def _log_tail(path: pathlib.Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: pathlib.Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with path.open("rb") as log:
-            log.seek(max(0, _file_size(path) - 16384))
+            log.seek(max(0, file_size(path) - 16384))
             data = log.read()
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-

@@ -27,17 +27,17 @@ import psycopg
 from psycopg import sql
 
 from deploy.embedded import (
-    _POLL_INTERVAL,
-    _PORT_ATTEMPTS,
+    POLL_INTERVAL,
+    PORT_ATTEMPTS,
     START_TIMEOUT,
     STOP_TIMEOUT,
     EmbeddedServerError,
-    _file_size,
-    _pid_alive,
-    _port_clash,
-    _read_pid,
-    _terminate,
+    file_size,
     free_port,
+    pid_alive,
+    port_clash,
+    read_pid,
+    terminate,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ PG_DATABASE = "koinonia"
 #: Unprivileged system account PostgreSQL runs as when we are root.
 PG_SYSTEM_USER = "koinonia-pg"
 _SOCKET_PATH_MAX = 107
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +110,16 @@ class EmbeddedPostgres:
             self._initdb(bin_dir, account)
         socket_dir = _socket_dir(self.pgdata, account)
 
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
+        for attempt in range(1, PORT_ATTEMPTS + 1):
             port = self.requested_port if self.requested_port is not None else free_port()
-            log_offset = _file_size(self.log_path)
+            log_offset = file_size(self.log_path)
             process = self._spawn(bin_dir, account, port, socket_dir)
             try:
                 self._wait_ready(process, port)
             except EmbeddedServerError:
-                _terminate(process, signal.SIGINT)
-                retry = self.requested_port is None and attempt < _PORT_ATTEMPTS
-                if retry and _port_clash(self.log_path, log_offset):
+                terminate(process, signal.SIGINT)
+                retry = self.requested_port is None and attempt < PORT_ATTEMPTS
+                if retry and port_clash(self.log_path, log_offset):
                     logger.info("port %d was taken before PostgreSQL bound it; retrying", port)
                     continue
                 raise
@@ -150,7 +149,7 @@ class EmbeddedPostgres:
             return
         # SIGINT is PostgreSQL's "fast" shutdown: it disconnects clients and
         # writes a checkpoint, so the next start needs no crash recovery.
-        _terminate(process, signal.SIGINT, escalate=signal.SIGQUIT)
+        terminate(process, signal.SIGINT, escalate=signal.SIGQUIT)
         logger.info("PostgreSQL on port %s stopped", self.port)
 
     def __enter__(self) -> Self:
@@ -188,8 +187,8 @@ class EmbeddedPostgres:
 
     def _stop_stale_server(self, bin_dir: pathlib.Path, account: _Account | None) -> None:
         """Stop a postmaster left running on this folder by an earlier process."""
-        pid = _read_pid(self.pgdata / "postmaster.pid")
-        if pid is None or not _pid_alive(pid, "postgres"):
+        pid = read_pid(self.pgdata / "postmaster.pid")
+        if pid is None or not pid_alive(pid, "postgres"):
             return  # absent, or stale: postgres itself removes a stale lock file
         logger.warning("stopping PostgreSQL (pid %d) left running on %s", pid, self.pgdata)
         # pg_ctl rather than a signal: the postmaster is not our child, and
@@ -272,7 +271,7 @@ class EmbeddedPostgres:
                     f"PostgreSQL was not ready on port {port} within {START_TIMEOUT:.0f}s",
                     self.log_path,
                 )
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL)
         admin_url = f"postgresql://{PG_ROLE}@127.0.0.1:{port}/postgres"
         try:
             conn = psycopg.connect(admin_url, autocommit=True, connect_timeout=10)
@@ -450,4 +449,3 @@ def _popen_as(
         group=account.gid if account is not None else None,
         extra_groups=[] if account is not None else None,
     )
-

