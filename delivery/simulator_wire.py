@@ -16,11 +16,12 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
 import msgspec
+
+from storage.segments import Encoding, count_segments
 
 # -- Telnyx wire shapes ---------------------------------------------------------------------
 
@@ -37,7 +38,6 @@ RecipientStatus = Literal[
 ]
 Outcome = Literal["delivered", "sending_failed", "delivery_failed", "delivery_unconfirmed"]
 EventType = Literal["message.sent", "message.finalized", "message.received"]
-Encoding = Literal["GSM-7", "UCS-2"]
 
 
 class ErrorSource(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -192,40 +192,12 @@ def bad_request(detail: str, pointer: str | None = None, status: int = 422) -> S
 
 # -- segments ---------------------------------------------------------------------------------
 
-# 3GPP TS 23.038 default alphabet (without the escape code itself) and its extension table,
-# whose characters cost an escape plus the character: two septets.
-GSM7_BASIC: Final = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-GSM7_EXTENSION: Final = frozenset("\f^{}\\[]~|€")
-
-
-def _pack(units: Iterable[int], single: int, multi: int) -> int:
-    """Parts needed for characters of the given widths; a character never straddles two parts,
-    because phones cannot reassemble half an escape sequence or half a surrogate pair."""
-    widths = list(units)
-    total = sum(widths)
-    if total <= single:
-        return 1
-    parts, used = 1, 0
-    for width in widths:
-        if used + width > multi:
-            parts += 1
-            used = 0
-        used += width
-    return parts
-
 
 def segment(text: str) -> tuple[Encoding, int]:
-    """Encoding and number of SMS parts Telnyx reports for ``text``.
-
-    GSM-7 fits 160 septets in one part and 153 per part of a longer message
-    (the user-data header takes the rest); UCS-2 fits 70 / 67 UTF-16 units.
-    """
-    if all(ch in GSM7_BASIC or ch in GSM7_EXTENSION for ch in text):
-        return "GSM-7", _pack((2 if ch in GSM7_EXTENSION else 1 for ch in text), 160, 153)
-    return "UCS-2", _pack((2 if ord(ch) > 0xFFFF else 1 for ch in text), 70, 67)
+    """Encoding and number of SMS parts Telnyx reports for ``text``: the app's own
+    counter (storage/segments.py), so the two can never disagree."""
+    info = count_segments(text)
+    return info.encoding, info.segments
 
 
 # -- messages and events ----------------------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import random
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,7 +37,8 @@ from delivery.simulator_state import (
     apply_patch,
     keyword,
 )
-from delivery.simulator_wire import GSM7_BASIC, SimulatorError, plan_events, segment
+from delivery.simulator_wire import SimulatorError, plan_events, segment
+from storage.segments import GSM7_BASIC
 from storage.settings import SimulatorSettings
 
 CHURCH = "+15550100001"
@@ -51,27 +54,13 @@ def anyio_backend() -> str:
 # -- pure rules ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Hello", ("GSM-7", 1)),
-        ("a" * 160, ("GSM-7", 1)),
-        ("a" * 161, ("GSM-7", 2)),
-        ("a" * 306, ("GSM-7", 2)),
-        ("a" * 307, ("GSM-7", 3)),
-        ("€" * 80, ("GSM-7", 1)),  # extension characters take two septets
-        ("€" * 81, ("GSM-7", 2)),
-        ("a" + "{" * 76 + "b" * 76, ("GSM-7", 2)),  # 229 septets: escapes never split
-        ("Ñandú é ü", ("UCS-2", 1)),  # "ú" is outside GSM-7
-        ("á" * 70, ("UCS-2", 1)),
-        ("á" * 71, ("UCS-2", 2)),
-        ("🙏" * 35, ("UCS-2", 1)),  # surrogate pairs: two UTF-16 units each
-        ("🙏" * 36, ("UCS-2", 2)),
-        ("", ("GSM-7", 1)),
-    ],
-)
-def test_segment_counts_parts_like_carriers(text: str, expected: tuple[str, int]) -> None:
-    assert segment(text) == expected
+def test_simulator_counts_parts_with_the_shared_counter() -> None:
+    """The simulator reports what the app computed: one counter, the shared vectors."""
+    cases = json.loads((Path(__file__).parent.parent / "vectors" / "segments.json").read_text())[
+        "cases"
+    ]
+    for case in cases:
+        assert segment(case["text"]) == (case["encoding"], case["segments"]), case
 
 
 def test_gsm7_basic_table_is_the_whole_default_alphabet_minus_escape() -> None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -50,28 +52,32 @@ def test_cursor_round_trip_and_garbage() -> None:
         decode_cursor(msgspec.json.encode([1, 2]).decode())
 
 
-@pytest.mark.parametrize(
-    ("body", "encoding", "segments"),
-    [
-        ("a" * 160, "GSM-7", 1),
-        ("a" * 161, "GSM-7", 2),
-        ("a" * 306, "GSM-7", 2),
-        ("a" * 307, "GSM-7", 3),
-        ("{" * 80, "GSM-7", 1),  # extension characters take two septets
-        ("{" * 81, "GSM-7", 2),
-        ("é" * 160, "GSM-7", 1),  # é is in the GSM-7 basic set
-        ("ä" + "x" * 69, "GSM-7", 1),
-        ("ł" * 70, "UCS-2", 1),
-        ("ł" * 71, "UCS-2", 2),
-        ("ł" * 134, "UCS-2", 2),
-        ("ł" * 135, "UCS-2", 3),
-        ("🙏" * 35, "UCS-2", 1),  # outside the BMP: two UTF-16 units each
-        ("🙏" * 36, "UCS-2", 2),
-    ],
-)
-def test_segments(body: str, encoding: str, segments: int) -> None:
-    info = count_segments(body)
-    assert (info.encoding, info.segments) == (encoding, segments)
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "segments.json").read_text())[
+    "cases"
+]
+
+
+@pytest.mark.parametrize("case", VECTORS, ids=lambda c: f"{c['encoding']}-{len(c['text'])}")
+def test_segments_match_the_shared_vectors(case: dict[str, object]) -> None:
+    info = count_segments(str(case["text"]))
+    assert (info.encoding, info.segments) == (case["encoding"], case["segments"]), case.get("why")
+
+
+def test_the_vectors_cover_every_boundary() -> None:
+    """A vector file that lost its hard cases would let a naive counter pass."""
+    texts = {c["text"]: c["segments"] for c in VECTORS}
+    assert texts["a" * 152 + "€" + "a" * 152] == 3
+    assert texts["a" * 66 + "😀" + "a" * 66] == 3
+    naive = [c for c in VECTORS if c["segments"] != _naive(str(c["text"]), str(c["encoding"]))]
+    assert len(naive) >= 4, "the vectors must include cases a ceil(units / part) counter gets wrong"
+
+
+def _naive(text: str, encoding: str) -> int:
+    if encoding == "GSM-7":
+        units = sum(2 if ch in "\f^{}\\[]~|€" else 1 for ch in text)
+        return 1 if units <= 160 else -(-units // 153)
+    units = len(text.encode("utf-16-le")) // 2
+    return 1 if units <= 70 else -(-units // 67)
 
 
 def test_recipient_ids_follow_their_message() -> None:
