@@ -18,16 +18,17 @@ from storage.conversations import (
     Conversation,
     ConversationFilter,
     ConversationMessage,
+    accept_reply,
     changed_event,
     get_conversation,
     list_conversation_messages,
     list_conversations,
-    record_outbound,
+    posted,
     update_conversation,
 )
 from storage.envelope import FieldError, ok
-from storage.events import ConversationMessageCreated, new_event
-from storage.queue import ConversationSend, enqueue_sends
+from storage.events import new_event
+from storage.queue import hand_over
 
 
 async def show_conversation(request: Request) -> Response:
@@ -49,37 +50,24 @@ async def index_thread(request: Request) -> Response:
 
 
 async def post_reply(request: Request) -> Response:
+    """Commit the reply (``409 opted_out`` for a member who opted out), then enqueue it."""
     who = await principal(request, "write")
     conversation_id = path_id(request)
     body = await decode_body(request, ReplyRequest)
     services = services_of(request)
+    delivery = services.settings.delivery
     async with services.pool.connection() as conn:
-        conversation, message = await record_outbound(
-            conn, who.church_id, conversation_id, body=body.body, sent_by=who.user_id
+        accepted = await accept_reply(
+            conn,
+            who.church_id,
+            conversation_id,
+            body=body.body,
+            sent_by=who.user_id,
+            max_attempts=delivery.max_attempts,
         )
-    await enqueue_sends(
-        services.redis,
-        [
-            ConversationSend(
-                church_id=who.church_id,
-                conversation_id=conversation.id,
-                message_id=message.id,
-                max_attempts=services.settings.delivery.max_attempts,
-            )
-        ],
-        services.settings.delivery.shards,
-    )
-    event = new_event(
-        "conversation.message.created",
-        ConversationMessageCreated(
-            conversation_id=conversation.id,
-            message_id=message.id,
-            member_id=conversation.member_id,
-            direction="outbound",
-            body=message.body,
-            created_at=message.created_at,
-        ),
-    )
+    await hand_over(services.redis, [accepted.batch], delivery.shards)
+    conversation, message = accepted.conversation, accepted.message
+    event = new_event("conversation.message.created", posted(conversation, message))
     await services.publisher.publish_many(
         who.church_id, [("inbox", event), (f"conversation:{conversation.id}", event)]
     )
@@ -156,7 +144,6 @@ async def index_conversations(request: Request) -> Response:
     )
 
 
-
 def inbox_operations() -> list[Operation]:
     conversation_filters = (
         QueryParam("status", Literal["open", "closed"], "only open or only closed"),
@@ -228,6 +215,12 @@ def inbox_operations() -> list[Operation]:
             body=ReplyRequest,
             response=ConversationMessage,
             status=202,
+            errors=("opted_out", "conflict"),
+            description=(
+                "Committed before the answer, then sent by the delivery worker like every "
+                "text (consent checked again when it is sent). A member who opted out "
+                "answers `409 opted_out`; an erased member `409 conflict`."
+            ),
             examples={"reply": {"body": "Thanks! See you Sunday."}},
         ),
     ]

@@ -69,7 +69,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 async def _conflict(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Conflict)
     details = [FieldError(exc.field, str(exc))] if exc.field else None
-    return fail("conflict", str(exc), details)
+    return fail(exc.code, str(exc), details)
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:

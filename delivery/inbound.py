@@ -8,8 +8,9 @@ events after commit. A duplicate event id answers 200 and does nothing.
 An inbound text that is a keyword (storage/keywords.py: STOP, START, HELP and
 their synonyms) is stored in the conversation like any other, so staff see it,
 and acts in the same transaction: consent, webhook event, audit row. Its answer,
-if any, is stored as an outbound conversation message and enqueued after the
-commit exactly as a staff reply is; the conversation keeps its unread count.
+if any, is accepted in that transaction as a one-recipient message
+(storage/conversations.py ``accept_reply``) and enqueued after the commit: the
+one send pipeline every text takes. The conversation keeps its unread count.
 """
 
 from __future__ import annotations
@@ -31,29 +32,24 @@ from delivery.receipts import ReceiptBatcher
 from delivery.signatures import load_public_key, verify_telnyx
 from storage.churches import church_by_number
 from storage.conversations import (
-    ConversationMessage,
+    AcceptedReply,
+    ReplyKind,
+    accept_reply,
     changed_event,
-    get_conversation,
+    posted,
     record_inbound,
-    record_outbound,
-    set_outbound_status,
 )
 from storage.database import Conn
 from storage.envelope import BodyTooLarge, fail, ok, read_body
-from storage.events import (
-    ConversationMessageCreated,
-    ConversationMessageStatus,
-    Event,
-    new_event,
-)
+from storage.events import Event, new_event
 from storage.ids import uuid7
-from storage.keywords import apply_keyword, keep_unread
+from storage.keywords import Kind, apply_keyword
 from storage.members import member_by_phone_hash
 from storage.phones import normalize
-from storage.queue import ConversationSend, enqueue_sends
+from storage.queue import hand_over
 from storage.recipients import ProviderStatus, locate_by_provider_id
 from storage.services import Services
-from storage.statuses import allowed_from, from_telnyx
+from storage.statuses import from_telnyx
 
 log = logging.getLogger("koinonia.delivery.inbound")
 
@@ -132,11 +128,7 @@ class InboundHandler:
             return fail("bad_request", "body is not JSON")
         data = hook.data
         if data.event_type in ("message.sent", "message.finalized"):
-            cref = request.query_params.get("cref")
-            if cref:
-                await self._reply_status(data, cref)
-            else:
-                await self._status(data, request.query_params.get("ref"))
+            await self._status(data, request.query_params.get("ref"))
         elif data.event_type == "message.received":
             await self._received(data)
         return ok({"received": True})
@@ -168,44 +160,6 @@ class InboundHandler:
                 provider_message_id=data.payload.id,
                 error_code=None if error is None else str(error),
             )
-        )
-
-    async def _reply_status(self, data: _Data, cref: str) -> None:
-        party = data.payload.to[0] if data.payload.to else None
-        status = from_telnyx(party.status) if party and party.status else None
-        parts = cref.split(".")
-        try:
-            church_id, message_id = uuid.UUID(parts[0]), uuid.UUID(parts[1])
-        except (ValueError, IndexError):
-            status = None
-        if status is None:
-            await self._dedupe_only(data)
-            return
-        async with self.services.pool.connection() as conn, conn.transaction():
-            if not await _first_time(conn, data):
-                return
-            changed = await set_outbound_status(
-                conn,
-                church_id,
-                message_id,
-                status.value,
-                data.payload.id,
-                [s.value for s in allowed_from(status)],
-            )
-            if changed is not None and changed.provider_message_id != data.payload.id:
-                raise _Mismatch
-        if changed is None:
-            return
-        event = new_event(
-            "conversation.message.status",
-            ConversationMessageStatus(
-                conversation_id=changed.conversation_id,
-                message_id=changed.id,
-                status=changed.status,
-            ),
-        )
-        await self.services.publisher.publish_many(
-            church_id, [("inbox", event), (f"conversation:{changed.conversation_id}", event)]
         )
 
     async def _received(self, data: _Data) -> None:
@@ -243,14 +197,22 @@ class InboundHandler:
             conversation, message, created = await record_inbound(
                 conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
             )
-            reply: ConversationMessage | None = None
+            reply: AcceptedReply | None = None
             outcome = await apply_keyword(conn, church.id, member_id, payload.text or "")
             if outcome is not None and outcome.reply is not None:
-                _, reply = await record_outbound(
-                    conn, church.id, conversation.id, body=outcome.reply, sent_by=None
+                # HELP answers and START confirmations go whatever the opt-in state
+                # (carriers require them); the worker checks consent for anything else.
+                reply = await accept_reply(
+                    conn,
+                    church.id,
+                    conversation.id,
+                    body=outcome.reply,
+                    sent_by=None,
+                    kind=ReplyKind.ANSWER,
+                    consent_exempt=outcome.kind in (Kind.HELP, Kind.OPT_IN),
+                    max_attempts=self.services.settings.delivery.max_attempts,
                 )
-                await keep_unread(conn, church.id, conversation.id, conversation.unread_count)
-                conversation = await get_conversation(conn, church.id, conversation.id)
+                conversation = reply.conversation
         if outcome is not None:
             log.info(
                 "keyword",
@@ -262,45 +224,20 @@ class InboundHandler:
             )
         if reply is not None:
             settings = self.services.settings.delivery
-            await enqueue_sends(
-                self.services.redis,
-                [
-                    ConversationSend(
-                        church_id=church.id,
-                        conversation_id=conversation.id,
-                        message_id=reply.id,
-                        max_attempts=settings.max_attempts,
-                    )
-                ],
-                settings.shards,
-            )
+            await hand_over(self.services.redis, [reply.batch], settings.shards)
         changed = changed_event(conversation, created=created)
         thread = f"conversation:{conversation.id}"
         events: list[tuple[str, Event]] = [("inbox", changed), (thread, changed)]
-        for posted in (message, reply):
-            if posted is None:
+        for text in (message, reply.message if reply is not None else None):
+            if text is None:
                 continue
-            event = new_event(
-                "conversation.message.created",
-                ConversationMessageCreated(
-                    conversation_id=conversation.id,
-                    message_id=posted.id,
-                    member_id=conversation.member_id,
-                    direction=posted.direction,
-                    body=posted.body,
-                    created_at=posted.created_at,
-                ),
-            )
+            event = new_event("conversation.message.created", posted(conversation, text))
             events += [("inbox", event), (thread, event)]
         await self.services.publisher.publish_many(church.id, events)
 
     async def _dedupe_only(self, data: _Data) -> None:
         async with self.services.pool.connection() as conn:
             await _first_time(conn, data)
-
-
-class _Mismatch(Exception):
-    """Rolls back a transition whose reference and provider id disagree."""
 
 
 async def _first_time(conn: Conn, data: _Data) -> bool:
@@ -326,9 +263,6 @@ def _parse_ref(ref: str | None) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID] | None
 def inbound_routes() -> list[BaseRoute]:
     async def endpoint(request: Request) -> Response:
         handler: InboundHandler = request.app.state.inbound
-        try:
-            return await handler.handle(request)
-        except _Mismatch:
-            return fail("validation_error", "webhook reference does not match the provider id")
+        return await handler.handle(request)
 
     return [Route("/v1/provider/telnyx/webhooks", endpoint, methods=["POST"])]

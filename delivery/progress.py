@@ -1,13 +1,16 @@
 """Recipient status events and coalesced broadcast progress.
 
-Every transition is published on ``message:<id>`` as ``message.recipient.status``
+Every transition of a broadcast's recipient is published on ``message:<id>`` as
+``message.recipient.status``
 (integrators ask for each one). People watch ``message.progress`` instead: the
 counters live in a Redis hash per message, updated in the same Lua call that
 checks a 100 ms gate, so however many workers and web nodes record transitions,
 a broadcast's progress is published at most ten times a second. A transition
 that finds the gate closed leaves a trailing flush behind, so the last counts
 are always published; the final ones go out with ``message.completed`` exactly
-once (HSETNX).
+once (HSETNX). The single recipient of a staff reply or an automatic answer is a
+conversation's affair: its transitions are ``conversation.message.status`` on
+``inbox`` and ``conversation:<id>``, and no broadcast event mentions it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from storage import keys
 from storage.database import Pool
 from storage.events import (
+    ConversationMessageStatus,
     Counts,
     EventPublisher,
     MessageCompleted,
@@ -28,7 +32,7 @@ from storage.events import (
     RecipientStatusChanged,
     new_event,
 )
-from storage.messages import mark_completed, message_counts
+from storage.messages import SendTexts, mark_completed, message_counts
 from storage.outbox import record_events
 from storage.recipients import Transition
 from storage.redis_connection import Redis
@@ -63,6 +67,7 @@ class ProgressTracker:
         self._webhooks = interest(pool)
         self._scripts = publisher.scripts
         self._apply = self._scripts.register(_APPLY_LUA)
+        self.texts = SendTexts(pool)
         self._trailing: dict[tuple[uuid.UUID, uuid.UUID], None] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -78,8 +83,15 @@ class ProgressTracker:
     async def record(
         self, church_id: uuid.UUID, message_id: uuid.UUID, changes: list[Transition]
     ) -> None:
-        """Publish one event per transition, then update and maybe publish progress."""
+        """Publish one event per transition, then update and maybe publish progress.
+
+        The one recipient of a staff reply or an automatic answer is told as
+        ``conversation.message.status`` on the conversation's channels instead."""
         if not changes:
+            return
+        text = await self.texts.get(church_id, message_id)
+        if text is not None and text.conversation_id is not None:
+            await self._record_reply(church_id, message_id, text.conversation_id, changes)
             return
         channel = f"message:{message_id}"
         events = [
@@ -106,6 +118,32 @@ class ProgressTracker:
         if self._webhooks.wants(church_id, "message.recipient.status"):
             await self._to_webhooks(church_id, [(e.type, e.data) for e in events])
         await self._after_apply(church_id, message_id, results[-1])
+
+    async def _record_reply(
+        self,
+        church_id: uuid.UUID,
+        message_id: uuid.UUID,
+        conversation_id: uuid.UUID,
+        changes: list[Transition],
+    ) -> None:
+        events = [
+            new_event(
+                "conversation.message.status",
+                ConversationMessageStatus(
+                    conversation_id=conversation_id, message_id=message_id, status=c.status
+                ),
+            )
+            for c in changes
+        ]
+        thread = f"conversation:{conversation_id}"
+        await self._publisher.publish_many(
+            church_id, [(channel, e) for e in events for channel in ("inbox", thread)]
+        )
+        if self._webhooks.wants(church_id, "conversation.message.status"):
+            await self._to_webhooks(church_id, [(e.type, e.data) for e in events])
+        if changes[-1].status in _FINAL_FIELDS:
+            async with self._pool.connection() as conn:
+                await mark_completed(conn, church_id, message_id)
 
     def _apply_call(
         self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]

@@ -9,7 +9,8 @@
 - materialization sweep: accepted broadcasts whose materialize entry was lost
   (Redis flushed, or down at acceptance) are enqueued again;
 - reconciler: recipients left ``queued`` or ``sending`` without a provider id
-  past ``reconcile_after_s`` are enqueued again;
+  past ``reconcile_after_s`` are enqueued again, a broadcast's or the one
+  recipient of a staff reply or an automatic answer alike;
 - quiet hours: recipients held for their local sending window (``not_before``,
   storage/recipients.py) are enqueued when it opens, once across any number of
   schedulers (``FOR UPDATE SKIP LOCKED`` in the statement that clears the hold);
@@ -36,7 +37,12 @@ from datetime import UTC, datetime, timedelta
 
 from storage.database import Conn
 from storage.ids import created_at_of
-from storage.messages import announce_started, claim_due_scheduled, unstarted_scheduled
+from storage.messages import (
+    SendTexts,
+    announce_started,
+    claim_due_scheduled,
+    unstarted_scheduled,
+)
 from storage.partitions import ensure_partitions
 from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
 from storage.quiet_hours import release_held
@@ -62,6 +68,7 @@ class Scheduler:
         self.settings = services.settings.delivery
         self._stopping = asyncio.Event()
         self._last_partitions = 0.0
+        self._texts = SendTexts(services.pool)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -157,6 +164,8 @@ class Scheduler:
             by_message[(church_id, message_id)].append(recipient_id)
         numbers: dict[uuid.UUID, str] = {}
         batches: list[SendBatch] = []
+        # A reply's or answer's one recipient travels with its conversation, for the
+        # dead-letter list.
         size = self.settings.batch_size
         for (church_id, message_id), ids in by_message.items():
             if church_id not in numbers:
@@ -166,6 +175,7 @@ class Scheduler:
                 number = await cur.fetchone()
                 numbers[church_id] = number[0] if number else ""
             ids.sort()
+            text = await self._texts.get(church_id, message_id, conn)
             batches += [
                 SendBatch(
                     church_id=church_id,
@@ -174,6 +184,7 @@ class Scheduler:
                     recipient_ids=ids[i : i + size],
                     from_number=numbers[church_id],
                     max_attempts=self.settings.max_attempts,
+                    conversation_id=text.conversation_id if text is not None else None,
                 )
                 for i in range(0, len(ids), size)
             ]

@@ -1,5 +1,12 @@
 """The delivery worker: materialize accepted broadcasts, send batches, record outcomes.
 
+Every text we send passes here on one path: a broadcast's recipients, a staff
+reply, an automatic answer (HELP, START, a group keyword). A reply or an answer is
+a message of one recipient (storage/conversations.py ``accept_reply``), so the
+queue entry is always a ``SendBatch`` and the steps below, consent checked when
+it is sent included, are the same for all of them (docs/architecture.md, "One
+send pipeline").
+
 Loop shape (arq-style, bounded): a reading loop claims queue entries fairly
 across churches (storage/queue.py: each church's own stream, churches taking
 turns through the ready sets), each entry runs admit → claim → send → record in
@@ -31,7 +38,6 @@ import random
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -43,19 +49,13 @@ from delivery.progress import ProgressTracker
 from delivery.provider import Provider, SendRequest, SendResult
 from delivery.throttle import ACCOUNT, Throttle
 from storage import keys, merge_fields
-from storage.conversations import set_outbound_status
-from storage.database import Conn
-from storage.events import ConversationMessageStatus, new_event
-from storage.ids import created_at_of
 from storage.messages import merge_values
 from storage.queue import (
     STREAM_MAXLEN,
-    ConversationSend,
     MaterializeJob,
     SendBatch,
     SendQueue,
     Taken,
-    Work,
     encode_entry,
     enqueue_sends,
     materialize_decoder,
@@ -109,30 +109,6 @@ async def ensure_groups(services: Services) -> None:
         )
 
 
-class _MessageCache:
-    """Bodies of recent messages: every batch of a broadcast needs the same text."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._items: OrderedDict[uuid.UUID, str] = OrderedDict()
-        self._size = size
-
-    async def body(self, conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> str | None:
-        if message_id in self._items:
-            self._items.move_to_end(message_id)
-            return self._items[message_id]
-        cur = await conn.execute(
-            "SELECT body FROM message WHERE church_id = %s AND id = %s AND created_at = %s",
-            (church_id, message_id, created_at_of(message_id)),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        self._items[message_id] = row[0]
-        if len(self._items) > self._size:
-            self._items.popitem(last=False)
-        return str(row[0])
-
-
 class Outcome(msgspec.Struct):
     """What became of one chunk of a batch."""
 
@@ -155,7 +131,6 @@ class Worker:
         self.settings = services.settings.delivery
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.progress = ProgressTracker(services.redis, services.publisher, services.pool)
-        self._bodies = _MessageCache()
         self.queue = SendQueue(
             services.redis,
             self.settings.shards,
@@ -267,13 +242,10 @@ class Worker:
         except msgspec.DecodeError:
             work = None
         try:
-            match work:
-                case SendBatch() as batch:
-                    await self.send_batch(batch)
-                case ConversationSend() as reply:
-                    await self.send_reply(reply)
-                case None:
-                    log.error("unreadable queue entry dropped", extra={"entry": entry_id})
+            if work is None:
+                log.error("unreadable queue entry dropped", extra={"entry": entry_id})
+            else:
+                await self.send_batch(work)
         except Exception:
             # Left pending: the church's next lease takes it over after claim_idle_ms,
             # and the reconciler covers the rows even if the entry itself is lost.
@@ -400,18 +372,18 @@ class Worker:
         return admission.wait_s
 
     async def _hand_back(
-        self, batch: Work, recipient_ids: list[uuid.UUID], delay_s: float, limited_by: int = -1
+        self,
+        batch: SendBatch,
+        recipient_ids: list[uuid.UUID],
+        delay_s: float,
+        limited_by: int = -1,
     ) -> None:
         """Back to the church's delayed set at the same attempt (waiting is not failing).
 
         ``limited_by`` names the bucket that made the wait: the account's holds off
         this worker's reading (every church would wait alike), the number's pauses
         the church (others go on)."""
-        again = (
-            msgspec.structs.replace(batch, recipient_ids=recipient_ids)
-            if isinstance(batch, SendBatch)
-            else batch
-        )
+        again = msgspec.structs.replace(batch, recipient_ids=recipient_ids)
         due_ms = _ms_from_now(delay_s)
         await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
         self.queue.look_again(batch.church_id, due_ms)
@@ -445,22 +417,28 @@ class Worker:
 
     async def _send_chunk(self, batch: SendBatch, recipient_ids: list[uuid.UUID]) -> Outcome:
         async with self.services.pool.connection() as conn:
+            text = await self.progress.texts.get(batch.church_id, batch.message_id, conn)
+            # Consent is checked here, when it is sent, for every text of every kind.
             targets, changes = await claim_for_send(
-                conn, batch.church_id, batch.message_id, recipient_ids
+                conn,
+                batch.church_id,
+                batch.message_id,
+                recipient_ids if text is not None else [],
+                consent_exempt=text is not None and text.consent_exempt,
             )
-            body = await self._bodies.body(conn, batch.church_id, batch.message_id)
+            body = text.body if text is not None else ""
             # Merge fields are rendered per recipient here, with the member's values now.
-            personal = bool(targets) and body is not None and merge_fields.has_fields(body)
+            personal = bool(targets) and merge_fields.has_fields(body)
             values = (
                 await merge_values(conn, batch.church_id, [t.member_id for t in targets])
                 if personal
                 else {}
             )
         await self.progress.record(batch.church_id, batch.message_id, changes)
-        unused = len(recipient_ids) - (len(targets) if body is not None else 0)
+        unused = len(recipient_ids) - len(targets)
         if unused:
             await self.throttle.refund(batch.from_number, unused)
-        if not targets or body is None:
+        if not targets:
             return Outcome()
         # One callback prefix per chunk: only the recipient id differs.
         callback = webhook_url(
@@ -479,92 +457,6 @@ class Worker:
         ]
         results = await self.provider.send(requests)
         return await self._record(batch, targets, results)
-
-    async def send_reply(self, job: ConversationSend) -> None:
-        """One staff reply: queued → sending, then the provider's webhooks take over."""
-        async with self.services.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT cm.body, m.phone_cipher, ch.phone_number, cm.status "
-                "FROM conversation_message cm "
-                "JOIN conversation c ON c.church_id = cm.church_id AND c.id = cm.conversation_id "
-                "JOIN member m ON m.church_id = c.church_id AND m.id = c.member_id "
-                "JOIN church ch ON ch.id = cm.church_id "
-                "WHERE cm.church_id = %s AND cm.id = %s AND cm.created_at = %s",
-                (job.church_id, job.message_id, created_at_of(job.message_id)),
-            )
-            row = await cur.fetchone()
-        if row is None or row[3] not in ("queued", "sending"):
-            return
-        admission = await self.throttle.admit(row[2], 1)
-        self.breaker.observe(admission)
-        if not admission.granted:
-            await self._hand_back(job, [], self._wait_for(admission), admission.limited_by)
-            return
-        async with self.services.pool.connection() as conn:
-            changed = await set_outbound_status(
-                conn, job.church_id, job.message_id, "sending", None, ["queued"]
-            )
-        if changed is not None:
-            await self._reply_status(job, "sending")
-        request = SendRequest(
-            from_number=row[2],
-            to=self.services.vault.decrypt(job.church_id, bytes(row[1])),
-            text=row[0],
-            webhook_url=(
-                f"{self.services.settings.public_url.rstrip('/')}/v1/provider/telnyx/webhooks"
-                f"?cref={job.church_id}.{job.message_id}"
-            ),
-            idempotency_key=f"conv-{job.message_id}",
-        )
-        result = (await self.provider.send([request]))[0]
-        change = await self.breaker.record(
-            int(result.ok), int(result.unavailable), probe=admission.probe, why=result.error_code
-        )
-        if result.ok:
-            async with self.services.pool.connection() as conn:
-                await conn.execute(
-                    "UPDATE conversation_message SET provider_message_id = %s "
-                    "WHERE church_id = %s AND id = %s AND created_at = %s "
-                    "AND provider_message_id IS NULL",
-                    (
-                        result.provider_message_id,
-                        job.church_id,
-                        job.message_id,
-                        created_at_of(job.message_id),
-                    ),
-                )
-        elif result.throttled:
-            wait = max(result.retry_after_s or 0.0, 1.0)
-            await self.throttle.provider_said_wait(wait)
-            await self._hand_back(job, [], wait, ACCOUNT)
-        elif result.unavailable and change is not None and change.state != CLOSED:
-            await self._hand_back(job, [], max(0.0, change.open_until_ms / 1000 - time.time()))
-        elif result.retryable and job.attempt < job.max_attempts:
-            delay = max(
-                result.retry_after_s or 0.0, backoff_s(job.attempt, self.settings.retry_base_s)
-            )
-            again = msgspec.structs.replace(job, attempt=job.attempt + 1)
-            await schedule_retry(
-                self.services.redis, again, _ms_from_now(delay), self.settings.shards
-            )
-        else:
-            async with self.services.pool.connection() as conn:
-                changed = await set_outbound_status(
-                    conn, job.church_id, job.message_id, "failed", None, ["queued", "sending"]
-                )
-            if changed is not None:
-                await self._reply_status(job, "failed")
-
-    async def _reply_status(self, job: ConversationSend, status: str) -> None:
-        event = new_event(
-            "conversation.message.status",
-            ConversationMessageStatus(
-                conversation_id=job.conversation_id, message_id=job.message_id, status=status
-            ),
-        )
-        await self.services.publisher.publish_many(
-            job.church_id, [("inbox", event), (f"conversation:{job.conversation_id}", event)]
-        )
 
     async def _record(
         self, batch: SendBatch, targets: list[SendTarget], results: list[SendResult]

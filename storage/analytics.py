@@ -8,7 +8,10 @@ Definitions:
 
 - a message is *sent* once it has started (``queued``, ``sending``,
   ``completed``); scheduled and canceled ones are not, and ranges select
-  messages by their acceptance time;
+  messages by their acceptance time. ``messages_sent`` counts broadcasts; the
+  recipient counts, delivery rate and segments of a church's range count every
+  text, staff replies and automatic answers included (each is a message of one
+  recipient), since every one of them is delivered and billed alike;
 - *delivery rate* is delivered / (sent + delivered + undelivered + failed): of
   the texts that were attempted and have a result, how many arrived (null when
   none has one yet). Skipped and still-queued recipients are left out;
@@ -49,7 +52,8 @@ class Summary(msgspec.Struct, frozen=True):
     until: datetime
     messages_sent: int
     recipients: Counts
-    """Recipients of the messages accepted in the range, by status."""
+    """Texts accepted in the range, by status: broadcast recipients, staff replies and
+    automatic answers."""
     delivery_rate: float | None
     failed_by_error_code: list[ErrorCount]
     """Failed and undelivered recipients by provider error code, the 10 most frequent."""
@@ -95,7 +99,8 @@ async def church_summary(
     """``since`` inclusive, ``until`` exclusive."""
     cur = await conn.execute(
         "SELECT count(*) FROM message WHERE church_id = %s AND created_at >= %s "
-        "AND created_at < %s AND status IN ('queued', 'sending', 'completed')",
+        "AND created_at < %s AND status IN ('queued', 'sending', 'completed') "
+        "AND kind = 'broadcast'",
         (church_id, since, until),
     )
     row = await cur.fetchone()

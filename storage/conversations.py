@@ -1,25 +1,34 @@
-"""Conversations (one per church and member) and their messages."""
+"""Conversations (one per church and member) and their messages.
+
+Inbound texts are stored here as they arrive. Outbound ones (staff replies, our
+automatic answers) are accepted here as messages of one recipient and sent by the
+delivery worker exactly as a broadcast's recipients are (``accept_reply``).
+"""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime
 from typing import Any
 
 import msgspec
+from psycopg.types.json import Jsonb
 
 from storage.database import Conn
-from storage.errors import InvalidInput, NotFound
+from storage.errors import Conflict, InvalidInput, NotFound, OptedOut
 from storage.events import (
     ConversationChanged,
     ConversationMessageCreated,
-    ConversationMessageStatus,
     Event,
     new_event,
 )
 from storage.ids import created_at_of, uuid7
 from storage.outbox import record_event, record_events
 from storage.pagination import Page, decode_cursor, page_of
+from storage.queue import SendBatch
+from storage.recipients import recipient_id
+from storage.segments import count_segments
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -44,6 +53,16 @@ class ConversationMessage(msgspec.Struct, frozen=True):
 
 _CONV = "id, member_id, status, unread_count, assignee_id, last_message_at, created_at"
 _MSG = "id, conversation_id, direction, body, status, provider_message_id, created_at"
+# An outbound text's status lives on its recipient row (same id as its message):
+# the thread reads it there, so there is one truth and nothing to keep in step.
+_THREAD = (
+    "cm.id, cm.conversation_id, cm.direction, cm.body, coalesce(r.status, cm.status), "
+    "coalesce(r.provider_message_id, cm.provider_message_id), cm.created_at"
+)
+_THREAD_JOIN = (
+    "LEFT JOIN message_recipient r ON cm.direction = 'outbound' "
+    "AND r.church_id = cm.church_id AND r.message_id = cm.id AND r.created_at = cm.created_at"
+)
 
 
 async def record_inbound(
@@ -84,43 +103,119 @@ async def record_inbound(
         church_id,
         [
             ("conversation.created" if created else "conversation.updated", _changed(conversation)),
-            ("conversation.message.created", _posted(conversation, message)),
+            ("conversation.message.created", posted(conversation, message)),
         ],
     )
     return conversation, message, created
 
 
-async def record_outbound(
+class ReplyKind(enum.StrEnum):
+    REPLY = "reply"
+    """Written by staff (or an integrator): the conversation counts as read."""
+    ANSWER = "answer"
+    """Ours, automatic (a keyword's answer): the member's texts stay unread."""
+
+
+class AcceptedReply(msgspec.Struct, frozen=True):
+    conversation: Conversation
+    message: ConversationMessage
+    batch: SendBatch
+    """What to enqueue once the transaction commits (the reconciler covers a lost one)."""
+
+
+async def accept_reply(
     conn: Conn,
     church_id: uuid.UUID,
     conversation_id: uuid.UUID,
     *,
     body: str,
     sent_by: uuid.UUID | None,
-) -> tuple[Conversation, ConversationMessage]:
+    kind: ReplyKind = ReplyKind.REPLY,
+    consent_exempt: bool = False,
+    max_attempts: int = 5,
+) -> AcceptedReply:
+    """Commit one text to the conversation's member, on the broadcasts' pipeline.
+
+    The text is a message of one recipient (migration 0008): its ``message`` row and
+    its outbound ``conversation_message`` share one id, its ``message_recipient`` row
+    carries the status. Consent is checked here (``OptedOut`` for a member who opted
+    out, unless ``consent_exempt``) and again when it is sent, like every text.
+    """
     message_id = uuid7()
     created_at = created_at_of(message_id)
-    cur = await conn.execute(
-        "UPDATE conversation SET last_message_at = %s, unread_count = 0 "
-        f"WHERE church_id = %s AND id = %s RETURNING {_CONV}",
-        (created_at, church_id, conversation_id),
+    info = count_segments(body)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT c.member_id, m.opted_in, m.deleted_at IS NOT NULL, ch.phone_number "
+            "FROM conversation c JOIN member m ON m.church_id = c.church_id AND m.id = c.member_id "
+            "JOIN church ch ON ch.id = c.church_id WHERE c.church_id = %s AND c.id = %s",
+            (church_id, conversation_id),
+        )
+        found = await cur.fetchone()
+        if found is None:
+            raise NotFound("conversation")
+        member_id, opted_in, erased, from_number = found
+        if erased:
+            raise Conflict("the member was erased: there is no number to text", field="id")
+        if not opted_in and not consent_exempt:
+            raise OptedOut()
+        read = ", unread_count = 0" if kind is ReplyKind.REPLY else ""
+        cur = await conn.execute(
+            f"UPDATE conversation SET last_message_at = %s{read} "
+            f"WHERE church_id = %s AND id = %s RETURNING {_CONV}",
+            (created_at, church_id, conversation_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        cur = await conn.execute(
+            "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
+            "direction, body, status, sent_by) VALUES (%s, %s, %s, %s, 'outbound', %s, 'queued', "
+            f"%s) RETURNING {_MSG}",
+            (church_id, message_id, created_at, conversation_id, body, sent_by),
+        )
+        mrow = await cur.fetchone()
+        assert mrow is not None
+        await conn.execute(
+            "INSERT INTO message (church_id, id, created_at, body, target, status, "
+            "recipient_count, segments, encoding, from_number, created_by, materialized_at, "
+            "kind, conversation_id, consent_exempt) "
+            "VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                church_id,
+                message_id,
+                created_at,
+                body,
+                Jsonb({"member_ids": [str(member_id)]}),
+                info.segments,
+                info.encoding,
+                from_number,
+                sent_by,
+                created_at,
+                kind.value,
+                conversation_id,
+                consent_exempt,
+            ),
+        )
+        recipient = recipient_id(message_id, 1)
+        await conn.execute(
+            "INSERT INTO message_recipient (church_id, message_id, id, created_at, member_id, "
+            "status, segments) VALUES (%s, %s, %s, %s, %s, 'queued', %s)",
+            (church_id, message_id, recipient, created_at, member_id, info.segments),
+        )
+        conversation, message = Conversation(*row), ConversationMessage(*mrow)
+        await record_event(
+            conn, church_id, "conversation.message.created", posted(conversation, message)
+        )
+    batch = SendBatch(
+        church_id=church_id,
+        message_id=message_id,
+        created_at=created_at,
+        recipient_ids=[recipient],
+        from_number=from_number,
+        max_attempts=max_attempts,
+        conversation_id=conversation_id,
     )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("conversation")
-    cur = await conn.execute(
-        "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
-        "direction, body, status, sent_by) VALUES (%s, %s, %s, %s, 'outbound', %s, 'queued', %s) "
-        f"RETURNING {_MSG}",
-        (church_id, message_id, created_at, conversation_id, body, sent_by),
-    )
-    mrow = await cur.fetchone()
-    assert mrow is not None
-    conversation, message = Conversation(*row), ConversationMessage(*mrow)
-    await record_event(
-        conn, church_id, "conversation.message.created", _posted(conversation, message)
-    )
-    return conversation, message
+    return AcceptedReply(conversation=conversation, message=message, batch=batch)
 
 
 def changed_event(conversation: Conversation, *, created: bool = False) -> Event:
@@ -141,7 +236,8 @@ def _changed(conversation: Conversation) -> ConversationChanged:
     )
 
 
-def _posted(conversation: Conversation, message: ConversationMessage) -> ConversationMessageCreated:
+def posted(conversation: Conversation, message: ConversationMessage) -> ConversationMessageCreated:
+    """The ``conversation.message.created`` data of a message of the conversation."""
     return ConversationMessageCreated(
         conversation_id=conversation.id,
         message_id=message.id,
@@ -246,46 +342,16 @@ async def list_conversation_messages(
 ) -> Page[ConversationMessage]:
     await get_conversation(conn, church_id, conversation_id)
     params: list[Any] = [church_id, conversation_id]
-    where = "church_id = %s AND conversation_id = %s"
+    where = "cm.church_id = %s AND cm.conversation_id = %s"
     if cursor:
         c = decode_cursor(cursor)
-        where += " AND (created_at, id) < (%s, %s)"
+        where += " AND (cm.created_at, cm.id) < (%s, %s)"
         params += [c.at, c.id]
     params.append(limit + 1)
     cur = await conn.execute(
-        f"SELECT {_MSG} FROM conversation_message WHERE {where} "
-        "ORDER BY created_at DESC, id DESC LIMIT %s",
+        f"SELECT {_THREAD} FROM conversation_message cm {_THREAD_JOIN} WHERE {where} "
+        "ORDER BY cm.created_at DESC, cm.id DESC LIMIT %s",
         params,
     )
     rows = [ConversationMessage(*r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
-
-
-async def set_outbound_status(
-    conn: Conn,
-    church_id: uuid.UUID,
-    message_id: uuid.UUID,
-    status: str,
-    provider_message_id: str | None,
-    allowed: list[str],
-) -> ConversationMessage | None:
-    cur = await conn.execute(
-        "UPDATE conversation_message SET status = %s, "
-        "provider_message_id = coalesce(provider_message_id, %s) "
-        "WHERE church_id = %s AND id = %s AND created_at = %s AND status = ANY(%s) "
-        f"RETURNING {_MSG}",
-        (status, provider_message_id, church_id, message_id, created_at_of(message_id), allowed),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    changed = ConversationMessage(*row)
-    await record_event(
-        conn,
-        church_id,
-        "conversation.message.status",
-        ConversationMessageStatus(
-            conversation_id=changed.conversation_id, message_id=changed.id, status=changed.status
-        ),
-    )
-    return changed

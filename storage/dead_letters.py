@@ -41,9 +41,8 @@ import msgspec
 from storage import keys
 from storage.database import Pool
 from storage.errors import Conflict, NotFound
-from storage.ids import created_at_of
 from storage.pagination import Page, decode_cursor, encode_cursor
-from storage.queue import ConversationSend, SendBatch, Work, enqueue_sends, send_decoder
+from storage.queue import Work, enqueue_sends, send_decoder
 from storage.recipients import reset_exhausted
 from storage.redis_connection import Redis
 
@@ -67,10 +66,11 @@ class DeadLetter(msgspec.Struct, frozen=True):
     """The entry, as a UUIDv7 whose timestamp is when the work was dead-lettered."""
     church_id: uuid.UUID
     kind: Literal["batch", "reply"]
-    """``batch``: recipients of a broadcast; ``reply``: one conversation message."""
+    """``batch``: recipients of a broadcast; ``reply``: the one recipient of a staff
+    reply or an automatic answer (its conversation message has the message's id)."""
     reason: str
     message_id: uuid.UUID
-    """The broadcast (``batch``) or the conversation message (``reply``)."""
+    """The broadcast, or the reply (which is also its conversation message's id)."""
     conversation_id: uuid.UUID | None
     recipient_ids: list[uuid.UUID]
     recipient_count: int
@@ -128,24 +128,16 @@ def _letter(entry_id: str, fields: dict[Any, Any], now: datetime) -> DeadLetter 
         return None
     reason = _text(fields.get(b"reason") or fields.get("reason") or b"")
     dead_at = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000, UTC)
-    match work:
-        case SendBatch():
-            kind: Literal["batch", "reply"] = "batch"
-            conversation_id = None
-            recipients = list(work.recipient_ids)
-        case ConversationSend():
-            kind = "reply"
-            conversation_id = work.conversation_id
-            recipients = []
+    kind: Literal["batch", "reply"] = "batch" if work.conversation_id is None else "reply"
     return DeadLetter(
         id=entry_uuid(entry_id),
         church_id=work.church_id,
         kind=kind,
         reason=reason,
         message_id=work.message_id,
-        conversation_id=conversation_id,
-        recipient_ids=recipients,
-        recipient_count=len(recipients) if kind == "batch" else 1,
+        conversation_id=work.conversation_id,
+        recipient_ids=list(work.recipient_ids),
+        recipient_count=len(work.recipient_ids),
         attempt=work.attempt,
         max_attempts=work.max_attempts,
         dead_at=dead_at,
@@ -277,37 +269,22 @@ async def requeue(
             "requeueing it could text a member twice: send a new message instead",
             field="id",
         )
-    requeued = 0
-    match work:
-        case SendBatch():
-            async with pool.connection() as conn:
-                reset = await reset_exhausted(
-                    conn, work.church_id, work.message_id, list(work.recipient_ids)
-                )
-            if reset:
-                await redis.eval(
-                    _REOPEN_COUNTS,
-                    1,
-                    keys.message_counts(work.church_id, work.message_id),
-                    str(len(reset)),
-                )
-                again = msgspec.structs.replace(
-                    work, recipient_ids=reset, attempt=1, max_attempts=max_attempts
-                )
-                await enqueue_sends(redis, [again], shards)
-            requeued, total = len(reset), len(work.recipient_ids)
-        case ConversationSend():
-            async with pool.connection() as conn:
-                cur = await conn.execute(
-                    "UPDATE conversation_message SET status = 'queued' WHERE church_id = %s "
-                    "AND id = %s AND created_at = %s AND status = 'failed' "
-                    "AND provider_message_id IS NULL",
-                    (work.church_id, work.message_id, created_at_of(work.message_id)),
-                )
-            if cur.rowcount:
-                again_reply = msgspec.structs.replace(work, attempt=1, max_attempts=max_attempts)
-                await enqueue_sends(redis, [again_reply], shards)
-            requeued, total = cur.rowcount, 1
+    async with pool.connection() as conn:
+        reset = await reset_exhausted(
+            conn, work.church_id, work.message_id, list(work.recipient_ids)
+        )
+    if reset:
+        await redis.eval(
+            _REOPEN_COUNTS,
+            1,
+            keys.message_counts(work.church_id, work.message_id),
+            str(len(reset)),
+        )
+        again = msgspec.structs.replace(
+            work, recipient_ids=reset, attempt=1, max_attempts=max_attempts
+        )
+        await enqueue_sends(redis, [again], shards)
+    requeued, total = len(reset), len(work.recipient_ids)
     await redis.xdel(keys.DEAD_LETTER_STREAM, entry_id)
     log.info(
         "dead letter requeued",

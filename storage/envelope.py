@@ -1,4 +1,4 @@
-"""The one response envelope (PROTOCOL.md "REST"), as bytes and as Starlette responses.
+"""The one response envelope (docs/protocol.md "REST"), as bytes and as Starlette responses.
 
 Every surface answers with it: REST routes, the SSE endpoint's refusals, the
 inbound provider webhook. Error codes are stable snake_case strings; their HTTP
@@ -23,6 +23,7 @@ STATUS: dict[str, int] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "opted_out": 409,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "validation_error": 422,

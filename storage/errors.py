@@ -5,6 +5,7 @@ The tree::
     StorageError
     ├── NotFound            a row does not exist in the caller's church
     ├── Conflict            a unique rule would be broken (e.g. the same phone twice)
+    │   └── OptedOut        the member opted out: no text of ours may reach them
     ├── InvalidPhone        a phone number that is not a valid number
     └── InvalidInput        a value the domain rejects (field, message)
 
@@ -26,9 +27,21 @@ class NotFound(StorageError):
 
 
 class Conflict(StorageError):
+    code = "conflict"
+    """The stable error code the edges answer with."""
+
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class OptedOut(Conflict):
+    code = "opted_out"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the member opted out of texts; only they can opt back in (by texting START)"
+        )
 
 
 class InvalidInput(StorageError):

@@ -23,8 +23,10 @@ What each does, inside the transaction that records the inbound text:
   the church and how to opt out; not to someone who texted STOP (the provider
   would refuse it, and answers their HELP itself).
 
-The caller stores the reply as an outbound conversation message and enqueues it
-like a staff reply, after the commit.
+The caller accepts the reply as a one-recipient message in the same transaction
+(storage/conversations.py ``accept_reply``) and enqueues it after the commit, on
+the pipeline every text takes. HELP answers and START confirmations are the two
+kinds sent whatever the opt-in state (``consent_exempt``), as carriers allow.
 """
 
 from __future__ import annotations
@@ -183,14 +185,3 @@ async def _set_opt(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID, opted
         {"member_id": str(member_id), "source": "keyword"},
     )
     return True
-
-
-async def keep_unread(
-    conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID, unread_count: int
-) -> None:
-    """An automatic answer is not a staff reply: storing it as an outbound message
-    marked the conversation read; give the member's texts back their unread count."""
-    await conn.execute(
-        "UPDATE conversation SET unread_count = %s WHERE church_id = %s AND id = %s",
-        (unread_count, church_id, conversation_id),
-    )

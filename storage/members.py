@@ -318,6 +318,10 @@ async def erase_member(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID) -
             "UPDATE conversation_message cm SET body = '', media = '[]' FROM conversation c "
             "WHERE c.church_id = %s AND c.member_id = %s AND cm.church_id = c.church_id "
             "AND cm.conversation_id = c.id",
+            # Replies and answers to them keep a copy of their text as a message.
+            "UPDATE message m SET body = '' FROM conversation c "
+            "WHERE c.church_id = %s AND c.member_id = %s AND m.church_id = c.church_id "
+            "AND m.conversation_id = c.id",
         ):
             await conn.execute(sql, (church_id, member_id))
 
@@ -423,8 +427,12 @@ async def export_member(
         history = [OptEvent(*r) for r in await cur.fetchall()]
         await cur.execute(
             "SELECT c.id, c.status, c.created_at, cm.id, cm.direction, cm.body, cm.media, "
-            "cm.status, cm.created_at FROM conversation c LEFT JOIN conversation_message cm "
+            "coalesce(r.status, cm.status), cm.created_at FROM conversation c "
+            "LEFT JOIN conversation_message cm "
             "ON cm.church_id = c.church_id AND cm.conversation_id = c.id "
+            "LEFT JOIN message_recipient r ON cm.direction = 'outbound' "
+            "AND r.church_id = cm.church_id AND r.message_id = cm.id "
+            "AND r.created_at = cm.created_at "
             "WHERE c.church_id = %s AND c.member_id = %s ORDER BY c.id, cm.created_at, cm.id",
             (church_id, member_id),
         )
@@ -438,7 +446,8 @@ async def export_member(
             "r.created_at, r.updated_at FROM message_recipient r "
             "JOIN message m ON m.church_id = r.church_id AND m.id = r.message_id "
             "AND m.created_at = r.created_at "
-            "WHERE r.church_id = %s AND r.member_id = %s ORDER BY r.created_at, r.message_id",
+            "WHERE r.church_id = %s AND r.member_id = %s AND m.kind = 'broadcast' "
+            "ORDER BY r.created_at, r.message_id",
             (church_id, member_id),
         )
         broadcasts = [ExportedRecipient(*r) for r in await cur.fetchall()]

@@ -1,5 +1,9 @@
 """Broadcast messages: acceptance, reading, counts.
 
+A staff reply or an automatic answer is a ``message`` row too (``kind`` ``reply``
+or ``answer``, one recipient, storage/conversations.py ``accept_reply``), so that
+every text is sent the same way; the reads here show broadcasts only.
+
 Acceptance writes one row: the message with its resolved target and the
 audience size. The recipient rows are materialized right after the 202 by a
 worker (storage/recipients.py) from that target, restricted to what existed
@@ -12,13 +16,14 @@ found again by ``materialized_at IS NULL``.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 from psycopg.types.json import Jsonb
 
-from storage.database import Conn
+from storage.database import Conn, Pool
 from storage.errors import Conflict, NotFound
 from storage.events import Counts, EventPublisher, MessageCreated, new_event
 from storage.groups import existing_ids
@@ -321,7 +326,8 @@ async def get_message(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -
     if message_id.version != 7:
         raise NotFound("message")
     cur = await conn.execute(
-        f"SELECT {_COLS} FROM message WHERE church_id = %s AND id = %s AND created_at = %s",
+        f"SELECT {_COLS} FROM message WHERE church_id = %s AND id = %s AND created_at = %s "
+        "AND kind = 'broadcast'",
         (church_id, message_id, created_at_of(message_id)),
     )
     row = await cur.fetchone()
@@ -334,7 +340,8 @@ async def message_exists(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID
     if message_id.version != 7:
         return False
     cur = await conn.execute(
-        "SELECT 1 FROM message WHERE church_id = %s AND id = %s AND created_at = %s",
+        "SELECT 1 FROM message WHERE church_id = %s AND id = %s AND created_at = %s "
+        "AND kind = 'broadcast'",
         (church_id, message_id, created_at_of(message_id)),
     )
     return await cur.fetchone() is not None
@@ -356,8 +363,9 @@ async def list_messages(
     cursor: str | None,
     where: MessageFilter | None = None,
 ) -> Page[Message]:
-    """Newest first; a date range prunes partitions."""
-    clauses = ["church_id = %s"]
+    """Broadcasts, newest first (replies are listed in their conversations); a date
+    range prunes partitions."""
+    clauses = ["church_id = %s", "kind = 'broadcast'"]
     params: list[Any] = [church_id]
     if cursor:
         c = decode_cursor(cursor)
@@ -390,6 +398,49 @@ async def message_counts(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID
     )
     found = {status: int(n) for status, n in await cur.fetchall()}
     return Counts(**{s.value: found.get(s.value, 0) for s in ALL_STATUSES})
+
+
+class SendText(msgspec.Struct, frozen=True):
+    """What sending a message's recipients needs to know of the message."""
+
+    body: str
+    consent_exempt: bool
+    """Sent whatever the member's opt-in state: only HELP answers and START confirmations."""
+    conversation_id: uuid.UUID | None
+    """The conversation of a staff reply or an automatic answer; None for a broadcast."""
+
+
+class SendTexts:
+    """``SendText`` of recent messages, read from Postgres once per message and process:
+    every batch and every receipt of a broadcast asks again, and none of it changes."""
+
+    def __init__(self, pool: Pool, size: int = 4096) -> None:
+        self._pool = pool
+        self._size = size
+        self._known: OrderedDict[uuid.UUID, SendText | None] = OrderedDict()
+
+    async def get(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, conn: Conn | None = None
+    ) -> SendText | None:
+        """None for no such message. ``conn``: a connection the caller holds already."""
+        if message_id in self._known:
+            self._known.move_to_end(message_id)
+            return self._known[message_id]
+        query = (
+            "SELECT body, consent_exempt, conversation_id FROM message "
+            "WHERE church_id = %s AND id = %s AND created_at = %s"
+        )
+        params = (church_id, message_id, created_at_of(message_id))
+        if conn is not None:
+            row = await (await conn.execute(query, params)).fetchone()
+        else:
+            async with self._pool.connection() as own:
+                row = await (await own.execute(query, params)).fetchone()
+        text = SendText(row[0], bool(row[1]), row[2]) if row else None
+        self._known[message_id] = text
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        return text
 
 
 async def mark_completed(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> bool:

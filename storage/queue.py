@@ -4,9 +4,10 @@ Two kinds of work:
 
 - the materialize stream: "turn accepted message X into recipient rows" (one
   entry per broadcast, read with a blocking ``XREADGROUP``);
-- sends: batches of recipient ids of one message, or one staff reply, on the
-  church's own stream ``kn:q:{c:<church>}:send`` (consumer group ``workers``),
-  with the church's delayed retries in a sorted set under the same tag.
+- sends: batches of recipient ids of one message (a broadcast's, or the one
+  recipient of a staff reply or an automatic answer), on the church's own
+  stream ``kn:q:{c:<church>}:send`` (consumer group ``workers``), with the
+  church's delayed retries in a sorted set under the same tag.
 
 Fairness. A church with work is announced in one of ``shards`` *ready sets*
 (sorted sets of church ids; the shard is a hash of the church, so no key serves
@@ -40,6 +41,7 @@ stays the truth: losing any entry only delays work until the reconciler finds it
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 import uuid
@@ -49,10 +51,13 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from redis.exceptions import RedisError
 
 from storage import keys
 from storage.redis_connection import Redis
 from storage.scripts import Call, ScriptRunner
+
+log = logging.getLogger("koinonia.storage.queue")
 
 STREAM_MAXLEN = 1_000_000
 LEASE_MS = 5_000
@@ -74,6 +79,10 @@ class MaterializeJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SendBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="batch"):
+    """Recipients of one message to send: a broadcast's (up to ``batch_size``), or the
+    single recipient of a staff reply or an automatic answer (``conversation_id``
+    set). Every text we send travels as one of these."""
+
     church_id: uuid.UUID
     message_id: uuid.UUID
     created_at: datetime
@@ -81,19 +90,12 @@ class SendBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ba
     from_number: str
     attempt: int = 1
     max_attempts: int = 5
+    conversation_id: uuid.UUID | None = None
+    """The conversation of a reply or answer; None for a broadcast."""
 
 
-class ConversationSend(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="reply"):
-    """A staff reply in a conversation: one outbound text to one member."""
-
-    church_id: uuid.UUID
-    conversation_id: uuid.UUID
-    message_id: uuid.UUID
-    attempt: int = 1
-    max_attempts: int = 5
-
-
-Work = SendBatch | ConversationSend
+Work = SendBatch
+"""What a church's send stream carries."""
 
 _encoder = msgspec.msgpack.Encoder()
 materialize_decoder = msgspec.msgpack.Decoder(MaterializeJob)
@@ -327,6 +329,18 @@ async def enqueue_sends(redis: Redis, batches: Sequence[Work], shards: int) -> i
     )
     await _run(redis, [_announce_call(church_id, shards, -1) for church_id in by_church])
     return len(batches)
+
+
+async def hand_over(redis: Redis, batches: Sequence[Work], shards: int) -> bool:
+    """Enqueue sends whose rows were just committed. Redis being unreachable is not
+    the caller's failure: Postgres holds the work, and the reconciler enqueues it
+    again after ``reconcile_after_s``. Returns whether it was enqueued now."""
+    try:
+        await enqueue_sends(redis, batches, shards)
+    except (RedisError, OSError):
+        log.warning("enqueue deferred to the reconciler", extra={"batches": len(batches)})
+        return False
+    return True
 
 
 async def schedule_retry(redis: Redis, batch: Work, due_ms: int, shards: int) -> None:

@@ -170,10 +170,19 @@ async def pending_materialization(
 
 
 async def claim_for_send(
-    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, recipient_ids: list[uuid.UUID]
+    conn: Conn,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    recipient_ids: list[uuid.UUID],
+    *,
+    consent_exempt: bool = False,
 ) -> tuple[list[SendTarget], list[Transition]]:
     """Move the batch's sendable recipients to ``sending`` (opted-out ones to
     ``skipped``) and return them with their phones.
+
+    This is the consent check every text passes when it is sent, whichever path
+    accepted it. ``consent_exempt`` (a HELP answer, a START confirmation) skips only
+    the opt-in part of it: an erased member is never texted.
 
     Rows already ``sending`` with no provider id are taken again: a worker died
     between claiming and recording the send, and the provider's idempotency key
@@ -196,9 +205,9 @@ async def claim_for_send(
         if not locked:
             return [], []
         cur = await conn.execute(
-            "SELECT id, phone_cipher, opted_in AND deleted_at IS NULL FROM member "
+            "SELECT id, phone_cipher, (opted_in OR %s) AND deleted_at IS NULL FROM member "
             "WHERE church_id = %s AND id = ANY(%s)",
-            (church_id, [r[1] for r in locked]),
+            (consent_exempt, church_id, [r[1] for r in locked]),
         )
         members = {r[0]: (bytes(r[1]), bool(r[2])) for r in await cur.fetchall()}
         sendable = [r[0] for r in locked if members.get(r[1], (b"", False))[1]]

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
 
+from delivery.provider import SendRequest, SendResult
+from delivery.worker import Worker
 from deploy.stack import Stack
+from storage import keys
+from storage.ids import created_at_of, uuid7
+from storage.queue import SendBatch, send_decoder
+from storage.services import Services
+from storage.settings import Settings
 from tests.conftest import Church, texts_sent, unique_phone
 
 
@@ -99,8 +108,10 @@ def test_redis_flushed_mid_broadcast_loses_nothing_and_doubles_nothing(
     _once_each(sim_url, phones)
 
 
-def test_short_outage_is_retried_with_backoff(church: Church, sim_url: str) -> None:
-    """Sends refused with 503 wait in the retry set and go out once it clears."""
+def test_short_outage_is_retried_and_delivered_once(church: Church, sim_url: str) -> None:
+    """Sends refused with 503 wait (the breaker hands them back) and go out once it
+    clears. The backoff itself is checked by the next test: with 20 recipients the
+    circuit opens before any failure counts as an attempt."""
     group, phones = _audience(church, 20)
     config = f"{sim_url}/_sim/config"
     httpx.post(config, json={"outage": True}).raise_for_status()
@@ -114,3 +125,47 @@ def test_short_outage_is_retried_with_backoff(church: Church, sim_url: str) -> N
     assert counts["delivered"] == 20, counts
     assert counts["failed"] == 0
     _once_each(sim_url, phones)
+
+
+@pytest.mark.anyio
+async def test_a_counted_failure_waits_its_backoff(stack: Stack) -> None:
+    """A failed attempt goes back to the church's delayed set due no sooner than half
+    the exponential delay (full jitter in [d/2, d]), at the next attempt; this fails
+    if the backoff were zero."""
+    settings = Settings.from_env(stack.env)
+    services = await Services.open(settings)
+    try:
+        worker = Worker(services, provider=_NoProvider())
+        base = settings.delivery.retry_base_s
+        for attempt in (1, 2, 3):
+            church_id = uuid.uuid4()
+            message_id = uuid7()
+            batch = SendBatch(
+                church_id=church_id,
+                message_id=message_id,
+                created_at=created_at_of(message_id),
+                recipient_ids=[uuid.uuid4()],
+                from_number="+15550000000",
+                attempt=attempt,
+                max_attempts=5,
+            )
+            before_ms = time.time() * 1000
+            await worker._retry_or_dead_letter(batch, batch.recipient_ids)
+            after_ms = time.time() * 1000
+            (entry, due_ms), *_ = await services.redis.zrange(
+                keys.church_delayed(church_id), 0, -1, withscores=True
+            )
+            delay = base * 2 ** (attempt - 1)
+            assert before_ms + delay * 500 <= due_ms <= after_ms + delay * 1000, attempt
+            again = send_decoder.decode(entry)
+            assert (again.attempt, again.recipient_ids) == (attempt + 1, batch.recipient_ids)
+            await services.redis.delete(keys.church_delayed(church_id))
+    finally:
+        await services.close()
+
+
+class _NoProvider:
+    """The retry decision needs no provider call."""
+
+    async def send(self, batch: list[SendRequest]) -> list[SendResult]:
+        raise AssertionError("nothing is sent here")
