@@ -149,7 +149,7 @@ async def post_message(request: Request) -> Response:
     # scheduler's sweeps materialize it later; the 202 stands either way.
     try:
         if message.status == MessageStatus.QUEUED:
-            await announce_started(services.redis, services.publisher, who.church_id, message)
+            await announce_started(services.redis, who.church_id, message)
         await services.cache.invalidate(who.church_id, ANALYTICS)
     except Exception:
         log.exception("enqueue after accept failed; the reconciler will pick it up")

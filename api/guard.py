@@ -86,6 +86,9 @@ def guarded(op: Operation) -> Handler:
             raise Forbidden(f"this needs the {op.role} role or higher")
         await charge(request, who)
         response = await op.handler(request)
+        if op.method != "GET":
+            # Whatever events the write logged are committed now: relay them at once.
+            request.app.state.services.relay.kick()
         if op.audited and response.status_code < 400:
             await _audit(request, op, who)
         return response

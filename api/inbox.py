@@ -19,15 +19,12 @@ from storage.conversations import (
     ConversationFilter,
     ConversationMessage,
     accept_reply,
-    changed_event,
     get_conversation,
     list_conversation_messages,
     list_conversations,
-    posted,
     update_conversation,
 )
 from storage.envelope import FieldError, ok
-from storage.events import new_event
 from storage.queue import hand_over
 
 
@@ -66,21 +63,7 @@ async def post_reply(request: Request) -> Response:
             max_attempts=delivery.max_attempts,
         )
     await hand_over(services.redis, [accepted.batch], delivery.shards)
-    conversation, message = accepted.conversation, accepted.message
-    event = new_event("conversation.message.created", posted(conversation, message))
-    await services.publisher.publish_many(
-        who.church_id, [("inbox", event), (f"conversation:{conversation.id}", event)]
-    )
-    return ok(message, status=202)
-
-
-async def _changed(request: Request, church_id: uuid.UUID, conversation: Conversation) -> Response:
-    """Tell the inbox and the thread, then answer with the new state."""
-    event = changed_event(conversation)
-    await services_of(request).publisher.publish_many(
-        church_id, [("inbox", event), (f"conversation:{conversation.id}", event)]
-    )
-    return ok(conversation)
+    return ok(accepted.message, status=202)
 
 
 async def patch_conversation(request: Request) -> Response:
@@ -92,7 +75,7 @@ async def patch_conversation(request: Request) -> Response:
         conversation = await update_conversation(
             conn, who.church_id, conversation_id, status=body.status, assignee_id=body.assignee_id
         )
-    return await _changed(request, who.church_id, conversation)
+    return ok(conversation)
 
 
 async def mark_read(request: Request) -> Response:
@@ -102,7 +85,7 @@ async def mark_read(request: Request) -> Response:
         conversation = await update_conversation(
             conn, who.church_id, conversation_id, mark_read=True
         )
-    return await _changed(request, who.church_id, conversation)
+    return ok(conversation)
 
 
 def _conversation_filter(request: Request) -> ConversationFilter:
@@ -199,7 +182,7 @@ def inbox_operations() -> list[Operation]:
             "/v1/conversations/{id}/messages",
             index_thread,
             "conversation.messages",
-            "The thread, oldest first",
+            "The thread, newest first",
             "inbox",
             response=list[ConversationMessage],
             listing=True,

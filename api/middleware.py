@@ -52,7 +52,7 @@ class RequestContext:
             limit = MAX_IMPORT_BYTES if scope["path"] == IMPORT_PATH else self.max_body_bytes
             if scope["type"] == "http" and declared > limit:
                 status = 413
-                await _refuse(send, rid, 413)
+                await _refuse(send, rid, 413, "payload_too_large", "request body too large")
                 return
 
             async def send_with_headers(message: Message) -> None:
@@ -67,7 +67,16 @@ class RequestContext:
                     message = {**message, "headers": headers}
                 await send(message)
 
-            await self.app(scope, receive, send_with_headers)
+            try:
+                await self.app(scope, receive, send_with_headers)
+            except Exception:
+                # Answered here, inside the request's context, so the log line carries
+                # its request id and its real status.
+                if status or scope["type"] != "http":
+                    raise
+                log.exception("unhandled error")
+                status = 500
+                await _refuse(send, rid, 500, "internal_error", "internal error")
         finally:
             if scope["type"] == "http" and scope["path"] not in ("/health/live",):
                 log.info(
@@ -82,8 +91,8 @@ class RequestContext:
             request_id_var.reset(token)
 
 
-async def _refuse(send: Send, rid: str, status: int) -> None:
-    body = error_bytes("payload_too_large", "request body too large")
+async def _refuse(send: Send, rid: str, status: int, code: str, text: str) -> None:
+    body = error_bytes(code, text)
     await send(
         {
             "type": "http.response.start",

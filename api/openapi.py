@@ -65,7 +65,7 @@ def _error_codes(op: Operation) -> set[str]:
     if op.scope is not None:
         codes |= {"unauthorized", "forbidden", "rate_limited"}
     if op.body is not None:
-        codes |= {"bad_request", "payload_too_large", "validation_error"}
+        codes |= {"bad_request", "payload_too_large", "unsupported_media_type", "validation_error"}
     if op.path_params:
         codes.add("not_found")
     if op.listing or op.query:

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import psycopg
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -97,6 +99,18 @@ async def _http(request: Request, exc: Exception) -> Response:
     return fail(code, str(exc.detail))
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    # Postgres or Redis is down or out of connections: say so at once, never a 500
+    # and never a long wait. The work is not lost: nothing was committed, or what
+    # was committed is carried on by the sweeps.
+    log.warning("store unavailable", extra={"error": type(exc).__name__})
+    return fail(
+        "unavailable",
+        "a data store is not answering; try again shortly",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return fail("internal_error", "internal error")
@@ -109,6 +123,10 @@ def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitabl
         Conflict: _conflict,
         InvalidInput: _invalid,
         psycopg.DataError: _data,
+        psycopg.OperationalError: _unavailable,
+        psycopg.InterfaceError: _unavailable,
+        RedisConnectionError: _unavailable,
+        RedisTimeoutError: _unavailable,
         HTTPException: _http,
         Exception: _unexpected,
     }

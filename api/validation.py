@@ -1,8 +1,10 @@
 """Request decoding: msgspec types for bodies and query parameters.
 
-A body that is not JSON is ``bad_request``; one that is JSON but does not fit
-the type (missing, mistyped or unknown fields) is ``validation_error`` with
-``details`` listing ``{"field", "message"}``.
+A body must come as ``application/json`` (or a ``+json`` type), else it is
+``unsupported_media_type``; one that is not JSON, or not UTF-8, is
+``bad_request``; one that is JSON but does not fit the type (missing, mistyped
+or unknown fields) is ``validation_error`` with ``details`` listing
+``{"field", "message"}``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ async def decode_body(request: Request, kind: type[T]) -> T:
         raise ApiError("payload_too_large", "request body too large") from exc
     if not raw.strip():
         raw = b"{}"
+    elif not is_json(request.headers.get("content-type")):
+        # A browser sends text/plain or a form cross-site without a CORS preflight:
+        # JSON accepted under those types would let any page write with a cookie.
+        raise ApiError(
+            "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
+        )
+    if not raw.isascii():
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            # Checked whole, first: msgspec reports a field error before it reaches
+            # the bad bytes when they sit in a field it refuses anyway.
+            raise ApiError("bad_request", "request body is not valid UTF-8") from exc
     try:
         return _decoder(kind).decode(raw)
     except msgspec.ValidationError as exc:
@@ -70,6 +85,19 @@ async def decode_body(request: Request, kind: type[T]) -> T:
         raise invalid_body(FieldError(field, message)) from exc
     except msgspec.DecodeError as exc:
         raise ApiError("bad_request", "request body is not valid JSON") from exc
+    except UnicodeDecodeError as exc:
+        raise ApiError("bad_request", "request body is not valid UTF-8") from exc
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or a ``+json`` type (``application/merge-patch+json``), any
+    parameters (a charset) aside."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 def path_id(request: Request, name: str = "id") -> uuid.UUID:

@@ -31,7 +31,6 @@ from storage.webhook_endpoints import (
     delete_endpoint,
     filter_problem,
     get_endpoint,
-    interest,
     list_attempts,
     list_endpoints,
     rotate_secret,
@@ -99,11 +98,6 @@ def _validated(request: Request, url: str | None, events: list[str] | None) -> N
         raise invalid_body(*errors)
 
 
-def _changed(request: Request) -> None:
-    """This process sees its own change at once; others within a second or so."""
-    interest(services_of(request).pool).invalidate()
-
-
 async def post_endpoint(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, WebhookEndpointCreate)
@@ -118,7 +112,6 @@ async def post_endpoint(request: Request) -> Response:
             description=body.description,
             enabled=body.enabled,
         )
-    _changed(request)
     audit_target(request, endpoint.id)
     audit_details(request, {"events": events})
     return ok(_with_secret(endpoint, secret), status=201)
@@ -152,7 +145,6 @@ async def patch_endpoint(request: Request) -> Response:
             else body.description,
             enabled=None if isinstance(body.enabled, msgspec.UnsetType) else body.enabled,
         )
-    _changed(request)
     audit_details(
         request,
         {
@@ -168,7 +160,6 @@ async def remove_endpoint(request: Request) -> Response:
     who = await principal(request, "write")
     async with services_of(request).pool.connection() as conn:
         endpoint = await delete_endpoint(conn, who.church_id, path_id(request))
-    _changed(request)
     return ok(endpoint)
 
 

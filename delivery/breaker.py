@@ -40,8 +40,10 @@ class CircuitBreaker:
         self._threshold = settings.circuit_failures
         self._cooldown_ms = max(1, round(settings.circuit_cooldown_s * 1000))
         self._blocked_until = 0.0
-        self._clean = True
-        """Last known: closed with no failures counted, so a success changes nothing."""
+        self._clean = False
+        """Last known: closed with no failures counted, so a success changes nothing.
+        Not known at start: the shared state may hold another worker's failures (one
+        that died mid-outage), and only a reported success clears them."""
 
     def observe(self, admission: Admission) -> None:
         """Learn from an admission: an open circuit holds off this worker's reads."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -35,13 +34,11 @@ from storage.conversations import (
     AcceptedReply,
     ReplyKind,
     accept_reply,
-    changed_event,
-    posted,
     record_inbound,
 )
 from storage.database import Conn
 from storage.envelope import BodyTooLarge, fail, ok, read_body
-from storage.events import Event, new_event
+from storage.errors import InvalidInput
 from storage.ids import uuid7
 from storage.keywords import Kind, apply_keyword
 from storage.members import member_by_phone_hash
@@ -49,7 +46,7 @@ from storage.phones import normalize
 from storage.queue import hand_over
 from storage.recipients import ProviderStatus, locate_by_provider_id
 from storage.services import Services
-from storage.statuses import from_telnyx
+from storage.statuses import UNCONFIRMED, from_telnyx
 
 log = logging.getLogger("koinonia.delivery.inbound")
 
@@ -121,26 +118,37 @@ class InboundHandler:
             log.warning("webhook rejected", extra={"reason": exc.reason})
             return fail("unauthorized", f"invalid webhook signature: {exc.reason}")
         try:
+            if not body.isascii():
+                body.decode()
             hook = _decoder.decode(body)
         except msgspec.ValidationError as exc:
             return fail("validation_error", str(exc))
-        except msgspec.DecodeError:
-            return fail("bad_request", "body is not JSON")
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return fail("bad_request", "body is not UTF-8 JSON")
         data = hook.data
         if data.event_type in ("message.sent", "message.finalized"):
-            await self._status(data, request.query_params.get("ref"))
+            try:
+                await self._status(data, request.query_params.get("ref"))
+            except InvalidInput as exc:
+                log.warning("receipt refused", extra={"reason": exc.message})
+                return fail("validation_error", f"receipt refused: {exc.field} {exc.message}")
         elif data.event_type == "message.received":
             await self._received(data)
         return ok({"received": True})
 
     async def _status(self, data: _Data, ref: str | None) -> None:
+        """Apply a receipt to the recipient our reference names (``InvalidInput``, and
+        nothing written, for a reference we did not make or a receipt whose message id
+        is not that recipient's)."""
+        where = self.services.refs.parse(ref) if ref else None
         party = data.payload.to[0] if data.payload.to else None
         status = from_telnyx(party.status) if party and party.status else None
         if status is None:
             await self._dedupe_only(data)
             return
         error = data.payload.errors[0].code if data.payload.errors else None
-        where = _parse_ref(ref)
+        if party is not None and party.status == UNCONFIRMED:
+            error = UNCONFIRMED  # the marker that makes this ``sent`` final
         if where is None:
             async with self.services.pool.connection() as conn:
                 where = await locate_by_provider_id(conn, data.payload.id)
@@ -149,7 +157,7 @@ class InboundHandler:
             await self._dedupe_only(data)
             return
         church_id, message_id, recipient_id = where
-        await self.receipts.submit(
+        applied = await self.receipts.submit(
             ProviderStatus(
                 event_id=data.id,
                 event_type=data.event_type,
@@ -161,6 +169,8 @@ class InboundHandler:
                 error_code=None if error is None else str(error),
             )
         )
+        if not applied:
+            raise InvalidInput("payload.id", "is not the provider message id of that recipient")
 
     async def _received(self, data: _Data) -> None:
         payload = data.payload
@@ -194,7 +204,7 @@ class InboundHandler:
                 )
             else:
                 member_id = found[0]
-            conversation, message, created = await record_inbound(
+            conversation, _, _ = await record_inbound(
                 conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
             )
             reply: AcceptedReply | None = None
@@ -212,7 +222,6 @@ class InboundHandler:
                     consent_exempt=outcome.kind in (Kind.HELP, Kind.OPT_IN),
                     max_attempts=self.services.settings.delivery.max_attempts,
                 )
-                conversation = reply.conversation
         if outcome is not None:
             log.info(
                 "keyword",
@@ -222,18 +231,10 @@ class InboundHandler:
                     "replied": reply is not None,
                 },
             )
+        self.services.relay.kick()
         if reply is not None:
             settings = self.services.settings.delivery
             await hand_over(self.services.redis, [reply.batch], settings.shards)
-        changed = changed_event(conversation, created=created)
-        thread = f"conversation:{conversation.id}"
-        events: list[tuple[str, Event]] = [("inbox", changed), (thread, changed)]
-        for text in (message, reply.message if reply is not None else None):
-            if text is None:
-                continue
-            event = new_event("conversation.message.created", posted(conversation, text))
-            events += [("inbox", event), (thread, event)]
-        await self.services.publisher.publish_many(church.id, events)
 
     async def _dedupe_only(self, data: _Data) -> None:
         async with self.services.pool.connection() as conn:
@@ -246,18 +247,6 @@ async def _first_time(conn: Conn, data: _Data) -> bool:
         (data.id, data.event_type),
     )
     return cur.rowcount == 1
-
-
-def _parse_ref(ref: str | None) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID] | None:
-    if not ref:
-        return None
-    parts = ref.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        return uuid.UUID(parts[0]), uuid.UUID(parts[1]), uuid.UUID(parts[2])
-    except ValueError:
-        return None
 
 
 def inbound_routes() -> list[BaseRoute]:

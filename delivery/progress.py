@@ -1,16 +1,23 @@
 """Recipient status events and coalesced broadcast progress.
 
-Every transition of a broadcast's recipient is published on ``message:<id>`` as
-``message.recipient.status``
-(integrators ask for each one). People watch ``message.progress`` instead: the
-counters live in a Redis hash per message, updated in the same Lua call that
-checks a 100 ms gate, so however many workers and web nodes record transitions,
-a broadcast's progress is published at most ten times a second. A transition
-that finds the gate closed leaves a trailing flush behind, so the last counts
-are always published; the final ones go out with ``message.completed`` exactly
-once (HSETNX). The single recipient of a staff reply or an automatic answer is a
-conversation's affair: its transitions are ``conversation.message.status`` on
-``inbox`` and ``conversation:<id>``, and no broadcast event mentions it.
+Every transition of a broadcast's recipient is an event on ``message:<id>``,
+``message.recipient.status`` (integrators ask for each one), logged in the very
+transaction that made it (``log``: storage/event_log.py), so it reaches realtime
+and webhooks whatever happens after the commit. The single recipient of a staff
+reply or an automatic answer is a conversation's affair: its transitions are
+``conversation.message.status`` on ``inbox`` and ``conversation:<id>``, and no
+broadcast event mentions it.
+
+People watch ``message.progress`` instead (``record``, after the commit): the
+counters live in a Redis hash per message, updated in the same Lua call that checks
+a 100 ms gate, so however many workers and web nodes record transitions, a
+broadcast's progress is logged at most ten times a second. A transition that finds
+the gate closed leaves a trailing flush behind, so the last counts always go out.
+The counters are only a fast path: when Redis lost them they are rebuilt from
+Postgres, and completion is decided by Postgres (``complete``): the guarded UPDATE
+that marks the message completed logs the final progress and ``message.completed``
+in its own transaction, so there is exactly one, whether the counters, or the
+scheduler's completion sweep over the recipient rows, noticed it first.
 """
 
 from __future__ import annotations
@@ -19,26 +26,26 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from storage import keys
-from storage.database import Pool
+from storage.database import Conn, Pool
+from storage.event_log import Emission, EventRelay, append
 from storage.events import (
     ConversationMessageStatus,
     Counts,
-    EventPublisher,
     MessageCompleted,
     MessageProgress,
     RecipientStatusChanged,
     new_event,
 )
 from storage.messages import SendTexts, mark_completed, message_counts
-from storage.outbox import record_events
 from storage.recipients import Transition
 from storage.redis_connection import Redis
-from storage.scripts import Call
+from storage.scripts import Call, ScriptRunner
 from storage.statuses import ALL_STATUSES, FINAL
-from storage.webhook_endpoints import interest
 
 log = logging.getLogger("koinonia.delivery.progress")
 
@@ -60,12 +67,11 @@ _FINAL_FIELDS = tuple(s.value for s in FINAL)
 
 
 class ProgressTracker:
-    def __init__(self, redis: Redis, publisher: EventPublisher, pool: Pool) -> None:
+    def __init__(self, redis: Redis, scripts: ScriptRunner, pool: Pool, relay: EventRelay) -> None:
         self._redis = redis
-        self._publisher = publisher
         self._pool = pool
-        self._webhooks = interest(pool)
-        self._scripts = publisher.scripts
+        self._relay = relay
+        self._scripts = scripts
         self._apply = self._scripts.register(_APPLY_LUA)
         self.texts = SendTexts(pool)
         self._trailing: dict[tuple[uuid.UUID, uuid.UUID], None] = {}
@@ -80,70 +86,86 @@ class ProgressTracker:
         pipe.expire(key, COUNTS_TTL_S)
         await pipe.execute()
 
-    async def record(
-        self, church_id: uuid.UUID, message_id: uuid.UUID, changes: list[Transition]
-    ) -> None:
-        """Publish one event per transition, then update and maybe publish progress.
+    # -- in the transaction of the transitions -------------------------------------------
 
-        The one recipient of a staff reply or an automatic answer is told as
-        ``conversation.message.status`` on the conversation's channels instead."""
-        if not changes:
-            return
-        text = await self.texts.get(church_id, message_id)
+    async def log(
+        self, conn: Conn, changes: Iterable[tuple[uuid.UUID, uuid.UUID, Transition]]
+    ) -> None:
+        """Log one event per transition, (church, message, transition), in the caller's
+        transaction."""
+        emissions: list[Emission] = []
+        for church_id, message_id, change in changes:
+            emissions.append(await self._emission(conn, church_id, message_id, change))
+        await append(conn, emissions)
+
+    async def _emission(
+        self, conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, change: Transition
+    ) -> Emission:
+        text = await self.texts.get(church_id, message_id, conn)
         if text is not None and text.conversation_id is not None:
-            await self._record_reply(church_id, message_id, text.conversation_id, changes)
-            return
-        channel = f"message:{message_id}"
-        events = [
+            conversation_id = text.conversation_id
+            return (
+                church_id,
+                ("inbox", f"conversation:{conversation_id}"),
+                new_event(
+                    "conversation.message.status",
+                    ConversationMessageStatus(
+                        conversation_id=conversation_id, message_id=message_id, status=change.status
+                    ),
+                ),
+            )
+        return (
+            church_id,
+            (f"message:{message_id}",),
             new_event(
                 "message.recipient.status",
                 RecipientStatusChanged(
                     message_id=message_id,
-                    recipient_id=c.id,
-                    member_id=c.member_id,
-                    status=c.status,
-                    provider_message_id=c.provider_message_id,
-                    error_code=c.error_code,
+                    recipient_id=change.id,
+                    member_id=change.member_id,
+                    status=change.status,
+                    provider_message_id=change.provider_message_id,
+                    error_code=change.error_code,
                 ),
-            )
-            for c in changes
-        ]
-        calls = [self._publisher.publish_call(church_id, channel, e) for e in events]
+            ),
+        )
+
+    # -- after the commit ----------------------------------------------------------------
+
+    async def record(
+        self, church_id: uuid.UUID, message_id: uuid.UUID, changes: list[Transition]
+    ) -> None:
+        """After the commit of logged transitions: relay them now, count them, and
+        log progress (or completion) as the gate allows."""
+        if not changes:
+            return
+        self._relay.kick()
+        text = await self.texts.get(church_id, message_id)
+        if text is not None and text.conversation_id is not None:
+            if changes[-1].status in _FINAL_FIELDS:
+                await self.complete(church_id, message_id)
+            return
         deltas: dict[str, int] = {}
         for c in changes:
             deltas[c.old_status] = deltas.get(c.old_status, 0) - 1
             deltas[c.status] = deltas.get(c.status, 0) + 1
-        # The events and the counter update travel in one round trip.
-        results = await self._scripts.run([*calls, self._apply_call(church_id, message_id, deltas)])
-        if self._webhooks.wants(church_id, "message.recipient.status"):
-            await self._to_webhooks(church_id, [(e.type, e.data) for e in events])
-        await self._after_apply(church_id, message_id, results[-1])
-
-    async def _record_reply(
-        self,
-        church_id: uuid.UUID,
-        message_id: uuid.UUID,
-        conversation_id: uuid.UUID,
-        changes: list[Transition],
-    ) -> None:
-        events = [
-            new_event(
-                "conversation.message.status",
-                ConversationMessageStatus(
-                    conversation_id=conversation_id, message_id=message_id, status=c.status
-                ),
+        try:
+            result = await self._scripts.run_one(
+                *self._apply_call(church_id, message_id, deltas)
             )
-            for c in changes
-        ]
-        thread = f"conversation:{conversation_id}"
-        await self._publisher.publish_many(
-            church_id, [(channel, e) for e in events for channel in ("inbox", thread)]
-        )
-        if self._webhooks.wants(church_id, "conversation.message.status"):
-            await self._to_webhooks(church_id, [(e.type, e.data) for e in events])
-        if changes[-1].status in _FINAL_FIELDS:
-            async with self._pool.connection() as conn:
-                await mark_completed(conn, church_id, message_id)
+        except Exception:
+            # The transitions and their events are committed; the counters are a fast
+            # path that the completion sweep and the next rebuild make good.
+            log.warning("progress counters not updated", extra={"message_id": str(message_id)})
+            return
+        await self._after_apply(church_id, message_id, result)
+
+    async def record_many(self, changes: Iterable[tuple[uuid.UUID, uuid.UUID, Transition]]) -> None:
+        by_message: dict[tuple[uuid.UUID, uuid.UUID], list[Transition]] = defaultdict(list)
+        for church_id, message_id, change in changes:
+            by_message[(church_id, message_id)].append(change)
+        for (church_id, message_id), items in by_message.items():
+            await self.record(church_id, message_id, items)
 
     def _apply_call(
         self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]
@@ -159,13 +181,8 @@ class ProgressTracker:
         )
 
     async def refresh(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
-        """Re-read the counters and publish (or complete) as the gate allows."""
-        await self._apply_deltas(church_id, message_id, {})
-
-    async def _apply_deltas(
-        self, church_id: uuid.UUID, message_id: uuid.UUID, deltas: dict[str, int]
-    ) -> None:
-        result = await self._scripts.run_one(*self._apply_call(church_id, message_id, deltas))
+        """Re-read the counters and log progress (or complete) as the gate allows."""
+        result = await self._scripts.run_one(*self._apply_call(church_id, message_id, {}))
         await self._after_apply(church_id, message_id, result)
 
     async def _after_apply(self, church_id: uuid.UUID, message_id: uuid.UUID, result: Any) -> None:
@@ -184,7 +201,6 @@ class ProgressTracker:
         *,
         gate_open: bool,
     ) -> None:
-        counts = Counts(**{s.value: max(0, fields.get(s.value, 0)) for s in ALL_STATUSES})
         total = fields.get("total", 0)
         done = sum(fields.get(f, 0) for f in _FINAL_FIELDS)
         if total and done >= total:
@@ -192,59 +208,44 @@ class ProgressTracker:
                 keys.message_counts(church_id, message_id), "completed", 1
             )
             if first:
-                await self._complete(church_id, message_id, counts, total)
+                await self.complete(church_id, message_id)
                 return
         if gate_open:
-            await self._publish_progress(church_id, message_id, counts, total)
+            counts = Counts(**{s.value: max(0, fields.get(s.value, 0)) for s in ALL_STATUSES})
+            event = new_event(
+                "message.progress",
+                MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+            )
+            async with self._pool.connection() as conn:
+                await append(conn, [(church_id, (f"message:{message_id}", "dashboard"), event)])
+            self._relay.kick()
         else:
             self._schedule_trailing(church_id, message_id)
 
-    async def _complete(
-        self, church_id: uuid.UUID, message_id: uuid.UUID, counts: Counts, total: int
-    ) -> None:
-        async with self._pool.connection() as conn:
-            await mark_completed(conn, church_id, message_id)
-        progress = new_event(
-            "message.progress",
-            MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
-        )
-        completed = new_event(
-            "message.completed", MessageCompleted(message_id=message_id, counts=counts)
-        )
-        channel = f"message:{message_id}"
-        await self._publisher.publish_many(
-            church_id,
-            [
-                (channel, progress),
-                ("dashboard", progress),
-                (channel, completed),
-                ("dashboard", completed),
-            ],
-        )
-        await self._to_webhooks(church_id, [(completed.type, completed.data)])
-
-    async def _publish_progress(
-        self, church_id: uuid.UUID, message_id: uuid.UUID, counts: Counts, total: int
-    ) -> None:
-        event = new_event(
-            "message.progress",
-            MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
-        )
-        await self._publisher.publish_many(
-            church_id, [(f"message:{message_id}", event), ("dashboard", event)]
-        )
-        if self._webhooks.wants(church_id, event.type):
-            await self._to_webhooks(church_id, [(event.type, event.data)])
-
-    async def _to_webhooks(self, church_id: uuid.UUID, events: list[tuple[str, Any]]) -> None:
-        """Webhook copies of events for the church's matching endpoints (none: nothing
-        stored). Hot paths ask the interest cache first, sparing churches without
-        endpoints the round trip."""
-        try:
-            async with self._pool.connection() as conn:
-                await record_events(conn, church_id, events)
-        except Exception:
-            log.exception("recording webhook events failed", extra={"events": len(events)})
+    async def complete(self, church_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+        """Mark the message completed, once: the final progress and ``message.completed``
+        are logged in the same transaction (counts from Postgres, the truth). A reply's
+        message completes quietly (its conversation events said it all)."""
+        text = await self.texts.get(church_id, message_id)
+        async with self._pool.connection() as conn, conn.transaction():
+            if not await mark_completed(conn, church_id, message_id):
+                return False
+            if text is None or text.conversation_id is None:
+                counts = await message_counts(conn, church_id, message_id)
+                total = sum(getattr(counts, s.value) for s in ALL_STATUSES)
+                progress = new_event(
+                    "message.progress",
+                    MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+                )
+                completed = new_event(
+                    "message.completed", MessageCompleted(message_id=message_id, counts=counts)
+                )
+                channels = (f"message:{message_id}", "dashboard")
+                await append(
+                    conn, [(church_id, channels, progress), (church_id, channels, completed)]
+                )
+        self._relay.kick()
+        return True
 
     async def _rebuild(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
         """Redis lost the counters: recount from Postgres, the truth."""
@@ -274,7 +275,7 @@ class ProgressTracker:
             self._trailing.clear()
             for church_id, message_id in pending:
                 try:
-                    await self._apply_deltas(church_id, message_id, {})
+                    await self.refresh(church_id, message_id)
                 except Exception:
                     log.exception("trailing progress flush failed")
 

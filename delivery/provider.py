@@ -1,6 +1,7 @@
 """The provider port: what the delivery core needs from an SMS provider.
 
-``send(batch) -> results``; one adapter per module (delivery/telnyx.py speaks
+``send(batch) -> results`` and ``lookup(id)`` (a receipt that never came); one
+adapter per module (delivery/telnyx.py speaks
 Telnyx v2 over HTTP, and the simulator answers in the same wire format, so the
 core never knows which one it talks to).
 """
@@ -36,7 +37,20 @@ class SendResult(msgspec.Struct, frozen=True):
     counted by the circuit breaker; an attempt only while the circuit stays closed."""
 
 
+class Lookup(msgspec.Struct, frozen=True):
+    """What the provider says of one sent message now (``GET /v2/messages/{id}``)."""
+
+    status: str
+    """The provider's own word for the recipient (Telnyx ``to[].status``)."""
+    error_code: str | None = None
+
+
 class Provider(Protocol):
     async def send(self, batch: list[SendRequest]) -> list[SendResult]: ...
+
+    async def lookup(self, provider_message_id: str) -> Lookup | None:
+        """The message's status at the provider; None when it does not know it or
+        cannot say now (the caller asks again later)."""
+        ...
 
     async def aclose(self) -> None: ...

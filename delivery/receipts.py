@@ -5,8 +5,9 @@ Every recipient costs two signed webhooks (``message.sent`` and
 a Redis round trip. Here concurrent requests hand their receipt to a batcher
 and wait: a few runners each take what has queued up (at most ``max_batch``),
 apply it in one statement and one commit, and answer every waiting request at
-once; the events go out in one Redis pipeline per broadcast. A webhook is
-answered 200 only after its receipt is committed and its events published.
+once. Each batch's events are logged in that same transaction (storage/event_log.py),
+so a webhook is answered 200 only once its receipt and its events are committed;
+the relay takes them from there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import defaultdict
 
 from delivery.progress import ProgressTracker
 from storage.database import Pool
@@ -51,7 +51,7 @@ class ReceiptBatcher:
         self._progress = progress
         self._runners = runners
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[ProviderStatus, asyncio.Future[None]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[ProviderStatus, asyncio.Future[bool]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -64,11 +64,12 @@ class ReceiptBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def submit(self, update: ProviderStatus) -> None:
-        """Return once the receipt is committed (raises what the commit raised)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, update: ProviderStatus) -> bool:
+        """Return once the receipt is committed (raises what the commit raised): False
+        when it was refused (its provider id is not its recipient's), True otherwise."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((update, done))
-        await done
+        return await done
 
     async def _run(self) -> None:
         while True:
@@ -78,33 +79,32 @@ class ReceiptBatcher:
                 batch.append(self._queue.get_nowait())
             await self._apply(batch)
 
-    async def _apply(self, batch: list[tuple[ProviderStatus, asyncio.Future[None]]]) -> None:
+    async def _apply(self, batch: list[tuple[ProviderStatus, asyncio.Future[bool]]]) -> None:
         changes: list[tuple[uuid.UUID, uuid.UUID, Transition]] = []
+        refused: set[str] = set()
         try:
             async with self._pool.connection() as conn:
                 for part in rounds([u for u, _ in batch]):
-                    changes += await apply_provider_statuses(conn, part)
+                    # The receipts and their events commit together.
+                    async with conn.transaction():
+                        applied = await apply_provider_statuses(conn, part)
+                        await self._progress.log(conn, applied.changes)
+                    changes += applied.changes
+                    refused |= applied.refused
         except Exception as exc:
             log.exception("receipt batch failed", extra={"receipts": len(batch)})
             for _, done in batch:
                 if not done.done():
                     done.set_exception(exc)
             return
-        # Published before the webhooks are answered: the provider sends a
-        # recipient's next receipt only after this answer, so a recipient's
-        # events reach the channel in the order of its transitions.
+        # The events are in the log before the webhooks are answered, and the
+        # provider sends a recipient's next receipt only after this answer, so a
+        # recipient's events leave the log in the order of its transitions.
         if changes:
-            await self._publish(changes)
-        for _, done in batch:
-            if not done.done():
-                done.set_result(None)
-
-    async def _publish(self, changes: list[tuple[uuid.UUID, uuid.UUID, Transition]]) -> None:
-        by_message: dict[tuple[uuid.UUID, uuid.UUID], list[Transition]] = defaultdict(list)
-        for church_id, message_id, change in changes:
-            by_message[(church_id, message_id)].append(change)
-        for (church_id, message_id), items in by_message.items():
             try:
-                await self._progress.record(church_id, message_id, items)
+                await self._progress.record_many(changes)
             except Exception:
-                log.exception("publishing receipts failed", extra={"message_id": str(message_id)})
+                log.exception("progress after receipts failed", extra={"receipts": len(batch)})
+        for update, done in batch:
+            if not done.done():
+                done.set_result(update.event_id not in refused)

@@ -14,6 +14,13 @@
 - quiet hours: recipients held for their local sending window (``not_before``,
   storage/recipients.py) are enqueued when it opens, once across any number of
   schedulers (``FOR UPDATE SKIP LOCKED`` in the statement that clears the hold);
+- receipts: a text the provider accepted whose final receipt has not come after
+  ``receipt_timeout_s`` is looked up at the provider (``GET /v2/messages/{id}``)
+  and what it says applied like a receipt; past ``receipt_window_s`` it ends
+  ``sent``, unconfirmed and final;
+- completion: every ``sending`` message whose recipients are all final completes,
+  with one ``message.completed``, decided from Postgres (the progress counters in
+  Redis are a fast path that may have been lost);
 - provider-event pruning: the dedupe record of a provider webhook is kept a
   week (providers stop retrying within a day or two), then deleted in small
   batches. It is not message data. Postgres is the truth, so an
@@ -33,8 +40,12 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+from delivery.progress import ProgressTracker
+from delivery.provider import Provider
+from delivery.telnyx import TelnyxProvider
 from storage.database import Conn
 from storage.ids import created_at_of
 from storage.messages import (
@@ -46,9 +57,19 @@ from storage.messages import (
 from storage.partitions import ensure_partitions
 from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
 from storage.quiet_hours import release_held
-from storage.recipients import pending_materialization, stale_open_recipients, touch
+from storage.recipients import (
+    AwaitingReceipt,
+    ProviderStatus,
+    apply_provider_statuses,
+    claim_awaiting_receipts,
+    finished_messages,
+    pending_materialization,
+    stale_open_recipients,
+    touch,
+)
 from storage.recurring import Ran, run_next_due
 from storage.services import Services
+from storage.statuses import UNCONFIRMED, RecipientStatus, can_transition, from_telnyx, is_final
 
 log = logging.getLogger("koinonia.delivery.scheduler")
 
@@ -63,11 +84,20 @@ _RELEASE_BATCH = 5000
 
 
 class Scheduler:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, provider: Provider | None = None) -> None:
         self.services = services
         self.settings = services.settings.delivery
+        settings = services.settings.provider
+        self.provider = provider or TelnyxProvider(
+            settings.base_url, settings.api_key, timeout_s=settings.timeout_s, concurrency=16
+        )
+        self.progress = ProgressTracker(
+            services.redis, services.scripts, services.pool, services.relay
+        )
         self._stopping = asyncio.Event()
         self._last_partitions = 0.0
+        self._next_completion = 0.0
+        self._next_receipts = 0.0
         self._texts = SendTexts(services.pool)
 
     def stop(self) -> None:
@@ -82,6 +112,8 @@ class Scheduler:
                 log.exception("scheduler tick failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.scheduler_interval_s)
+        await self.progress.aclose()
+        await self.provider.aclose()
         log.info("scheduler stopped")
 
     async def tick(self) -> None:
@@ -89,8 +121,24 @@ class Scheduler:
         if loop.time() - self._last_partitions > _PARTITION_EVERY_S or not self._last_partitions:
             await self.premake_partitions()
             self._last_partitions = loop.time()
-        # One failing job does not hold back the others.
-        for job in (self.start_scheduled, self.run_recurring, self.release_quiet, self.reconcile):
+        # One failing job does not hold back the others. The two safety nets scan the
+        # recipients of every sending message, so they run far less often than a tick:
+        # completion a fifth of the reconcile delay, receipt lookups a quarter of the
+        # receipt timeout (what they catch is that old anyway).
+        now = loop.time()
+        jobs: list[Callable[[], Awaitable[object]]] = [
+            self.start_scheduled,
+            self.run_recurring,
+            self.release_quiet,
+            self.reconcile,
+        ]
+        if now >= self._next_completion:
+            self._next_completion = now + self.settings.reconcile_after_s / 5
+            jobs.append(self.complete_finished)
+        if now >= self._next_receipts:
+            self._next_receipts = now + self.settings.receipt_timeout_s / 4
+            jobs.append(self.reconcile_receipts)
+        for job in jobs:
             try:
                 await job()
             except Exception:
@@ -104,9 +152,7 @@ class Scheduler:
             async with self.services.pool.connection() as conn:
                 claimed = await claim_due_scheduled(conn, now or datetime.now(UTC))
             for church_id, message in claimed:
-                await announce_started(
-                    self.services.redis, self.services.publisher, church_id, message
-                )
+                await announce_started(self.services.redis, church_id, message)
             started += len(claimed)
             if not claimed:
                 break
@@ -124,9 +170,7 @@ class Scheduler:
                 break
             ran.append(done)
             if done.message is not None:
-                await announce_started(
-                    self.services.redis, self.services.publisher, done.church_id, done.message
-                )
+                await announce_started(self.services.redis, done.church_id, done.message)
             log.info(
                 "recurring occurrence",
                 extra={
@@ -189,6 +233,83 @@ class Scheduler:
                 for i in range(0, len(ids), size)
             ]
         return batches
+
+    async def complete_finished(self) -> int:
+        """Complete every sending message whose recipients are all final, from Postgres:
+        whatever the progress counters in Redis say (or lost). Returns how many."""
+        async with self.services.pool.connection() as conn:
+            finished = await finished_messages(conn)
+        completed = 0
+        for church_id, message_id in finished:
+            completed += await self.progress.complete(church_id, message_id)
+        if completed:
+            log.info("messages completed by the sweep", extra={"messages": completed})
+        return completed
+
+    async def reconcile_receipts(self, now: datetime | None = None) -> int:
+        """Ask the provider about texts whose final receipt never came (lost callbacks,
+        a provider that restarted) and apply what it says; past the provider's window a
+        recipient ends ``sent``, unconfirmed and final. Returns the statuses applied."""
+        at = now or datetime.now(UTC)
+        quiet_since = at - timedelta(seconds=self.settings.receipt_timeout_s)
+        async with self.services.pool.connection() as conn:
+            waiting = await claim_awaiting_receipts(conn, quiet_since)
+        if not waiting:
+            return 0
+        gate = asyncio.Semaphore(16)
+
+        window = timedelta(seconds=self.settings.receipt_window_s)
+
+        async def look(row: AwaitingReceipt) -> ProviderStatus | None:
+            async with gate:
+                found = await self.provider.lookup(row.provider_message_id)
+            status = from_telnyx(found.status) if found is not None else None
+            unconfirmed = found is not None and found.status == UNCONFIRMED
+            if found is not None and status is not None and (
+                unconfirmed or is_final(status, found.error_code)
+            ):
+                event_id = f"lookup:{row.id}:{found.status}"
+                if unconfirmed:
+                    return self._receipt(row, event_id, RecipientStatus.SENT, UNCONFIRMED)
+                if can_transition(row.status, status):
+                    return self._receipt(row, event_id, status, found.error_code)
+                # A final word the row cannot take (failed after sent): no other will
+                # come, so the text ends sent, unconfirmed, rather than wait forever.
+                return self._receipt(row, event_id, RecipientStatus.SENT, UNCONFIRMED)
+            if at - row.started_at > window:
+                return self._receipt(row, f"window:{row.id}", RecipientStatus.SENT, UNCONFIRMED)
+            return None
+
+        found = [u for u in await asyncio.gather(*(look(r) for r in waiting)) if u is not None]
+        if not found:
+            return 0
+        async with self.services.pool.connection() as conn, conn.transaction():
+            applied = await apply_provider_statuses(conn, found)
+            await self.progress.log(conn, applied.changes)
+        await self.progress.record_many(applied.changes)
+        log.info(
+            "receipts reconciled",
+            extra={"looked_up": len(waiting), "applied": len(applied.changes)},
+        )
+        return len(applied.changes)
+
+    @staticmethod
+    def _receipt(
+        row: AwaitingReceipt,
+        event_id: str,
+        status: RecipientStatus,
+        error_code: str | None,
+    ) -> ProviderStatus:
+        return ProviderStatus(
+            event_id=event_id,
+            event_type="message.lookup",
+            church_id=row.church_id,
+            message_id=row.message_id,
+            recipient_id=row.id,
+            target=status,
+            provider_message_id=row.provider_message_id,
+            error_code=error_code,
+        )
 
     async def premake_partitions(self) -> list[str]:
         async with self.services.pool.connection() as conn, conn.transaction():

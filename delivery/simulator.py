@@ -24,12 +24,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import aiohttp
@@ -41,7 +43,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from delivery.simulator_state import IDEMPOTENCY_KEY, ConfigPatch, SimulatorState, StoredSend
+from delivery.simulator_state import (
+    IDEMPOTENCY_KEY,
+    ConfigPatch,
+    SentMessage,
+    SimulatorState,
+    StoredSend,
+)
 from delivery.simulator_webhooks import Signer, WebhookDispatcher, WebhookJob, decode_seed
 from delivery.simulator_wire import (
     ErrorBody,
@@ -61,6 +69,8 @@ from storage.settings import SimulatorSettings
 
 __all__ = ["create_simulator_app", "new_signing_seed", "public_key_b64"]
 
+logger = logging.getLogger("koinonia.delivery.simulator")
+
 _encoder: Final = msgspec.json.Encoder()
 _send_decoder: Final = msgspec.json.Decoder(SendRequest)
 _inbound_decoder: Final = msgspec.json.Decoder(InboundRequest)
@@ -72,8 +82,8 @@ _patch_decoder: Final = msgspec.json.Decoder(ConfigPatch)
 WEBHOOK_SENDERS: Final = 96
 WEBHOOK_CONNECTIONS: Final = 128
 WEBHOOK_TIMEOUT_S: Final = 10.0
-# On shutdown, queued webhooks get this long to go out before their tasks are cancelled.
-SHUTDOWN_DRAIN_S: Final = 1.0
+# On shutdown, queued webhooks get this long to go out; the rest are kept in the state file.
+SHUTDOWN_DRAIN_S: Final = 5.0
 
 
 def new_signing_seed() -> str:
@@ -85,6 +95,17 @@ def public_key_b64(seed_b64: str) -> str:
     """The base64 raw 32-byte Ed25519 public key for a base64 32-byte seed (what the app
     needs as ``KOINONIA_PROVIDER_PUBLIC_KEY`` to verify the simulator's webhooks)."""
     return Signer(decode_seed(seed_b64)).public_key_b64
+
+
+class KeptState(msgspec.Struct, frozen=True):
+    """What a stopping simulator keeps for the next start (KOINONIA_SIM_STATE_FILE)."""
+
+    pending: list[WebhookJob]
+    sent: list[SentMessage]
+
+
+_state_encoder: Final = msgspec.msgpack.Encoder()
+_state_decoder: Final = msgspec.msgpack.Decoder(KeptState)
 
 
 class StatsBody(msgspec.Struct, frozen=True):
@@ -291,10 +312,28 @@ class Simulator:
             )
             state.idempotency.remember(key, stored)
         state.stats.count_send(to)
-        if send.webhook_url:
-            job = WebhookJob(message, state.plan(), send.webhook_url, req.webhook_failover_url)
-            self.dispatcher.submit(job, state.latency_s())
+        plans, latency = state.plan(), state.latency_s()
+        final = next(p.status for p in plans if p.event_type == "message.finalized")
+        state.sent.remember(SentMessage(message, final, time.time() + latency))
+        if send.webhook_url and state.rng.random() < state.config.drop_webhooks:
+            self.dispatcher.release()  # the callbacks are lost; the lookup still knows
+        elif send.webhook_url:
+            job = WebhookJob(message, plans, send.webhook_url, req.webhook_failover_url)
+            self.dispatcher.submit(job, latency)
         return _json(MessageResponse(message), headers=rate_headers)
+
+    async def get_message(self, request: Request) -> Response:
+        """``GET /v2/messages/{id}``: the message with its recipient's current status."""
+        if not self._authorized(request):
+            failure = error(401, "10009", "Authentication failed", "Invalid or missing API key.")
+            return _error_response(failure)
+        found = self.state.sent.lookup(request.path_params["id"], time.time())
+        if found is None:
+            failure = error(
+                404, "10005", "Resource not found", "The requested message could not be found."
+            )
+            return _error_response(failure)
+        return _json(MessageResponse(found))
 
     async def inbound(self, request: Request) -> Response:
         try:
@@ -377,12 +416,48 @@ class Simulator:
             anyio.create_task_group() as tg,
         ):
             await tg.start(self.dispatcher.run, session)
+            await self._restore()
             try:
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
+                    # Receipts are the app's only word on what became of a text: send
+                    # them now, latency or not, and keep whatever could not go.
+                    self.dispatcher.hurry()
                     await self.dispatcher.drain(SHUTDOWN_DRAIN_S)
+                    self._keep(self.dispatcher.unfinished())
                 tg.cancel_scope.cancel()
+
+    def _keep(self, pending: list[WebhookJob]) -> None:
+        path = self.settings.state_file
+        if not path:
+            if pending:
+                logger.error(
+                    "simulator stopped with %d receipts unsent (no KOINONIA_SIM_STATE_FILE); "
+                    "the app looks them up after KOINONIA_RECEIPT_TIMEOUT_S",
+                    len(pending),
+                )
+            return
+        kept = KeptState(pending=pending, sent=self.state.sent.snapshot())
+        Path(path).write_bytes(_state_encoder.encode(kept))
+        logger.info("simulator state kept: %d pending receipts", len(pending))
+
+    async def _restore(self) -> None:
+        path = Path(self.settings.state_file) if self.settings.state_file else None
+        if path is None or not path.exists():
+            return
+        try:
+            kept = _state_decoder.decode(path.read_bytes())
+        except (msgspec.DecodeError, OSError):
+            logger.exception("simulator state at %s unreadable; ignored", path)
+            return
+        for sent in kept.sent:
+            self.state.sent.remember(sent)
+        for job in kept.pending:
+            await self.dispatcher.reserve()
+            self.dispatcher.submit(job)
+        path.unlink()
+        logger.info("simulator state restored: %d pending receipts resent", len(kept.pending))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -405,6 +480,7 @@ def create_simulator_app(settings: SimulatorSettings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v2/messages", sim.send_message, methods=["POST"]),
+            Route("/v2/messages/{id}", sim.get_message, methods=["GET"]),
             Route("/_sim/inbound", sim.inbound, methods=["POST"]),
             Route("/_sim/stats", sim.stats, methods=["GET"]),
             Route("/_sim/reset", sim.reset, methods=["POST"]),

@@ -10,16 +10,20 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import OrderedDict
 from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from delivery.simulator_wire import (
+    FAILURES,
     EventPlan,
     Identity,
     InboundRequest,
+    Message,
     Outcome,
+    RecipientStatus,
     bad_request,
     plan_events,
 )
@@ -50,6 +54,9 @@ class SimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outage: bool = False
     duplicate_webhooks: Probability = 0.0
     reorder_webhooks: bool = False
+    drop_webhooks: Probability = 0.0
+    """The share of sends whose receipt webhooks are never sent (lost callbacks); the
+    carrier's outcome still stands and ``GET /v2/messages/{id}`` reports it."""
 
 
 class ConfigPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +68,7 @@ class ConfigPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outage: bool | UnsetType = UNSET
     duplicate_webhooks: Probability | UnsetType = UNSET
     reorder_webhooks: bool | UnsetType = UNSET
+    drop_webhooks: Probability | UnsetType = UNSET
 
 
 def apply_patch(config: SimConfig, patch: ConfigPatch) -> SimConfig:
@@ -234,6 +242,44 @@ def pick_outcome(outcomes: Outcomes, rng: random.Random) -> Outcome:
 # -- the whole state --------------------------------------------------------------------------
 
 
+class SentMessage(msgspec.Struct, frozen=True, array_like=True):
+    message: Message
+    final_status: RecipientStatus
+    """The carrier's outcome, decided when the send was accepted."""
+    final_at: float
+    """Wall-clock time (s) from which the outcome is known (after the latency)."""
+
+
+class SentMessages:
+    """Accepted sends, for ``GET /v2/messages/{id}`` (Telnyx keeps them; we keep the
+    newest ``limit``)."""
+
+    def __init__(self, limit: int = 500_000) -> None:
+        self._items: OrderedDict[str, SentMessage] = OrderedDict()
+        self._limit = limit
+
+    def remember(self, sent: SentMessage) -> None:
+        self._items[sent.message.id] = sent
+        if len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def lookup(self, message_id: str, now: float) -> Message | None:
+        """The message as Telnyx reports it now: its final status once known."""
+        found = self._items.get(message_id)
+        if found is None:
+            return None
+        status: RecipientStatus = found.final_status if now >= found.final_at else "queued"
+        failure = FAILURES.get(status)
+        return msgspec.structs.replace(
+            found.message,
+            to=tuple(msgspec.structs.replace(r, status=status) for r in found.message.to),
+            errors=(failure,) if failure else (),
+        )
+
+    def snapshot(self) -> list[SentMessage]:
+        return list(self._items.values())
+
+
 class SimulatorState:
     """Everything the simulator remembers, in process memory; one per app, used only from the
     event loop, so no locks. Time comes in as arguments so the rules stay testable."""
@@ -247,6 +293,7 @@ class SimulatorState:
         self.blocks: set[tuple[str, str]] = set()
         self.rng = rng or random.Random()
         self._bucket: TokenBucket | None = None
+        self.sent = SentMessages()
 
     def configure(self, patch: ConfigPatch) -> SimConfig:
         updated = apply_patch(self.config, patch)

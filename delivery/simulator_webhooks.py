@@ -131,6 +131,9 @@ class WebhookDispatcher:
         # Set whenever nothing is pending; drain() waits on it.
         self._idle = anyio.Event()
         self._idle.set()
+        # Submitted jobs whose webhooks have not all been tried yet, by identity: what
+        # a shutdown must send or keep.
+        self._unfinished: dict[int, WebhookJob] = {}
 
     async def reserve(self) -> None:
         """Wait for room for one more job; the caller then must submit() or release()."""
@@ -148,6 +151,7 @@ class WebhookDispatcher:
 
     def submit(self, job: WebhookJob, delay_s: float = 0.0) -> None:
         """Queue a job under a reservation; its webhooks start after ``delay_s`` seconds."""
+        self._unfinished[id(job)] = job
         if delay_s <= 0:
             self._ready.put_nowait(job)
             return
@@ -168,6 +172,16 @@ class WebhookDispatcher:
             for _ in range(self.workers):
                 tg.start_soon(self._work, session)
             task_status.started()
+
+    def hurry(self) -> None:
+        """Shutting down: every job waiting out its latency is due now."""
+        while self._delayed:
+            self._ready.put_nowait(heapq.heappop(self._delayed)[2])
+        self._wakeup.set()
+
+    def unfinished(self) -> list[WebhookJob]:
+        """Jobs not yet (completely) delivered, oldest first."""
+        return list(self._unfinished.values())
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for queued webhooks to go out; whether they all did."""
@@ -194,6 +208,7 @@ class WebhookDispatcher:
             except Exception:
                 logger.exception("simulator webhook job for message %s crashed", job.message.id)
             finally:
+                self._unfinished.pop(id(job), None)
                 self.release()
 
     async def _deliver_job(self, session: aiohttp.ClientSession, job: WebhookJob) -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 import msgspec
 
-from delivery.provider import SendRequest, SendResult
+from delivery.provider import Lookup, SendRequest, SendResult
 
 
 class _Error(msgspec.Struct):
@@ -46,7 +46,21 @@ class _Errors(msgspec.Struct):
     errors: list[_Error] = []
 
 
+class _Party(msgspec.Struct):
+    status: str | None = None
+
+
+class _Found(msgspec.Struct):
+    to: list[_Party] = []
+    errors: list[_Error] = []
+
+
+class _FoundAnswer(msgspec.Struct):
+    data: _Found
+
+
 _ok_decoder = msgspec.json.Decoder(_Ok)
+_found_decoder = msgspec.json.Decoder(_FoundAnswer)
 _errors_decoder = msgspec.json.Decoder(_Errors)
 _encoder = msgspec.json.Encoder()
 
@@ -145,6 +159,10 @@ class TelnyxProvider:
             f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
             "Accept: application/json\r\n"
         ).encode("latin-1")
+        self._lookup_head = (
+            f"Host: {authority}\r\nAuthorization: Bearer {api_key}\r\n"
+            "Accept: application/json\r\n\r\n"
+        ).encode("latin-1")
         self._timeout_s = timeout_s
         self._connect_timeout_s = min(timeout_s, 5.0)
         self._slots = asyncio.Semaphore(concurrency)
@@ -160,6 +178,31 @@ class TelnyxProvider:
         if len(batch) == 1:
             return [await self._send_one(batch[0])]
         return list(await asyncio.gather(*(self._send_one(r) for r in batch)))
+
+    async def lookup(self, provider_message_id: str) -> Lookup | None:
+        """``GET /v2/messages/{id}``: the recipient's status as Telnyx reports it now."""
+        if not provider_message_id.replace("-", "").isalnum():
+            return None
+        raw = (
+            f"GET {self._path}/{provider_message_id} HTTP/1.1\r\n".encode("latin-1")
+            + self._lookup_head
+        )
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    answer = await self._exchange(raw)
+            except (TimeoutError, OSError, _Closed, httptools.HttpParserError):
+                return None
+        if answer.status != 200:
+            return None
+        try:
+            found = _found_decoder.decode(answer.body).data
+        except msgspec.DecodeError:
+            return None
+        if not found.to or not found.to[0].status:
+            return None
+        code = found.errors[0].code if found.errors else None
+        return Lookup(status=found.to[0].status, error_code=None if code is None else str(code))
 
     def _request(self, request: SendRequest) -> bytes:
         body: dict[str, object] = {

@@ -1,7 +1,7 @@
 """The delivery worker: materialize accepted broadcasts, send batches, record outcomes.
 
 Every text we send passes here on one path: a broadcast's recipients, a staff
-reply, an automatic answer (HELP, START, a group keyword). A reply or an answer is
+reply, an automatic answer to a keyword (HELP, START). A reply or an answer is
 a message of one recipient (storage/conversations.py ``accept_reply``), so the
 queue entry is always a ``SendBatch`` and the steps below, consent checked when
 it is sent included, are the same for all of them (docs/architecture.md, "One
@@ -42,7 +42,7 @@ from typing import Any
 
 import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from delivery.breaker import CircuitBreaker
 from delivery.progress import ProgressTracker
@@ -79,20 +79,13 @@ log = logging.getLogger("koinonia.delivery.worker")
 
 READ_BLOCK_MS = 1000
 CLAIM_PER_READ = 8
-_NO_ID = uuid.UUID(int=0)
 
 
-def webhook_url(
-    public_url: str, church_id: uuid.UUID, message_id: uuid.UUID, recipient_id: uuid.UUID
-) -> str:
-    """Where the provider reports on one recipient. The reference in the query lets
-    the inbound handler find the row in its partition at once; it is matched
-    together with the provider's message id, so a replayed body cannot move
-    another recipient."""
-    return (
-        f"{public_url.rstrip('/')}/v1/provider/telnyx/webhooks"
-        f"?ref={church_id}.{message_id}.{recipient_id}"
-    )
+def webhook_url(public_url: str, ref: str) -> str:
+    """Where the provider reports on one recipient. The reference (storage/receipt_refs.py)
+    lets the inbound handler find the row in its partition at once; our MAC in it
+    keeps a genuine receipt from being pointed at another recipient."""
+    return f"{public_url.rstrip('/')}/v1/provider/telnyx/webhooks?ref={ref}"
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float = 3600.0) -> float:
@@ -130,7 +123,9 @@ class Worker:
         self.provider = provider
         self.settings = services.settings.delivery
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.progress = ProgressTracker(services.redis, services.publisher, services.pool)
+        self.progress = ProgressTracker(
+            services.redis, services.scripts, services.pool, services.relay
+        )
         self.queue = SendQueue(
             services.redis,
             self.settings.shards,
@@ -264,10 +259,13 @@ class Worker:
                 )
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    await ensure_groups(self.services)
+                    with contextlib.suppress(RedisError, OSError):
+                        await ensure_groups(self.services)
                     continue
-                raise
-            except (RedisConnectionError, OSError):
+                log.warning("materialize read failed; retrying", exc_info=True)
+                await self._sleep(0.5)
+                continue
+            except (RedisError, OSError):
                 log.warning("redis unavailable; retrying")
                 await self._sleep(0.5)
                 continue
@@ -283,7 +281,11 @@ class Worker:
         except Exception:
             log.exception("materialize failed", extra={"entry": entry_id})
             return
-        await self.services.redis.xack(keys.MATERIALIZE_STREAM, keys.SEND_GROUP, entry_id)
+        try:
+            await self.services.redis.xack(keys.MATERIALIZE_STREAM, keys.SEND_GROUP, entry_id)
+        except (RedisError, OSError):
+            # Done in Postgres (materialized_at); a second take finds nothing to do.
+            log.warning("materialize ack lost", extra={"entry": entry_id})
 
     async def materialize(self, job: MaterializeJob) -> None:
         started = time.perf_counter()
@@ -419,13 +421,15 @@ class Worker:
         async with self.services.pool.connection() as conn:
             text = await self.progress.texts.get(batch.church_id, batch.message_id, conn)
             # Consent is checked here, when it is sent, for every text of every kind.
-            targets, changes = await claim_for_send(
-                conn,
-                batch.church_id,
-                batch.message_id,
-                recipient_ids if text is not None else [],
-                consent_exempt=text is not None and text.consent_exempt,
-            )
+            async with conn.transaction():
+                targets, changes = await claim_for_send(
+                    conn,
+                    batch.church_id,
+                    batch.message_id,
+                    recipient_ids if text is not None else [],
+                    consent_exempt=text is not None and text.consent_exempt,
+                )
+                await self.progress.log(conn, _of(batch, changes))
             body = text.body if text is not None else ""
             # Merge fields are rendered per recipient here, with the member's values now.
             personal = bool(targets) and merge_fields.has_fields(body)
@@ -440,17 +444,15 @@ class Worker:
             await self.throttle.refund(batch.from_number, unused)
         if not targets:
             return Outcome()
-        # One callback prefix per chunk: only the recipient id differs.
-        callback = webhook_url(
-            self.services.settings.public_url, batch.church_id, batch.message_id, _NO_ID
-        ).removesuffix(str(_NO_ID))
+        callback = webhook_url(self.services.settings.public_url, "")
+        make_ref = self.services.refs.make
         decrypt = self.services.vault.decrypt
         requests = [
             SendRequest(
                 from_number=batch.from_number,
                 to=decrypt(batch.church_id, t.phone_cipher),
                 text=merge_fields.render(body, values.get(t.member_id, {})) if personal else body,
-                webhook_url=callback + str(t.id),
+                webhook_url=callback + make_ref(batch.church_id, batch.message_id, t.id),
                 idempotency_key=f"rcpt-{t.id}",
             )
             for t in targets
@@ -481,7 +483,7 @@ class Worker:
         outcome.successes = len(sent)
         changes: list[Transition] = []
         if sent or failed:
-            async with self.services.pool.connection() as conn:
+            async with self.services.pool.connection() as conn, conn.transaction():
                 await record_provider_ids(conn, batch.church_id, batch.message_id, sent)
                 for code, ids in failed.items():
                     changes += await transition_many(
@@ -492,12 +494,13 @@ class Worker:
                         RecipientStatus.FAILED,
                         error_code=code,
                     )
+                await self.progress.log(conn, _of(batch, changes))
         await self.progress.record(batch.church_id, batch.message_id, changes)
         return outcome
 
     async def _retry_or_dead_letter(self, batch: SendBatch, retry: list[uuid.UUID]) -> None:
         if batch.attempt >= batch.max_attempts:
-            async with self.services.pool.connection() as conn:
+            async with self.services.pool.connection() as conn, conn.transaction():
                 changes = await transition_many(
                     conn,
                     batch.church_id,
@@ -506,6 +509,7 @@ class Worker:
                     RecipientStatus.FAILED,
                     error_code="max_attempts",
                 )
+                await self.progress.log(conn, _of(batch, changes))
             await self.progress.record(batch.church_id, batch.message_id, changes)
             await self.services.redis.xadd(
                 keys.DEAD_LETTER_STREAM,
@@ -557,6 +561,12 @@ class Worker:
             if fields:
                 log.info("taking over stalled entry", extra={"entry": _text(entry_id)})
                 await self._materialize_entry(_text(entry_id), fields)
+
+
+def _of(
+    batch: SendBatch, changes: list[Transition]
+) -> list[tuple[uuid.UUID, uuid.UUID, Transition]]:
+    return [(batch.church_id, batch.message_id, c) for c in changes]
 
 
 def _ms_from_now(seconds: float) -> int:

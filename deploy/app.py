@@ -34,7 +34,9 @@ def create_app(settings: Settings) -> Starlette:
         services = await Services.open(settings)
         hub = Hub(settings.redis, services.publisher, services.redis)
         await hub.start()
-        progress = ProgressTracker(services.redis, services.publisher, services.pool)
+        progress = ProgressTracker(
+            services.redis, services.scripts, services.pool, services.relay
+        )
         receipts = ReceiptBatcher(services.pool, progress)
         receipts.start()
         app.state.services = services

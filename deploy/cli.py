@@ -71,7 +71,7 @@ def cmd_web(args: argparse.Namespace) -> None:
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):
-        """Closes WebSockets with 1001 (PROTOCOL.md: server draining) before uvicorn's
+        """Closes WebSockets with 1001 (docs/protocol.md: server draining) before uvicorn's
         own shutdown, which would close them with 1012. With ``--workers N``
         uvicorn makes its servers itself, and they close with 1012."""
 
@@ -385,7 +385,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack, say
 
     settings = Settings.from_env()
-    # Development receivers usually listen on loopback (PROTOCOL.md "Running it").
+    # Development receivers usually listen on loopback (docs/protocol.md "Running it").
     os.environ.setdefault("KOINONIA_WEBHOOK_ALLOW_PRIVATE", "true")
     stack = Stack(
         Path(settings.data_dir).resolve(),

@@ -111,6 +111,7 @@ class Stack:
             "KOINONIA_PROVIDER_PUBLIC_KEY", public_key_b64(env["KOINONIA_SIM_SIGNING_SEED"])
         )
         env.setdefault("KOINONIA_SIM_WEBHOOK_URL", env["KOINONIA_PUBLIC_URL"] + INBOUND_PATH)
+        env.setdefault("KOINONIA_SIM_STATE_FILE", str(self.data_dir / "simulator-state.msgpack"))
         env.setdefault("KOINONIA_ALLOWED_ORIGINS", f"http://localhost:{self.http_port}")
         self.env = env
         return env
@@ -154,6 +155,27 @@ class Stack:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+    def store(self, name: str) -> EmbeddedPostgres | EmbeddedRedis:
+        """The embedded ``postgres`` or ``redis`` this stack started (outage tests and
+        benches stop and start it; an external store cannot be)."""
+        server = self.postgres if name == "postgres" else self.redis
+        if server is None:
+            raise RuntimeError(
+                f"no embedded {name}: DATABASE_URL / REDIS_URL point at an external one, "
+                "which this stack cannot stop and start"
+            )
+        return server
+
+    def outage(self, name: str) -> None:
+        """Stop an embedded store, keeping its port for ``recover``."""
+        server = self.store(name)
+        server.requested_port = server.port
+        server.stop()
+
+    def recover(self, name: str) -> None:
+        """Start an embedded store stopped by ``outage`` again, on the same port."""
+        self.store(name).start()
 
     def stop(self) -> None:
         for name in list(self.processes):

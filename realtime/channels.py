@@ -1,4 +1,4 @@
-"""Channel names and who may read them (PROTOCOL.md "Realtime over WebSocket").
+"""Channel names and who may read them (docs/protocol.md "Realtime over WebSocket").
 
 Names are relative to the caller's church, which comes from the credentials:
 ``dashboard``, ``inbox``, ``message:<uuid>``, ``conversation:<uuid>``. Ids are

@@ -6,7 +6,7 @@ the endpoint's sender drains the queue onto the socket. Everything here is
 synchronous and deterministic (time is passed in), so it is tested without
 sockets.
 
-Close codes (PROTOCOL.md): decisions that end a connection set ``close_code``;
+Close codes (docs/protocol.md): decisions that end a connection set ``close_code``;
 the endpoint sends it.
 """
 

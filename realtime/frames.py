@@ -1,4 +1,4 @@
-"""WebSocket frames (PROTOCOL.md "Realtime over WebSocket"), as msgspec tagged unions.
+"""WebSocket frames (docs/protocol.md "Realtime over WebSocket"), as msgspec tagged unions.
 
 Client frames are decoded by one module-level decoder into
 ``ClientFrame = Subscribe | Unsubscribe | Ping | Typing`` and dispatched with

@@ -1,7 +1,7 @@
 """The node-local hub: one Redis pub/sub connection fanning events out to local sinks.
 
 Every web node opens exactly one pub/sub connection, whatever the number of
-WebSocket and SSE clients it serves (ARCHITECTURE.md "No broadcaster"):
+WebSocket and SSE clients it serves (docs/architecture.md "No broadcaster"):
 
 - subscriptions are reference-counted per pub/sub channel: SUBSCRIBE when the
   first local sink arrives, UNSUBSCRIBE when the last one leaves;

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 
 class Inbox:
@@ -114,7 +116,23 @@ wire (realtime/hub.py ``wire_frame``); other servers ignore it and use ``text``.
 
 
 class LeanWSProtocol(WSProtocol):
-    """uvicorn's wsproto protocol with the per-connection savings above."""
+    """uvicorn's wsproto protocol with the per-connection savings above, and a close
+    frame for a peer that breaks the protocol."""
+
+    def handle_close(self, event: CloseConnection) -> None:
+        # wsproto reports a frame it cannot parse (reserved opcode or RSV bits,
+        # invalid UTF-8 in a text frame, a bad close code) as a CloseConnection
+        # with the RFC 6455 code (1002, 1007) while the connection is still open;
+        # uvicorn then drops the TCP connection without saying why. Say it.
+        if not self.close_sent and self.conn.state == ConnectionState.OPEN:
+            self.close_sent = True
+            self.transport.write(self.conn.send(CloseConnection(code=event.code)))
+            self.queue.put_nowait(
+                {"type": "websocket.disconnect", "code": event.code, "reason": event.reason}
+            )
+            self.transport.close()
+            return
+        super().handle_close(event)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

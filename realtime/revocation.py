@@ -49,7 +49,7 @@ from storage.redis_connection import Redis
 log = logging.getLogger("koinonia.realtime.revocation")
 
 CLOSE_REVOKED = 4001
-"""Credentials expired or revoked during the connection (PROTOCOL.md)."""
+"""Credentials expired or revoked during the connection (docs/protocol.md)."""
 REMEMBER_S = 90.0
 """How long a revocation is remembered for handshakes that raced it: more than a
 ticket's 30 s plus the time a handshake may take."""

@@ -1,4 +1,4 @@
-"""Typing indicators: ``conversation.typing``, realtime only (PROTOCOL.md "Events").
+"""Typing indicators: ``conversation.typing``, realtime only (docs/protocol.md "Events").
 
 A staff member's client sends ``{"type":"typing","conversation_id":"..."}``;
 the event goes to the ``conversation:<id>`` and ``inbox`` channels of the

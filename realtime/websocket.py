@@ -1,4 +1,4 @@
-"""The WebSocket endpoint, ``GET /v1/realtime`` (PROTOCOL.md "Realtime over WebSocket").
+"""The WebSocket endpoint, ``GET /v1/realtime`` (docs/protocol.md "Realtime over WebSocket").
 
 A raw ASGI app, so the handshake can be refused with HTTP 401 before it is
 accepted and the hot path sends the hub's shared frame text with no wrapper in

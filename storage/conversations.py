@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 from storage.database import Conn
 from storage.errors import Conflict, InvalidInput, NotFound, OptedOut
+from storage.event_log import append
 from storage.events import (
     ConversationChanged,
     ConversationMessageCreated,
@@ -24,7 +25,6 @@ from storage.events import (
     new_event,
 )
 from storage.ids import created_at_of, uuid7
-from storage.outbox import record_event, record_events
 from storage.pagination import Page, decode_cursor, page_of
 from storage.queue import SendBatch
 from storage.recipients import recipient_id
@@ -98,12 +98,11 @@ async def record_inbound(
     mrow = await cur.fetchone()
     assert mrow is not None
     message, created = ConversationMessage(*mrow), bool(row[7])
-    await record_events(
+    await append(
         conn,
-        church_id,
         [
-            ("conversation.created" if created else "conversation.updated", _changed(conversation)),
-            ("conversation.message.created", posted(conversation, message)),
+            (church_id, channels_of(conversation.id), changed_event(conversation, created=created)),
+            (church_id, channels_of(conversation.id), posted_event(conversation, message)),
         ],
     )
     return conversation, message, created
@@ -203,8 +202,8 @@ async def accept_reply(
             (church_id, message_id, recipient, created_at, member_id, info.segments),
         )
         conversation, message = Conversation(*row), ConversationMessage(*mrow)
-        await record_event(
-            conn, church_id, "conversation.message.created", posted(conversation, message)
+        await append(
+            conn, [(church_id, channels_of(conversation_id), posted_event(conversation, message))]
         )
     batch = SendBatch(
         church_id=church_id,
@@ -236,8 +235,17 @@ def _changed(conversation: Conversation) -> ConversationChanged:
     )
 
 
+def channels_of(conversation_id: uuid.UUID) -> tuple[str, str]:
+    """Where a conversation's events go: the whole inbox, and the thread itself."""
+    return ("inbox", f"conversation:{conversation_id}")
+
+
+def posted_event(conversation: Conversation, message: ConversationMessage) -> Event:
+    """``conversation.message.created`` for a message of the conversation."""
+    return new_event("conversation.message.created", posted(conversation, message))
+
+
 def posted(conversation: Conversation, message: ConversationMessage) -> ConversationMessageCreated:
-    """The ``conversation.message.created`` data of a message of the conversation."""
     return ConversationMessageCreated(
         conversation_id=conversation.id,
         message_id=message.id,
@@ -280,7 +288,7 @@ async def update_conversation(
     if row is None:
         raise NotFound("conversation")
     conversation = Conversation(*row)
-    await record_event(conn, church_id, "conversation.updated", _changed(conversation))
+    await append(conn, [(church_id, channels_of(conversation.id), changed_event(conversation))])
     return conversation
 
 

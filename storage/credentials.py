@@ -8,7 +8,7 @@ Two kinds of credentials reach every surface (REST, WebSocket, SSE):
   its SHA-256 so any web node serves any request.
 
 Both turn into a ``Principal``: the one church a request acts in, and what it
-may do there. REST and realtime share this module (ARCHITECTURE.md: turning
+may do there. REST and realtime share this module (docs/architecture.md: turning
 credentials into a principal lives in storage).
 
 Every function that ends credentials before their time (logout, staff removal,

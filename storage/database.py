@@ -39,8 +39,15 @@ async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Po
         max_size=settings.pool_max,
         open=False,
         name=name,
-        kwargs={"autocommit": True, "prepare_threshold": 0},
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": 0,
+            "connect_timeout": max(1, round(settings.timeout_s)),
+        },
         configure=_configure,
+        # A request waits this long for a connection, then fails (503) rather than
+        # queueing behind a database that is down.
+        timeout=settings.timeout_s,
     )
     await pool.open(wait=True, timeout=30)
     return pool

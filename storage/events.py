@@ -101,7 +101,7 @@ class ConversationTyping(Base, frozen=True):
     user_id: uuid.UUID
 
 
-class MemberChanged(Base, frozen=True):
+class MemberChanged(Base, frozen=True, omit_defaults=True):
     member_id: uuid.UUID
     source: str | None = None
 
@@ -126,7 +126,7 @@ EventData = (
 
 
 class Event(Base, frozen=True):
-    """The envelope every event travels in (PROTOCOL.md "Events")."""
+    """The envelope every event travels in (docs/protocol.md "Events")."""
 
     id: str
     type: str
@@ -223,16 +223,22 @@ class EventPublisher:
 
     def publish_call(self, church_id: uuid.UUID, channel: str, event: Event) -> Call:
         """The script call that publishes ``event``, to batch with other calls."""
+        return self.publish_encoded_call(church_id, channel, event.type, encode(event))
+
+    def publish_encoded_call(
+        self, church_id: uuid.UUID, channel: str, event_type: str, event_json: bytes
+    ) -> Call:
+        """The same for an event already encoded (the event log's relay)."""
         return (
             self._publish,
             [keys.channel_history(church_id, channel), keys.channel_epoch(church_id, channel)],
             [
                 keys.channel_pubsub(church_id, channel),
                 encode(channel),
-                encode(event),
+                event_json,
                 HISTORY_MAXLEN,
                 new_epoch(),
-                event.type,
+                event_type,
                 HISTORY_TTL_S,
             ],
         )

@@ -2,7 +2,7 @@
 
 Keys that belong to one church carry the hash tag ``{c:<church_id>}`` so that a
 Lua script or multi-key command touching them stays in one Redis Cluster slot
-(ARCHITECTURE.md decision 9). Global keys are few and never hot per request.
+(docs/architecture.md decision 9). Global keys are few and never hot per request.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ import msgspec
 from storage.audit import record
 from storage.churches import ChurchSettings, get_settings
 from storage.database import Conn
-from storage.outbox import record_event
+from storage.event_log import append
+from storage.events import MemberChanged, new_event
 
 OPT_OUT_WORDS: Final = frozenset(
     {"STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
@@ -178,10 +179,6 @@ async def _set_opt(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID, opted
     )
     if cur.rowcount != 1:
         return False
-    await record_event(
-        conn,
-        church_id,
-        "member.opted_in" if opted_in else "member.opted_out",
-        {"member_id": str(member_id), "source": "keyword"},
-    )
+    kind = "member.opted_in" if opted_in else "member.opted_out"
+    await append(conn, [(church_id, (), new_event(kind, MemberChanged(member_id, "keyword")))])
     return True

@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -37,9 +36,10 @@ from storage.branches import branch_ids_by_name
 from storage.cache import Cache
 from storage.database import Conn, Pool
 from storage.errors import InvalidInput, InvalidPhone
+from storage.event_log import append
+from storage.events import MemberChanged, new_event
 from storage.groups import CACHE_TOPIC, add_memberships, group_ids_for_names
 from storage.ids import uuid7
-from storage.outbox import record_events
 from storage.phones import PhoneVault, normalize
 
 IMPORT_PATH = "/v1/members/import"
@@ -461,12 +461,12 @@ class MemberImporter:
             )
         )
         await add_memberships(conn, church_id, pairs)
-        events: list[tuple[str, dict[str, Any]]] = [
-            *(("member.created", {"member_id": str(i)}) for i in created),
-            *(("member.updated", {"member_id": str(member_of[r.number])}) for r in stale),
-            *(("member.opted_out", {"member_id": str(i), "source": "import"}) for i in opted_out),
+        events = [
+            *(new_event("member.created", MemberChanged(i)) for i in created),
+            *(new_event("member.updated", MemberChanged(member_of[r.number])) for r in stale),
+            *(new_event("member.opted_out", MemberChanged(i, "import")) for i in opted_out),
         ]
-        await record_events(conn, church_id, events)
+        await append(conn, [(church_id, (), e) for e in events])
         return len(created), len(stale)
 
 

@@ -21,9 +21,10 @@ from psycopg import errors
 
 from storage.database import Conn
 from storage.errors import Conflict, NotFound
+from storage.event_log import append
+from storage.events import MemberChanged, new_event
 from storage.groups import add_members
 from storage.ids import uuid7
-from storage.outbox import record_event
 from storage.pagination import Page, decode_cursor, page_of
 from storage.phones import PhoneVault
 
@@ -73,11 +74,9 @@ def _member(vault: PhoneVault, church_id: uuid.UUID, row: tuple[Any, ...]) -> Me
 async def member_event(
     conn: Conn, church_id: uuid.UUID, kind: str, member_id: uuid.UUID, source: str | None = None
 ) -> None:
-    """Record ``member.<kind>`` (created, updated, opted_out, opted_in)."""
-    data: dict[str, Any] = {"member_id": str(member_id)}
-    if source is not None:
-        data["source"] = source
-    await record_event(conn, church_id, f"member.{kind}", data)
+    """Log ``member.<kind>`` (created, updated, opted_out, opted_in) for webhooks."""
+    event = new_event(f"member.{kind}", MemberChanged(member_id=member_id, source=source))
+    await append(conn, [(church_id, (), event)])
 
 
 async def create_member(

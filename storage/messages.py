@@ -25,10 +25,10 @@ from psycopg.types.json import Jsonb
 
 from storage.database import Conn, Pool
 from storage.errors import Conflict, NotFound
-from storage.events import Counts, EventPublisher, MessageCreated, new_event
+from storage.event_log import append
+from storage.events import Counts, MessageCreated, new_event
 from storage.groups import existing_ids
 from storage.ids import created_at_of, uuid7
-from storage.outbox import record_event
 from storage.pagination import Page, decode_cursor, page_of
 from storage.queue import MaterializeJob, enqueue_materialize
 from storage.redis_connection import Redis
@@ -211,24 +211,19 @@ def created_event(message: Message) -> MessageCreated:
 
 
 async def record_created(conn: Conn, church_id: uuid.UUID, message: Message) -> None:
-    """The ``message.created`` webhook event, in the caller's transaction: when the
-    message starts (at acceptance, or when its ``send_at`` comes)."""
-    await record_event(
-        conn, church_id, "message.created", msgspec.to_builtins(created_event(message))
-    )
+    """Log ``message.created`` (the dashboard and webhooks) in the caller's
+    transaction: when the message starts (at acceptance, or when its ``send_at``
+    comes)."""
+    event = new_event("message.created", created_event(message))
+    await append(conn, [(church_id, ("dashboard",), event)])
 
 
-async def announce_started(
-    redis: Redis, publisher: EventPublisher, church_id: uuid.UUID, message: Message
-) -> None:
-    """After the commit of a started message: enqueue its materialization and tell
-    the dashboard. Losing this only delays the message (the sweeps find it)."""
+async def announce_started(redis: Redis, church_id: uuid.UUID, message: Message) -> None:
+    """After the commit of a started message: enqueue its materialization. Losing
+    this only delays the message (the sweeps find it)."""
     await enqueue_materialize(
         redis,
         MaterializeJob(church_id=church_id, message_id=message.id, created_at=message.created_at),
-    )
-    await publisher.publish(
-        church_id, "dashboard", new_event("message.created", created_event(message))
     )
 
 

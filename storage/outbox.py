@@ -1,12 +1,13 @@
-"""The webhook outbox: events recorded with the change they describe, and one
+"""The webhook outbox: a copy of each event for the endpoints that want it, and one
 delivery row per subscribed endpoint.
 
-Producers call ``record_event`` (or ``record_events`` for a batch) inside the
-transaction of the change. One statement stores the event and its deliveries,
-and only when an enabled endpoint of the church matches the event's type, so a
-church without endpoints stores nothing. Hot paths (a receipt per recipient)
-first ask the per-process ``WebhookInterest`` cache (``storage/webhook_endpoints.py``)
-and skip even that statement.
+Events reach it through the event log (storage/event_log.py): producers log them
+in the transaction of their change, and the relay calls ``record_encoded``, which
+stores the event, under its own id, and its deliveries in one statement, and only
+when an enabled endpoint of the church matches the event's type, so a church
+without endpoints stores nothing. The match is made in SQL every time: an endpoint
+created a moment ago gets every event logged after it. ``record_events`` remains
+for the outbox's own events (``webhook_endpoint.disabled``) and tests.
 
 Delivery workers (``delivery/webhooks.py``) claim due rows with ``FOR UPDATE
 SKIP LOCKED``; a claim moves ``next_attempt_at`` forward by a lease, so a worker
@@ -48,7 +49,7 @@ EVENT_TYPES = frozenset(
         "webhook_endpoint.disabled",
     }
 )
-"""What integrators can subscribe to (PROTOCOL.md "Events"; typing is realtime only)."""
+"""What integrators can subscribe to (docs/protocol.md "Events"; typing is realtime only)."""
 
 TEST_EVENT = "webhook_endpoint.test"
 """Sent to one endpoint on request, whatever its filters."""
@@ -109,7 +110,7 @@ async def record_event(
     event_type: str,
     data: Mapping[str, Any] | msgspec.Struct,
 ) -> None:
-    """Record ``event_type`` with ``data`` (the PROTOCOL.md event payload) for the
+    """Record ``event_type`` with ``data`` (the docs/protocol.md event payload) for the
     church's webhook endpoints whose filters match; nothing when none do."""
     await record_events(conn, church_id, [(event_type, data)])
 
@@ -135,16 +136,45 @@ async def record_events(
     return cur.rowcount
 
 
-async def endpoints_version(conn: Conn) -> int:
-    cur = await conn.execute("SELECT last_value, is_called FROM webhook_endpoint_version")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]) if row[1] else 0
+_RECORD_ENCODED = f"""
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(types)s::text[], %(data)s::text[],
+        %(at)s::timestamptz[]) AS i(id, type, data, at)
+), matched AS (
+    SELECT i.id AS event_id, e.id AS endpoint_id
+    FROM input i JOIN webhook_endpoint e ON e.church_id = %(church)s AND e.enabled AND {_MATCH}
+), stored AS (
+    INSERT INTO webhook_event (church_id, id, type, data, occurred_at)
+    SELECT %(church)s, i.id, i.type, i.data::jsonb, i.at FROM input i
+    WHERE i.id IN (SELECT event_id FROM matched)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+INSERT INTO webhook_delivery (church_id, event_id, endpoint_id)
+SELECT %(church)s, m.event_id, m.endpoint_id FROM matched m
+WHERE m.event_id IN (SELECT id FROM stored)
+"""
 
 
-async def bump_version(conn: Conn) -> None:
-    """Call after the change committed: caches reload when they see a new version."""
-    await conn.execute("SELECT nextval('webhook_endpoint_version')")
+async def record_encoded(
+    conn: Conn, church_id: uuid.UUID, events: Sequence[tuple[str, str, str, str]]
+) -> int:
+    """Webhook copies of logged events (storage/event_log.py), each keeping its own id
+    and time: (id, type, data JSON, occurred_at). An event recorded before (a relay
+    that died before its commit is repeated) is not recorded twice."""
+    if not events:
+        return 0
+    cur = await conn.execute(
+        _RECORD_ENCODED,
+        {
+            "ids": [uuid.UUID(e[0]) for e in events],
+            "types": [e[1] for e in events],
+            "data": [e[2] for e in events],
+            "at": [datetime.fromisoformat(e[3]) for e in events],
+            "church": church_id,
+        },
+    )
+    return cur.rowcount
 
 
 # -- deliveries ---------------------------------------------------------------
@@ -324,8 +354,6 @@ async def record_outcome(
             "WHERE church_id = %s AND event_id = %s AND endpoint_id = %s",
             (status, attempt, next_at or 0.0, due.church_id, due.event_id, due.endpoint_id),
         )
-    if disabled is not None:
-        await bump_version(conn)
     return Recorded(attempt_id=attempt_id, status=status, disabled=disabled)
 
 

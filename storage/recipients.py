@@ -27,7 +27,7 @@ from storage.messages import AUDIENCE_PLAN, Target, audience_params
 from storage.pagination import Page, decode_cursor, page_of
 from storage.partitions import month_start, partition_name
 from storage.quiet_hours import hold_plan, hold_sql
-from storage.statuses import RecipientStatus, allowed_from
+from storage.statuses import UNCONFIRMED, RecipientStatus, allowed_from
 
 
 class Recipient(msgspec.Struct, frozen=True):
@@ -323,20 +323,31 @@ class ProviderStatus(msgspec.Struct, frozen=True):
     error_code: str | None
 
 
-async def apply_provider_statuses(
-    conn: Conn, updates: list[ProviderStatus]
-) -> list[tuple[uuid.UUID, uuid.UUID, Transition]]:
+class Applied(msgspec.Struct, frozen=True):
+    changes: list[tuple[uuid.UUID, uuid.UUID, Transition]]
+    """(church, message, transition) of every status that moved."""
+    refused: set[str]
+    """Event ids of receipts whose provider message id is not their recipient's: not
+    applied and not recorded (so not deduplicated either)."""
+
+
+async def apply_provider_statuses(conn: Conn, updates: list[ProviderStatus]) -> Applied:
     """Apply many receipts in one statement: each event id is recorded once and its
     status applied when the rules allow: forward only, and only when the row's
-    provider id is unset or the receipt's own (a reference naming someone else's
-    recipient moves nothing).
+    provider id is unset or the receipt's own. A receipt naming a recipient whose
+    provider id is another one, or whose own id belongs to another recipient, is
+    refused whole: nothing of it is written.
+
+    A ``sent`` receipt that says the carrier will never confirm (error
+    ``delivery_unconfirmed``) may also land on a row already ``sent``: it makes
+    that row final.
 
     The caller gives each recipient at most once per call (two receipts for one
     recipient in one statement would update its row once, arbitrarily). Joins
     are forced to primary-key lookups: the plan must not depend on statistics.
     """
     if not updates:
-        return []
+        return Applied(changes=[], refused=set())
     # Lock order = input order (nested loops over the unnest): by id, as
     # record_provider_ids does, so concurrent writers of one batch cannot deadlock.
     updates = sorted(updates, key=lambda u: (u.church_id, u.message_id, u.recipient_id))
@@ -348,8 +359,18 @@ async def apply_provider_statuses(
             "  %s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
             "  %s::text[]) AS i(event_id, event_type, church_id, message_id, id, created_at, "
             "  target, pid, err, allowed)), "
+            "mismatched AS (SELECT i.event_id FROM input i JOIN message_recipient r "
+            "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
+            "  AND r.created_at = i.created_at "
+            "  WHERE r.provider_message_id <> i.pid "
+            # A row without a provider id yet (the receipt outran the send's answer):
+            # the receipt's id must not be another recipient's.
+            "  OR (r.provider_message_id IS NULL AND EXISTS (SELECT 1 FROM message_recipient o "
+            "      WHERE o.provider_message_id = i.pid AND o.id <> i.id))), "
             "ev AS (INSERT INTO provider_event (event_id, event_type) "
-            "  SELECT event_id, event_type FROM input ON CONFLICT DO NOTHING RETURNING event_id), "
+            "  SELECT event_id, event_type FROM input "
+            "  WHERE event_id NOT IN (SELECT event_id FROM mismatched) "
+            "  ON CONFLICT DO NOTHING RETURNING event_id), "
             "old AS (SELECT r.church_id, r.message_id, r.id, r.created_at, r.status AS before, "
             "  i.target, i.pid, i.err FROM input i JOIN message_recipient r "
             "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
@@ -357,13 +378,17 @@ async def apply_provider_statuses(
             "  WHERE i.event_id IN (SELECT event_id FROM ev) "
             "  AND r.status = ANY(string_to_array(i.allowed, ',')) "
             "  AND (r.provider_message_id IS NULL OR r.provider_message_id = i.pid) "
-            "  FOR UPDATE OF r) "
-            "UPDATE message_recipient r SET status = old.target, updated_at = now(), "
+            "  FOR UPDATE OF r), "
+            "moved AS (UPDATE message_recipient r SET status = old.target, updated_at = now(), "
             "  provider_message_id = old.pid, error_code = coalesce(old.err, r.error_code) "
             "FROM old WHERE r.church_id = old.church_id AND r.message_id = old.message_id "
             "  AND r.id = old.id AND r.created_at = old.created_at "
             "RETURNING r.church_id, r.message_id, r.id, r.member_id, old.before, r.status, "
-            "  r.provider_message_id, r.error_code",
+            "  r.provider_message_id, r.error_code) "
+            "SELECT church_id, message_id, id, member_id, before, status, provider_message_id, "
+            "  error_code, NULL FROM moved "
+            "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, event_id "
+            "FROM mismatched",
             (
                 [u.event_id for u in updates],
                 [u.event_type for u in updates],
@@ -374,11 +399,25 @@ async def apply_provider_statuses(
                 [u.target.value for u in updates],
                 [u.provider_message_id for u in updates],
                 [u.error_code for u in updates],
-                [",".join(s.value for s in allowed_from(u.target)) for u in updates],
+                [",".join(s.value for s in _receipt_allowed(u)) for u in updates],
             ),
         )
         rows = await cur.fetchall()
-    return [(r[0], r[1], Transition(r[2], r[3], r[4], r[5], r[6], r[7])) for r in rows]
+    return Applied(
+        changes=[
+            (r[0], r[1], Transition(r[2], r[3], r[4], r[5], r[6], r[7]))
+            for r in rows
+            if r[8] is None
+        ],
+        refused={r[8] for r in rows if r[8] is not None},
+    )
+
+
+def _receipt_allowed(update: ProviderStatus) -> frozenset[RecipientStatus]:
+    allowed = allowed_from(update.target)
+    if update.target is RecipientStatus.SENT and update.error_code == UNCONFIRMED:
+        return allowed | {RecipientStatus.SENT}
+    return allowed
 
 
 async def locate_by_provider_id(
@@ -435,6 +474,64 @@ async def stale_open_recipients(
         (older_than, limit),
     )
     return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+
+async def finished_messages(conn: Conn, limit: int = 100) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(church, message) of messages still ``sending`` whose every recipient is final:
+    the completion the progress counters missed (Redis lost them, or a process died
+    between a commit and its counter update). Postgres decides, not Redis."""
+    cur = await conn.execute(
+        "SELECT m.church_id, m.id FROM message m WHERE m.status = 'sending' "
+        "AND m.materialized_at IS NOT NULL AND NOT EXISTS ("
+        "  SELECT 1 FROM message_recipient r WHERE r.church_id = m.church_id "
+        "  AND r.message_id = m.id AND r.created_at = m.created_at "
+        "  AND (r.status IN ('queued', 'sending') "
+        "       OR (r.status = 'sent' AND r.error_code IS DISTINCT FROM %s))) "
+        "ORDER BY m.created_at LIMIT %s",
+        (UNCONFIRMED, limit),
+    )
+    return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+class AwaitingReceipt(msgspec.Struct, frozen=True):
+    """A text the provider accepted whose final receipt has not come."""
+
+    church_id: uuid.UUID
+    message_id: uuid.UUID
+    id: uuid.UUID
+    provider_message_id: str
+    status: RecipientStatus
+    started_at: datetime
+    """When its message started sending (the provider's window counts from about then)."""
+
+
+async def claim_awaiting_receipts(
+    conn: Conn, quiet_since: datetime, limit: int = 500
+) -> list[AwaitingReceipt]:
+    """Recipients ``sending`` or ``sent`` with a provider id and no final status, quiet
+    since ``quiet_since``; each is touched, so it is looked up again only after another
+    quiet period, by one scheduler at a time (``SKIP LOCKED``)."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "WITH due AS (SELECT r.church_id, r.message_id, r.id, r.created_at, "
+            "  coalesce(m.materialized_at, m.created_at) AS started_at "
+            "  FROM message m JOIN message_recipient r ON r.church_id = m.church_id "
+            "  AND r.message_id = m.id AND r.created_at = m.created_at "
+            "  WHERE m.status = 'sending' AND r.status IN ('sending', 'sent') "
+            "  AND r.provider_message_id IS NOT NULL "
+            "  AND r.error_code IS DISTINCT FROM %s AND r.updated_at < %s "
+            "  ORDER BY r.updated_at LIMIT %s FOR UPDATE OF r SKIP LOCKED) "
+            "UPDATE message_recipient r SET updated_at = now() FROM due "
+            "WHERE r.church_id = due.church_id AND r.message_id = due.message_id "
+            "AND r.id = due.id AND r.created_at = due.created_at "
+            "RETURNING r.church_id, r.message_id, r.id, r.provider_message_id, r.status, "
+            "  due.started_at",
+            (UNCONFIRMED, quiet_since, limit),
+        )
+        return [
+            AwaitingReceipt(r[0], r[1], r[2], r[3], RecipientStatus(r[4]), r[5])
+            for r in await cur.fetchall()
+        ]
 
 
 async def touch(

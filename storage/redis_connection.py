@@ -14,10 +14,15 @@ Redis = aredis.Redis
 
 
 def _retry() -> Retry:
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=8)
+    # About 0.75 s of retries in all (0.05 + 0.1 + 0.2 + 0.4, jittered): a blink is
+    # ridden out, an outage fails fast so a request can answer 503 within seconds.
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.4), retries=4)
 
 
-POOL_WAIT_S = 5.0
+POOL_WAIT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
+COMMAND_TIMEOUT_S = 5.0
+"""No command waits longer (blocking reads block for at most 1 s)."""
 
 
 def open_redis(settings: RedisSettings, *, max_connections: int = 64) -> Redis:
@@ -35,6 +40,8 @@ def open_redis(settings: RedisSettings, *, max_connections: int = 64) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=15,
         socket_keepalive=True,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S,
     )
     return aredis.Redis(connection_pool=pool)
 

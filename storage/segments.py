@@ -9,8 +9,8 @@ parts, because a handset cannot reassemble half of one, so a part that has one
 septet (or unit) left for a two-wide character closes early. That is why
 ``'a'*152 + '€' + 'a'*152`` is 3 parts, not ``ceil(306 / 153) = 2``.
 
-``tests/vectors/segments.json`` holds the cases every counter must pass, this one
-and any other (the dashboard's composer counts in the browser).
+``tests/vectors/segments.json`` holds the cases every counter must pass: this one,
+and any other written later (a composer counting in the browser must pass them too).
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ import msgspec
 from storage.cache import Cache
 from storage.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.database import Pool, open_pool
+from storage.event_log import EventRelay
 from storage.events import EventPublisher
 from storage.phones import PhoneVault
 from storage.rate_limits import ChurchLimits, RateLimiter
+from storage.receipt_refs import ReceiptRefs
 from storage.redis_connection import Redis, open_redis
 from storage.scripts import ScriptRunner
 from storage.settings import Settings
@@ -28,29 +30,38 @@ class Services(msgspec.Struct, kw_only=True):
     redis: Redis
     publisher: EventPublisher
     vault: PhoneVault
+    refs: ReceiptRefs
     scripts: ScriptRunner
     limiter: RateLimiter
     church_limits: ChurchLimits
     cache: Cache
+    relay: EventRelay
+    """Moves this process's (and any stranded) logged events to Redis and webhooks."""
 
     @classmethod
     async def open(cls, settings: Settings, *, redis_connections: int = 64) -> Services:
         pool = await open_pool(settings.database)
         redis = open_redis(settings.redis, max_connections=redis_connections)
         scripts = ScriptRunner(redis)
+        publisher = EventPublisher(redis)
+        relay = EventRelay(pool, publisher)
+        relay.start()
         return cls(
             settings=settings,
             pool=pool,
             redis=redis,
-            publisher=EventPublisher(redis),
+            publisher=publisher,
             vault=PhoneVault(settings.security.phone_key, settings.security.lookup_key),
+            refs=ReceiptRefs(settings.security.lookup_key),
             scripts=scripts,
             limiter=RateLimiter(scripts),
             church_limits=ChurchLimits(pool, settings.limits.plans),
             cache=Cache(redis),
+            relay=relay,
         )
 
     async def close(self) -> None:
+        await self.relay.stop()
         await self.pool.close()
         await self.redis.aclose()
 

@@ -22,6 +22,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_DB_POOL_MIN"""
     pool_max: int = 10
     """KOINONIA_DB_POOL_MAX"""
+    timeout_s: float = 3.0
+    """KOINONIA_DB_TIMEOUT_S: longest wait for a pooled connection, and to connect; a
+    request that cannot have one in time answers 503 instead of queueing."""
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,6 +94,12 @@ class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_CLAIM_IDLE_MS: queue entries idle this long are taken over (XAUTOCLAIM)."""
     reconcile_after_s: int = 300
     """KOINONIA_RECONCILE_AFTER_S: recipients still queued/sending this long are re-enqueued."""
+    receipt_timeout_s: float = 3600.0
+    """KOINONIA_RECEIPT_TIMEOUT_S: a sent text with no final receipt this long is looked
+    up at the provider (GET /v2/messages/{id}), and again every as long after."""
+    receipt_window_s: float = 72 * 3600.0
+    """KOINONIA_RECEIPT_WINDOW_S: after this long without a final status a recipient ends
+    ``sent`` with error ``delivery_unconfirmed`` (final): no receipt will come."""
     scheduler_interval_s: float = 5.0
     """KOINONIA_SCHEDULER_INTERVAL_S"""
     church_quantum: int = 1
@@ -125,6 +134,10 @@ class SimulatorSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_SIM_SIGNING_SEED: base64 32-byte Ed25519 seed; generated when empty."""
     default_webhook_url: str = ""
     """KOINONIA_SIM_WEBHOOK_URL: where webhooks go when a send names no webhook_url."""
+    state_file: str = ""
+    """KOINONIA_SIM_STATE_FILE: where receipts still pending at shutdown (and the sent
+    messages that ``GET /v2/messages/{id}`` reports) are kept until the next start;
+    ``koinonia dev`` sets it in the data folder. Empty: they are logged as lost."""
 
 
 class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -255,6 +268,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 url=s("DATABASE_URL", ""),
                 pool_min=i("KOINONIA_DB_POOL_MIN", 2),
                 pool_max=i("KOINONIA_DB_POOL_MAX", 10),
+                timeout_s=f("KOINONIA_DB_TIMEOUT_S", 3.0),
             ),
             redis=RedisSettings(url=s("REDIS_URL", "")),
             http=HttpSettings(
@@ -289,6 +303,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 retry_base_s=f("KOINONIA_RETRY_BASE_S", 2.0),
                 claim_idle_ms=i("KOINONIA_CLAIM_IDLE_MS", 60_000),
                 reconcile_after_s=i("KOINONIA_RECONCILE_AFTER_S", 300),
+                receipt_timeout_s=f("KOINONIA_RECEIPT_TIMEOUT_S", 3600.0),
+                receipt_window_s=f("KOINONIA_RECEIPT_WINDOW_S", 72 * 3600.0),
                 scheduler_interval_s=f("KOINONIA_SCHEDULER_INTERVAL_S", 5.0),
                 church_quantum=i("KOINONIA_QUEUE_QUANTUM", 1),
                 rate_per_number=f("KOINONIA_SEND_RATE_PER_NUMBER", 0.0),
@@ -304,6 +320,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 api_key=s("KOINONIA_SIM_API_KEY", ""),
                 signing_seed=s("KOINONIA_SIM_SIGNING_SEED", ""),
                 default_webhook_url=s("KOINONIA_SIM_WEBHOOK_URL", ""),
+                state_file=s("KOINONIA_SIM_STATE_FILE", ""),
             ),
             limits=LimitSettings(
                 plans={

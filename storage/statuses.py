@@ -31,6 +31,8 @@ FINAL: frozenset[RecipientStatus] = frozenset(
     }
 )
 
+_FINAL_VALUES = frozenset(s.value for s in FINAL)
+
 # For every target status, the statuses a row may be in to move there.
 _ALLOWED_FROM: dict[RecipientStatus, frozenset[RecipientStatus]] = {
     RecipientStatus.QUEUED: frozenset(),
@@ -56,7 +58,7 @@ def can_transition(current: RecipientStatus, target: RecipientStatus) -> bool:
     return current in _ALLOWED_FROM[target]
 
 
-# Telnyx reports per-destination statuses; PROTOCOL.md "Recipient statuses" maps them.
+# Telnyx reports per-destination statuses; docs/protocol.md "Recipient statuses" maps them.
 _TELNYX: dict[str, RecipientStatus] = {
     "queued": RecipientStatus.SENDING,
     "sending": RecipientStatus.SENDING,
@@ -67,6 +69,16 @@ _TELNYX: dict[str, RecipientStatus] = {
     "delivery_unconfirmed": RecipientStatus.SENT,
     "expired": RecipientStatus.FAILED,
 }
+
+
+UNCONFIRMED = "delivery_unconfirmed"
+"""The error code of a recipient that ends ``sent`` for good: the carrier never
+confirmed it (Telnyx ``delivery_unconfirmed``), or no receipt came within the
+provider's window. Such a recipient is final though ``sent`` is not."""
+
+
+def is_final(status: str, error_code: str | None) -> bool:
+    return status in _FINAL_VALUES or (status == RecipientStatus.SENT and error_code == UNCONFIRMED)
 
 
 def from_telnyx(status: str) -> RecipientStatus | None:

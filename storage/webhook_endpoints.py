@@ -8,31 +8,24 @@ the new one for an overlap, so receivers can switch without losing a delivery.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import ipaddress
 import logging
 import os
-import time
 import uuid
-import weakref
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-from storage.database import Conn, Pool
+from storage.database import Conn
 from storage.errors import NotFound
 from storage.ids import uuid7
 from storage.outbox import (
     VALID_FILTERS,
-    bump_version,
     disable_endpoint,
-    endpoints_version,
     event_id_text,
-    matches,
     resume_deliveries,
 )
 from storage.pagination import Page, decode_cursor, id_page, page_of
@@ -149,7 +142,6 @@ async def create_endpoint(
     )
     row = await cur.fetchone()
     assert row is not None
-    await bump_version(conn)
     return WebhookEndpoint(*row), secret
 
 
@@ -221,7 +213,6 @@ async def update_endpoint(
         )
         updated = await cur.fetchone()
         assert updated is not None
-    await bump_version(conn)
     return WebhookEndpoint(*updated)
 
 
@@ -236,7 +227,6 @@ async def delete_endpoint(
     row = await cur.fetchone()
     if row is None:
         raise NotFound(NOT_FOUND)
-    await bump_version(conn)
     return WebhookEndpoint(*row)
 
 
@@ -273,82 +263,3 @@ async def list_attempts(
     )
     rows = [WebhookAttempt(r[0], event_id_text(r[1]), *r[2:]) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (None, r.id))
-
-
-# -- the per-process interest cache -------------------------------------------
-
-
-class WebhookInterest:
-    """Per process: which churches have enabled endpoints for which events.
-
-    ``wants`` is a dict lookup. A background task checks the endpoints' version
-    every ``refresh_s`` and reloads when it changed (and every ``full_reload_s``
-    regardless), so a change reaches every process within about ``refresh_s``.
-    Until the first load it answers yes, leaving the decision to the exact SQL
-    of ``record_events``.
-    """
-
-    def __init__(self, pool: Pool, *, refresh_s: float = 1.0, full_reload_s: float = 60.0) -> None:
-        self._pool = pool
-        self._refresh_s = refresh_s
-        self._full_reload_s = full_reload_s
-        self._filters: dict[uuid.UUID, frozenset[str]] | None = None
-        self._version = -1
-        self._loaded_at = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def wants(self, church_id: uuid.UUID, event_type: str) -> bool:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        if self._filters is None:
-            return True
-        filters = self._filters.get(church_id)
-        return filters is not None and matches(filters, event_type)
-
-    def invalidate(self) -> None:
-        """This process changed an endpoint: answer yes until reloaded, reload now."""
-        self._filters = None
-        self._version = -1
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except Exception as exc:  # the pool closing at shutdown, Postgres restarting
-                log.debug("webhook interest refresh failed", extra={"error": str(exc)})
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
-
-    async def refresh(self) -> None:
-        async with self._pool.connection() as conn:
-            version = await endpoints_version(conn)
-            stale = time.monotonic() - self._loaded_at > self._full_reload_s
-            if version == self._version and self._filters is not None and not stale:
-                return
-            cur = await conn.execute("SELECT church_id, events FROM webhook_endpoint WHERE enabled")
-            found: dict[uuid.UUID, set[str]] = {}
-            for church_id, events in await cur.fetchall():
-                found.setdefault(church_id, set()).update(events)
-        self._filters = {c: frozenset(f) for c, f in found.items()}
-        self._version = version
-        self._loaded_at = time.monotonic()
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
-_interests: weakref.WeakKeyDictionary[Pool, WebhookInterest] = weakref.WeakKeyDictionary()
-
-
-def interest(pool: Pool) -> WebhookInterest:
-    """The process's cache for ``pool`` (made on first use, shared by its callers)."""
-    found = _interests.get(pool)
-    if found is None:
-        found = _interests[pool] = WebhookInterest(pool)
-    return found

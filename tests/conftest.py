@@ -9,6 +9,7 @@ signs up its own church, so nothing needs truncating between tests.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack, free_ports
+from storage.receipt_refs import ReceiptRefs
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_SCHEDULER_INTERVAL_S": "1",
             "KOINONIA_CLAIM_IDLE_MS": "5000",
             "KOINONIA_RETRY_BASE_S": "0.2",
+            # Receipts that never come are looked up at the provider after 2 s, not 1 h.
+            "KOINONIA_RECEIPT_TIMEOUT_S": "2",
             # Every test church is on the starter plan and every request comes from
             # 127.0.0.1: the suite raises the plan, key and per-IP login limits so
             # only tests about limits meet them (they set a church's or a key's own
@@ -194,6 +198,24 @@ def unique_phone() -> str:
     """A valid US number no other test uses (area code 201, exchange 2xx-9xx)."""
     n = next(_phone_counter) + (os.getpid() % 50) * 100_000
     return f"+1201{2000000 + n:07d}"
+
+
+def wait_until(
+    check: Callable[[], bool], seconds: float = 30.0, what: str = "condition"
+) -> None:
+    """Poll ``check`` until it holds; fail saying ``what`` did not happen in time."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {seconds} s")
+        time.sleep(0.05)
+
+
+def receipt_ref(stack: Stack, church_id: object, message_id: object, recipient_id: object) -> str:
+    """The callback reference the worker gives the provider for a recipient (our MAC
+    included), as the stack's own key makes it."""
+    refs = ReceiptRefs(base64.b64decode(stack.env["KOINONIA_LOOKUP_KEY"]))
+    return refs.make(*(uuid.UUID(str(v)) for v in (church_id, message_id, recipient_id)))
 
 
 @pytest.fixture

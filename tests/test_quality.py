@@ -1,4 +1,4 @@
-"""Lint and types are part of the test command (STYLE.md habit 12)."""
+"""Lint and types are part of the test command (lint and types run inside the test command)."""
 
 from __future__ import annotations
 

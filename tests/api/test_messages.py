@@ -13,7 +13,7 @@ import msgspec
 import psycopg
 
 from deploy.stack import Stack
-from tests.conftest import Church, texts_sent, unique_phone
+from tests.conftest import Church, receipt_ref, texts_sent, unique_phone
 
 
 def _soon(seconds: float) -> str:
@@ -63,7 +63,7 @@ def sent_text_was(
         "to": phone,
         "text": text,
         "webhook_url": f"{stack.env['KOINONIA_PUBLIC_URL'].rstrip('/')}/v1/provider/telnyx/"
-        f"webhooks?ref={church.id}.{message_id}.{recipient['id']}",
+        f"webhooks?ref={receipt_ref(stack, church.id, message_id, recipient['id'])}",
         "use_profile_webhooks": False,
     }
     answer = httpx.post(

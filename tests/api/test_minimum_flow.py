@@ -1,4 +1,4 @@
-"""The minimum flow of PROTOCOL.md, the envelope, validation and tenancy."""
+"""The minimum flow of docs/protocol.md, the envelope, validation and tenancy."""
 
 from __future__ import annotations
 

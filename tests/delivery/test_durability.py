@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from delivery.provider import SendRequest, SendResult
+from delivery.provider import Lookup, SendRequest, SendResult
 from delivery.worker import Worker
 from deploy.stack import Stack
 from storage import keys
@@ -169,3 +169,9 @@ class _NoProvider:
 
     async def send(self, batch: list[SendRequest]) -> list[SendResult]:
         raise AssertionError("nothing is sent here")
+
+    async def lookup(self, provider_message_id: str) -> Lookup | None:
+        raise AssertionError("nothing is looked up here")
+
+    async def aclose(self) -> None:
+        pass

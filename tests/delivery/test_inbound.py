@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy.stack import Stack
-from tests.conftest import Church, unique_phone
+from tests.conftest import Church, receipt_ref, unique_phone
 
 PATH = "/v1/provider/telnyx/webhooks"
 
@@ -109,7 +109,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
         time.sleep(0.1)
     assert status == "sending"
     assert provider_id
-    ref = f"{church_id}.{message_id}.{recipient_id}"
+    ref = receipt_ref(stack, church_id, message_id, recipient_id)
     signer = _signer(stack)
 
     # A bad signature, a stale one, and a missing one: 401 and nothing written.
@@ -131,9 +131,14 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     assert _events_seen(stack, sent_id) == 1
     assert _recipient(stack, message_id)[2] == "sent"
 
-    # A reference to this recipient with someone else's provider id moves nothing.
-    foreign = _event("message.finalized", f"evt-{uuid.uuid4()}", "another-id", "delivered")
-    assert _post(base_url, foreign, signer, ref).status_code == 200
+    # A reference to this recipient with someone else's provider id is refused, and
+    # nothing of it is written (not even its event id: a genuine one may come later).
+    foreign_id = f"evt-{uuid.uuid4()}"
+    foreign = _event("message.finalized", foreign_id, "another-id", "delivered")
+    refused = _post(base_url, foreign, signer, ref)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "validation_error"
+    assert _events_seen(stack, foreign_id) == 0
     assert _recipient(stack, message_id)[2] == "sent"
 
     # Finalized as delivery_failed → undelivered; a late "delivered" changes nothing.
@@ -146,6 +151,50 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
     assert counts["undelivered"] == 1
     assert counts["delivered"] == 0
+
+
+def test_a_genuine_receipt_cannot_be_pointed_at_another_recipient(
+    church: Church, stack: Stack, base_url: str, sim_url: str
+) -> None:
+    """The provider's signature covers the body, not the callback URL. A genuine signed
+    receipt of recipient A, replayed with B's reference (B held back by an outage, so
+    no provider id yet), must not move B: a forged reference fails our MAC, and even
+    B's real reference is refused because the receipt's message id is A's."""
+    group = church.group()
+    church.member(unique_phone(), [group])
+    first = church.broadcast(group, "to A")
+    _, a_id, _, a_provider_id = _recipient(stack, first)
+    deadline = time.monotonic() + 15
+    while not a_provider_id and time.monotonic() < deadline:
+        time.sleep(0.05)
+        _, a_id, _, a_provider_id = _recipient(stack, first)
+    assert a_provider_id
+    httpx.post(f"{sim_url}/_sim/config", json={"outage": True}).raise_for_status()
+    try:
+        other = church.group("B")
+        church.member(unique_phone(), [other])
+        second = church.broadcast(other, "to B")
+        church_id, b_id, _, b_provider_id = _recipient(stack, second)
+        assert b_provider_id is None
+        signer = _signer(stack)
+        stolen_id = f"evt-{uuid.uuid4()}"
+        stolen = _event("message.finalized", stolen_id, a_provider_id, "delivered")
+        forged = f"{church_id}.{second}.{b_id}"
+        for ref in (forged, forged + ".AAAAAAAAAAAAAAAAAAAAAA"):
+            answer = _post(base_url, stolen, signer, ref)
+            assert answer.status_code == 422, answer.text
+        leaked = receipt_ref(stack, church_id, second, b_id)
+        answer = _post(base_url, stolen, signer, leaked)
+        assert answer.status_code == 422, answer.text
+        assert _events_seen(stack, stolen_id) == 0
+        status, provider_id = _recipient(stack, second)[2:]
+        assert status in ("queued", "sending")
+        assert provider_id is None
+    finally:
+        httpx.post(f"{sim_url}/_sim/config", json={"outage": False}).raise_for_status()
+    counts = church.counts_when(second, lambda c: c["delivered"] == 1)
+    assert counts["delivered"] == 1, counts
+    assert a_id != b_id
 
 
 def test_malformed_webhooks_are_refused(stack: Stack, base_url: str) -> None:

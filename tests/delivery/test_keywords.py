@@ -186,6 +186,8 @@ def test_every_opt_out_keyword_opts_out_and_records_it(
         assert entry["actor_id"] is None
         assert entry["details"]["source"] == "keyword"
         assert entry["details"]["confirmation"] == "provider"
+    # Webhook copies leave the event log right after the commit.
+    _wait(lambda: len(_member_events(stack, church)) >= len(members), what="events recorded")
     events = _member_events(stack, church)
     assert sorted(d["member_id"] for t, d in events if t == "member.opted_out") == sorted(members)
     assert all(d["source"] == "keyword" for _, d in events)
@@ -249,6 +251,7 @@ def test_stop_then_broadcast_then_start(church: Church, stack: Stack, sim_url: s
     assert entry["actor_type"] == "system"
     assert entry["target_id"] == stopper_id
     assert entry["details"] == {"source": "keyword", "keyword": "START", "confirmation": "sent"}
+    _wait(lambda: len(_member_events(stack, church)) == 2, what="events recorded")
     assert [t for t, _ in _member_events(stack, church)] == ["member.opted_out", "member.opted_in"]
 
     again = church.broadcast(group, "Welcome back")

@@ -21,14 +21,7 @@ import redis
 
 from deploy.stack import Stack
 from tests.conftest import Church, texts_sent, unique_phone
-
-
-def _wait(check: Callable[[], bool], seconds: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {seconds} s")
-        time.sleep(0.05)
+from tests.conftest import wait_until as _wait
 
 
 @pytest.fixture

@@ -563,6 +563,73 @@ async def test_latency_delays_webhooks() -> None:
 
 
 @pytest.mark.anyio
+async def test_dropped_receipts_can_be_looked_up_as_telnyx_answers() -> None:
+    """``drop_webhooks``: the callbacks are lost, the carrier's outcome is not:
+    ``GET /v2/messages/{id}`` reports it, as Telnyx does."""
+    async with running() as sim:
+        await sim.configure(drop_webhooks=1.0, outcomes={"delivery_failed": 1})
+        sent = (await sim.send()).json()["data"]
+        await anyio.sleep(0.3)
+        assert sim.receiver.hooks == []
+        found = await sim.client.get(f"/v2/messages/{sent['id']}", headers=AUTH)
+        assert found.status_code == 200, found.text
+        data = found.json()["data"]
+        assert data["id"] == sent["id"]
+        assert data["to"][0]["status"] == "delivery_failed"
+        assert (await sim.client.get(f"/v2/messages/{sent['id']}")).status_code == 401
+        missing = await sim.client.get(f"/v2/messages/{uuid.uuid4()}", headers=AUTH)
+        assert missing.status_code == 404
+        assert missing.json()["errors"][0]["code"] == "10005"
+
+
+@pytest.mark.anyio
+async def test_lookup_says_queued_until_the_outcome_is_known() -> None:
+    async with running() as sim:
+        await sim.configure(latency_ms=[1500, 1500], drop_webhooks=1.0)
+        sent = (await sim.send()).json()["data"]
+        found = await sim.client.get(f"/v2/messages/{sent['id']}", headers=AUTH)
+        assert found.json()["data"]["to"][0]["status"] == "queued"
+
+
+@pytest.mark.anyio
+async def test_shutdown_sends_pending_receipts_at_once() -> None:
+    """Receipts still waiting out their latency go when the simulator stops, not never."""
+    async with running() as sim:
+        await sim.configure(latency_ms=[60_000, 60_000])
+        await sim.send()
+        receiver = sim.receiver
+    assert [b["data"]["event_type"] for b in receiver.bodies()] == [
+        "message.sent",
+        "message.finalized",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_shutdown_keeps_receipts_that_cannot_go_and_the_next_start_resends(
+    tmp_path: Path,
+) -> None:
+    """A receiver that never answers: what is still pending after the shutdown's grace is
+    kept in the state file; the next simulator restores it and sends it again, and
+    still answers lookups for the messages it had sent."""
+    state = tmp_path / "sim-state.msgpack"
+    silent = _listening_socket()  # accepts connections, never answers
+    silent_url = "http://{}:{}/hook".format(*silent.getsockname())
+    try:
+        async with running(state_file=str(state)) as sim:
+            sent = (await sim.send(webhook_url=silent_url)).json()["data"]
+        assert state.exists(), "pending receipts were kept"
+        async with running(state_file=str(state)) as again:
+            stats = await again.stats()
+            assert stats["webhooks_pending"] == 1
+            found = await again.client.get(f"/v2/messages/{sent['id']}", headers=AUTH)
+            assert found.json()["data"]["to"][0]["status"] == "delivered"
+            assert not state.exists()
+    finally:
+        silent.close()
+
+
+@pytest.mark.anyio
 async def test_burst_keeps_sent_before_finalized_per_message() -> None:
     async with running() as sim:
         count = 100
@@ -663,6 +730,7 @@ async def test_stats_config_and_reset() -> None:
             "outage": False,
             "duplicate_webhooks": 0.0,
             "reorder_webhooks": False,
+            "drop_webhooks": 0.0,
         }
         updated = (await sim.configure(latency_ms=[1, 3], reorder_webhooks=True)).json()
         assert updated == {**defaults, "latency_ms": [1, 3], "reorder_webhooks": True}

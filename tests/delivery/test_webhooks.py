@@ -23,10 +23,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from delivery.webhook_sender import DestinationRefused, PublicOnlyResolver, literal_problem
 from delivery.webhook_signing import signed_headers
 from deploy.stack import Stack
-from storage.database import open_pool
 from storage.outbox import matches, patterns_of
-from storage.settings import DatabaseSettings
-from storage.webhook_endpoints import WebhookInterest, new_secret, url_problem
+from storage.webhook_endpoints import new_secret, url_problem
 from tests.conftest import Church, unique_phone
 
 WEBHOOK_ENV = {
@@ -294,35 +292,6 @@ def test_send_time_check_refuses_what_a_name_resolves_to() -> None:
 
 
 # -- against the stack ------------------------------------------------------------
-
-
-def test_the_interest_cache_follows_endpoint_changes(stack: Stack, church: Church) -> None:
-    """Hot paths skip churches without a matching endpoint; a change shows within
-    the refresh interval."""
-    church_id = uuid.UUID(church.id)
-
-    async def check() -> None:
-        pool = await open_pool(
-            DatabaseSettings(url=stack.env["DATABASE_URL"], pool_min=1, pool_max=2)
-        )
-        cache = WebhookInterest(pool, refresh_s=0.05)
-        try:
-            assert cache.wants(church_id, "message.completed")  # not loaded yet: ask SQL
-            await cache.refresh()
-            assert not cache.wants(church_id, "message.completed")
-            endpoint_id, _ = make_endpoint(church, "https://example.org/h", ["message.*"])
-            await asyncio.sleep(0.3)
-            assert cache.wants(church_id, "message.completed")
-            assert not cache.wants(church_id, "member.created")
-            assert not cache.wants(uuid.uuid4(), "message.completed")
-            church.api.patch(f"/v1/webhook-endpoints/{endpoint_id}", json={"enabled": False})
-            await asyncio.sleep(0.3)
-            assert not cache.wants(church_id, "message.completed")
-        finally:
-            await cache.aclose()
-            await pool.close()
-
-    asyncio.run(check())
 
 
 @pytest.mark.usefixtures("webhook_env")

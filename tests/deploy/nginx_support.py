@@ -166,7 +166,7 @@ class Follower:
         waiting = set(self.channels)
         resuming = set(self.since)
         # Subscriptions to (re)send and when: an `unavailable` answer means "try
-        # again shortly" (PROTOCOL.md), with the same `since`.
+        # again shortly" (docs/protocol.md), with the same `since`.
         due = dict.fromkeys(self.channels, loop.time())
         while not self.stop.is_set():
             now = loop.time()

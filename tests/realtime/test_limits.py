@@ -1,5 +1,5 @@
 """Heartbeats, idle timeouts and limits at the endpoints, each with its close code
-(PROTOCOL.md): server pings and 1011 for a peer that stops answering them, the SSE
+(docs/protocol.md): server pings and 1011 for a peer that stops answering them, the SSE
 keepalive comment, 1009 from the protocol layer, 4029 for frame floods and for
 connections beyond the node's limit, 4008 for a slow consumer. (1008, 1009 from
 the endpoint, 401: test_endpoints.py; 4029 per church and 1001: test_end_to_end.py.)"""
