@@ -229,6 +229,9 @@ class ProgressTracker:
         text = await self.texts.get(church_id, message_id)
         async with self._pool.connection() as conn, conn.transaction():
             if not await mark_completed(conn, church_id, message_id):
+                # Already completed, or the counters ran ahead of Postgres (rebuilt
+                # while transitions were in flight): recount at the next transition.
+                await self._forget_counts(church_id, message_id)
                 return False
             if text is None or text.conversation_id is None:
                 counts = await message_counts(conn, church_id, message_id)
@@ -246,6 +249,10 @@ class ProgressTracker:
                 )
         self._relay.kick()
         return True
+
+    async def _forget_counts(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        with contextlib.suppress(Exception):
+            await self._redis.delete(keys.message_counts(church_id, message_id))
 
     async def _rebuild(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
         """Redis lost the counters: recount from Postgres, the truth."""

@@ -33,7 +33,7 @@ from storage.pagination import Page, decode_cursor, page_of
 from storage.queue import MaterializeJob, enqueue_materialize
 from storage.redis_connection import Redis
 from storage.segments import count_segments
-from storage.statuses import ALL_STATUSES, MessageStatus
+from storage.statuses import ALL_STATUSES, UNCONFIRMED, MessageStatus
 
 
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -438,10 +438,23 @@ class SendTexts:
         return text
 
 
+OPEN_RECIPIENT = (
+    "(r.status IN ('queued', 'sending') OR (r.status = 'sent' AND r.error_code IS DISTINCT FROM "
+    f"'{UNCONFIRMED}'))"
+)
+"""SQL over ``message_recipient r``: the recipient is not final yet (storage/statuses.py)."""
+
+
 async def mark_completed(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+    """Complete the message if it is not yet and every recipient is final, whatever a
+    caller's counters said (Redis counters rebuilt mid-broadcast can run ahead);
+    True only for the call that completed it."""
+    created_at = created_at_of(message_id)
     cur = await conn.execute(
         "UPDATE message SET status = 'completed', completed_at = now() "
-        "WHERE church_id = %s AND id = %s AND created_at = %s AND status <> 'completed'",
-        (church_id, message_id, created_at_of(message_id)),
+        "WHERE church_id = %s AND id = %s AND created_at = %s AND status <> 'completed' "
+        "AND NOT EXISTS (SELECT 1 FROM message_recipient r WHERE r.church_id = %s "
+        f"  AND r.message_id = %s AND r.created_at = %s AND {OPEN_RECIPIENT})",
+        (church_id, message_id, created_at, church_id, message_id, created_at),
     )
     return cur.rowcount == 1

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from storage.database import Conn
 from storage.ids import created_at_of
-from storage.messages import AUDIENCE_PLAN, Target, audience_params
+from storage.messages import AUDIENCE_PLAN, OPEN_RECIPIENT, Target, audience_params
 from storage.pagination import Page, decode_cursor, page_of
 from storage.partitions import month_start, partition_name
 from storage.quiet_hours import hold_plan, hold_sql
@@ -484,11 +484,9 @@ async def finished_messages(conn: Conn, limit: int = 100) -> list[tuple[uuid.UUI
         "SELECT m.church_id, m.id FROM message m WHERE m.status = 'sending' "
         "AND m.materialized_at IS NOT NULL AND NOT EXISTS ("
         "  SELECT 1 FROM message_recipient r WHERE r.church_id = m.church_id "
-        "  AND r.message_id = m.id AND r.created_at = m.created_at "
-        "  AND (r.status IN ('queued', 'sending') "
-        "       OR (r.status = 'sent' AND r.error_code IS DISTINCT FROM %s))) "
+        f"  AND r.message_id = m.id AND r.created_at = m.created_at AND {OPEN_RECIPIENT}) "
         "ORDER BY m.created_at LIMIT %s",
-        (UNCONFIRMED, limit),
+        (limit,),
     )
     return [(r[0], r[1]) for r in await cur.fetchall()]
 
