@@ -49,6 +49,10 @@ log = logging.getLogger("koinonia.storage.event_log")
 
 POLL_S = 0.5
 """How often an idle relay looks for rows another process left."""
+COALESCE_S = 0.01
+"""After a kick, wait this long so one drain takes the commits of many transactions
+(a busy pipeline kicks hundreds of times a second); realtime events gain at most
+this much latency, far less than the 100 ms progress gate."""
 BATCH_ROWS = 200
 """Log rows one drain step takes (each row is one producer transaction)."""
 _LOCK_DRAIN = 7_311_020_210
@@ -140,6 +144,7 @@ class EventRelay:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), POLL_S)
+                await asyncio.sleep(COALESCE_S)
             self._kick.clear()
             wait = self._redis_down_until - loop.time()
             if wait > 0:
