@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -33,13 +34,31 @@ def _sql(stack: Stack, statement: str, params: tuple[Any, ...]) -> list[tuple[An
         return cur.fetchall() if cur.description else []
 
 
-def _listen_to_everything(church: Church) -> None:
-    """An endpoint for every event, so each one's id is kept in ``webhook_event``
-    (on a closed port: its deliveries fail, which does not matter here)."""
-    answer = church.api.post(
-        "/v1/webhook-endpoints", json={"url": "http://127.0.0.1:9/all", "events": ["*"]}
-    )
-    assert answer.status_code == 201, answer.text
+class _Accept(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def listen_to_everything(church: Church) -> Iterator[None]:
+    """An endpoint for every event, so each one's id is kept in ``webhook_event``. Its
+    receiver answers 204, so the endpoint stays enabled however long the test runs."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Accept)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/all"
+        answer = church.api.post("/v1/webhook-endpoints", json={"url": url, "events": ["*"]})
+        assert answer.status_code == 201, answer.text
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _event_ids(stack: Stack, church: Church, types: tuple[str, ...]) -> set[str]:
@@ -62,13 +81,13 @@ def sim_config(sim_url: str) -> Iterator[Callable[..., None]]:
         configure(latency_ms=[0, 0], outage=False, drop_webhooks=0.0, outcomes={"delivered": 1.0})
 
 
+@pytest.mark.usefixtures("listen_to_everything")
 def test_redis_restart_while_replies_arrive_misses_no_event(
     church: Church, stack: Stack, base_url: str, sim_url: str
 ) -> None:
     """50 WebSocket clients follow ``inbox`` while members text in; Redis is stopped and
     started again (empty) in the middle. Every reply reaches every client, or the
     client is told it cannot recover (``recovered: false``)."""
-    _listen_to_everything(church)
     phones = [unique_phone() for _ in range(18)]
     for phone in phones:
         church.member(phone)
@@ -142,12 +161,12 @@ def _wait_for_events(stack: Stack, church: Church, texts: int) -> set[str]:
     return _event_ids(stack, church, kinds)
 
 
+@pytest.mark.usefixtures("listen_to_everything")
 def test_redis_restart_mid_broadcast_completes_once(
     church: Church, stack: Stack, sim_config: Callable[..., None], sim_url: str
 ) -> None:
     """The progress counters die with Redis: the broadcast still completes, once, with
     the right counts, and every member is texted once."""
-    _listen_to_everything(church)
     group = church.group()
     phones = [unique_phone() for _ in range(150)]
     for phone in phones:
