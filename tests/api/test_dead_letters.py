@@ -30,6 +30,7 @@ from storage.redis_connection import open_redis
 from storage.settings import Settings
 from tests.api.staff_support import error_of, join
 from tests.conftest import Church, texts_sent, unique_phone
+from tests.conftest import wait_until as _wait
 
 
 def plant_dead_letter(stack: Stack, church_id: str, recipient_ids: list[str] | None = None) -> str:
@@ -69,14 +70,6 @@ def outages(sim_url: str) -> Iterator[Callable[[bool], None]]:
         yield lambda on: _outage(sim_url, on)
     finally:
         _outage(sim_url, False)
-
-
-def _wait(check: Callable[[], bool], seconds: float = 40.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {seconds} s")
-        time.sleep(0.1)
 
 
 def _letters(church: Church) -> list[dict[str, Any]]:

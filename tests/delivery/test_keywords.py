@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,14 +15,7 @@ import pytest
 from deploy.stack import Stack
 from storage.keywords import Kind, match, normalize
 from tests.conftest import Church, texts_sent, unique_phone
-
-
-def _wait(check: Callable[[], bool], seconds: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {seconds} s")
-        time.sleep(0.05)
+from tests.conftest import wait_until as _wait
 
 
 def _text(sim_url: str, church: Church, phone: str, text: str) -> None:

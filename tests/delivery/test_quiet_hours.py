@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock
 from typing import Any
@@ -23,6 +22,7 @@ from storage.quiet_hours import (
     plan_holds,
 )
 from tests.conftest import Church, texts_sent, unique_phone
+from tests.conftest import wait_until as _wait
 
 NEW_YORK = ZoneInfo("America/New_York")
 DAY = QuietHours()  # 08:00-21:00
@@ -171,14 +171,6 @@ def _sql(stack: Stack, statement: str, params: tuple[Any, ...]) -> list[tuple[An
     with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
         cur = conn.execute(statement, params)
         return cur.fetchall() if cur.description else []
-
-
-def _wait(check: Callable[[], bool], seconds: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {seconds} s")
-        time.sleep(0.1)
 
 
 def _closed_window(now: datetime) -> dict[str, str]:
