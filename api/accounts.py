@@ -15,16 +15,11 @@ from api.schemas import Credential, LoggedOut, LoginRequest, MeData, SignupData,
 from api.sessions import clear_session_cookies, hash_password, password_matches, signed_in
 from api.staff import staff_operations
 from api.validation import decode_body
-from storage.churches import (
-    create_church_with_owner,
-    get_church,
-    get_user,
-    user_for_login,
-)
-from storage.credentials import delete_session
-from storage.envelope import ok
-from storage.services import SESSION_COOKIE
-from storage.staff import record_login
+from storage.pg.churches import create_church_with_owner, get_church, get_user, user_for_login
+from storage.pg.credentials import delete_session
+from storage.pg.staff import record_login
+from storage.process.services import SESSION_COOKIE
+from storage.responses import ok
 
 
 async def signup(request: Request) -> Response:

@@ -19,7 +19,9 @@ from api.errors import invalid_query
 from api.listing import services_of
 from api.operation import Operation, QueryParam
 from api.validation import path_id
-from storage.analytics import (
+from storage.domain.envelope import FieldError
+from storage.domain.statuses import MessageStatus
+from storage.pg.analytics import (
     REPLY_WINDOW,
     MessageAnalytics,
     Summary,
@@ -27,9 +29,8 @@ from storage.analytics import (
     message_analytics,
     started_at,
 )
-from storage.envelope import FieldError, ok
-from storage.messages import Message, get_message
-from storage.statuses import MessageStatus
+from storage.pg.messages import Message, get_message
+from storage.responses import ok
 
 TOPIC = "analytics"
 SUMMARY_TTL_S = 30.0

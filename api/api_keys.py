@@ -11,7 +11,8 @@ from api.listing import church_listing, services_of
 from api.operation import Operation, audit_details, audit_target
 from api.schemas import ApiKeyCreated, ApiKeyRequest, TicketData
 from api.validation import decode_body, path_id
-from storage.credentials import (
+from storage.domain.envelope import FieldError
+from storage.pg.credentials import (
     ALL_SCOPES,
     TICKET_TTL_S,
     ApiKey,
@@ -21,7 +22,7 @@ from storage.credentials import (
     revoke_api_key,
     rotate_api_key,
 )
-from storage.envelope import FieldError, ok
+from storage.responses import ok
 
 
 def _created(key: ApiKey, secret: str, status: int) -> Response:

@@ -26,12 +26,13 @@ from api.schemas import Email, GroupMembersRequest, Name, OptionalName
 from api.schemas import Request as RequestBody
 from api.templates import template_operations
 from api.validation import decode_body, page_params, path_id
-from storage.churches import get_church
-from storage.credentials import Principal
-from storage.database import Conn
-from storage.envelope import FieldError, ok
-from storage.errors import InvalidPhone, NotFound
-from storage.groups import (
+from storage.domain.envelope import FieldError
+from storage.domain.errors import InvalidPhone, NotFound
+from storage.domain.phones import normalize
+from storage.pg.churches import get_church
+from storage.pg.credentials import Principal
+from storage.pg.database import Conn
+from storage.pg.groups import (
     CACHE_TOPIC,
     Group,
     add_members,
@@ -43,7 +44,7 @@ from storage.groups import (
     remove_member,
     update_group,
 )
-from storage.members import (
+from storage.pg.members import (
     Member,
     MemberExport,
     MemberFilter,
@@ -55,8 +56,8 @@ from storage.members import (
     set_opt_in,
     update_member,
 )
-from storage.pagination import Page
-from storage.phones import normalize
+from storage.pg.pagination import Page
+from storage.responses import ok
 
 GROUP_CACHE_TTL_S = 60.0
 """Invalidation keeps cached groups right; the TTL only bounds an entry's life."""
@@ -398,7 +399,6 @@ async def export_member_data(request: Request) -> Response:
     async with services.pool.connection() as conn:
         export = await export_member(conn, services.vault, who.church_id, member_id)
     return ok(export)
-
 
 
 def _group_operations() -> list[Operation]:

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from api.errors import invalid_query
 from api.listing import paged
 from api.operation import Operation, QueryParam
-from storage.audit import AuditEntry, list_entries
-from storage.envelope import FieldError
+from storage.domain.envelope import FieldError
+from storage.pg.audit import AuditEntry, list_entries
 
 
 async def index_audit_log(request: Request) -> Response:

@@ -7,8 +7,8 @@ import hmac
 from starlette.requests import Request
 
 from api.errors import Forbidden, Unauthorized
-from storage.credentials import Principal
-from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
+from storage.pg.credentials import Principal
+from storage.process.services import CSRF_COOKIE, SESSION_COOKIE, Services
 
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -14,7 +14,7 @@ from api.operation import Operation, audit_target
 from api.schemas import Name
 from api.schemas import Request as RequestBody
 from api.validation import decode_body, path_id
-from storage.branches import (
+from storage.pg.branches import (
     Branch,
     create_branch,
     delete_branch,
@@ -22,7 +22,7 @@ from storage.branches import (
     list_branches,
     rename_branch,
 )
-from storage.envelope import ok
+from storage.responses import ok
 
 
 class BranchRequest(RequestBody, frozen=True):

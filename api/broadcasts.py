@@ -21,11 +21,12 @@ from api.recurring import recurring_operations
 from api.schemas import Body, TargetRequest
 from api.schemas import Request as RequestBody
 from api.validation import decode_body, page_params, path_id
-from storage import merge_fields
-from storage.churches import get_church
-from storage.envelope import FieldError, ok
-from storage.events import Counts
-from storage.messages import (
+from storage.domain import merge_fields
+from storage.domain.envelope import FieldError
+from storage.domain.events import Counts
+from storage.domain.statuses import MessageStatus, RecipientStatus
+from storage.pg.churches import get_church
+from storage.pg.messages import (
     MAX_SCHEDULE_AHEAD,
     Message,
     MessageFilter,
@@ -37,9 +38,9 @@ from storage.messages import (
     list_messages,
     message_counts,
 )
-from storage.recipients import Recipient, list_recipients
-from storage.statuses import MessageStatus, RecipientStatus
-from storage.templates import get_template
+from storage.pg.recipients import Recipient, list_recipients
+from storage.pg.templates import get_template
+from storage.responses import ok
 
 log = logging.getLogger("koinonia.api.broadcasts")
 
@@ -247,7 +248,6 @@ async def index_messages(request: Request) -> Response:
             conn, church, limit=limit, cursor=cursor, where=where
         ),
     )
-
 
 
 MessageStatusName = Literal["scheduled", "queued", "sending", "completed", "canceled"]

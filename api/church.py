@@ -26,10 +26,12 @@ from api.operation import Operation, audit_details, audit_target
 from api.schemas import NO_NUL, Name
 from api.schemas import Request as RequestBody
 from api.validation import decode_body
-from storage.churches import ChurchSettings, SettingsChange, get_settings, update_settings
-from storage.envelope import FieldError, ok
-from storage.keywords import MAX_REPLY_LENGTH, help_reply, opt_in_reply
-from storage.quiet_hours import HHMM_PATTERN, format_hhmm, is_zone, parse_hhmm, replan_held
+from storage.domain.envelope import FieldError
+from storage.domain.quiet_hours import HHMM_PATTERN, format_hhmm, is_zone, parse_hhmm
+from storage.pg.churches import ChurchSettings, SettingsChange, get_settings, update_settings
+from storage.pg.held_recipients import replan_held
+from storage.pg.keywords import MAX_REPLY_LENGTH, help_reply, opt_in_reply
+from storage.responses import ok
 
 Clock = Annotated[str, msgspec.Meta(pattern=HHMM_PATTERN, examples=["08:00"])]
 Reply = Annotated[str, msgspec.Meta(max_length=MAX_REPLY_LENGTH, pattern=NO_NUL)]

@@ -3,7 +3,7 @@
 ``GET /v1/dead-letters`` lists the caller's church's entries of the dead-letter
 stream, newest first; ``POST /v1/dead-letters/{id}/requeue`` (admins) sends one
 again with a fresh attempt budget and removes it. Requeueing never texts a
-member twice (storage/dead_letters.py says how); an entry past the provider's
+member twice (storage/pg/dead_letters.py says how); an entry past the provider's
 idempotency window is a ``409 conflict``. Another church's entry is ``404``.
 """
 
@@ -16,8 +16,8 @@ from api.auth import principal
 from api.listing import services_of
 from api.operation import Operation, audit_details
 from api.validation import page_params, path_id
-from storage.dead_letters import DeadLetter, Requeued, list_dead_letters, requeue
-from storage.envelope import ok
+from storage.pg.dead_letters import DeadLetter, Requeued, list_dead_letters, requeue
+from storage.responses import ok
 
 
 async def index_dead_letters(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 The tree::
 
-    ApiError(code, message, details)   any stable error code from storage/envelope.py
+    ApiError(code, message, details)   any stable error code from storage/domain/envelope.py
     ├── Unauthorized                   no or bad credentials (401)
     └── Forbidden                      credentials lack the scope or role (403)
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.envelope import FieldError
+from storage.domain.envelope import FieldError
 
 
 class ApiError(Exception):

@@ -11,12 +11,12 @@ from starlette.responses import Response
 from api.auth import principal
 from api.errors import ApiError, Forbidden
 from api.operation import ROLE_RANK, Handler, Operation
-from storage import keys
-from storage.audit import record
-from storage.credentials import Principal
-from storage.envelope import request_id_var
-from storage.rate_limits import Verdict
-from storage.services import Services
+from storage.domain.envelope import request_id_var
+from storage.pg.audit import record
+from storage.pg.credentials import Principal
+from storage.process.services import Services
+from storage.redis import key_names
+from storage.redis.rate_limits import Verdict
 
 EXTRA_HEADERS = "koinonia.extra_headers"
 
@@ -39,10 +39,10 @@ async def charge(request: Request, who: Principal) -> Verdict:
     """Charge the request to its church's limit and, for an API key, the key's own."""
     services: Services = request.app.state.services
     per_church = await services.church_limits.per_minute(who.church_id)
-    limits = [(keys.church_rate(who.church_id), per_church)]
+    limits = [(key_names.church_rate(who.church_id), per_church)]
     if who.api_key_id is not None:
         per_key = who.rate_limit_per_min or services.settings.limits.api_key
-        limits.append((keys.api_key_rate(who.church_id, who.api_key_id), per_key))
+        limits.append((key_names.api_key_rate(who.church_id, who.api_key_id), per_key))
     verdict = await services.limiter.charge(limits)
     add_headers(request, verdict.headers())
     if not verdict.allowed:
@@ -64,8 +64,8 @@ async def charge_attempt(request: Request, kind: str, account: str) -> None:
     # Emails never appear in Redis key names; their digest does.
     account_digest = hashlib.sha256(account.encode()).hexdigest()[:32]
     for key, limit in (
-        (keys.login_rate(f"{kind}-ip", ip), per_ip),
-        (keys.login_rate(f"{kind}-account", account_digest), per_account),
+        (key_names.login_rate(f"{kind}-ip", ip), per_ip),
+        (key_names.login_rate(f"{kind}-account", account_digest), per_account),
     ):
         verdict = await services.limiter.charge([(key, limit)])
         if not verdict.allowed:

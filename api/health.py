@@ -11,11 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.operation import Handler, Operation
-from storage import keys
-from storage.envelope import fail, ok
-from storage.queue import queue_depths
-from storage.services import Services
-from storage.token_buckets import account_id, circuit_snapshot
+from storage.process.services import Services
+from storage.redis import key_names
+from storage.redis.queue import queue_depths
+from storage.redis.send_limits import account_id, circuit_snapshot
+from storage.responses import fail, ok
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -42,12 +42,12 @@ async def _redis(services: Services) -> dict[str, Any]:
 async def _queue(services: Services) -> dict[str, Any]:
     redis = services.redis
     pipe = redis.pipeline(transaction=False)
-    pipe.xlen(keys.MATERIALIZE_STREAM)
-    pipe.xlen(keys.DEAD_LETTER_STREAM)
+    pipe.xlen(key_names.MATERIALIZE_STREAM)
+    pipe.xlen(key_names.DEAD_LETTER_STREAM)
     materialize_backlog, dead_letter = [int(v) for v in await pipe.execute()]
     depths = await queue_depths(redis, services.settings.delivery.shards)
     try:
-        info = await redis.xpending(keys.MATERIALIZE_STREAM, keys.SEND_GROUP)
+        info = await redis.xpending(key_names.MATERIALIZE_STREAM, key_names.SEND_GROUP)
         depths["pending"] += int(info["pending"])
     except Exception:
         pass

@@ -14,7 +14,8 @@ from api.listing import paged, services_of
 from api.operation import Operation, QueryParam
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
-from storage.conversations import (
+from storage.domain.envelope import FieldError
+from storage.pg.conversations import (
     Conversation,
     ConversationFilter,
     ConversationMessage,
@@ -24,8 +25,8 @@ from storage.conversations import (
     list_conversations,
     update_conversation,
 )
-from storage.envelope import FieldError, ok
-from storage.queue import hand_over
+from storage.redis.queue import hand_over
+from storage.responses import ok
 
 
 async def show_conversation(request: Request) -> Response:

@@ -11,10 +11,10 @@ from starlette.responses import Response
 
 from api.auth import principal
 from api.validation import page_params
-from storage.database import Conn
-from storage.envelope import ok
-from storage.pagination import Page
-from storage.services import Services
+from storage.pg.database import Conn
+from storage.pg.pagination import Page
+from storage.process.services import Services
+from storage.responses import ok
 
 Lister = Callable[..., Awaitable[Page[Any]]]
 

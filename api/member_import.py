@@ -17,14 +17,9 @@ from api.auth import principal
 from api.errors import ApiError
 from api.listing import services_of
 from api.operation import Operation, audit_details
-from storage.churches import get_church
-from storage.envelope import ok
-from storage.member_import import (
-    IMPORT_PATH,
-    MAX_IMPORT_BYTES,
-    ImportSummary,
-    MemberImporter,
-)
+from storage.pg.churches import get_church
+from storage.pg.member_import import IMPORT_PATH, MAX_IMPORT_BYTES, ImportSummary, MemberImporter
+from storage.responses import ok
 
 _CSV_TYPES = frozenset({"text/csv", "application/csv"})
 

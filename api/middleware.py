@@ -13,8 +13,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage.envelope import error_bytes, request_id_var
-from storage.member_import import IMPORT_PATH, MAX_IMPORT_BYTES
+from storage.domain.envelope import error_bytes, request_id_var
+from storage.pg.member_import import IMPORT_PATH, MAX_IMPORT_BYTES
 
 log = logging.getLogger("koinonia.access")
 
@@ -48,7 +48,7 @@ class RequestContext:
         started = time.perf_counter()
         status = 0
         try:
-            # CSV imports stream up to their own, larger limit (storage/member_import.py).
+            # CSV imports stream up to their own, larger limit (storage/pg/member_import.py).
             limit = MAX_IMPORT_BYTES if scope["path"] == IMPORT_PATH else self.max_body_bytes
             if scope["type"] == "http" and declared > limit:
                 status = 413

@@ -22,7 +22,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from api.operation import Operation
-from storage.envelope import STATUS, JSONResponse
+from storage.domain.envelope import STATUS
+from storage.responses import JSONResponse
 
 _REF = "#/components/schemas/{name}"
 

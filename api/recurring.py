@@ -17,10 +17,10 @@ from api.operation import Operation, audit_target
 from api.schemas import Body, Name, TargetRequest
 from api.schemas import Request as RequestBody
 from api.validation import decode_body, path_id
-from storage import merge_fields
-from storage.envelope import FieldError, ok
-from storage.recurrence import Rule
-from storage.recurring import (
+from storage.domain import merge_fields
+from storage.domain.envelope import FieldError
+from storage.domain.recurrence import Rule
+from storage.pg.recurring_schedules import (
     Occurrence,
     RecurringFields,
     RecurringMessage,
@@ -31,6 +31,7 @@ from storage.recurring import (
     list_recurring,
     update_recurring,
 )
+from storage.responses import ok
 
 _UNSET = msgspec.UNSET
 

@@ -28,8 +28,9 @@ from api.inbox import inbox_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
 from api.webhook_endpoints import webhook_endpoint_operations
-from storage.envelope import FieldError, fail
-from storage.errors import Conflict, InvalidInput, NotFound
+from storage.domain.envelope import FieldError
+from storage.domain.errors import Conflict, InvalidInput, NotFound
+from storage.responses import fail
 
 log = logging.getLogger("koinonia.api")
 

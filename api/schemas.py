@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from storage.churches import Church, StaffUser
-from storage.messages import Target
+from storage.pg.churches import Church, StaffUser
+from storage.pg.messages import Target
 
 # Postgres text cannot hold NUL, so every text field refuses it: a validation_error
 # naming the field, never a failed INSERT.
@@ -51,11 +51,8 @@ class ApiKeyRequest(Request, frozen=True):
     rate_limit_per_min: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
 
 
-
-
 class GroupMembersRequest(Request, frozen=True):
     member_ids: IdList
-
 
 
 class TargetRequest(Request, frozen=True):
@@ -83,7 +80,6 @@ class TargetRequest(Request, frozen=True):
         if len(chosen) != 1:
             return "give exactly one of group_ids, member_ids, branch_ids or all"
         return None
-
 
 
 class ReplyRequest(Request, frozen=True):

@@ -19,11 +19,11 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from starlette.responses import Response
 
 from api.schemas import SignupData
-from storage.churches import Church, StaffUser
-from storage.credentials import create_session
-from storage.envelope import ok
-from storage.services import CSRF_COOKIE, SESSION_COOKIE, Services
-from storage.settings import HttpSettings
+from storage.pg.churches import Church, StaffUser
+from storage.pg.credentials import create_session
+from storage.process.services import CSRF_COOKIE, SESSION_COOKIE, Services
+from storage.process.settings import HttpSettings
+from storage.responses import ok
 
 # argon2-cffi's defaults: argon2id, RFC 9106's second recommended profile.
 _hasher = PasswordHasher()

@@ -2,9 +2,9 @@
 
 Who may do what is in ``docs/permissions.md``; the role rules about other
 people (only an owner touches owners and admins, the last owner stays) are in
-``storage/staff.py``, applied inside the transaction that makes the change.
+``storage/pg/staff.py``, applied inside the transaction that makes the change.
 Sessions carry the role, so a role change rewrites every live session of that
-user, and a removal or password reset ends them (``storage/credentials.py``).
+user, and a removal or password reset ends them (``storage/pg/credentials.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ from api.schemas import OptionalName as PersonName
 from api.schemas import Request as Body
 from api.sessions import hash_password, password_matches, signed_in
 from api.validation import decode_body, path_id
-from storage.audit import record
-from storage.churches import get_church
-from storage.credentials import delete_user_sessions, set_user_sessions_role
-from storage.envelope import FieldError, ok, request_id_var
-from storage.errors import NotFound
-from storage.mail import Mail, Mailer
-from storage.services import SESSION_COOKIE, Services
-from storage.staff import (
+from storage.domain.envelope import FieldError, request_id_var
+from storage.domain.errors import NotFound
+from storage.pg.audit import record
+from storage.pg.churches import get_church
+from storage.pg.credentials import delete_user_sessions, set_user_sessions_role
+from storage.pg.staff import (
     Invitation,
     NotPermitted,
     StaffMember,
@@ -56,6 +54,9 @@ from storage.staff import (
     set_name,
     set_password,
 )
+from storage.process.mail import Mail, Mailer
+from storage.process.services import SESSION_COOKIE, Services
+from storage.responses import ok
 
 log = logging.getLogger("koinonia.api.staff")
 

@@ -18,8 +18,8 @@ from api.schemas import Body as MessageBody
 from api.schemas import Name
 from api.schemas import Request as RequestBody
 from api.validation import decode_body, path_id
-from storage.envelope import FieldError, ok
-from storage.templates import (
+from storage.domain.envelope import FieldError
+from storage.pg.templates import (
     Template,
     body_problems,
     create_template,
@@ -28,6 +28,7 @@ from storage.templates import (
     list_templates,
     update_template,
 )
+from storage.responses import ok
 
 
 class TemplateCreate(RequestBody, frozen=True):

@@ -17,8 +17,9 @@ import msgspec
 from starlette.requests import Request
 
 from api.errors import ApiError, invalid_body, invalid_query
-from storage.envelope import BodyTooLarge, FieldError, read_body
-from storage.services import Services
+from storage.domain.envelope import FieldError
+from storage.process.services import Services
+from storage.responses import BodyTooLarge, read_body
 
 T = TypeVar("T")
 

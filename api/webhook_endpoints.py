@@ -21,10 +21,9 @@ from api.listing import church_listing, paged, services_of
 from api.operation import Operation, audit_details, audit_target
 from api.schemas import Request as RequestBody
 from api.validation import decode_body, path_id
-from storage.envelope import FieldError, ok
-from storage.errors import NotFound
-from storage.outbox import event_id_text, record_test_event, replay
-from storage.webhook_endpoints import (
+from storage.domain.envelope import FieldError
+from storage.domain.errors import NotFound
+from storage.pg.webhook_endpoints import (
     WebhookAttempt,
     WebhookEndpoint,
     create_endpoint,
@@ -37,6 +36,8 @@ from storage.webhook_endpoints import (
     update_endpoint,
     url_problem,
 )
+from storage.pg.webhook_outbox import event_id_text, record_test_event, replay
+from storage.responses import ok
 
 Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2000, pattern=r"^[^\x00-\x20\x7f]+$")]
 Events = Annotated[
@@ -208,7 +209,6 @@ async def send_test_event(request: Request) -> Response:
         await get_endpoint(conn, who.church_id, endpoint_id)
         event_id = await record_test_event(conn, who.church_id, endpoint_id)
     return ok(WebhookDeliveryQueued(endpoint_id, event_id_text(event_id)), status=202)
-
 
 
 _TAG = "webhook_endpoints"

@@ -93,8 +93,8 @@ def serve(args: argparse.Namespace) -> None:
 
     from deploy.app import create_app
     from deploy.cli import _UVICORN_OPTIONS
-    from storage.logs import configure_logging
-    from storage.settings import Settings
+    from storage.process.logs import configure_logging
+    from storage.process.settings import Settings
 
     if args.tracemalloc:
         import tracemalloc
@@ -268,10 +268,11 @@ def _signup(base: str) -> tuple[str, str]:
 
 
 async def _publish(redis_url: str, church_id: str) -> None:
-    from storage.events import Counts as EventCounts
-    from storage.events import EventPublisher, MessageProgress, new_event
-    from storage.redis_connection import open_redis
-    from storage.settings import RedisSettings
+    from storage.domain.events import Counts as EventCounts
+    from storage.domain.events import MessageProgress, new_event
+    from storage.process.settings import RedisSettings
+    from storage.redis.connection import open_redis
+    from storage.redis.publisher import EventPublisher
 
     redis = open_redis(RedisSettings(url=redis_url))
     try:

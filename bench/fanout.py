@@ -57,10 +57,11 @@ from fairness import signup  # noqa: E402
 from fanout_client import Spec  # noqa: E402
 
 from deploy.stack import Stack, free_ports  # noqa: E402
-from storage.events import Event, EventPublisher  # noqa: E402
-from storage.ids import uuid7  # noqa: E402
-from storage.redis_connection import open_redis  # noqa: E402
-from storage.settings import Settings  # noqa: E402
+from storage.domain.events import Event  # noqa: E402
+from storage.domain.ids import uuid7  # noqa: E402
+from storage.process.settings import Settings  # noqa: E402
+from storage.redis.connection import open_redis  # noqa: E402
+from storage.redis.publisher import EventPublisher  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 P99_LIMIT_MS = 10.0

@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pipeline import seed_members  # noqa: E402
 
 from deploy.stack import Stack, free_ports  # noqa: E402
-from storage import keys  # noqa: E402
-from storage.phones import PhoneVault  # noqa: E402
-from storage.settings import Settings  # noqa: E402
+from storage.domain.phones import PhoneVault  # noqa: E402
+from storage.process.settings import Settings  # noqa: E402
+from storage.redis import key_names  # noqa: E402
 
 WINDOW_S = 5.0
 SAMPLE_S = 0.25
@@ -142,7 +142,7 @@ def dead_letters(redis_url: str, message_id: str) -> tuple[int, int]:
     needle = message_id.encode()
     client = redis.Redis.from_url(redis_url)
     try:
-        streams = {keys.DEAD_LETTER_STREAM.encode()}
+        streams = {key_names.DEAD_LETTER_STREAM.encode()}
         streams.update(n for n in client.scan_iter(match="*dead*") if client.type(n) == b"stream")
         entries = recipients = 0
         for stream in streams:

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploy.stack import Stack, free_ports  # noqa: E402
-from storage.ids import uuid7  # noqa: E402
-from storage.phones import PhoneVault  # noqa: E402
-from storage.settings import Settings  # noqa: E402
+from storage.domain.ids import uuid7  # noqa: E402
+from storage.domain.phones import PhoneVault  # noqa: E402
+from storage.process.settings import Settings  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -88,7 +88,11 @@ def _process_table() -> dict[int, tuple[int, float, str]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmdline)
+        table[int(entry.name)] = (
+            int(fields[1]),
+            (int(fields[11]) + int(fields[12])) / tick,
+            cmdline,
+        )
     return table
 
 
@@ -171,7 +175,12 @@ async def run(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="koinonia-bench-"))
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
-    env.update({"KOINONIA_LOG_LEVEL": os.environ.get("KOINONIA_LOG_LEVEL", "WARNING"), "KOINONIA_DB_POOL_MAX": "20"})
+    env.update(
+        {
+            "KOINONIA_LOG_LEVEL": os.environ.get("KOINONIA_LOG_LEVEL", "WARNING"),
+            "KOINONIA_DB_POOL_MAX": "20",
+        }
+    )
     # The load generator polls the API from one address: plan and key limits out of the way.
     env.update({"KOINONIA_RATE_STARTER": "1000000", "KOINONIA_RATE_API_KEY": "1000000"})
     # The pipeline's own capacity is measured: no account limit of ours (the
@@ -281,7 +290,9 @@ async def run(args: argparse.Namespace) -> None:
         total_ms = sum(per.values())
         print(
             "CPU per recipient        "
-            + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(per.items(), key=lambda kv: -kv[1]))
+            + ", ".join(
+                f"{name} {ms:.2f}" for name, ms in sorted(per.items(), key=lambda kv: -kv[1])
+            )
             + f"  = {total_ms:.2f} ms ({os.cpu_count()} cores: at most ~{1000 * (os.cpu_count() or 1) / total_ms:,.0f} recipients/s)"
         )
     finally:

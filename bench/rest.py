@@ -591,7 +591,7 @@ FUNCTIONS: list[tuple[str, str, str]] = [
     ("auth: principal_for_api_key (Redis GET, msgpack decode)", "principal_for_api_key", ""),
     ("limiter: charge (church limit cache, GCRA EVALSHA)", "charge", "api/guard.py"),
     ("list query: list_messages / list_conversations", "list_", "storage/"),
-    ("envelope: ok() (msgspec JSON encode, Response)", "ok", "storage/envelope.py"),
+    ("envelope: ok() (msgspec JSON encode, Response)", "ok", "storage/domain/envelope.py"),
 ]
 
 
@@ -806,8 +806,8 @@ def run(args: argparse.Namespace) -> None:
     from rest_seed import SeedPlan, load_or_seed
 
     from deploy.stack import Stack, free_ports
-    from storage.phones import PhoneVault
-    from storage.settings import Settings
+    from storage.domain.phones import PhoneVault
+    from storage.process.settings import Settings
 
     wrk = require_wrk()
 

@@ -3,7 +3,7 @@
 Members are written with COPY from Python (their phones are AES-GCM ciphertext,
 which SQL cannot make); everything else is server-side ``INSERT ... SELECT
 generate_series``. Partitioned rows get UUIDv7 ids made in SQL from the same
-millisecond as their ``created_at`` (the invariant storage/ids.py relies on
+millisecond as their ``created_at`` (the invariant storage/domain/ids.py relies on
 to prune by id), and recipient ids are built the way the materializer builds
 them (the message id's first 80 bits and a row number).
 
@@ -30,16 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from storage.credentials import create_api_key  # noqa: E402
-from storage.ids import uuid7  # noqa: E402
-from storage.partitions import (  # noqa: E402
+from storage.domain.ids import uuid7  # noqa: E402
+from storage.domain.phones import PhoneVault  # noqa: E402
+from storage.pg.credentials import create_api_key  # noqa: E402
+from storage.pg.partitions import (  # noqa: E402
     FILLFACTOR,
     PARTITIONED_TABLES,
     month_start,
     next_month,
     partition_name,
 )
-from storage.phones import PhoneVault  # noqa: E402
 
 MARKER = "bench-rest.json"
 SEED_VERSION = 1

@@ -1,6 +1,6 @@
 """The provider circuit breaker, as one worker sees and feeds it.
 
-The state is shared by every worker in Redis (storage/token_buckets.py), for
+The state is shared by every worker in Redis (storage/redis/send_limits.py), for
 three reasons: an outage is the provider's, not one worker's, so the first
 worker to see it stops them all; exactly one probe goes out per cool-down
 however many workers wait; and operators see the state in ``/health/detailed``.
@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import time
 
-from storage.settings import DeliverySettings
-from storage.token_buckets import CLOSED, Admission, CircuitChange, ProviderLimits
+from storage.process.settings import DeliverySettings
+from storage.redis.send_limits import CLOSED, Admission, CircuitChange, ProviderLimits
 
 log = logging.getLogger("koinonia.delivery.breaker")
 

@@ -5,11 +5,11 @@ exactly once: size limit → signature (before any parsing or write) → decode 
 one transaction that records the event id (dedupe) and applies it → publish
 events after commit. A duplicate event id answers 200 and does nothing.
 
-An inbound text that is a keyword (storage/keywords.py: STOP, START, HELP and
+An inbound text that is a keyword (storage/pg/keywords.py: STOP, START, HELP and
 their synonyms) is stored in the conversation like any other, so staff see it,
 and acts in the same transaction: consent, webhook event, audit row. Its answer,
 if any, is accepted in that transaction as a one-recipient message
-(storage/conversations.py ``accept_reply``) and enqueued after the commit: the
+(storage/pg/conversations.py ``accept_reply``) and enqueued after the commit: the
 one send pipeline every text takes. The conversation keeps its unread count.
 """
 
@@ -28,25 +28,20 @@ from starlette.routing import BaseRoute, Route
 from delivery.errors import SignatureRejected
 from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
-from delivery.signatures import load_public_key, verify_telnyx
-from storage.churches import church_by_number
-from storage.conversations import (
-    AcceptedReply,
-    ReplyKind,
-    accept_reply,
-    record_inbound,
-)
-from storage.database import Conn
-from storage.envelope import BodyTooLarge, fail, ok, read_body
-from storage.errors import InvalidInput
-from storage.ids import uuid7
-from storage.keywords import Kind, apply_keyword
-from storage.members import member_by_phone_hash
-from storage.phones import normalize
-from storage.queue import hand_over
-from storage.recipients import ProviderStatus, locate_by_provider_id
-from storage.services import Services
-from storage.statuses import UNCONFIRMED, from_telnyx
+from delivery.telnyx_signatures import load_public_key, verify_telnyx
+from storage.domain.errors import InvalidInput
+from storage.domain.ids import uuid7
+from storage.domain.phones import normalize
+from storage.domain.statuses import UNCONFIRMED, from_telnyx
+from storage.pg.churches import church_by_number
+from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
+from storage.pg.database import Conn
+from storage.pg.keywords import Kind, apply_keyword
+from storage.pg.members import member_by_phone_hash
+from storage.pg.recipients import ProviderStatus, locate_by_provider_id
+from storage.process.services import Services
+from storage.redis.queue import hand_over
+from storage.responses import BodyTooLarge, fail, ok, read_body
 
 log = logging.getLogger("koinonia.delivery.inbound")
 

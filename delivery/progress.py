@@ -2,7 +2,7 @@
 
 Every transition of a broadcast's recipient is an event on ``message:<id>``,
 ``message.recipient.status`` (integrators ask for each one), logged in the very
-transaction that made it (``log``: storage/event_log.py), so it reaches realtime
+transaction that made it (``log``: storage/pg/event_log.py), so it reaches realtime
 and webhooks whatever happens after the commit. The single recipient of a staff
 reply or an automatic answer is a conversation's affair: its transitions are
 ``conversation.message.status`` on ``inbox`` and ``conversation:<id>``, and no
@@ -30,10 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from storage import keys
-from storage.database import Conn, Pool
-from storage.event_log import Emission, EventRelay, append
-from storage.events import (
+from storage.domain.events import (
     ConversationMessageStatus,
     Counts,
     MessageCompleted,
@@ -41,11 +38,14 @@ from storage.events import (
     RecipientStatusChanged,
     new_event,
 )
-from storage.messages import SendTexts, mark_completed, message_counts
-from storage.recipients import Transition
-from storage.redis_connection import Redis
-from storage.scripts import Call, ScriptRunner
-from storage.statuses import ALL_STATUSES, FINAL
+from storage.domain.statuses import ALL_STATUSES, FINAL
+from storage.pg.database import Conn, Pool
+from storage.pg.event_log import Emission, EventRelay, append
+from storage.pg.messages import SendTexts, mark_completed, message_counts
+from storage.pg.recipients import Transition
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.scripts import Call, ScriptRunner
 
 log = logging.getLogger("koinonia.delivery.progress")
 
@@ -80,7 +80,7 @@ class ProgressTracker:
     async def init_counts(
         self, church_id: uuid.UUID, message_id: uuid.UUID, total: int, queued: int, skipped: int
     ) -> None:
-        key = keys.message_counts(church_id, message_id)
+        key = key_names.message_counts(church_id, message_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"total": total, "queued": queued, "skipped": skipped})
         pipe.expire(key, COUNTS_TTL_S)
@@ -150,9 +150,7 @@ class ProgressTracker:
             deltas[c.old_status] = deltas.get(c.old_status, 0) - 1
             deltas[c.status] = deltas.get(c.status, 0) + 1
         try:
-            result = await self._scripts.run_one(
-                *self._apply_call(church_id, message_id, deltas)
-            )
+            result = await self._scripts.run_one(*self._apply_call(church_id, message_id, deltas))
         except Exception:
             # The transitions and their events are committed; the counters are a fast
             # path that the completion sweep and the next rebuild make good.
@@ -176,7 +174,10 @@ class ProgressTracker:
                 args += [field, delta]
         return (
             self._apply,
-            [keys.message_counts(church_id, message_id), keys.progress_gate(church_id, message_id)],
+            [
+                key_names.message_counts(church_id, message_id),
+                key_names.progress_gate(church_id, message_id),
+            ],
             args,
         )
 
@@ -205,7 +206,7 @@ class ProgressTracker:
         done = sum(fields.get(f, 0) for f in _FINAL_FIELDS)
         if total and done >= total:
             first = await self._redis.hsetnx(
-                keys.message_counts(church_id, message_id), "completed", 1
+                key_names.message_counts(church_id, message_id), "completed", 1
             )
             if first:
                 await self.complete(church_id, message_id)
@@ -252,7 +253,7 @@ class ProgressTracker:
 
     async def _forget_counts(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
         with contextlib.suppress(Exception):
-            await self._redis.delete(keys.message_counts(church_id, message_id))
+            await self._redis.delete(key_names.message_counts(church_id, message_id))
 
     async def _rebuild(self, church_id: uuid.UUID, message_id: uuid.UUID) -> None:
         """Redis lost the counters: recount from Postgres, the truth."""
@@ -260,7 +261,7 @@ class ProgressTracker:
             counts = await message_counts(conn, church_id, message_id)
         values: dict[str, int] = {s.value: int(getattr(counts, s.value)) for s in ALL_STATUSES}
         total = sum(values.values())
-        key = keys.message_counts(church_id, message_id)
+        key = key_names.message_counts(church_id, message_id)
         pipe = self._redis.pipeline(transaction=True)
         mapping: dict[str | bytes, int] = dict(values.items())
         mapping["total"] = total

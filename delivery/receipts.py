@@ -5,7 +5,7 @@ Every recipient costs two signed webhooks (``message.sent`` and
 a Redis round trip. Here concurrent requests hand their receipt to a batcher
 and wait: a few runners each take what has queued up (at most ``max_batch``),
 apply it in one statement and one commit, and answer every waiting request at
-once. Each batch's events are logged in that same transaction (storage/event_log.py),
+once. Each batch's events are logged in that same transaction (storage/pg/event_log.py),
 so a webhook is answered 200 only once its receipt and its events are committed;
 the relay takes them from there.
 """
@@ -18,8 +18,8 @@ import logging
 import uuid
 
 from delivery.progress import ProgressTracker
-from storage.database import Pool
-from storage.recipients import ProviderStatus, Transition, apply_provider_statuses
+from storage.pg.database import Pool
+from storage.pg.recipients import ProviderStatus, Transition, apply_provider_statuses
 
 log = logging.getLogger("koinonia.delivery.receipts")
 

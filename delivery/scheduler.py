@@ -4,7 +4,7 @@
   ``FOR UPDATE SKIP LOCKED``, turned ``queued`` in the same transaction, then
   enqueued for materialization;
 - recurring messages: each due occurrence is made exactly once (a row lock and
-  a unique occurrence key, storage/recurring.py) into an ordinary message;
+  a unique occurrence key, storage/pg/recurring_schedules.py) into an ordinary message;
 - partitions: keep the current month and the next three in place;
 - materialization sweep: accepted broadcasts whose materialize entry was lost
   (Redis flushed, or down at acceptance) are enqueued again;
@@ -12,7 +12,7 @@
   past ``reconcile_after_s`` are enqueued again, a broadcast's or the one
   recipient of a staff reply or an automatic answer alike;
 - quiet hours: recipients held for their local sending window (``not_before``,
-  storage/recipients.py) are enqueued when it opens, once across any number of
+  storage/pg/recipients.py) are enqueued when it opens, once across any number of
   schedulers (``FOR UPDATE SKIP LOCKED`` in the statement that clears the hold);
 - receipts: a text the provider accepted whose final receipt has not come after
   ``receipt_timeout_s`` is looked up at the provider (``GET /v2/messages/{id}``)
@@ -46,18 +46,24 @@ from datetime import UTC, datetime, timedelta
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider
 from delivery.telnyx import TelnyxProvider
-from storage.database import Conn
-from storage.ids import created_at_of
-from storage.messages import (
+from storage.domain.ids import created_at_of
+from storage.domain.statuses import (
+    UNCONFIRMED,
+    RecipientStatus,
+    can_transition,
+    from_telnyx,
+    is_final,
+)
+from storage.pg.database import Conn
+from storage.pg.held_recipients import release_held
+from storage.pg.messages import (
     SendTexts,
     announce_started,
     claim_due_scheduled,
     unstarted_scheduled,
 )
-from storage.partitions import ensure_partitions
-from storage.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
-from storage.quiet_hours import release_held
-from storage.recipients import (
+from storage.pg.partitions import ensure_partitions
+from storage.pg.recipients import (
     AwaitingReceipt,
     ProviderStatus,
     apply_provider_statuses,
@@ -67,9 +73,9 @@ from storage.recipients import (
     stale_open_recipients,
     touch,
 )
-from storage.recurring import Ran, run_next_due
-from storage.services import Services
-from storage.statuses import UNCONFIRMED, RecipientStatus, can_transition, from_telnyx, is_final
+from storage.pg.recurring_schedules import Ran, run_next_due
+from storage.process.services import Services
+from storage.redis.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
 
 log = logging.getLogger("koinonia.delivery.scheduler")
 
@@ -265,8 +271,10 @@ class Scheduler:
                 found = await self.provider.lookup(row.provider_message_id)
             status = from_telnyx(found.status) if found is not None else None
             unconfirmed = found is not None and found.status == UNCONFIRMED
-            if found is not None and status is not None and (
-                unconfirmed or is_final(status, found.error_code)
+            if (
+                found is not None
+                and status is not None
+                and (unconfirmed or is_final(status, found.error_code))
             ):
                 event_id = f"lookup:{row.id}:{found.status}"
                 if unconfirmed:

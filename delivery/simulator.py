@@ -65,7 +65,7 @@ from delivery.simulator_wire import (
     outbound_message,
     validate_send,
 )
-from storage.settings import SimulatorSettings
+from storage.process.settings import SimulatorSettings
 
 __all__ = ["create_simulator_app", "new_signing_seed", "public_key_b64"]
 

@@ -21,7 +21,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from storage.segments import Encoding, count_segments
+from storage.domain.segments import Encoding, count_segments
 
 # -- Telnyx wire shapes ---------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ def bad_request(detail: str, pointer: str | None = None, status: int = 422) -> S
 
 def segment(text: str) -> tuple[Encoding, int]:
     """Encoding and number of SMS parts Telnyx reports for ``text``: the app's own
-    counter (storage/segments.py), so the two can never disagree."""
+    counter (storage/domain/segments.py), so the two can never disagree."""
     info = count_segments(text)
     return info.encoding, info.segments
 

@@ -1,6 +1,6 @@
 """Pacing sends: per sending number and per provider account, shared by every worker.
 
-The buckets live in Redis (storage/token_buckets.py): one atomic script checks
+The buckets live in Redis (storage/redis/send_limits.py): one atomic script checks
 the circuit and takes tokens from the account's bucket and the number's bucket.
 A batch asks for tokens for all its recipients and gets as many as both buckets
 can give; it sends those, and asks again for the rest. When none are left the
@@ -15,8 +15,8 @@ sending through it until then.
 
 from __future__ import annotations
 
-from storage.settings import DeliverySettings
-from storage.token_buckets import Admission, Bucket, ProviderLimits
+from storage.process.settings import DeliverySettings
+from storage.redis.send_limits import Admission, Bucket, ProviderLimits
 
 ACCOUNT = 0
 """Index of the account's bucket in ``Throttle.buckets``; the number's is 1."""

@@ -18,10 +18,10 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from delivery.webhook_signing import signed_headers
-from storage.outbox import DueDelivery, Outcome, event_id_text
-from storage.settings import WebhookSettings
-from storage.webhook_endpoints import is_public_address
+from delivery.webhook_signatures import signed_headers
+from storage.pg.webhook_endpoints import is_public_address
+from storage.pg.webhook_outbox import DueDelivery, Outcome, event_id_text
+from storage.process.settings import WebhookSettings
 
 EXCERPT_BYTES = 1024
 

@@ -22,8 +22,8 @@ from typing import Protocol
 import aiohttp
 
 from delivery.webhook_sender import attempt, open_session
-from storage.outbox import DueDelivery, claim_due, forget_old, record_outcome, release
-from storage.services import Services
+from storage.pg.webhook_outbox import DueDelivery, claim_due, forget_old, record_outcome, release
+from storage.process.services import Services
 
 log = logging.getLogger("koinonia.delivery.webhooks")
 

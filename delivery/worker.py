@@ -2,13 +2,13 @@
 
 Every text we send passes here on one path: a broadcast's recipients, a staff
 reply, an automatic answer to a keyword (HELP, START). A reply or an answer is
-a message of one recipient (storage/conversations.py ``accept_reply``), so the
+a message of one recipient (storage/pg/conversations.py ``accept_reply``), so the
 queue entry is always a ``SendBatch`` and the steps below, consent checked when
 it is sent included, are the same for all of them (docs/architecture.md, "One
 send pipeline").
 
 Loop shape (arq-style, bounded): a reading loop claims queue entries fairly
-across churches (storage/queue.py: each church's own stream, churches taking
+across churches (storage/redis/queue.py: each church's own stream, churches taking
 turns through the ready sets), each entry runs admit → claim → send → record in
 its own task, and only then is it acknowledged. A worker that dies leaves its
 entries pending; the next worker to lease that church takes them over
@@ -48,9 +48,20 @@ from delivery.breaker import CircuitBreaker
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider, SendRequest, SendResult
 from delivery.throttle import ACCOUNT, Throttle
-from storage import keys, merge_fields
-from storage.messages import merge_values
-from storage.queue import (
+from storage.domain import merge_fields
+from storage.domain.statuses import RecipientStatus
+from storage.pg.messages import merge_values
+from storage.pg.recipients import (
+    SendTarget,
+    Transition,
+    claim_for_send,
+    materialize,
+    record_provider_ids,
+    transition_many,
+)
+from storage.process.services import Services
+from storage.redis import key_names
+from storage.redis.queue import (
     STREAM_MAXLEN,
     MaterializeJob,
     SendBatch,
@@ -63,17 +74,7 @@ from storage.queue import (
     schedule_retry,
     send_decoder,
 )
-from storage.recipients import (
-    SendTarget,
-    Transition,
-    claim_for_send,
-    materialize,
-    record_provider_ids,
-    transition_many,
-)
-from storage.services import Services
-from storage.statuses import RecipientStatus
-from storage.token_buckets import CLOSED, Admission, ProviderLimits, account_id
+from storage.redis.send_limits import CLOSED, Admission, ProviderLimits, account_id
 
 log = logging.getLogger("koinonia.delivery.worker")
 
@@ -82,7 +83,7 @@ CLAIM_PER_READ = 8
 
 
 def webhook_url(public_url: str, ref: str) -> str:
-    """Where the provider reports on one recipient. The reference (storage/receipt_refs.py)
+    """Where the provider reports on one recipient. The reference (storage/domain/receipt_refs.py)
     lets the inbound handler find the row in its partition at once; our MAC in it
     keeps a genuine receipt from being pointed at another recipient."""
     return f"{public_url.rstrip('/')}/v1/provider/telnyx/webhooks?ref={ref}"
@@ -98,7 +99,7 @@ async def ensure_groups(services: Services) -> None:
     """The materialize stream's group (each church's send stream makes its own)."""
     with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
         await services.redis.xgroup_create(
-            keys.MATERIALIZE_STREAM, keys.SEND_GROUP, id="0", mkstream=True
+            key_names.MATERIALIZE_STREAM, key_names.SEND_GROUP, id="0", mkstream=True
         )
 
 
@@ -251,11 +252,11 @@ class Worker:
     # -- materialize ---------------------------------------------------------
 
     async def _materialize_loop(self) -> None:
-        streams: Any = {keys.MATERIALIZE_STREAM: ">"}
+        streams: Any = {key_names.MATERIALIZE_STREAM: ">"}
         while not self._stopping.is_set():
             try:
                 reply: Any = await self.services.redis.xreadgroup(
-                    keys.SEND_GROUP, self.name, streams, count=1, block=READ_BLOCK_MS
+                    key_names.SEND_GROUP, self.name, streams, count=1, block=READ_BLOCK_MS
                 )
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -282,7 +283,9 @@ class Worker:
             log.exception("materialize failed", extra={"entry": entry_id})
             return
         try:
-            await self.services.redis.xack(keys.MATERIALIZE_STREAM, keys.SEND_GROUP, entry_id)
+            await self.services.redis.xack(
+                key_names.MATERIALIZE_STREAM, key_names.SEND_GROUP, entry_id
+            )
         except (RedisError, OSError):
             # Done in Postgres (materialized_at); a second take finds nothing to do.
             log.warning("materialize ack lost", extra={"entry": entry_id})
@@ -512,7 +515,7 @@ class Worker:
                 await self.progress.log(conn, _of(batch, changes))
             await self.progress.record(batch.church_id, batch.message_id, changes)
             await self.services.redis.xadd(
-                keys.DEAD_LETTER_STREAM,
+                key_names.DEAD_LETTER_STREAM,
                 {
                     "j": encode_entry(msgspec.structs.replace(batch, recipient_ids=retry)),
                     "reason": "max_attempts",
@@ -545,8 +548,8 @@ class Worker:
     async def _autoclaim(self) -> None:
         try:
             claimed: Any = await self.services.redis.xautoclaim(
-                keys.MATERIALIZE_STREAM,
-                keys.SEND_GROUP,
+                key_names.MATERIALIZE_STREAM,
+                key_names.SEND_GROUP,
                 self.name,
                 self.settings.claim_idle_ms,
                 start_id="0-0",

@@ -21,9 +21,9 @@ from delivery.receipts import ReceiptBatcher
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
 from realtime.websocket import Sessions
-from storage.logs import configure_logging
-from storage.services import Services
-from storage.settings import Settings
+from storage.process.logs import configure_logging
+from storage.process.services import Services
+from storage.process.settings import Settings
 
 GC_GEN0_THRESHOLD = 10_000
 
@@ -34,9 +34,7 @@ def create_app(settings: Settings) -> Starlette:
         services = await Services.open(settings)
         hub = Hub(settings.redis, services.publisher, services.redis)
         await hub.start()
-        progress = ProgressTracker(
-            services.redis, services.scripts, services.pool, services.relay
-        )
+        progress = ProgressTracker(services.redis, services.scripts, services.pool, services.relay)
         receipts = ReceiptBatcher(services.pool, progress)
         receipts.start()
         app.state.services = services

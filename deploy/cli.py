@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.settings import Settings
+from storage.process.settings import Settings
 
 
 def _require_keys(settings: Settings) -> None:
@@ -65,7 +65,7 @@ def cmd_web(args: argparse.Namespace) -> None:
         return
     from deploy.app import create_app
     from realtime.websocket import Sessions
-    from storage.logs import configure_logging
+    from storage.process.logs import configure_logging
 
     configure_logging(settings.log_level, process="web")
     app = create_app(settings)
@@ -111,8 +111,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from delivery.telnyx import TelnyxProvider
     from delivery.webhooks import Alongside, WebhookDispatcher
     from delivery.worker import Worker
-    from storage.logs import configure_logging
-    from storage.services import Services
+    from storage.process.logs import configure_logging
+    from storage.process.services import Services
 
     settings = Settings.from_env()
     _require_keys(settings)
@@ -139,8 +139,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_scheduler(args: argparse.Namespace) -> None:
     from delivery.scheduler import Scheduler
-    from storage.logs import configure_logging
-    from storage.services import Services
+    from storage.process.logs import configure_logging
+    from storage.process.services import Services
 
     settings = Settings.from_env()
     _require_keys(settings)
@@ -160,7 +160,7 @@ def cmd_simulator(args: argparse.Namespace) -> None:
     import uvicorn
 
     from delivery.simulator import create_simulator_app
-    from storage.logs import configure_logging
+    from storage.process.logs import configure_logging
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, process="simulator")
@@ -174,7 +174,7 @@ def cmd_simulator(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from storage.database import migrate
+    from storage.pg.database import migrate
 
     settings = Settings.from_env()
     if not settings.database.url:
@@ -202,7 +202,7 @@ def cmd_outbox(args: argparse.Namespace) -> None:
     """Print the development outbox: mail stored instead of sent (no KOINONIA_SMTP_URL)."""
     from psycopg import AsyncConnection
 
-    from storage.mail import list_outbox
+    from storage.process.mail import list_outbox
 
     url = _running_database_url(Settings.from_env())
 
@@ -230,11 +230,11 @@ def cmd_import_members(args: argparse.Namespace) -> None:
 
     import msgspec
 
-    from storage.audit import record
-    from storage.churches import get_church
-    from storage.errors import InvalidInput
-    from storage.member_import import MemberImporter, Progress, import_file
-    from storage.services import Services
+    from storage.domain.errors import InvalidInput
+    from storage.pg.audit import record
+    from storage.pg.churches import get_church
+    from storage.pg.member_import import MemberImporter, Progress, import_file
+    from storage.process.services import Services
 
     settings = Settings.from_env()
     _require_keys(settings)
@@ -292,18 +292,18 @@ def cmd_import_members(args: argparse.Namespace) -> None:
 
 def cmd_dead_letters(args: argparse.Namespace) -> None:
     """List dead letters (one JSON object per line, oldest first) or requeue them with a
-    fresh attempt budget (storage/dead_letters.py), with progress on stderr and the
+    fresh attempt budget (storage/pg/dead_letters.py), with progress on stderr and the
     summary as JSON on stdout. Exit status: 0 done, 1 some entries were not found or
     too old to requeue, 2 nothing to do or bad arguments."""
     import uuid
 
     import msgspec
 
-    from storage.audit import record
-    from storage.database import open_pool
-    from storage.dead_letters import dead_letters, requeue
-    from storage.errors import Conflict, NotFound
-    from storage.redis_connection import open_redis
+    from storage.domain.errors import Conflict, NotFound
+    from storage.pg.audit import record
+    from storage.pg.database import open_pool
+    from storage.pg.dead_letters import dead_letters, requeue
+    from storage.redis.connection import open_redis
 
     settings = Settings.from_env()
     if not settings.database.url or not settings.redis.url:

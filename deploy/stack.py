@@ -25,7 +25,7 @@ from delivery.simulator import new_signing_seed, public_key_b64
 from deploy.embedded import free_port
 from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
-from storage.database import migrate
+from storage.pg.database import migrate
 
 INBOUND_PATH = "/v1/provider/telnyx/webhooks"
 

@@ -16,9 +16,9 @@ import uuid
 import msgspec
 
 from realtime.errors import ForbiddenChannel, UnknownChannel
-from storage.credentials import Principal
-from storage.messages import message_exists
-from storage.services import Services
+from storage.pg.credentials import Principal
+from storage.pg.messages import message_exists
+from storage.process.services import Services
 
 MAX_NAME_LENGTH = 100
 _CHURCH_WIDE = frozenset({"dashboard", "inbox"})

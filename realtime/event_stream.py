@@ -35,10 +35,10 @@ from realtime.errors import ChannelError, HubStopped
 from realtime.handshake import authenticate, header, lifetime, send_error
 from realtime.history import Replay, position, recover
 from realtime.hub import Hub, HubEvent
-from storage.credentials import Principal
-from storage.envelope import FieldError
-from storage.events import frame_bytes
-from storage.services import Services
+from storage.domain.envelope import FieldError
+from storage.domain.events import frame_bytes
+from storage.pg.credentials import Principal
+from storage.process.services import Services
 
 KEEPALIVE_S = 15.0
 SUBSCRIBE_TIMEOUT_S = 10.0

@@ -21,11 +21,11 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import cookie_parser
 from starlette.types import Scope, Send
 
-from storage import keys
-from storage.credentials import Principal, principal_for_ticket
-from storage.envelope import STATUS, error_bytes
-from storage.services import SESSION_COOKIE, Services
-from storage.settings import Settings
+from storage.domain.envelope import STATUS, error_bytes
+from storage.pg.credentials import Principal, principal_for_ticket
+from storage.process.services import SESSION_COOKIE, Services
+from storage.process.settings import Settings
+from storage.redis import key_names
 
 CLOSE_REFUSED = 1008
 """Used only when the server cannot answer a refused handshake with HTTP 401."""
@@ -80,7 +80,7 @@ async def lifetime(services: Services, principal: Principal) -> float | None:
     the session is gone already (a ticket whose session ended since it was made)."""
     if principal.session_hash is None:
         return None
-    ttl_ms = await services.redis.pttl(keys.session(principal.session_hash))
+    ttl_ms = await services.redis.pttl(key_names.session(principal.session_hash))
     if ttl_ms == -2:
         return 0.0
     return None if ttl_ms < 0 else ttl_ms / 1000

@@ -21,9 +21,9 @@ from typing import Any
 
 import msgspec
 
-from storage import keys
-from storage.events import EventPublisher
-from storage.redis_connection import Redis
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.publisher import EventPublisher
 
 Position = tuple[int, int]
 ZERO: Position = (0, 0)
@@ -88,9 +88,9 @@ async def recover(
         start = position(since_offset)
     except ValueError:
         return fresh
-    history = keys.channel_history(church_id, channel)
+    history = key_names.channel_history(church_id, channel)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.channel_epoch(church_id, channel))
+        pipe.get(key_names.channel_epoch(church_id, channel))
         pipe.xinfo_stream(history)
         pipe.xrange(history, f"({start[0]}-{start[1]}", "+")
         epoch, info, raw_entries = await pipe.execute(raise_on_error=False)

@@ -21,12 +21,12 @@ without leaving a gap. Sinks must not block or raise: ``deliver`` queues.
 
 Two more kinds of message share the connection:
 
-- ephemeral events (``conversation.typing``, published by ``realtime.typing``):
+- ephemeral events (``conversation.typing``, published by ``realtime.typing_indicator``):
   pub/sub only, never in history. Their header's offset is ``~<offset>``: the
   channel's latest stored offset, repeated, not a new one. The hub passes them
   to the sinks while the channel is live and drops them while a gap is being
   filled (a typing indicator is stale by then); it never records their offset;
-- credential revocations (``keys.CREDENTIAL_REVOCATIONS``, subscribed with every
+- credential revocations (``key_names.CREDENTIAL_REVOCATIONS``, subscribed with every
   (re)connection), handed to ``revocations``; after a reconnection the hub asks
   it to recheck the node's credentials, since messages sent meanwhile are lost.
 """
@@ -48,10 +48,11 @@ from redis.exceptions import RedisError
 from realtime.errors import HubStopped
 from realtime.history import ZERO, Position, entry_from_stream, position
 from realtime.revocation import Revocations
-from storage import keys
-from storage.events import EventPublisher, frame_bytes
-from storage.redis_connection import Redis, open_pubsub_client
-from storage.settings import RedisSettings
+from storage.domain.events import frame_bytes
+from storage.process.settings import RedisSettings
+from storage.redis import key_names
+from storage.redis.connection import Redis, open_pubsub_client
+from storage.redis.publisher import EventPublisher
 
 log = logging.getLogger("koinonia.realtime.hub")
 
@@ -121,7 +122,7 @@ def wire_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-_REVOCATIONS = keys.CREDENTIAL_REVOCATIONS.encode()
+_REVOCATIONS = key_names.CREDENTIAL_REVOCATIONS.encode()
 
 
 class Sink(Protocol):
@@ -148,7 +149,7 @@ class _Channel:
         self.name = name
         self.church_id = church_id
         self.channel = channel
-        self.history = keys.channel_history(church_id, channel)
+        self.history = key_names.channel_history(church_id, channel)
         # Insertion-ordered, O(1) removal even with thousands of sinks on one channel.
         self.sinks: dict[Sink, None] = {}
         # Last offset and epoch delivered; None until the first history read.
@@ -217,7 +218,7 @@ class Hub:
         """Add a sink to a channel; returns once Redis confirmed the subscription."""
         if self._reader is None:
             raise HubStopped("the hub is not running")
-        name = keys.channel_pubsub(church_id, channel).encode()
+        name = key_names.channel_pubsub(church_id, channel).encode()
         ch = self._channels.get(name)
         if ch is None:
             ch = self._channels[name] = _Channel(name, church_id, channel)
@@ -235,7 +236,7 @@ class Hub:
     def unsubscribe(self, church_id: uuid.UUID, channel: str, sink: Sink) -> None:
         """Remove a sink; the last one out unsubscribes the node (batched, in the
         background, so a closing connection's cleanup never waits on Redis)."""
-        name = keys.channel_pubsub(church_id, channel).encode()
+        name = key_names.channel_pubsub(church_id, channel).encode()
         ch = self._channels.get(name)
         if ch is None or sink not in ch.sinks:
             return
@@ -249,7 +250,7 @@ class Hub:
             self._flusher = asyncio.create_task(self._flush_unsubscribes())
 
     def subscriber_count(self, church_id: uuid.UUID, channel: str) -> int:
-        ch = self._channels.get(keys.channel_pubsub(church_id, channel).encode())
+        ch = self._channels.get(key_names.channel_pubsub(church_id, channel).encode())
         return 0 if ch is None else len(ch.sinks)
 
     # -- connection ------------------------------------------------------------
@@ -450,7 +451,7 @@ class Hub:
         channel without one yet: its newest entry, which becomes the baseline)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for ch in batch:
-                pipe.get(keys.channel_epoch(ch.church_id, ch.channel))
+                pipe.get(key_names.channel_epoch(ch.church_id, ch.channel))
                 if ch.last is None:
                     pipe.xrevrange(ch.history, "+", "-", count=1)
                 else:

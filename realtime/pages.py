@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from storage.envelope import fail
+from storage.responses import fail
 
 STATIC_DIR = Path(__file__).parent / "static"
 

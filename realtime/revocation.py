@@ -2,7 +2,7 @@
 
 The storage functions that end credentials early (logout, staff removal,
 password reset or change, API key revoke and rotate) publish a revocation on
-``keys.CREDENTIAL_REVOCATIONS`` (format in ``storage.credentials``). Every web
+``key_names.CREDENTIAL_REVOCATIONS`` (format in ``storage.credentials``). Every web
 node's hub listens to that channel on its one pub/sub connection and hands
 each message to its ``Revocations``, which closes the node's connections
 (WebSocket and SSE alike) that authenticated with those credentials:
@@ -35,16 +35,16 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from storage import keys
-from storage.credentials import (
+from storage.pg.credentials import (
     API_KEY_REVOKED,
     SESSION_REVOKED,
     USER_REVOKED,
     Principal,
     parse_revocation,
 )
-from storage.database import Pool
-from storage.redis_connection import Redis
+from storage.pg.database import Pool
+from storage.redis import key_names
+from storage.redis.connection import Redis
 
 log = logging.getLogger("koinonia.realtime.revocation")
 
@@ -161,7 +161,7 @@ class Revocations:
             chunk = sessions[i : i + _RECHECK_CHUNK]
             async with redis.pipeline(transaction=False) as pipe:
                 for name in chunk:
-                    pipe.exists(keys.session(name.partition(" ")[2]))
+                    pipe.exists(key_names.session(name.partition(" ")[2]))
                 found = await pipe.execute()
             gone += [n for n, exists in zip(chunk, found, strict=True) if not exists]
         if api_keys and self.pool is not None:

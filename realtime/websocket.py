@@ -12,7 +12,7 @@ Credentials: the connection is watched by the hub's ``Revocations`` for as long
 as it lives, and closes with 4001 when its session or API key is revoked (on
 any node) or its session's TTL runs out (``realtime.revocation``).
 
-Typing (``realtime.typing``): a session's ``typing`` frame for a conversation
+Typing (``realtime.typing_indicator``): a session's ``typing`` frame for a conversation
 of its church publishes ``conversation.typing`` (at most once a second per
 conversation, more dropped silently); a conversation that is not the church's,
 or does not exist, answers ``forbidden``, and so does any typing frame from an
@@ -63,14 +63,15 @@ from realtime.handshake import authenticate, lifetime, refuse_websocket
 from realtime.history import recover
 from realtime.hub import Hub, HubEvent
 from realtime.protocol import WIRE
-from realtime.typing import TypingGate, publish_typing
-from storage.credentials import Principal
-from storage.events import frame_bytes
-from storage.services import Services
+from realtime.typing_indicator import TypingGate, publish_typing
+from storage.domain.events import frame_bytes
+from storage.pg.credentials import Principal
+from storage.process.services import Services
 
 HEARTBEAT_S = 25
 SUBSCRIBE_TIMEOUT_S = 10.0
 """A subscription Redis cannot confirm in this time answers ``unavailable``."""
+
 
 # A C-level getter: the per-event, per-connection step of the hot path.
 def _same_event(event: HubEvent) -> HubEvent:

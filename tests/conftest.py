@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack, free_ports
-from storage.receipt_refs import ReceiptRefs
+from storage.domain.receipt_refs import ReceiptRefs
 
 
 @pytest.fixture(scope="session")
@@ -200,9 +200,7 @@ def unique_phone() -> str:
     return f"+1201{2000000 + n:07d}"
 
 
-def wait_until(
-    check: Callable[[], bool], seconds: float = 30.0, what: str = "condition"
-) -> None:
+def wait_until(check: Callable[[], bool], seconds: float = 30.0, what: str = "condition") -> None:
     """Poll ``check`` until it holds; fail saying ``what`` did not happen in time."""
     deadline = time.monotonic() + seconds
     while not check():

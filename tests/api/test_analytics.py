@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from deploy.stack import Stack
-from storage.analytics import church_summary, message_analytics
-from storage.messages import get_message
-from storage.services import Services
-from storage.settings import Settings
+from storage.pg.analytics import church_summary, message_analytics
+from storage.pg.messages import get_message
+from storage.process.services import Services
+from storage.process.settings import Settings
 from tests.conftest import Church, unique_phone
 
 

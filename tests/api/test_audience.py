@@ -13,7 +13,7 @@ import httpx
 import redis
 
 from deploy.stack import Stack
-from storage import keys
+from storage.redis import key_names
 from tests.conftest import Church, unique_phone
 
 
@@ -310,7 +310,7 @@ def test_group_counts_are_cached_and_invalidated(church: Church, stack: Stack) -
     assert count() == 1
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     try:
-        cached = keys.cached(uuid.UUID(church.id), f"groups:group:{group}")
+        cached = key_names.cached(uuid.UUID(church.id), f"groups:group:{group}")
         assert client.exists(cached), "the group was not cached"
     finally:
         client.close()

@@ -27,9 +27,9 @@ from starlette.responses import Response
 from api.sessions import set_session_cookies
 from deploy.embedded import free_port
 from deploy.stack import Stack
-from storage.database import Pool, open_pool
-from storage.mail import Mail, Mailer, parse_smtp_url
-from storage.settings import DatabaseSettings, HttpSettings, MailSettings
+from storage.pg.database import Pool, open_pool
+from storage.process.mail import Mail, Mailer, parse_smtp_url
+from storage.process.settings import DatabaseSettings, HttpSettings, MailSettings
 from tests.api.staff_support import (
     PASSWORD,
     browser,

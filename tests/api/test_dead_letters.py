@@ -20,14 +20,14 @@ import pytest
 import redis
 
 from deploy.stack import Stack
-from storage import keys
-from storage.database import open_pool
-from storage.dead_letters import entry_id_of, entry_uuid, list_dead_letters, requeue
-from storage.errors import Conflict
-from storage.ids import created_at_of, uuid7
-from storage.queue import SendBatch, encode_entry
-from storage.redis_connection import open_redis
-from storage.settings import Settings
+from storage.domain.errors import Conflict
+from storage.domain.ids import created_at_of, uuid7
+from storage.pg.database import open_pool
+from storage.pg.dead_letters import entry_id_of, entry_uuid, list_dead_letters, requeue
+from storage.process.settings import Settings
+from storage.redis import key_names
+from storage.redis.connection import open_redis
+from storage.redis.queue import SendBatch, encode_entry
 from tests.api.staff_support import error_of, join
 from tests.conftest import Church, texts_sent, unique_phone
 from tests.conftest import wait_until as _wait
@@ -50,7 +50,7 @@ def plant_dead_letter(stack: Stack, church_id: str, recipient_ids: list[str] | N
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     try:
         entry_id = client.xadd(
-            keys.DEAD_LETTER_STREAM, {"j": encode_entry(batch), "reason": "max_attempts"}
+            key_names.DEAD_LETTER_STREAM, {"j": encode_entry(batch), "reason": "max_attempts"}
         )
     finally:
         client.close()

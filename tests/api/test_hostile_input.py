@@ -19,7 +19,7 @@ import pytest
 
 from api.routes import operations
 from deploy.stack import Stack
-from storage.envelope import STATUS
+from storage.domain.envelope import STATUS
 from tests.conftest import Church
 
 _TABLES = (

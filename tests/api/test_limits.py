@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from storage.rate_limits import RateLimiter
-from storage.redis_connection import open_redis
-from storage.scripts import ScriptRunner
-from storage.settings import RedisSettings
+from storage.process.settings import RedisSettings
+from storage.redis.connection import open_redis
+from storage.redis.rate_limits import RateLimiter
+from storage.redis.scripts import ScriptRunner
 from tests.conftest import Church
 
 

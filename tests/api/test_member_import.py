@@ -15,7 +15,7 @@ import httpx
 import psycopg
 
 from deploy.stack import Stack
-from storage.member_import import CsvRecords
+from storage.pg.member_import import CsvRecords
 from tests.conftest import Church, unique_phone
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack
-from storage.recurrence import Rule, next_occurrence
+from storage.domain.recurrence import Rule, next_occurrence
 from tests.api.test_messages import make_template
 from tests.conftest import Church, unique_phone
 

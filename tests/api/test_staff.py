@@ -9,7 +9,7 @@ import pytest
 
 from api.routes import operations
 from deploy.stack import Stack
-from storage.staff import invitation_refusal, removal_refusal, role_change_refusal
+from storage.pg.staff import invitation_refusal, removal_refusal, role_change_refusal
 from tests.api.staff_support import (
     accept,
     browser,

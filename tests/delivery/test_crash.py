@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from deploy.stack import Stack
-from storage import keys
+from storage.redis import key_names
 from tests.conftest import Church, unique_phone
 from tests.delivery.test_durability import _flush_redis, _once_each
 
@@ -102,14 +102,14 @@ def recipient_summary(stack: Stack, message_id: str) -> list[Row]:
 def dead_letters(stack: Stack, message_id: str) -> list[tuple[str, int]]:
     """(reason, recipients) of every dead-letter entry that names this message.
 
-    Read from ``keys.DEAD_LETTER_STREAM`` and any other stream whose name mentions
+    Read from ``key_names.DEAD_LETTER_STREAM`` and any other stream whose name mentions
     "dead" (per-church dead-letter streams would be found too); an entry belongs to
     the message when one of its fields holds the message id's text (msgpack and JSON
     both carry a UUID as its canonical string)."""
     needle = message_id.encode()
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     try:
-        streams = {keys.DEAD_LETTER_STREAM.encode()}
+        streams = {key_names.DEAD_LETTER_STREAM.encode()}
         streams.update(
             name for name in client.scan_iter(match="*dead*") if client.type(name) == b"stream"
         )

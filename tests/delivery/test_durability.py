@@ -13,11 +13,11 @@ import redis
 from delivery.provider import Lookup, SendRequest, SendResult
 from delivery.worker import Worker
 from deploy.stack import Stack
-from storage import keys
-from storage.ids import created_at_of, uuid7
-from storage.queue import SendBatch, send_decoder
-from storage.services import Services
-from storage.settings import Settings
+from storage.domain.ids import created_at_of, uuid7
+from storage.process.services import Services
+from storage.process.settings import Settings
+from storage.redis import key_names
+from storage.redis.queue import SendBatch, send_decoder
 from tests.conftest import Church, texts_sent, unique_phone
 
 
@@ -153,13 +153,13 @@ async def test_a_counted_failure_waits_its_backoff(stack: Stack) -> None:
             await worker._retry_or_dead_letter(batch, batch.recipient_ids)
             after_ms = time.time() * 1000
             (entry, due_ms), *_ = await services.redis.zrange(
-                keys.church_delayed(church_id), 0, -1, withscores=True
+                key_names.church_delayed(church_id), 0, -1, withscores=True
             )
             delay = base * 2 ** (attempt - 1)
             assert before_ms + delay * 500 <= due_ms <= after_ms + delay * 1000, attempt
             again = send_decoder.decode(entry)
             assert (again.attempt, again.recipient_ids) == (attempt + 1, batch.recipient_ids)
-            await services.redis.delete(keys.church_delayed(church_id))
+            await services.redis.delete(key_names.church_delayed(church_id))
     finally:
         await services.close()
 

@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aredis
 
 from deploy.stack import Stack
-from storage.queue import SendBatch, SendQueue, enqueue_sends, schedule_retry, send_decoder
+from storage.redis.queue import SendBatch, SendQueue, enqueue_sends, schedule_retry, send_decoder
 from tests.conftest import Church, unique_phone
 from tests.delivery.test_throttle import audience, once_each, texted, wait_for, worker_with
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from storage.keywords import Kind, match, normalize
+from storage.pg.keywords import Kind, match, normalize
 from tests.conftest import Church, texts_sent, unique_phone
 from tests.conftest import wait_until as _wait
 

@@ -14,13 +14,7 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from storage.quiet_hours import (
-    QuietHours,
-    format_hhmm,
-    is_zone,
-    parse_hhmm,
-    plan_holds,
-)
+from storage.domain.quiet_hours import QuietHours, format_hhmm, is_zone, parse_hhmm, plan_holds
 from tests.conftest import Church, texts_sent, unique_phone
 from tests.conftest import wait_until as _wait
 

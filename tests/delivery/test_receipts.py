@@ -3,9 +3,9 @@ from __future__ import annotations
 import uuid
 
 from delivery.receipts import rounds
-from storage.ids import uuid7
-from storage.recipients import ProviderStatus
-from storage.statuses import RecipientStatus
+from storage.domain.ids import uuid7
+from storage.domain.statuses import RecipientStatus
+from storage.pg.recipients import ProviderStatus
 
 
 def _receipt(recipient: uuid.UUID, status: RecipientStatus, n: int) -> ProviderStatus:

@@ -1,6 +1,6 @@
 """One send pipeline: staff replies and automatic answers travel the broadcasts' path.
 
-A reply is a message of one recipient (storage/conversations.py ``accept_reply``),
+A reply is a message of one recipient (storage/pg/conversations.py ``accept_reply``),
 so it gets what a broadcast's recipients get: consent checked at acceptance and
 again when it is sent, the reconciler after Redis forgets it, XAUTOCLAIM after a
 worker dies, dead letters after its last attempt, and the provider idempotency
@@ -128,9 +128,7 @@ def test_opted_out_between_acceptance_and_sending_ends_skipped(
     assert _recipient(stack, message_id)[0] == "skipped"
 
 
-def test_help_and_start_answers_go_whatever_the_opt_in_state(
-    church: Church, sim_url: str
-) -> None:
+def test_help_and_start_answers_go_whatever_the_opt_in_state(church: Church, sim_url: str) -> None:
     """Staff opted the member out: a staff reply is refused, but the answer to HELP is
     one of the two texts carriers allow to anyone, and goes."""
     phone = unique_phone()

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from storage.recurring import Ran, run_next_due
-from storage.services import Services
-from storage.settings import Settings
+from storage.pg.recurring_schedules import Ran, run_next_due
+from storage.process.services import Services
+from storage.process.settings import Settings
 from tests.conftest import Church, texts_sent, unique_phone
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from delivery.scheduler import Scheduler
 from deploy.stack import Stack
-from storage.services import Services
-from storage.settings import Settings
+from storage.process.services import Services
+from storage.process.settings import Settings
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from delivery.errors import SignatureRejected
-from delivery.signatures import load_public_key, verify_telnyx
 from delivery.telnyx import interpret
+from delivery.telnyx_signatures import load_public_key, verify_telnyx
 
 BODY = b'{"data":{"event_type":"message.sent","id":"e1","payload":{"id":"m1"}}}'
 

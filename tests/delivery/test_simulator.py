@@ -38,8 +38,8 @@ from delivery.simulator_state import (
     keyword,
 )
 from delivery.simulator_wire import SimulatorError, plan_events, segment
-from storage.segments import GSM7_BASIC
-from storage.settings import SimulatorSettings
+from storage.domain.segments import GSM7_BASIC
+from storage.process.settings import SimulatorSettings
 
 CHURCH = "+15550100001"
 MEMBER = "+15557654321"

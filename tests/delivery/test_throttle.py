@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from deploy.stack import Stack
-from storage import keys
+from storage.redis import key_names
 from tests.conftest import Church, texts_sent, unique_phone
 
 Counts = dict[str, int]
@@ -88,7 +88,7 @@ def once_each(sim_url: str, phones: list[str]) -> None:
 def dead_lettered(stack: Stack, message_id: str) -> int:
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     try:
-        entries = client.xrange(keys.DEAD_LETTER_STREAM)
+        entries = client.xrange(key_names.DEAD_LETTER_STREAM)
     finally:
         client.close()
     needle = uuid.UUID(message_id).bytes
@@ -161,8 +161,8 @@ def test_sigterm_hands_back_in_flight_batches(church: Church, stack: Stack, sim_
 
         client = redis.Redis.from_url(stack.env["REDIS_URL"])
         try:
-            stream = keys.church_send_stream(uuid.UUID(church.id))
-            pending = client.xpending(stream, keys.SEND_GROUP)["pending"]
+            stream = key_names.church_send_stream(uuid.UUID(church.id))
+            pending = client.xpending(stream, key_names.SEND_GROUP)["pending"]
         finally:
             client.close()
         assert pending == 0, f"{pending} queue entries left pending by the stopped worker"

@@ -21,10 +21,10 @@ from aiohttp.resolver import ThreadedResolver
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from delivery.webhook_sender import DestinationRefused, PublicOnlyResolver, literal_problem
-from delivery.webhook_signing import signed_headers
+from delivery.webhook_signatures import signed_headers
 from deploy.stack import Stack
-from storage.outbox import matches, patterns_of
-from storage.webhook_endpoints import new_secret, url_problem
+from storage.pg.webhook_endpoints import new_secret, url_problem
+from storage.pg.webhook_outbox import matches, patterns_of
 from tests.conftest import Church, unique_phone
 
 WEBHOOK_ENV = {

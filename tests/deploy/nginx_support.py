@@ -25,14 +25,8 @@ import websockets
 
 from deploy.nginx import Nginx, NginxError, find_nginx
 from deploy.stack import Stack, free_ports
-from storage.events import (
-    ConversationChanged,
-    Counts,
-    Event,
-    EventPublisher,
-    MessageProgress,
-    new_event,
-)
+from storage.domain.events import ConversationChanged, Counts, Event, MessageProgress, new_event
+from storage.redis.publisher import EventPublisher
 
 UPSTREAM_HEADER = "X-Upstream"
 NGINX_MISSING = (

@@ -30,7 +30,7 @@ import redis.asyncio as aredis
 
 from deploy.nginx import SITE_CONF, find_nginx, render_main
 from deploy.stack import Stack
-from storage.events import EventPublisher
+from storage.redis.publisher import EventPublisher
 from tests.conftest import Church
 from tests.deploy.nginx_support import (
     NGINX_MISSING,

@@ -10,9 +10,9 @@ import pytest
 
 from deploy.embedded_redis import EmbeddedRedis
 from realtime.hub import Hub
-from storage.events import EventPublisher
-from storage.redis_connection import Redis, open_redis
-from storage.settings import RedisSettings
+from storage.process.settings import RedisSettings
+from storage.redis.connection import Redis, open_redis
+from storage.redis.publisher import EventPublisher
 
 
 @pytest.fixture

@@ -27,12 +27,13 @@ from realtime.connection import Limits
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
 from realtime.websocket import Sessions
-from storage import keys
-from storage.credentials import Principal
-from storage.events import ConversationTyping, EventPublisher, frame_bytes, new_event
-from storage.redis_connection import Redis
-from storage.services import SESSION_COOKIE
-from storage.settings import HttpSettings, RedisSettings, Settings
+from storage.domain.events import ConversationTyping, frame_bytes, new_event
+from storage.pg.credentials import Principal
+from storage.process.services import SESSION_COOKIE
+from storage.process.settings import HttpSettings, RedisSettings, Settings
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.publisher import EventPublisher
 
 pytestmark = pytest.mark.anyio
 
@@ -82,7 +83,7 @@ class Server:
 
     async def frame(self, channel: str, offset: str) -> str:
         """The event frame for an offset, rebuilt from history."""
-        history = keys.channel_history(self.church_id, channel)
+        history = key_names.channel_history(self.church_id, channel)
         [(entry_id, fields)] = cast(
             list[Any], await self.services.redis.xrange(history, offset, offset)
         )

@@ -7,9 +7,10 @@ import uuid
 import pytest
 
 from realtime.history import position, recover
-from storage import keys
-from storage.events import ConversationTyping, EventPublisher, new_event
-from storage.redis_connection import Redis
+from storage.domain.events import ConversationTyping, new_event
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.publisher import EventPublisher
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +61,7 @@ async def test_unrecoverable_when_trimmed_past_the_offset_or_epoch_changed(
 ) -> None:
     offsets = await publish_many(publisher, church_id, 5)
     epoch = (await publisher.head(church_id, "inbox")).epoch
-    await redis.xtrim(keys.channel_history(church_id, "inbox"), maxlen=2, approximate=False)
+    await redis.xtrim(key_names.channel_history(church_id, "inbox"), maxlen=2, approximate=False)
     trimmed = await recover(redis, publisher, church_id, "inbox", (offsets[1], epoch))
     assert not trimmed.recovered
     assert trimmed.entries == []
@@ -96,7 +97,7 @@ async def test_a_client_whose_own_entry_was_the_only_one_trimmed_recovers(
 ) -> None:
     offsets = await publish_many(publisher, church_id, 3)
     epoch = (await publisher.head(church_id, "inbox")).epoch
-    await redis.xtrim(keys.channel_history(church_id, "inbox"), maxlen=2, approximate=False)
+    await redis.xtrim(key_names.channel_history(church_id, "inbox"), maxlen=2, approximate=False)
     replay = await recover(redis, publisher, church_id, "inbox", (offsets[0], epoch))
     assert replay.recovered
     assert [e.offset for e in replay.entries] == offsets[1:]

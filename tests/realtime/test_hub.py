@@ -11,11 +11,12 @@ import anyio
 import pytest
 
 from realtime.hub import Hub, HubEvent
-from realtime.typing import publish_typing
-from storage import keys
-from storage.events import ConversationTyping, EventPublisher, frame_bytes, new_event
-from storage.redis_connection import Redis
-from storage.settings import RedisSettings
+from realtime.typing_indicator import publish_typing
+from storage.domain.events import ConversationTyping, frame_bytes, new_event
+from storage.process.settings import RedisSettings
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.publisher import EventPublisher
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,7 @@ async def publish(publisher: EventPublisher, church_id: uuid.UUID, channel: str)
 
 
 async def numsub(redis: Redis, church_id: uuid.UUID, channel: str) -> int:
-    reply = await redis.pubsub_numsub(keys.channel_pubsub(church_id, channel))
+    reply = await redis.pubsub_numsub(key_names.channel_pubsub(church_id, channel))
     return int(reply[0][1])
 
 
@@ -73,7 +74,7 @@ async def test_two_nodes_deliver_the_same_bytes_in_order(
         # One object per event per node, so every connection gets the same bytes.
         assert all(a is b for a, b in zip(first.events, second.events, strict=True))
         assert [e.frame for e in first.events] == [e.frame for e in other.events]
-        history = cast(list[Any], await redis.xrange(keys.channel_history(church_id, "inbox")))
+        history = cast(list[Any], await redis.xrange(key_names.channel_history(church_id, "inbox")))
         expected = [frame_bytes("inbox", i.decode(), f[b"e"]) for i, f in history]
         assert [e.frame for e in other.events] == expected
         assert first.events[0].text == expected[0].decode()
@@ -160,7 +161,7 @@ async def test_typing_is_delivered_live_at_the_latest_offset_and_never_stored(
         await hub.subscribe(church_id, name, recorder)
     offset = await publish(publisher, church_id, "inbox")
     await recorders["inbox"].wait_for(1)
-    lengths = [await redis.xlen(keys.channel_history(church_id, n)) for n in recorders]
+    lengths = [await redis.xlen(key_names.channel_history(church_id, n)) for n in recorders]
     user = uuid.uuid4()
     await publish_typing(publisher, church_id, conversation, user)
     typed = (await recorders["inbox"].wait_for(2))[1]
@@ -174,7 +175,7 @@ async def test_typing_is_delivered_live_at_the_latest_offset_and_never_stored(
     [on_conversation] = await recorders[channel].wait_for(1)
     head = await publisher.head(church_id, channel)
     assert (on_conversation.offset, on_conversation.epoch) == (head.offset, head.epoch)
-    assert [await redis.xlen(keys.channel_history(church_id, n)) for n in recorders] == lengths
+    assert [await redis.xlen(key_names.channel_history(church_id, n)) for n in recorders] == lengths
     # The hub does not count it: the next stored event is delivered as usual.
     after = await publish(publisher, church_id, "inbox")
     assert (await recorders["inbox"].wait_for(3))[2].offset == after

@@ -21,8 +21,8 @@ from websockets.asyncio.client import connect
 from realtime import event_stream
 from realtime.connection import Limits
 from realtime.websocket import Sessions
-from storage import keys
-from storage.redis_connection import Redis
+from storage.redis import key_names
+from storage.redis.connection import Redis
 from tests.realtime.test_endpoints import (
     API_KEY,
     AUTH,
@@ -164,7 +164,7 @@ async def test_a_consumer_that_cannot_keep_up_is_closed_with_4008(
         # Large frames the client does not read: the socket's buffers fill, the
         # sender blocks, the queue overflows. (Published raw, as the publish
         # script would, to make them large.)
-        name = keys.channel_pubsub(church_id, "dashboard")
+        name = key_names.channel_pubsub(church_id, "dashboard")
         filler = "x" * 60_000
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(1, 400):

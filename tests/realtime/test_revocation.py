@@ -11,11 +11,12 @@ import pytest
 
 from realtime.hub import Hub
 from realtime.revocation import REMEMBER_S, Revocations
-from storage import credentials, keys
-from storage.credentials import Principal
-from storage.events import EventPublisher
-from storage.redis_connection import Redis
-from storage.settings import RedisSettings
+from storage.pg import credentials
+from storage.pg.credentials import Principal
+from storage.process.settings import RedisSettings
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.publisher import EventPublisher
 
 
 class Conn:
@@ -179,7 +180,7 @@ async def test_sessions_ended_while_pub_sub_was_down_are_found_after_reconnectin
         hub.revocations.watch(principal, conns[token], expires_in=60)
     # Deleted behind the hub's back (its revocation message never sent), then the
     # hub's pub/sub connection drops: the reconnection rechecks every session.
-    await redis.delete(keys.session(credentials.session_hash(ended)))
+    await redis.delete(key_names.session(credentials.session_hash(ended)))
     await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
     await conns[ended].wait(5.0)
     assert conns[live].revoked == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from realtime.typing import MAX_CONVERSATIONS, TypingGate
+from realtime.typing_indicator import MAX_CONVERSATIONS, TypingGate
 
 
 def test_one_event_per_conversation_per_second() -> None:

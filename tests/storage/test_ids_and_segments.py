@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from storage.errors import InvalidInput
-from storage.ids import created_at_of, uuid7
-from storage.pagination import decode_cursor, encode_cursor
-from storage.segments import count_segments
+from storage.domain.errors import InvalidInput
+from storage.domain.ids import created_at_of, uuid7
+from storage.domain.segments import count_segments
+from storage.pg.pagination import decode_cursor, encode_cursor
 
 
 def test_uuid7_embeds_its_creation_time() -> None:
@@ -81,7 +81,7 @@ def _naive(text: str, encoding: str) -> int:
 
 
 def test_recipient_ids_follow_their_message() -> None:
-    from storage.recipients import recipient_id
+    from storage.pg.recipients import recipient_id
 
     message = uuid7()
     ids = [recipient_id(message, n) for n in (1, 2, 255, 256, 70_000)]

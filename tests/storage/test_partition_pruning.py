@@ -7,7 +7,7 @@ import re
 import psycopg
 
 from deploy.stack import Stack
-from storage.ids import created_at_of, uuid7
+from storage.domain.ids import created_at_of, uuid7
 
 
 def _plan(stack: Stack, sql: str, params: tuple[object, ...]) -> str:

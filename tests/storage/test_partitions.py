@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from storage.partitions import months_to_cover, next_month, partition_name
+from storage.pg.partitions import months_to_cover, next_month, partition_name
 
 
 def test_partition_names() -> None:

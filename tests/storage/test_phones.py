@@ -6,8 +6,8 @@ import uuid
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from storage.errors import InvalidPhone
-from storage.phones import PhoneVault, normalize
+from storage.domain.errors import InvalidPhone
+from storage.domain.phones import PhoneVault, normalize
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.statuses import FINAL, RecipientStatus, can_transition, from_telnyx
+from storage.domain.statuses import FINAL, RecipientStatus, can_transition, from_telnyx
 
 S = RecipientStatus
 

@@ -1,0 +1,80 @@
+"""The long-lived resources a process opens at start-up and hands down.
+
+Built once in the Starlette lifespan (or a worker's entry point) from the one
+``Settings`` object; nothing here is created at import time.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from storage.domain.phones import PhoneVault
+from storage.domain.receipt_refs import ReceiptRefs
+from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
+from storage.pg.database import Pool, open_pool
+from storage.pg.event_log import EventRelay
+from storage.process.settings import Settings
+from storage.redis.cache import Cache
+from storage.redis.connection import Redis, open_redis
+from storage.redis.publisher import EventPublisher
+from storage.redis.rate_limits import ChurchLimits, RateLimiter
+from storage.redis.scripts import ScriptRunner
+
+SESSION_COOKIE = "koinonia_session"
+CSRF_COOKIE = "koinonia_csrf"
+
+
+class Services(msgspec.Struct, kw_only=True):
+    settings: Settings
+    pool: Pool
+    redis: Redis
+    publisher: EventPublisher
+    vault: PhoneVault
+    refs: ReceiptRefs
+    scripts: ScriptRunner
+    limiter: RateLimiter
+    church_limits: ChurchLimits
+    cache: Cache
+    relay: EventRelay
+    """Moves this process's (and any stranded) logged events to Redis and webhooks."""
+
+    @classmethod
+    async def open(cls, settings: Settings, *, redis_connections: int = 64) -> Services:
+        pool = await open_pool(settings.database)
+        redis = open_redis(settings.redis, max_connections=redis_connections)
+        scripts = ScriptRunner(redis)
+        publisher = EventPublisher(redis)
+        relay = EventRelay(pool, publisher)
+        relay.start()
+        return cls(
+            settings=settings,
+            pool=pool,
+            redis=redis,
+            publisher=publisher,
+            vault=PhoneVault(settings.security.phone_key, settings.security.lookup_key),
+            refs=ReceiptRefs(settings.security.lookup_key),
+            scripts=scripts,
+            limiter=RateLimiter(scripts),
+            church_limits=ChurchLimits(pool, settings.limits.plans),
+            cache=Cache(redis),
+            relay=relay,
+        )
+
+    async def close(self) -> None:
+        await self.relay.stop()
+        await self.pool.close()
+        await self.redis.aclose()
+
+    async def authenticate(
+        self, authorization: str | None, session_token: str | None
+    ) -> Principal | None:
+        """The principal for a request's credentials: a Bearer API key wins over a
+        session cookie. None when neither is present and valid."""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return None
+            return await principal_for_api_key(self.redis, self.pool, value.strip())
+        if session_token:
+            return await principal_for_session(self.redis, session_token)
+        return None

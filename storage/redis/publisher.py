@@ -1,0 +1,151 @@
+"""Publishing events: one Lua call per event into a channel's history and pub/sub.
+
+Publishing is one Lua call per event (one Redis Cluster slot, thanks to the
+church hash tag): it appends the event to the channel's capped history stream,
+which assigns the offset, and publishes the finished WebSocket ``event`` frame on
+pub/sub. The frame is assembled once, in Redis, so every node forwards the same
+bytes to every connection without re-encoding.
+
+A channel's epoch is a random token stored beside its history; it is replaced
+whenever the history stream is found missing (Redis restarted, flushed, or the
+channel expired), which tells a client with an old offset that recovery is
+impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import msgspec
+
+from storage.domain.events import Event, encode
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.scripts import Call, ScriptRunner
+
+HISTORY_MAXLEN = 2000
+"""Events kept per channel for recovery (approximate trimming)."""
+HISTORY_TTL_S = 24 * 3600
+"""A channel's history and epoch expire this long after its last event."""
+
+
+# KEYS: history, epoch. ARGV: pubsub channel, json-encoded channel name, event json,
+# maxlen, epoch candidate, event type, ttl seconds.
+_PUBLISH_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[2], epoch)
+end
+local offset = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 't', ARGV[6], 'e', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+local frame = '{"type":"event","channel":' .. ARGV[2] .. ',"offset":"' .. offset ..
+  '","event":' .. ARGV[3] .. '}'
+redis.call('PUBLISH', ARGV[1], ARGV[6] .. '\\n' .. epoch .. '\\n' .. offset .. '\\n' .. frame)
+return {offset, epoch}
+"""
+
+# KEYS: history, epoch. ARGV: epoch candidate, ttl. Returns {epoch, latest offset}.
+# A channel without history gets a new epoch and an empty stream (an entry added
+# and trimmed at once), so its first publish keeps that epoch and a client that
+# subscribed while it was empty can recover from the returned offset.
+_HEAD_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch, 'EX', ARGV[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'x', '')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then return {epoch, last[1][1]} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then return {epoch, info[i + 1]} end
+end
+return {epoch, '0-0'}
+"""
+
+
+class Published(msgspec.Struct, frozen=True):
+    offset: str
+    epoch: str
+
+
+class ChannelHead(msgspec.Struct, frozen=True):
+    epoch: str
+    offset: str
+
+
+class EventPublisher:
+    """Publishes events to a church's channels; shared by web nodes and workers."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.scripts = ScriptRunner(redis)
+        self._publish = self.scripts.register(_PUBLISH_LUA)
+        self._head = self.scripts.register(_HEAD_LUA)
+
+    def publish_call(self, church_id: uuid.UUID, channel: str, event: Event) -> Call:
+        """The script call that publishes ``event``, to batch with other calls."""
+        return self.publish_encoded_call(church_id, channel, event.type, encode(event))
+
+    def publish_encoded_call(
+        self, church_id: uuid.UUID, channel: str, event_type: str, event_json: bytes
+    ) -> Call:
+        """The same for an event already encoded (the event log's relay)."""
+        return (
+            self._publish,
+            [
+                key_names.channel_history(church_id, channel),
+                key_names.channel_epoch(church_id, channel),
+            ],
+            [
+                key_names.channel_pubsub(church_id, channel),
+                encode(channel),
+                event_json,
+                HISTORY_MAXLEN,
+                new_epoch(),
+                event_type,
+                HISTORY_TTL_S,
+            ],
+        )
+
+    async def publish(self, church_id: uuid.UUID, channel: str, event: Event) -> Published:
+        return (await self.publish_many(church_id, [(channel, event)]))[0]
+
+    async def publish_many(
+        self, church_id: uuid.UUID, items: list[tuple[str, Event]]
+    ) -> list[Published]:
+        """Publish several events of one church in one round trip, in order."""
+        if not items:
+            return []
+        results = await self.scripts.run(
+            [self.publish_call(church_id, channel, event) for channel, event in items]
+        )
+        return [published(r) for r in results]
+
+    async def head(self, church_id: uuid.UUID, channel: str) -> ChannelHead:
+        result = await self.scripts.run_one(
+            self._head,
+            [
+                key_names.channel_history(church_id, channel),
+                key_names.channel_epoch(church_id, channel),
+            ],
+            [new_epoch(), HISTORY_TTL_S],
+        )
+        return ChannelHead(epoch=_text(result[0]), offset=_text(result[1]))
+
+
+def published(result: Any) -> Published:
+    return Published(offset=_text(result[0]), epoch=_text(result[1]))
+
+
+def new_epoch() -> str:
+    return os.urandom(6).hex()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,590 @@
+"""Queue entries, the producers that put them on Redis streams, and fair claiming.
+
+Two kinds of work:
+
+- the materialize stream: "turn accepted message X into recipient rows" (one
+  entry per broadcast, read with a blocking ``XREADGROUP``);
+- sends: batches of recipient ids of one message (a broadcast's, or the one
+  recipient of a staff reply or an automatic answer), on the church's own
+  stream ``kn:q:{c:<church>}:send`` (consumer group ``workers``), with the
+  church's delayed retries in a sorted set under the same tag.
+
+Fairness. A church with work is announced in one of ``shards`` *ready sets*
+(sorted sets of church ids; the shard is a hash of the church, so no key serves
+every church). A church's score is the time (ms, Redis clock) a worker should
+next look at it. A worker *leases* the church with the lowest score that is due
+(its score moves a few seconds ahead, so other workers pass it by), *takes* at
+most ``quantum`` entries from its stream, and *releases* it with a new score:
+now when it has more unread work (behind every church that has waited longer),
+the due time of its next retry, or a check-back time while entries are still in
+flight. Churches therefore take turns in the order they have waited: a 5-recipient
+message waits for about one batch of a 50,000-recipient broadcast, whichever
+church it comes from, and a broadcast alone is leased again and again at full
+speed. A throttled church is *paused* (its score raised to when its sending
+number has tokens), so it holds no worker while it waits.
+
+Idle workers block on the ready sets' wake lists (``BLPOP``) instead of polling:
+a church that becomes due now pushes one token. Every step is one Lua script on
+one hash tag (the church's, or the ready set's), so the layout fits Redis Cluster;
+ready set and church stream are touched in separate calls, ordered so that a lost
+race only ever leaves a church announced with nothing to do, never work without
+an announcement.
+
+Takeover. Entries a dead worker read stay pending; the take script claims those
+idle past ``claim_idle_ms`` (``XAUTOCLAIM``) before reading new ones, and a church
+with entries in flight keeps a check-back score, so somebody looks again.
+Finished entries are acknowledged and deleted (the stream's length is its
+backlog). Entries are msgpack-encoded Structs under the field ``j``. Postgres
+stays the truth: losing any entry only delays work until the reconciler finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from redis.exceptions import RedisError
+
+from storage.redis import key_names
+from storage.redis.connection import Redis
+from storage.redis.scripts import Call, ScriptRunner
+
+log = logging.getLogger("koinonia.storage.queue")
+
+STREAM_MAXLEN = 1_000_000
+LEASE_MS = 5_000
+"""How long a leased church is passed over by others; a lease normally ends
+within milliseconds (take, then release) and only outlives a dead worker."""
+WAKE_TOKENS = 256
+"""At most this many wake-ups wait in a wake list (surplus ones are harmless)."""
+DUE_PER_TAKE = 200
+"""Delayed entries moved onto a church's stream per take, at most."""
+REFRESH_MS = 200
+"""A busy worker looks at every ready set's head this often (one round trip), so
+a church announced in another set than the one it is draining gets its turn."""
+
+
+class MaterializeJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    church_id: uuid.UUID
+    message_id: uuid.UUID
+    created_at: datetime
+
+
+class SendBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="batch"):
+    """Recipients of one message to send: a broadcast's (up to ``batch_size``), or the
+    single recipient of a staff reply or an automatic answer (``conversation_id``
+    set). Every text we send travels as one of these."""
+
+    church_id: uuid.UUID
+    message_id: uuid.UUID
+    created_at: datetime
+    recipient_ids: list[uuid.UUID]
+    from_number: str
+    attempt: int = 1
+    max_attempts: int = 5
+    conversation_id: uuid.UUID | None = None
+    """The conversation of a reply or answer; None for a broadcast."""
+
+
+Work = SendBatch
+"""What a church's send stream carries."""
+
+_encoder = msgspec.msgpack.Encoder()
+materialize_decoder = msgspec.msgpack.Decoder(MaterializeJob)
+send_decoder = msgspec.msgpack.Decoder(Work)
+
+
+def shard_of(church_id: uuid.UUID, shards: int) -> int:
+    """The ready set a church is announced in."""
+    return int.from_bytes(hashlib.blake2s(church_id.bytes, digest_size=4).digest(), "big") % shards
+
+
+def encode_entry(value: MaterializeJob | Work) -> bytes:
+    return _encoder.encode(value)
+
+
+# -- scripts ---------------------------------------------------------------------------------
+
+# Church tag. KEYS: stream. ARGV: group, maxlen, payload... Creates the stream and
+# its group on first use (a deleted, drained stream comes back the same way).
+_ADD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+end
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[i])
+end
+return #ARGV - 2
+"""
+
+# Ready-set tag. KEYS: ready set, wake list. ARGV: church, score (ms; -1 = now),
+# wake cap. Adds the church or lowers its score (never raises it); pushes a wake
+# token when that makes the church due now.
+_ANNOUNCE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = tonumber(ARGV[2])
+if score < 0 then score = now end
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], 'LT', score, ARGV[1])
+if score <= now and (not before or tonumber(before) > now) then
+  redis.call('RPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+end
+return now
+"""
+
+# Ready-set tag. KEYS: ready set. ARGV: lease ms, jitter ms. Leases the church that
+# has waited longest among the due ones: {church, token, now}; or {false, next
+# score or -1, now} when none is due.
+_LEASE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+if #due == 0 then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #first == 0 then return {false, -1, now} end
+  return {false, tonumber(first[2]), now}
+end
+local token = now + tonumber(ARGV[1]) + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], token, due[1])
+return {due[1], token, now}
+"""
+
+# Ready-set tag. KEYS: ready set, wake list. ARGV: church, lease token, next score
+# (-1: nothing left, remove), wake cap. When somebody announced the church during
+# the lease its score is no longer the token: then it is only lowered, never removed.
+# Returns the set's lowest score afterwards (-1: empty).
+_RELEASE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local nxt = tonumber(ARGV[3])
+if current and tonumber(current) == tonumber(ARGV[2]) then
+  if nxt < 0 then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+  else
+    redis.call('ZADD', KEYS[1], nxt, ARGV[1])
+  end
+elseif nxt >= 0 then
+  redis.call('ZADD', KEYS[1], 'LT', nxt, ARGV[1])
+end
+if nxt >= 0 and nxt <= now then
+  redis.call('RPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first == 0 then return -1 end
+return tonumber(first[2])
+"""
+
+# Ready-set tag. KEYS: ready set. ARGV: church, until (ms). Raises a present
+# church's score (a throttled number: nothing of it can go before then).
+_PAUSE_LUA = """
+return redis.call('ZADD', KEYS[1], 'XX', 'GT', ARGV[2], ARGV[1])
+"""
+
+# Church tag. KEYS: stream, delayed set. ARGV: group, consumer, quantum, claim idle
+# ms, due per take, maxlen. Moves due retries onto the stream, takes entries idle
+# past claim-idle from dead consumers, then new ones, up to the quantum. Returns
+# {entries, more unread (0/1), next delayed due (ms or -1), pending, now}. A
+# church with nothing left at all loses its (empty) stream and group.
+_TAKE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local group, consumer, quantum = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+if #due > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
+end
+for _, entry in ipairs(due) do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'j', entry)
+  redis.call('ZREM', KEYS[2], entry)
+end
+local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local next_due = -1
+if #nxt > 0 then next_due = tonumber(nxt[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{}, 0, next_due, 0, now} end
+local taken = {}
+local ok, claimed = pcall(redis.call, 'XAUTOCLAIM', KEYS[1], group, consumer, ARGV[4],
+  '0-0', 'COUNT', quantum)
+if not ok then
+  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0')
+  claimed = {'0-0', {}}
+end
+for _, e in ipairs(claimed[2]) do
+  if e and e[2] then taken[#taken + 1] = e end
+end
+local more = 0
+if #taken < quantum then
+  local want = quantum - #taken
+  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
+    'STREAMS', KEYS[1], '>')
+  if read and read[1] then
+    local fresh = read[1][2]
+    for _, e in ipairs(fresh) do taken[#taken + 1] = e end
+    if #fresh == want then
+      local after = redis.call('XRANGE', KEYS[1], '(' .. fresh[#fresh][1], '+', 'COUNT', 1)
+      if #after > 0 then more = 1 end
+    end
+  end
+else
+  local info = redis.call('XINFO', 'GROUPS', KEYS[1])
+  for _, g in ipairs(info) do
+    local fields = {}
+    for i = 1, #g, 2 do fields[g[i]] = g[i + 1] end
+    if fields['name'] == group and tonumber(fields['lag'] or 1) ~= 0 then more = 1 end
+  end
+end
+local pending = tonumber(redis.call('XPENDING', KEYS[1], group)[1])
+if pending == 0 and next_due < 0 and redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+end
+local flat = {}
+for _, e in ipairs(taken) do
+  local payload = false
+  for i = 1, #e[2], 2 do if e[2][i] == 'j' then payload = e[2][i + 1] end end
+  flat[#flat + 1] = e[1]
+  flat[#flat + 1] = payload
+end
+return {flat, more, next_due, pending, now}
+"""
+
+_SOURCES = {
+    "add": _ADD_LUA,
+    "announce": _ANNOUNCE_LUA,
+    "lease": _LEASE_LUA,
+    "release": _RELEASE_LUA,
+    "pause": _PAUSE_LUA,
+    "take": _TAKE_LUA,
+}
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SOURCES.items()}
+_runners: weakref.WeakKeyDictionary[Redis, ScriptRunner] = weakref.WeakKeyDictionary()
+
+
+def _scripts(redis: Redis) -> ScriptRunner:
+    """One runner per client with every queue script registered (run by SHA)."""
+    runner = _runners.get(redis)
+    if runner is None:
+        runner = ScriptRunner(redis)
+        for source in _SOURCES.values():
+            runner.register(source)
+        _runners[redis] = runner
+    return runner
+
+
+async def _run(redis: Redis, calls: Sequence[Call]) -> list[Any]:
+    return await _scripts(redis).run(calls)
+
+
+def _announce_call(church_id: uuid.UUID, shards: int, score_ms: int) -> Call:
+    shard = shard_of(church_id, shards)
+    return (
+        _SHAS["announce"],
+        [key_names.ready_set(shard), key_names.ready_wake(shard)],
+        [str(church_id), score_ms, WAKE_TOKENS],
+    )
+
+
+# -- producers -------------------------------------------------------------------------------
+
+
+async def enqueue_materialize(redis: Redis, job: MaterializeJob) -> str:
+    entry_id = await redis.xadd(
+        key_names.MATERIALIZE_STREAM,
+        {"j": _encoder.encode(job)},
+        maxlen=STREAM_MAXLEN,
+        approximate=True,
+    )
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def enqueue_sends(redis: Redis, batches: Sequence[Work], shards: int) -> int:
+    """Append every batch to its church's stream, then announce each church in its
+    ready set (two pipelined round trips, in that order: a worker that leases the
+    church finds the entries there). Returns how many were added."""
+    if not batches:
+        return 0
+    by_church: dict[uuid.UUID, list[bytes]] = {}
+    for batch in batches:
+        by_church.setdefault(batch.church_id, []).append(_encoder.encode(batch))
+    await _run(
+        redis,
+        [
+            (
+                _SHAS["add"],
+                [key_names.church_send_stream(church_id)],
+                [key_names.SEND_GROUP, STREAM_MAXLEN, *payloads],
+            )
+            for church_id, payloads in by_church.items()
+        ],
+    )
+    await _run(redis, [_announce_call(church_id, shards, -1) for church_id in by_church])
+    return len(batches)
+
+
+async def hand_over(redis: Redis, batches: Sequence[Work], shards: int) -> bool:
+    """Enqueue sends whose rows were just committed. Redis being unreachable is not
+    the caller's failure: Postgres holds the work, and the reconciler enqueues it
+    again after ``reconcile_after_s``. Returns whether it was enqueued now."""
+    try:
+        await enqueue_sends(redis, batches, shards)
+    except (RedisError, OSError):
+        log.warning("enqueue deferred to the reconciler", extra={"batches": len(batches)})
+        return False
+    return True
+
+
+async def schedule_retry(redis: Redis, batch: Work, due_ms: int, shards: int) -> None:
+    """Put a batch in its church's delayed set until ``due_ms`` (wall clock, ms) and
+    make sure the church is looked at by then."""
+    await redis.zadd(key_names.church_delayed(batch.church_id), {_encoder.encode(batch): due_ms})
+    await _run(redis, [_announce_call(batch.church_id, shards, due_ms)])
+
+
+# -- consumers -------------------------------------------------------------------------------
+
+
+class Taken(msgspec.Struct, frozen=True):
+    """Entries taken from one church's stream; ``entries`` are (entry id, payload)."""
+
+    church_id: uuid.UUID
+    stream: str
+    entries: list[tuple[str, bytes | None]]
+
+
+class SendQueue:
+    """One worker's view of the send queue: claim fairly, block while idle, finish.
+
+    Not safe for concurrent ``claim`` calls: a worker has one reading loop.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        shards: int,
+        consumer: str,
+        *,
+        quantum: int = 1,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        self._redis = redis
+        self._shards = shards
+        self._consumer = consumer
+        self._quantum = max(1, quantum)
+        self._claim_idle_ms = claim_idle_ms
+        self._next_ms = [0.0] * shards
+        """Per ready set, its lowest score as last seen (0: look now)."""
+        self._refreshed_ms = 0.0
+        self._wake_keys = [key_names.ready_wake(s) for s in range(shards)]
+
+    async def claim(self) -> Taken | None:
+        """Lease the longest-waiting due church (across the ready sets, as last seen),
+        take up to ``quantum`` entries from it, release it. None when no church is due."""
+        now = time.time() * 1000
+        if now - self._refreshed_ms > REFRESH_MS:
+            await self._refresh()
+            now = time.time() * 1000
+        for shard in sorted(range(self._shards), key=self._next_ms.__getitem__):
+            if self._next_ms[shard] > now:
+                break
+            for _ in range(8):  # a few churches that turn out to have nothing left
+                taken, again = await self._claim_in(shard)
+                if taken is not None:
+                    return taken
+                if not again:
+                    break
+        return None
+
+    async def _refresh(self) -> None:
+        """The lowest score of every ready set, in one round trip: work announced by
+        others since the last look, wherever it is."""
+        pipe = self._redis.pipeline(transaction=False)
+        for shard in range(self._shards):
+            pipe.zrange(key_names.ready_set(shard), 0, 0, withscores=True)
+        firsts = await pipe.execute()
+        self._next_ms = [float(f[0][1]) if f else float("inf") for f in firsts]
+        self._refreshed_ms = time.time() * 1000
+
+    async def _claim_in(self, shard: int) -> tuple[Taken | None, bool]:
+        lease = await _run(
+            self._redis,
+            [(_SHAS["lease"], [key_names.ready_set(shard)], [LEASE_MS, random.randrange(1000)])],
+        )
+        church, token, now = lease[0]
+        if not church:
+            self._next_ms[shard] = float("inf") if int(token) < 0 else float(token)
+            return None, False
+        church_id = uuid.UUID(_text(church))
+        stream = key_names.church_send_stream(church_id)
+        took: Any = (
+            await _run(
+                self._redis,
+                [
+                    (
+                        _SHAS["take"],
+                        [stream, key_names.church_delayed(church_id)],
+                        [
+                            key_names.SEND_GROUP,
+                            self._consumer,
+                            self._quantum,
+                            self._claim_idle_ms,
+                            DUE_PER_TAKE,
+                            STREAM_MAXLEN,
+                        ],
+                    )
+                ],
+            )
+        )[0]
+        flat, more, next_due, pending, now = took
+        entries = [(_text(flat[i]), flat[i + 1] or None) for i in range(0, len(flat), 2)]
+        candidates = []
+        if int(more):
+            candidates.append(int(now))
+        if int(next_due) >= 0:
+            candidates.append(int(next_due))
+        if int(pending):
+            candidates.append(int(now) + self._claim_idle_ms)
+        score = min(candidates) if candidates else -1
+        first = (
+            await _run(
+                self._redis,
+                [
+                    (
+                        _SHAS["release"],
+                        [key_names.ready_set(shard), key_names.ready_wake(shard)],
+                        [str(church_id), token, score, WAKE_TOKENS],
+                    )
+                ],
+            )
+        )[0]
+        self._next_ms[shard] = float("inf") if int(first) < 0 else float(first)
+        if not entries:
+            return None, True
+        return Taken(church_id=church_id, stream=stream, entries=entries), True
+
+    def next_due_in_s(self) -> float:
+        """Seconds until a ready set is known to have a due church (inf: none known)."""
+        return max(0.0, min(self._next_ms) / 1000 - time.time())
+
+    async def wait(self, timeout_s: float) -> None:
+        """Block until a church becomes due (a wake token) or ``timeout_s`` passes;
+        then look at every ready set again."""
+        timeout = max(0.05, min(timeout_s, 1.0))
+        # BLPOP takes whole seconds or a float; a wake token names its ready set.
+        popped: Any = await self._redis.blpop(self._wake_keys, timeout=timeout)
+        if popped:
+            name = _text(popped[0])
+            for shard, key in enumerate(self._wake_keys):
+                if key == name:
+                    self._next_ms[shard] = 0.0
+        else:
+            self._refreshed_ms = 0.0
+
+    def look_again(self, church_id: uuid.UUID, at_ms: float = 0.0) -> None:
+        """This worker itself made work for a church due at ``at_ms``."""
+        shard = shard_of(church_id, self._shards)
+        self._next_ms[shard] = min(self._next_ms[shard], at_ms)
+
+    async def done(self, stream: str, entry_id: str) -> None:
+        """Acknowledge and delete a finished entry (one round trip)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xack(stream, key_names.SEND_GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def pause(self, church_id: uuid.UUID, until_ms: int) -> None:
+        """Pass a church over until ``until_ms`` (its sending number has no tokens)."""
+        await _run(
+            self._redis,
+            [
+                (
+                    _SHAS["pause"],
+                    [key_names.ready_set(shard_of(church_id, self._shards))],
+                    [str(church_id), until_ms],
+                )
+            ],
+        )
+
+
+async def queue_depths(redis: Redis, shards: int, sample: int = 500) -> dict[str, int]:
+    """Backlog figures for /health/detailed: churches with work (and how many are due
+    now), and over up to ``sample`` of them, entries not yet finished, in flight, and
+    waiting for a retry."""
+    now_ms = int(time.time() * 1000)
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.zcard(key_names.ready_set(shard))
+        pipe.zcount(key_names.ready_set(shard), "-inf", now_ms)
+        pipe.zrange(key_names.ready_set(shard), 0, max(0, sample // shards - 1))
+    raw = await pipe.execute()
+    churches = sum(int(raw[i]) for i in range(0, len(raw), 3))
+    due = sum(int(raw[i]) for i in range(1, len(raw), 3))
+    listed = [uuid.UUID(_text(c)) for i in range(2, len(raw), 3) for c in raw[i]]
+    backlog = pending = delayed = 0
+    if listed:
+        pipe = redis.pipeline(transaction=False)
+        for church_id in listed:
+            pipe.xlen(key_names.church_send_stream(church_id))
+            pipe.xpending(key_names.church_send_stream(church_id), key_names.SEND_GROUP)
+            pipe.zcard(key_names.church_delayed(church_id))
+        values = await pipe.execute(raise_on_error=False)
+        for i in range(0, len(values), 3):
+            backlog += int(values[i]) if isinstance(values[i], int) else 0
+            info = values[i + 1]
+            pending += int(info["pending"]) if isinstance(info, dict) else 0
+            delayed += int(values[i + 2]) if isinstance(values[i + 2], int) else 0
+    return {
+        "churches_with_work": churches,
+        "churches_due": due,
+        "send_stream_length": backlog,
+        "pending": pending,
+        "delayed_retries": delayed,
+    }
+
+
+async def migrate_shard_streams(redis: Redis, shards: int, legacy_shards: int = 8) -> int:
+    """Move entries left in the shard streams of earlier versions (``kn:q:{s<n>}``)
+    onto the churches' own streams, then drop those keys; returns how many moved.
+    Safe to run from several workers at once: a duplicate entry finds its recipients
+    already sent (and the provider's idempotency key covers a race)."""
+    moved: list[Work | None] = []
+    for shard in range(legacy_shards):
+        for name in (key_names.send_stream(shard), key_names.delayed_set(shard)):
+            kind: Any = await redis.type(name)
+            if _text(kind) == "stream":
+                entries: Any = await redis.xrange(name)
+                moved += [_decode_work(fields.get(b"j")) for _, fields in entries]
+            elif _text(kind) == "zset":
+                members: Any = await redis.zrange(name, 0, -1)
+                moved += [_decode_work(m) for m in members]
+            else:
+                continue
+    work = [w for w in moved if w is not None]
+    if work:
+        await enqueue_sends(redis, work, shards)
+    for shard in range(legacy_shards):
+        await redis.delete(key_names.send_stream(shard), key_names.delayed_set(shard))
+    return len(work)
+
+
+def _decode_work(payload: bytes | None) -> Work | None:
+    if payload is None:
+        return None
+    try:
+        work: Work = send_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    return work
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,55 @@
+"""Lua scripts run by SHA in pipelines: several scripts, one round trip.
+
+redis-py's own pipeline script support sends ``SCRIPT EXISTS`` before every
+pipeline, a second round trip on the hottest paths (every status webhook).
+Here scripts are sent by SHA straight away; when Redis does not know them
+(restarted, flushed) only the calls that failed with NOSCRIPT are loaded and
+run again, so no call ever runs twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from storage.redis.connection import Redis
+
+Call = tuple[str, Sequence[str], Sequence[Any]]
+"""(script sha, keys, args)"""
+
+
+class ScriptRunner:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._sources: dict[str, str] = {}
+
+    def register(self, source: str) -> str:
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        self._sources[sha] = source
+        return sha
+
+    async def run(self, calls: Sequence[Call]) -> list[Any]:
+        results = await self._pipeline(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for sha in {calls[i][0] for i in missing}:
+                await self._redis.script_load(self._sources[sha])
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, value in zip(missing, again, strict=True):
+                results[i] = value
+        for value in results:
+            if isinstance(value, Exception):
+                raise value
+        return results
+
+    async def run_one(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return (await self.run([(sha, keys, args)]))[0]
+
+    async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for sha, keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
