@@ -25,7 +25,7 @@ from storage.responses import ok
 async def signup(request: Request) -> Response:
     services = services_of(request)
     body = await decode_body(request, SignupRequest)
-    password_hash = await hash_password(body.password)
+    password_hash = await hash_password(services.settings.security, body.password)
     async with services.pool.connection() as conn:
         church, user = await create_church_with_owner(
             conn,
@@ -46,7 +46,9 @@ async def login(request: Request) -> Response:
         async with services.pool.connection() as conn:
             found = await user_for_login(conn, body.email.strip())
     # An unknown email is checked against a dummy hash: it takes as long as a wrong password.
-    matched = await password_matches(found[1] if found else None, body.password)
+    matched = await password_matches(
+        services.settings.security, found[1] if found else None, body.password
+    )
     if found is None or not matched:
         raise Unauthorized("wrong email or password")
     user = found[0]

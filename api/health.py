@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.operation import Handler, Operation
+from storage.pg.database import ping
 from storage.process.services import Services
 from storage.redis import key_names
 from storage.redis.queue import queue_depths
@@ -23,7 +24,7 @@ CHECK_TIMEOUT_S = 2.0
 async def _database(services: Services) -> dict[str, Any]:
     started = time.perf_counter()
     async with services.pool.connection(timeout=CHECK_TIMEOUT_S) as conn:
-        await conn.execute("SELECT 1")
+        await ping(conn)
     stats = services.pool.get_stats()
     return {
         "ok": True,

@@ -13,6 +13,8 @@ over TLS).
 
 from __future__ import annotations
 
+import functools
+
 import anyio.to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -22,24 +24,33 @@ from api.schemas import SignupData
 from storage.pg.churches import Church, StaffUser
 from storage.pg.credentials import create_session
 from storage.process.services import CSRF_COOKIE, SESSION_COOKIE, Services
-from storage.process.settings import HttpSettings
+from storage.process.settings import HttpSettings, SecuritySettings
 from storage.responses import ok
 
-# argon2-cffi's defaults: argon2id, RFC 9106's second recommended profile.
-_hasher = PasswordHasher()
-# Verifying against this keeps an unknown email as slow as a wrong password.
-_DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
+
+@functools.cache
+def _hasher(time_cost: int, memory_kib: int) -> tuple[PasswordHasher, str]:
+    """argon2id with the configured cost (by default RFC 9106's second recommended
+    profile), and a hash to verify against for an unknown email, so that it takes as
+    long as a wrong password."""
+    hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib)
+    return hasher, hasher.hash("not-a-real-password-0000")
 
 
-async def hash_password(password: str) -> str:
+def _of(security: SecuritySettings) -> tuple[PasswordHasher, str]:
+    return _hasher(security.password_time_cost, security.password_memory_kib)
+
+
+async def hash_password(security: SecuritySettings, password: str) -> str:
     """An argon2id hash (``$argon2id$...``), computed off the event loop."""
-    return await anyio.to_thread.run_sync(_hasher.hash, password)
+    return await anyio.to_thread.run_sync(_of(security)[0].hash, password)
 
 
-async def password_matches(stored: str | None, password: str) -> bool:
+async def password_matches(security: SecuritySettings, stored: str | None, password: str) -> bool:
     """Whether ``password`` matches ``stored``; None (no such account) takes as long."""
+    hasher, dummy = _of(security)
     try:
-        await anyio.to_thread.run_sync(_hasher.verify, stored or _DUMMY_HASH, password)
+        await anyio.to_thread.run_sync(hasher.verify, stored or dummy, password)
     except (VerificationError, InvalidHashError):
         return False
     return stored is not None

@@ -289,7 +289,7 @@ async def accept(request: Request) -> Response:
     """Public: the invited person chooses a password and is signed in (201)."""
     body = await decode_body(request, AcceptInvitationRequest)
     services = services_of(request)
-    password_hash = await hash_password(body.password)
+    password_hash = await hash_password(services.settings.security, body.password)
     async with services.pool.connection() as conn:
         user = await accept_invitation(
             conn, body.token, password_hash=password_hash, name=body.name.strip()
@@ -337,7 +337,7 @@ async def confirm_reset(request: Request) -> Response:
     """Public: a reset token sets a new password and ends every session of its user."""
     body = await decode_body(request, PasswordResetConfirm)
     services = services_of(request)
-    password_hash = await hash_password(body.password)
+    password_hash = await hash_password(services.settings.security, body.password)
     async with services.pool.connection() as conn:
         church_id, user_id = await confirm_password_reset(conn, body.token, password_hash)
     ended = await delete_user_sessions(services.redis, church_id, user_id)
@@ -357,9 +357,9 @@ async def change_password(request: Request) -> Response:
         me = await get_staff(conn, who.church_id, who.user_id)
         stored = await password_hash_of(conn, who.church_id, who.user_id)
     await charge_attempt(request, "login", me.email.lower())
-    if not await password_matches(stored, body.current_password):
+    if not await password_matches(services.settings.security, stored, body.current_password):
         raise invalid_body(FieldError("current_password", "is not your current password"))
-    password_hash = await hash_password(body.new_password)
+    password_hash = await hash_password(services.settings.security, body.new_password)
     async with services.pool.connection() as conn:
         await set_password(conn, who.church_id, who.user_id, password_hash)
     ended = await delete_user_sessions(

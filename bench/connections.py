@@ -269,16 +269,15 @@ def _signup(base: str) -> tuple[str, str]:
 
 async def _publish(redis_url: str, church_id: str) -> None:
     from storage.domain.events import Counts as EventCounts
-    from storage.domain.events import MessageProgress, new_event
+    from storage.domain.events import MessageProgress, MessageProgressEvent
     from storage.process.settings import RedisSettings
     from storage.redis.connection import open_redis
     from storage.redis.publisher import EventPublisher
 
     redis = open_redis(RedisSettings(url=redis_url))
     try:
-        event = new_event(
-            "message.progress",
-            MessageProgress(message_id=uuid.uuid4(), counts=EventCounts(), recipient_count=0),
+        event = MessageProgressEvent.new(
+            MessageProgress(message_id=uuid.uuid4(), counts=EventCounts(), recipient_count=0)
         )
         await EventPublisher(redis).publish(uuid.UUID(church_id), "dashboard", event)
     finally:

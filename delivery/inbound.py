@@ -30,14 +30,14 @@ from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.telnyx_signatures import load_public_key, verify_telnyx
 from storage.domain.errors import InvalidInput
-from storage.domain.ids import uuid7
 from storage.domain.phones import normalize
 from storage.domain.statuses import UNCONFIRMED, from_telnyx
 from storage.pg.churches import church_by_number
 from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
 from storage.pg.database import Conn
 from storage.pg.keywords import Kind, apply_keyword
-from storage.pg.members import member_by_phone_hash
+from storage.pg.members import create_inbound_member, member_by_phone_hash
+from storage.pg.provider_events import record_provider_event
 from storage.pg.recipients import ProviderStatus, locate_by_provider_id
 from storage.process.services import Services
 from storage.redis.queue import hand_over
@@ -186,17 +186,7 @@ class InboundHandler:
                 phone = payload.from_.phone_number
             found = await member_by_phone_hash(conn, church.id, vault.lookup_hash(phone))
             if found is None:
-                member_id = uuid7()
-                await conn.execute(
-                    "INSERT INTO member (church_id, id, first_name, phone_cipher, phone_hash, "
-                    "verified, opt_source) VALUES (%s, %s, '', %s, %s, false, 'inbound')",
-                    (
-                        church.id,
-                        member_id,
-                        vault.encrypt(church.id, phone),
-                        vault.lookup_hash(phone),
-                    ),
-                )
+                member_id = await create_inbound_member(conn, vault, church.id, phone)
             else:
                 member_id = found[0]
             conversation, _, _ = await record_inbound(
@@ -237,11 +227,7 @@ class InboundHandler:
 
 
 async def _first_time(conn: Conn, data: _Data) -> bool:
-    cur = await conn.execute(
-        "INSERT INTO provider_event (event_id, event_type) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-        (data.id, data.event_type),
-    )
-    return cur.rowcount == 1
+    return await record_provider_event(conn, data.id, data.event_type)
 
 
 def inbound_routes() -> list[BaseRoute]:

@@ -32,11 +32,14 @@ from typing import Any
 
 from storage.domain.events import (
     ConversationMessageStatus,
+    ConversationMessageStatusEvent,
     Counts,
     MessageCompleted,
+    MessageCompletedEvent,
     MessageProgress,
+    MessageProgressEvent,
+    MessageRecipientStatusEvent,
     RecipientStatusChanged,
-    new_event,
 )
 from storage.domain.statuses import ALL_STATUSES, FINAL
 from storage.pg.database import Conn, Pool
@@ -45,23 +48,14 @@ from storage.pg.messages import SendTexts, mark_completed, message_counts
 from storage.pg.recipients import Transition
 from storage.redis import key_names
 from storage.redis.connection import Redis
-from storage.redis.scripts import Call, ScriptRunner
+from storage.redis.scripts import Call, ScriptRunner, lua
 
 log = logging.getLogger("koinonia.delivery.progress")
 
 GATE_MS = 100
 COUNTS_TTL_S = 7 * 24 * 3600
 
-# KEYS: counts hash, gate. ARGV: gate ms, then field/delta pairs.
-# Returns nil when the hash is missing (Redis lost it): the caller rebuilds it.
-_APPLY_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local open = redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1])
-local gate = 0
-if open then gate = 1 end
-return {gate, redis.call('HGETALL', KEYS[1])}
-"""
+_APPLY_LUA = lua("progress_apply")
 
 _FINAL_FIELDS = tuple(s.value for s in FINAL)
 
@@ -107,8 +101,7 @@ class ProgressTracker:
             return (
                 church_id,
                 ("inbox", f"conversation:{conversation_id}"),
-                new_event(
-                    "conversation.message.status",
+                ConversationMessageStatusEvent.new(
                     ConversationMessageStatus(
                         conversation_id=conversation_id, message_id=message_id, status=change.status
                     ),
@@ -117,8 +110,7 @@ class ProgressTracker:
         return (
             church_id,
             (f"message:{message_id}",),
-            new_event(
-                "message.recipient.status",
+            MessageRecipientStatusEvent.new(
                 RecipientStatusChanged(
                     message_id=message_id,
                     recipient_id=change.id,
@@ -213,9 +205,8 @@ class ProgressTracker:
                 return
         if gate_open:
             counts = Counts(**{s.value: max(0, fields.get(s.value, 0)) for s in ALL_STATUSES})
-            event = new_event(
-                "message.progress",
-                MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+            event = MessageProgressEvent.new(
+                MessageProgress(message_id=message_id, counts=counts, recipient_count=total)
             )
             async with self._pool.connection() as conn:
                 await append(conn, [(church_id, (f"message:{message_id}", "dashboard"), event)])
@@ -237,12 +228,11 @@ class ProgressTracker:
             if text is None or text.conversation_id is None:
                 counts = await message_counts(conn, church_id, message_id)
                 total = sum(getattr(counts, s.value) for s in ALL_STATUSES)
-                progress = new_event(
-                    "message.progress",
-                    MessageProgress(message_id=message_id, counts=counts, recipient_count=total),
+                progress = MessageProgressEvent.new(
+                    MessageProgress(message_id=message_id, counts=counts, recipient_count=total)
                 )
-                completed = new_event(
-                    "message.completed", MessageCompleted(message_id=message_id, counts=counts)
+                completed = MessageCompletedEvent.new(
+                    MessageCompleted(message_id=message_id, counts=counts)
                 )
                 channels = (f"message:{message_id}", "dashboard")
                 await append(

@@ -54,6 +54,8 @@ from storage.domain.statuses import (
     from_telnyx,
     is_final,
 )
+from storage.pg.advisory_locks import try_xact_lock
+from storage.pg.churches import sending_number
 from storage.pg.database import Conn
 from storage.pg.held_recipients import release_held
 from storage.pg.messages import (
@@ -63,6 +65,7 @@ from storage.pg.messages import (
     unstarted_scheduled,
 )
 from storage.pg.partitions import ensure_partitions
+from storage.pg.provider_events import delete_old_provider_events
 from storage.pg.recipients import (
     AwaitingReceipt,
     ProviderStatus,
@@ -219,11 +222,7 @@ class Scheduler:
         size = self.settings.batch_size
         for (church_id, message_id), ids in by_message.items():
             if church_id not in numbers:
-                cur = await conn.execute(
-                    "SELECT phone_number FROM church WHERE id = %s", (church_id,)
-                )
-                number = await cur.fetchone()
-                numbers[church_id] = number[0] if number else ""
+                numbers[church_id] = await sending_number(conn, church_id) or ""
             ids.sort()
             text = await self._texts.get(church_id, message_id, conn)
             batches += [
@@ -321,9 +320,7 @@ class Scheduler:
 
     async def premake_partitions(self) -> list[str]:
         async with self.services.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_PARTITIONS,))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            if not await try_xact_lock(conn, _LOCK_PARTITIONS):
                 return []
             created = await ensure_partitions(conn)
         if created:
@@ -334,24 +331,15 @@ class Scheduler:
         """Delete one batch of dedupe records past retention; returns how many."""
         cutoff = (now or datetime.now(UTC)) - PROVIDER_EVENT_RETENTION
         async with self.services.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_PRUNE,))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            if not await try_xact_lock(conn, _LOCK_PRUNE):
                 return 0
-            cur = await conn.execute(
-                "DELETE FROM provider_event WHERE event_id IN (SELECT event_id FROM "
-                "provider_event WHERE received_at < %s ORDER BY received_at LIMIT %s)",
-                (cutoff, _PRUNE_BATCH),
-            )
-            return cur.rowcount
+            return await delete_old_provider_events(conn, cutoff, _PRUNE_BATCH)
 
     async def reconcile(self) -> tuple[int, int]:
         """Re-enqueue lost work; returns (messages, recipients) re-enqueued."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_after_s)
         async with self.services.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_RECONCILE,))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            if not await try_xact_lock(conn, _LOCK_RECONCILE):
                 return 0, 0
             messages = await pending_materialization(conn, cutoff)
             messages += await unstarted_scheduled(conn, cutoff)

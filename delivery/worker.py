@@ -50,6 +50,7 @@ from delivery.provider import Provider, SendRequest, SendResult
 from delivery.throttle import ACCOUNT, Throttle
 from storage.domain import merge_fields
 from storage.domain.statuses import RecipientStatus
+from storage.pg.churches import sending_number
 from storage.pg.messages import merge_values
 from storage.pg.recipients import (
     SendTarget,
@@ -294,11 +295,8 @@ class Worker:
         started = time.perf_counter()
         async with self.services.pool.connection() as conn:
             done = await materialize(conn, job.church_id, job.message_id)
-            cur = await conn.execute(
-                "SELECT phone_number FROM church WHERE id = %s", (job.church_id,)
-            )
-            row = await cur.fetchone()
-        if done is None or row is None:
+            from_number = await sending_number(conn, job.church_id)
+        if done is None or from_number is None:
             return
         took = time.perf_counter() - started
         total = done.queued + done.skipped
@@ -322,7 +320,7 @@ class Worker:
                 message_id=job.message_id,
                 created_at=job.created_at,
                 recipient_ids=ids[i : i + size],
-                from_number=row[0],
+                from_number=from_number,
                 max_attempts=self.settings.max_attempts,
             )
             for i in range(0, len(ids), size)

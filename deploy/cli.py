@@ -173,38 +173,40 @@ def cmd_simulator(args: argparse.Namespace) -> None:
     )
 
 
+def _operator_settings(*, redis: bool) -> Settings:
+    """Settings for an operator command: DATABASE_URL / REDIS_URL when set, else the
+    stores of the `koinonia dev` running in the data folder (its ``stack.json``), else
+    exit 2 with a message naming both ways (deploy/stack_file.py)."""
+    from deploy.stack_file import NoStores, operator_settings
+
+    try:
+        settings = operator_settings(redis=redis)
+    except NoStores as exc:
+        print(f"koinonia: {exc}", file=sys.stderr)
+        sys.exit(2)
+    env_db = os.environ.get("DATABASE_URL")
+    if not env_db or (redis and not os.environ.get("REDIS_URL")):
+        print(
+            f"koinonia: using the stack of `koinonia dev` in {settings.data_dir}", file=sys.stderr
+        )
+    return settings
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     from storage.pg.database import migrate
 
-    settings = Settings.from_env()
-    if not settings.database.url:
-        sys.exit("koinonia: DATABASE_URL is required")
+    settings = _operator_settings(redis=False)
     applied = asyncio.run(migrate(settings.database.url))
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
-
-
-def _running_database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded Postgres that `koinonia dev` runs in the data folder
-    (its port is in ``postmaster.pid``)."""
-    if settings.database.url:
-        return settings.database.url
-    from deploy.embedded_postgres import PG_DATABASE, PG_ROLE
-
-    pid_file = Path(settings.data_dir).resolve() / "postgres" / "postmaster.pid"
-    try:
-        port = int(pid_file.read_text().splitlines()[3])
-    except (OSError, IndexError, ValueError):
-        sys.exit(f"koinonia: set DATABASE_URL, or run `koinonia dev` (no Postgres at {pid_file})")
-    return f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
 
 
 def cmd_outbox(args: argparse.Namespace) -> None:
     """Print the development outbox: mail stored instead of sent (no KOINONIA_SMTP_URL)."""
     from psycopg import AsyncConnection
 
-    from storage.process.mail import list_outbox
+    from storage.pg.mail_outbox import list_outbox
 
-    url = _running_database_url(Settings.from_env())
+    url = _operator_settings(redis=False).database.url
 
     async def main() -> None:
         async with await AsyncConnection.connect(url, autocommit=True) as conn:
@@ -236,8 +238,6 @@ def cmd_import_members(args: argparse.Namespace) -> None:
     from storage.pg.member_import import MemberImporter, Progress, import_file
     from storage.process.services import Services
 
-    settings = Settings.from_env()
-    _require_keys(settings)
     try:
         church_id = uuid.UUID(args.church_id)
     except ValueError:
@@ -245,6 +245,8 @@ def cmd_import_members(args: argparse.Namespace) -> None:
     path = Path(args.file)
     if not path.is_file():
         sys.exit(f"koinonia: no such file: {path}")
+    settings = _operator_settings(redis=True)
+    _require_keys(settings)
 
     def show(p: Progress) -> None:
         rate = p.rows / p.elapsed_s if p.elapsed_s > 0 else 0.0
@@ -305,15 +307,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> None:
     from storage.pg.dead_letters import dead_letters, requeue
     from storage.redis.connection import open_redis
 
-    settings = Settings.from_env()
-    if not settings.database.url or not settings.redis.url:
-        sys.exit("koinonia: DATABASE_URL and REDIS_URL are required")
     try:
         church_id = uuid.UUID(args.church_id) if args.church_id else None
     except ValueError:
         sys.exit("koinonia: --church-id must be a UUID")
     if args.action == "requeue" and bool(args.entry) == bool(args.all):
         sys.exit("koinonia: give one dead-letter id, or --all")
+    settings = _operator_settings(redis=True)
 
     async def main() -> int:
         pool = await open_pool(settings.database, name="koinonia-cli")

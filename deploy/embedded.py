@@ -123,13 +123,15 @@ def read_pid(path: pathlib.Path) -> int | None:
     return int(first_line) if first_line.isdigit() else None
 
 
-def pid_alive(pid: int, name: str) -> bool:
-    """Whether ``pid`` runs and is the expected program.
+def pid_alive(pid: int, name: str | None = None) -> bool:
+    """Whether ``pid`` runs and, when ``name`` is given, is that program.
 
     After a reboot a stale pid file can name an unrelated process; the name
     check keeps us from signalling it. Zombies count as gone: an orphaned
     server's zombie may linger if PID 1 does not reap.
     """
+    if pid <= 0:  # kill(0, ...) would reach our own process group
+        return False
     proc = pathlib.Path("/proc") / str(pid)
     if proc.parent.is_dir():
         try:
@@ -137,7 +139,7 @@ def pid_alive(pid: int, name: str) -> bool:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError, IndexError):
             return False
-        return comm == name[:15] and state != "Z"
+        return (name is None or comm == name[:15]) and state != "Z"
     try:  # no /proc (macOS): existence only
         os.kill(pid, 0)
     except ProcessLookupError:

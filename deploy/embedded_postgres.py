@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import IO, Self
 
 import psycopg
-from psycopg import sql
 
 from deploy.embedded import (
     POLL_INTERVAL,
@@ -39,6 +38,7 @@ from deploy.embedded import (
     read_pid,
     terminate,
 )
+from storage.pg.database import ensure_database
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,12 @@ class EmbeddedPostgres:
         if self._url is None:
             raise EmbeddedServerError("EmbeddedPostgres.url read before start()")
         return self._url
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while this object runs it, else None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     def start(self) -> str:
         """Start the server (initialising the cluster if needed); return its URL.
@@ -274,20 +280,12 @@ class EmbeddedPostgres:
             time.sleep(POLL_INTERVAL)
         admin_url = f"postgresql://{PG_ROLE}@127.0.0.1:{port}/postgres"
         try:
-            conn = psycopg.connect(admin_url, autocommit=True, connect_timeout=10)
+            ensure_database(admin_url, PG_DATABASE)
         except psycopg.OperationalError as exc:
             raise EmbeddedServerError(
                 f"PostgreSQL is ready but refused a connection on port {port}: {exc}",
                 self.log_path,
             ) from exc
-        with conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)
-            ).fetchone()
-            if exists is None:
-                # Another start() on the same cluster may win the race.
-                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(PG_DATABASE)))
 
     def _postmaster_ready(self, pid: int) -> bool:
         # Lines: pid, data dir, start time, port, socket dir, listen address,

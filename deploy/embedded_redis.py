@@ -69,6 +69,12 @@ class EmbeddedRedis:
             raise EmbeddedServerError("EmbeddedRedis.url read before start()")
         return self._url
 
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while this object runs it, else None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
     def start(self) -> str:
         """Start the server and block until it answers PING; return its URL."""
         if self._process is not None and self._process.poll() is None:

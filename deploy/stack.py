@@ -2,7 +2,9 @@
 
 Embedded Postgres and Redis when no URLs are given, migrations, then the
 provider simulator, one web process, one worker and the scheduler, wired to
-each other through environment variables. The test suite and the benches use
+each other through environment variables. Once ready it writes
+``<data dir>/stack.json`` (deploy/stack_file.py), where operator commands find
+its stores, and removes it when it stops. The test suite and the benches use
 the same class, so they exercise the same start-up path as a developer.
 """
 
@@ -25,6 +27,15 @@ from delivery.simulator import new_signing_seed, public_key_b64
 from deploy.embedded import free_port
 from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
+from deploy.stack_file import (
+    Endpoint,
+    Process,
+    RedisEntry,
+    StackFile,
+    remove_stack_file,
+    stack_file_path,
+    write_stack_file,
+)
 from storage.pg.database import migrate
 
 INBOUND_PATH = "/v1/provider/telnyx/webhooks"
@@ -74,7 +85,12 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # Per process name: its kind (``koinonia <kind>``) and the URL it serves.
+        self.kinds: dict[str, str] = {}
+        self.addresses: dict[str, str | None] = {}
         self.env: dict[str, str] = {}
+        self.stack_file = stack_file_path(data_dir)
+        self._stack_file_written = False
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -119,9 +135,11 @@ class Stack:
     def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> None:
         """Run ``koinonia <args>`` as a child with the stack's environment."""
         command = [sys.executable, "-m", "deploy.cli", *args]
-        self.processes[name] = subprocess.Popen(
-            command, env=dict(env or self.env), start_new_session=True
-        )
+        child_env = dict(env or self.env)
+        self.processes[name] = subprocess.Popen(command, env=child_env, start_new_session=True)
+        kind = args[0] if args else name
+        self.kinds[name] = kind
+        self.addresses[name] = _serves(kind, child_env)
 
     def start_processes(self) -> None:
         self._say("starting simulator, web, worker and scheduler")
@@ -131,6 +149,8 @@ class Stack:
         self.spawn("scheduler", "scheduler")
 
     def wait_ready(self, url: str | None = None, timeout_s: float = 60.0) -> None:
+        """Wait until ``url`` (default: the stack's web process) answers 200; with the
+        default, the stack is ready and (re)writes ``stack.json``."""
         target = url or f"http://127.0.0.1:{self.http_port}/health/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -139,6 +159,8 @@ class Stack:
                     raise RuntimeError(f"{name} exited with {process.returncode} during start-up")
             try:
                 if httpx.get(target, timeout=1.0).status_code == 200:
+                    if url is None:
+                        self.write_stack_file()
                     return
             except httpx.HTTPError:
                 pass
@@ -176,8 +198,45 @@ class Stack:
     def recover(self, name: str) -> None:
         """Start an embedded store stopped by ``outage`` again, on the same port."""
         self.store(name).start()
+        if self._stack_file_written:
+            self.write_stack_file()  # the store's new pid
+
+    def describe(self) -> StackFile:
+        """What ``stack.json`` holds: the stores and the running children."""
+        database_url = self.env.get("DATABASE_URL", "")
+        redis_url = self.env.get("REDIS_URL", "")
+        by_kind: dict[str, list[Process]] = {}
+        for name, process in self.processes.items():
+            if process.poll() is None:
+                kind = self.kinds.get(name, name)
+                entry = Process(name=name, pid=process.pid, address=self.addresses.get(name))
+                by_kind.setdefault(kind, []).append(entry)
+        return StackFile(
+            pid=os.getpid(),
+            data_dir=str(self.data_dir.resolve()),
+            postgres=Endpoint(
+                url=self.postgres.url if self.postgres is not None else database_url,
+                pid=self.postgres.pid if self.postgres is not None else None,
+            ),
+            redis=RedisEntry(
+                url=self.redis.url if self.redis is not None else redis_url,
+                pid=self.redis.pid if self.redis is not None else None,
+            ),
+            simulator=tuple(by_kind.get("simulator", ())),
+            web=tuple(by_kind.get("web", ())),
+            worker=tuple(by_kind.get("worker", ())),
+            scheduler=tuple(by_kind.get("scheduler", ())),
+        )
+
+    def write_stack_file(self) -> None:
+        """Write ``<data dir>/stack.json`` atomically (deploy/stack_file.py)."""
+        write_stack_file(self.stack_file, self.describe())
+        self._stack_file_written = True
 
     def stop(self) -> None:
+        # First, so no operator command connects to a stack on its way down.
+        remove_stack_file(self.stack_file, os.getpid())
+        self._stack_file_written = False
         for name in list(self.processes):
             self.stop_process(name)
         if self.redis is not None:
@@ -186,6 +245,17 @@ class Stack:
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
+
+
+def _serves(kind: str, env: Mapping[str, str]) -> str | None:
+    """The URL a ``koinonia <kind>`` process started with ``env`` serves, if any."""
+    if kind == "web":
+        host, port = env.get("KOINONIA_HTTP_HOST", "127.0.0.1"), env.get("KOINONIA_HTTP_PORT")
+    elif kind == "simulator":
+        host, port = env.get("KOINONIA_SIM_HOST", "127.0.0.1"), env.get("KOINONIA_SIM_PORT")
+    else:
+        return None
+    return f"http://{host}:{port or (8000 if kind == 'web' else 8025)}"
 
 
 def free_ports(count: int) -> list[int]:

@@ -16,6 +16,7 @@ import uuid
 import msgspec
 
 from realtime.errors import ForbiddenChannel, UnknownChannel
+from storage.pg.conversations import conversation_exists
 from storage.pg.credentials import Principal
 from storage.pg.messages import message_exists
 from storage.process.services import Services
@@ -63,11 +64,7 @@ async def authorize(services: Services, principal: Principal, ref: ChannelRef) -
         if ref.kind == "message":
             found = await message_exists(conn, principal.church_id, ref.id)
         else:
-            cur = await conn.execute(
-                "SELECT 1 FROM conversation WHERE church_id = %s AND id = %s",
-                (principal.church_id, ref.id),
-            )
-            found = await cur.fetchone() is not None
+            found = await conversation_exists(conn, principal.church_id, ref.id)
     if not found:
         raise ForbiddenChannel(ref.name, f"channel {ref.name!r} is not available")
 

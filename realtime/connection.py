@@ -6,8 +6,8 @@ the endpoint's sender drains the queue onto the socket. Everything here is
 synchronous and deterministic (time is passed in), so it is tested without
 sockets.
 
-Close codes (docs/protocol.md): decisions that end a connection set ``close_code``;
-the endpoint sends it.
+Close codes (realtime/close_codes.py, docs/protocol.md): decisions that end a
+connection set ``close_code``; the endpoint sends it.
 """
 
 from __future__ import annotations
@@ -18,18 +18,9 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from realtime.close_codes import CloseCode
 from realtime.history import ZERO, Position
 from realtime.hub import HubEvent
-from realtime.revocation import CLOSE_REVOKED
-
-CLOSE_POLICY = 1008
-"""Repeated malformed frames."""
-CLOSE_TOO_BIG = 1009
-"""A frame over ``Limits.max_frame_bytes``."""
-CLOSE_SLOW_CONSUMER = 4008
-"""The send queue overflowed: the client reads slower than its events arrive."""
-CLOSE_TOO_MANY = 4029
-"""Frames kept coming far past the rate limit."""
 
 T = TypeVar("T")
 
@@ -92,7 +83,7 @@ class Connection(Generic[T]):
         # Frames waiting to be written; the shared empty _IDLE while there are none.
         self.queue: deque[T] = _IDLE
         self.subscriptions: dict[str, Subscription[T]] = {}
-        self.close_code: int | None = None
+        self.close_code: CloseCode | None = None
         self.bad_frames = 0
         self.rate_limited = 0
         self._tokens = limits.frame_burst
@@ -108,7 +99,7 @@ class Connection(Generic[T]):
         if queue is _IDLE:
             queue = self.queue = deque()
         elif len(queue) >= self.limits.send_queue:
-            self.close(CLOSE_SLOW_CONSUMER, drop=True)
+            self.close(CloseCode.SLOW_CONSUMER, drop=True)
             return
         queue.append(item)
         if len(queue) == 1:
@@ -124,7 +115,7 @@ class Connection(Generic[T]):
         """Items that can still be queued before the connection overflows."""
         return self.limits.send_queue - len(self.queue)
 
-    def close(self, code: int, *, drop: bool = False) -> None:
+    def close(self, code: CloseCode, *, drop: bool = False) -> None:
         """Decide to close; the first decision wins. Frames already queued are still
         sent first (an error frame explains the close), unless ``drop``: a slow
         consumer's backlog is what we are closing it for."""
@@ -137,7 +128,7 @@ class Connection(Generic[T]):
 
     def revoke(self) -> None:
         """Credentials revoked or expired: close with 4001, sending nothing more."""
-        self.close(CLOSE_REVOKED, drop=True)
+        self.close(CloseCode.REVOKED, drop=True)
 
     # -- receiving -------------------------------------------------------------
 
@@ -148,7 +139,7 @@ class Connection(Generic[T]):
         answers ``rate_limited``) and, refused too often, the connection closes (4029).
         """
         if size > self.limits.max_frame_bytes:
-            self.close(CLOSE_TOO_BIG)
+            self.close(CloseCode.TOO_BIG)
             return False
         limits = self.limits
         tokens = min(
@@ -159,7 +150,7 @@ class Connection(Generic[T]):
             self._tokens = tokens
             self.rate_limited += 1
             if self.rate_limited >= limits.max_rate_limited:
-                self.close(CLOSE_TOO_MANY)
+                self.close(CloseCode.TOO_MANY)
             return False
         self._tokens = tokens - 1.0
         return True
@@ -168,7 +159,7 @@ class Connection(Generic[T]):
         """Count a malformed frame; the endpoint answers it unless this one closed (1008)."""
         self.bad_frames += 1
         if self.bad_frames >= self.limits.max_bad_frames:
-            self.close(CLOSE_POLICY)
+            self.close(CloseCode.POLICY)
 
     # -- subscriptions ---------------------------------------------------------
 
@@ -220,7 +211,7 @@ class Subscription(Generic[T]):
             return
         if pending is not None:
             if len(pending) >= self.connection.limits.send_queue:
-                self.connection.close(CLOSE_SLOW_CONSUMER, drop=True)
+                self.connection.close(CloseCode.SLOW_CONSUMER, drop=True)
             else:
                 pending.append(event)
             return

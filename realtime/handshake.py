@@ -21,14 +21,12 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import cookie_parser
 from starlette.types import Scope, Send
 
+from realtime.close_codes import CloseCode
 from storage.domain.envelope import STATUS, error_bytes
 from storage.pg.credentials import Principal, principal_for_ticket
 from storage.process.services import SESSION_COOKIE, Services
 from storage.process.settings import Settings
 from storage.redis import key_names
-
-CLOSE_REFUSED = 1008
-"""Used only when the server cannot answer a refused handshake with HTTP 401."""
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -111,4 +109,4 @@ async def refuse_websocket(scope: Scope, send: Send) -> None:
     if "websocket.http.response" in (scope.get("extensions") or {}):
         await send_error(send, "unauthorized", "missing or invalid credentials", websocket=True)
     else:
-        await send({"type": "websocket.close", "code": CLOSE_REFUSED})
+        await send({"type": "websocket.close", "code": CloseCode.REFUSED})

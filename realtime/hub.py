@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from realtime.errors import HubStopped
 from realtime.history import ZERO, Position, entry_from_stream, position
+from realtime.protocol import wire_frame
 from realtime.revocation import Revocations
 from storage.domain.events import frame_bytes
 from storage.process.settings import RedisSettings
@@ -82,8 +83,9 @@ class HubEvent(msgspec.Struct, frozen=True, gc=False):
     """The same frame as text, for ASGI ``websocket.send``."""
     wire: bytes = b""
     """The same frame as a whole server-to-client WebSocket message on the wire
-    (unmasked, one final text frame): built once here, written as is to every
-    connection (realtime/protocol.py), instead of framed again per connection."""
+    (unmasked, one final text frame): built once here by ``realtime.protocol.wire_frame``,
+    written as is to every connection by that protocol, instead of framed again per
+    connection."""
     ephemeral: bool = False
     """Realtime only (typing): ``offset`` repeats the channel's latest stored one."""
 
@@ -108,18 +110,6 @@ def _event(
         wire=wire_frame(frame),
         ephemeral=ephemeral,
     )
-
-
-def wire_frame(payload: bytes) -> bytes:
-    """RFC 6455 section 5.2: FIN + text opcode, no mask (server frames), the length."""
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, size))
-    elif size < 65536:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-    return header + payload
 
 
 _REVOCATIONS = key_names.CREDENTIAL_REVOCATIONS.encode()

@@ -21,6 +21,13 @@ stand-ins for exactly the methods uvicorn 0.54 calls on them (``put_nowait``,
 run on this class, so an upgrade that changes them fails there first. Select
 it with ``uvicorn --ws realtime.protocol:LeanWSProtocol`` (``koinonia web``
 does).
+
+pyproject.toml pins ``uvicorn[standard]>=0.35,<0.55`` (0.54 in uv.lock): this
+class subclasses ``uvicorn.protocols.websockets.wsproto_impl.WSProtocol`` and
+relies on its private attributes (``queue``, ``writable``, ``conn``,
+``close_sent``, ``handshake_complete``, ``response_started``), which uvicorn may
+change in any 0.x minor release; raise the bound after running
+tests/realtime on the new version.
 """
 
 from __future__ import annotations
@@ -112,7 +119,20 @@ _SPENT = _SpentHandshake()
 
 WIRE = "koinonia.wire"
 """Key of a ``websocket.send`` message carrying the frame already encoded for the
-wire (realtime/hub.py ``wire_frame``); other servers ignore it and use ``text``."""
+wire (``wire_frame``, called once per event by the hub); other servers ignore it
+and use ``text``."""
+
+
+def wire_frame(payload: bytes) -> bytes:
+    """RFC 6455 section 5.2: FIN + text opcode, no mask (server frames), the length."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
 
 
 class LeanWSProtocol(WSProtocol):
@@ -122,8 +142,9 @@ class LeanWSProtocol(WSProtocol):
     def handle_close(self, event: CloseConnection) -> None:
         # wsproto reports a frame it cannot parse (reserved opcode or RSV bits,
         # invalid UTF-8 in a text frame, a bad close code) as a CloseConnection
-        # with the RFC 6455 code (1002, 1007) while the connection is still open;
-        # uvicorn then drops the TCP connection without saying why. Say it.
+        # with the RFC 6455 code (1002, 1007: realtime/close_codes.py PROTOCOL_ERROR,
+        # INVALID_DATA) while the connection is still open; uvicorn then drops the
+        # TCP connection without saying why. Say it.
         if not self.close_sent and self.conn.state == ConnectionState.OPEN:
             self.close_sent = True
             self.transport.write(self.conn.send(CloseConnection(code=event.code)))

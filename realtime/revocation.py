@@ -41,6 +41,7 @@ from storage.pg.credentials import (
     USER_REVOKED,
     Principal,
     parse_revocation,
+    unrevoked_api_key_ids,
 )
 from storage.pg.database import Pool
 from storage.redis import key_names
@@ -48,8 +49,6 @@ from storage.redis.connection import Redis
 
 log = logging.getLogger("koinonia.realtime.revocation")
 
-CLOSE_REVOKED = 4001
-"""Credentials expired or revoked during the connection (docs/protocol.md)."""
 REMEMBER_S = 90.0
 """How long a revocation is remembered for handshakes that raced it: more than a
 ticket's 30 s plus the time a handshake may take."""
@@ -167,12 +166,7 @@ class Revocations:
         if api_keys and self.pool is not None:
             ids = [n.partition(" ")[2] for n in api_keys]
             async with self.pool.connection() as db:
-                cur = await db.execute(
-                    "SELECT id::text FROM api_key WHERE id = ANY(%s::uuid[]) "
-                    "AND revoked_at IS NULL",
-                    (ids,),
-                )
-                live = {row[0] for row in await cur.fetchall()}
+                live = await unrevoked_api_key_ids(db, ids)
             gone += [f"{API_KEY_REVOKED} {i}" for i in ids if i not in live]
         closed = 0
         for name in gone:

@@ -42,6 +42,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from realtime import channels
 from realtime.channels import ChannelRef
+from realtime.close_codes import CloseCode
 from realtime.connection import Connection, Limits
 from realtime.errors import ChannelError, HubStopped
 from realtime.frames import (
@@ -89,10 +90,6 @@ def _finish(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-CLOSE_DRAINING = 1001
-CLOSE_TOO_MANY = 4029
-
-
 class Sessions:
     """A node's open WebSocket sessions: counted against the node's and each
     church's limits (4029 beyond them), and closed with 1001 when the server
@@ -138,7 +135,7 @@ class Sessions:
         end; returns how many were open."""
         count = len(self._open)
         for session in list(self._open):
-            session.conn.close(CLOSE_DRAINING)
+            session.conn.close(CloseCode.DRAINING)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._empty.wait(), timeout_s)
         return count
@@ -251,7 +248,7 @@ class _Session:
         self.sessions = sessions = getattr(state, "sessions", None)
         if sessions is not None and not sessions.add(self):
             self.sessions = None
-            await send({"type": "websocket.close", "code": CLOSE_TOO_MANY})
+            await send({"type": "websocket.close", "code": CloseCode.TOO_MANY})
             return False
         revocations = hub.revocations
         revocations.pool = getattr(services, "pool", None)

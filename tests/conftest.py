@@ -42,6 +42,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_RETRY_BASE_S": "0.2",
             # Receipts that never come are looked up at the provider after 2 s, not 1 h.
             "KOINONIA_RECEIPT_TIMEOUT_S": "2",
+            # argon2id at its lowest sensible cost: every test church signs up, and
+            # the production profile (64 MiB, 3 passes) costs about 0.3 s a hash here.
+            "KOINONIA_PASSWORD_TIME_COST": "1",
+            "KOINONIA_PASSWORD_MEMORY_KIB": "8192",
             # Every test church is on the starter plan and every request comes from
             # 127.0.0.1: the suite raises the plan, key and per-IP login limits so
             # only tests about limits meet them (they set a church's or a key's own

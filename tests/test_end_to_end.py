@@ -21,6 +21,10 @@ import websockets
 from deploy.stack import Stack, free_ports
 from tests.conftest import Church, unique_phone
 
+# Slow lane: several web nodes and a draining node.
+pytestmark = pytest.mark.slow
+
+
 MEMBERS = 100
 
 

@@ -1,5 +1,12 @@
 """Events: the typed payloads realtime clients and webhooks share (docs/protocol.md "Events").
 
+An event is a tagged union: one ``Event`` subclass per type, its tag the ``type``
+on the wire and its ``data`` the payload of that type, so a type can only ever
+travel with its own payload. Make one with ``MessageCreatedEvent.new(data)`` (a
+fresh id and time; mypy rejects another payload), decode any with
+``msgspec.json.decode(raw, type=AnyEvent)`` (a payload that does not match its
+type fails). ``EVENT_TYPES`` and ``WEBHOOK_EVENT_TYPES`` are read from the union.
+
 Publishing them is ``storage/redis/publisher.py``'s; this module is pure types
 and bytes, shared by every process.
 """
@@ -8,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar, Generic, Self, TypeVar, cast, get_args
 
 import msgspec
 
@@ -84,9 +91,14 @@ class ConversationTyping(Base, frozen=True):
     user_id: uuid.UUID
 
 
-class MemberChanged(Base, frozen=True, omit_defaults=True):
+class MemberChanged(Base, frozen=True):
     member_id: uuid.UUID
-    source: str | None = None
+
+
+class MemberOptChanged(Base, frozen=True):
+    member_id: uuid.UUID
+    source: str
+    """What moved the consent: ``keyword``, ``staff``, ``api``, ``import``."""
 
 
 class WebhookEndpointDisabled(Base, frozen=True):
@@ -94,37 +106,145 @@ class WebhookEndpointDisabled(Base, frozen=True):
     reason: str
 
 
-EventData = (
-    MessageCreated
-    | MessageProgress
-    | MessageCompleted
-    | RecipientStatusChanged
-    | ConversationChanged
-    | ConversationMessageCreated
-    | ConversationMessageStatus
-    | ConversationTyping
-    | MemberChanged
-    | WebhookEndpointDisabled
-)
+class WebhookEndpointTest(Base, frozen=True):
+    endpoint_id: uuid.UUID
 
 
-class Event(Base, frozen=True):
-    """The envelope every event travels in (docs/protocol.md "Events")."""
+D = TypeVar("D", bound=Base)
+
+
+class Event(Base, Generic[D], frozen=True, tag_field="type"):
+    """The envelope every event travels in (docs/protocol.md "Events"):
+    ``{"type","id","occurred_at","data"}``, the type being the subclass's tag."""
 
     id: str
-    type: str
     occurred_at: str
-    data: Any
+    data: D
+
+    subscribable: ClassVar[bool] = True
+    """Whether webhook endpoints can subscribe to this type (their ``events``)."""
+
+    @classmethod
+    def new(cls, data: D) -> Self:
+        """This event with a fresh id and the time now."""
+        now = datetime.now(UTC)
+        return cls(
+            id=str(uuid7()),
+            occurred_at=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            data=data,
+        )
+
+    @property
+    def type(self) -> str:
+        return cast(str, self.__struct_config__.tag)
 
 
-def new_event(type_: str, data: EventData) -> Event:
-    now = datetime.now(UTC)
-    return Event(
-        id=str(uuid7()),
-        type=type_,
-        occurred_at=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        data=data,
-    )
+class MessageCreatedEvent(Event[MessageCreated], frozen=True, tag="message.created"):
+    pass
+
+
+class MessageProgressEvent(Event[MessageProgress], frozen=True, tag="message.progress"):
+    pass
+
+
+class MessageCompletedEvent(Event[MessageCompleted], frozen=True, tag="message.completed"):
+    pass
+
+
+class MessageRecipientStatusEvent(
+    Event[RecipientStatusChanged], frozen=True, tag="message.recipient.status"
+):
+    pass
+
+
+class ConversationCreatedEvent(Event[ConversationChanged], frozen=True, tag="conversation.created"):
+    pass
+
+
+class ConversationUpdatedEvent(Event[ConversationChanged], frozen=True, tag="conversation.updated"):
+    pass
+
+
+class ConversationMessageCreatedEvent(
+    Event[ConversationMessageCreated], frozen=True, tag="conversation.message.created"
+):
+    pass
+
+
+class ConversationMessageStatusEvent(
+    Event[ConversationMessageStatus], frozen=True, tag="conversation.message.status"
+):
+    pass
+
+
+class ConversationTypingEvent(Event[ConversationTyping], frozen=True, tag="conversation.typing"):
+    """Realtime only: pub/sub, never logged, stored or sent to webhooks."""
+
+    subscribable: ClassVar[bool] = False
+
+
+class MemberCreatedEvent(Event[MemberChanged], frozen=True, tag="member.created"):
+    pass
+
+
+class MemberUpdatedEvent(Event[MemberChanged], frozen=True, tag="member.updated"):
+    pass
+
+
+class MemberOptedOutEvent(Event[MemberOptChanged], frozen=True, tag="member.opted_out"):
+    pass
+
+
+class MemberOptedInEvent(Event[MemberOptChanged], frozen=True, tag="member.opted_in"):
+    pass
+
+
+class WebhookEndpointDisabledEvent(
+    Event[WebhookEndpointDisabled], frozen=True, tag="webhook_endpoint.disabled"
+):
+    pass
+
+
+class WebhookEndpointTestEvent(
+    Event[WebhookEndpointTest], frozen=True, tag="webhook_endpoint.test"
+):
+    """Sent to one endpoint on request, whatever its filters."""
+
+    subscribable: ClassVar[bool] = False
+
+
+AnyEvent = (
+    MessageCreatedEvent
+    | MessageProgressEvent
+    | MessageCompletedEvent
+    | MessageRecipientStatusEvent
+    | ConversationCreatedEvent
+    | ConversationUpdatedEvent
+    | ConversationMessageCreatedEvent
+    | ConversationMessageStatusEvent
+    | ConversationTypingEvent
+    | MemberCreatedEvent
+    | MemberUpdatedEvent
+    | MemberOptedOutEvent
+    | MemberOptedInEvent
+    | WebhookEndpointDisabledEvent
+    | WebhookEndpointTestEvent
+)
+"""Every event there is: ``msgspec.json.decode(raw, type=AnyEvent)``."""
+
+MemberEvent = MemberCreatedEvent | MemberUpdatedEvent | MemberOptedOutEvent | MemberOptedInEvent
+
+
+def tag_of(kind: type[Event[Any]]) -> str:
+    """The ``type`` of an event class, as on the wire."""
+    return cast(str, kind.__struct_config__.tag)
+
+
+EVENT_KINDS: tuple[type[Event[Any]], ...] = get_args(AnyEvent)
+EVENT_TYPES: tuple[str, ...] = tuple(tag_of(k) for k in EVENT_KINDS)
+"""Every event type, in the union's order."""
+WEBHOOK_EVENT_TYPES = frozenset(tag_of(k) for k in EVENT_KINDS if k.subscribable)
+"""What integrators can subscribe to (typing is realtime only, the test on request)."""
 
 
 _encoder = msgspec.json.Encoder()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, time
 from typing import Any
 
@@ -12,7 +13,7 @@ from psycopg import errors
 from storage.domain.errors import Conflict, NotFound
 from storage.domain.ids import uuid7
 from storage.domain.quiet_hours import QuietHours
-from storage.pg.database import Conn
+from storage.pg.database import Conn, Pool
 
 
 class Church(msgspec.Struct, frozen=True):
@@ -83,6 +84,33 @@ async def church_by_number(conn: Conn, number: str) -> Church | None:
     )
     row = await cur.fetchone()
     return Church(*row) if row else None
+
+
+async def sending_number(conn: Conn, church_id: uuid.UUID) -> str | None:
+    """The number the church's texts go out from; None for an unknown church."""
+    cur = await conn.execute("SELECT phone_number FROM church WHERE id = %s", (church_id,))
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def church_plan(conn: Conn, church_id: uuid.UUID) -> tuple[str, int | None] | None:
+    """(plan, own requests-per-minute override or None); None for an unknown church."""
+    cur = await conn.execute(
+        "SELECT plan, rate_limit_per_min FROM church WHERE id = %s", (church_id,)
+    )
+    row = await cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def plan_loader(pool: Pool) -> Callable[[uuid.UUID], Awaitable[tuple[str, int | None] | None]]:
+    """``church_plan`` on a connection of its own, for the request limits in
+    storage/redis/rate_limits.py (which hold no pool)."""
+
+    async def load(church_id: uuid.UUID) -> tuple[str, int | None] | None:
+        async with pool.connection() as conn:
+            return await church_plan(conn, church_id)
+
+    return load
 
 
 async def user_for_login(conn: Conn, email: str) -> tuple[StaffUser, str] | None:

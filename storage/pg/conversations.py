@@ -16,7 +16,13 @@ import msgspec
 from psycopg.types.json import Jsonb
 
 from storage.domain.errors import Conflict, InvalidInput, NotFound, OptedOut
-from storage.domain.events import ConversationChanged, ConversationMessageCreated, Event, new_event
+from storage.domain.events import (
+    ConversationChanged,
+    ConversationCreatedEvent,
+    ConversationMessageCreated,
+    ConversationMessageCreatedEvent,
+    ConversationUpdatedEvent,
+)
 from storage.domain.ids import created_at_of, uuid7
 from storage.domain.segments import count_segments
 from storage.pg.database import Conn
@@ -212,11 +218,12 @@ async def accept_reply(
     return AcceptedReply(conversation=conversation, message=message, batch=batch)
 
 
-def changed_event(conversation: Conversation, *, created: bool = False) -> Event:
+def changed_event(
+    conversation: Conversation, *, created: bool = False
+) -> ConversationCreatedEvent | ConversationUpdatedEvent:
     """``conversation.created`` or ``conversation.updated`` for its current state."""
-    return new_event(
-        "conversation.created" if created else "conversation.updated", _changed(conversation)
-    )
+    data = _changed(conversation)
+    return ConversationCreatedEvent.new(data) if created else ConversationUpdatedEvent.new(data)
 
 
 def _changed(conversation: Conversation) -> ConversationChanged:
@@ -235,9 +242,11 @@ def channels_of(conversation_id: uuid.UUID) -> tuple[str, str]:
     return ("inbox", f"conversation:{conversation_id}")
 
 
-def posted_event(conversation: Conversation, message: ConversationMessage) -> Event:
+def posted_event(
+    conversation: Conversation, message: ConversationMessage
+) -> ConversationMessageCreatedEvent:
     """``conversation.message.created`` for a message of the conversation."""
-    return new_event("conversation.message.created", posted(conversation, message))
+    return ConversationMessageCreatedEvent.new(posted(conversation, message))
 
 
 def posted(conversation: Conversation, message: ConversationMessage) -> ConversationMessageCreated:
@@ -298,6 +307,14 @@ async def get_conversation(
     if row is None:
         raise NotFound("conversation")
     return Conversation(*row)
+
+
+async def conversation_exists(conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM conversation WHERE church_id = %s AND id = %s",
+        (church_id, conversation_id),
+    )
+    return await cur.fetchone() is not None
 
 
 class ConversationFilter(msgspec.Struct, frozen=True):

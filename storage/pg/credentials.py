@@ -196,6 +196,16 @@ async def revoke_api_key(
     return ApiKey(*row[1:])
 
 
+async def unrevoked_api_key_ids(conn: Conn, key_ids: list[str]) -> set[str]:
+    """Those of these key ids (text) whose key is not revoked: realtime's recheck after
+    its pub/sub connection was lost (a rotated key keeps its id, so it is among them)."""
+    cur = await conn.execute(
+        "SELECT id::text FROM api_key WHERE id = ANY(%s::uuid[]) AND revoked_at IS NULL",
+        (key_ids,),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
 API_KEY_CACHE_S = 60
 _principal_encoder = msgspec.msgpack.Encoder()
 _principal_decoder = msgspec.msgpack.Decoder(Principal)

@@ -7,11 +7,13 @@ makes concurrent ``migrate`` runs (several processes starting at once) safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from importlib import resources
 
 import msgspec
-from psycopg import AsyncConnection
+import psycopg
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,7 +25,7 @@ log = logging.getLogger("koinonia.storage")
 _MIGRATION_LOCK = 7_311_020_101
 
 Pool = AsyncConnectionPool[Conn]
-__all__ = ["Conn", "Pool", "migrate", "open_pool"]
+__all__ = ["Conn", "Pool", "ensure_database", "migrate", "open_pool", "ping"]
 
 
 async def _configure(conn: Conn) -> None:
@@ -51,6 +53,22 @@ async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Po
     )
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+async def ping(conn: Conn) -> None:
+    """One round trip to the server (the health checks); raises when it does not answer."""
+    await conn.execute("SELECT 1")
+
+
+def ensure_database(admin_url: str, name: str) -> None:
+    """Create database ``name`` unless it exists (the embedded Postgres's first start).
+    Blocking: it runs before any event loop. psycopg.OperationalError when refused."""
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if found.fetchone() is None:
+            # Another start() on the same cluster may win the race.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def migration_files() -> list[tuple[str, str]]:

@@ -45,6 +45,7 @@ from storage.pg.recipients import reset_exhausted
 from storage.redis import key_names
 from storage.redis.connection import Redis
 from storage.redis.queue import Work, enqueue_sends, send_decoder
+from storage.redis.scripts import lua
 
 log = logging.getLogger("koinonia.storage.dead_letters")
 
@@ -237,13 +238,7 @@ async def get_dead_letter(
     return entry_id, letter, send_decoder.decode(payload)
 
 
-_REOPEN_COUNTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'failed', -tonumber(ARGV[1]))
-redis.call('HINCRBY', KEYS[1], 'queued', tonumber(ARGV[1]))
-redis.call('HDEL', KEYS[1], 'completed')
-return 1
-"""
+_REOPEN_COUNTS = lua("reopen_counts")
 
 
 async def requeue(

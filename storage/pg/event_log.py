@@ -41,9 +41,9 @@ from collections.abc import Iterable, Sequence
 import msgspec
 from redis.exceptions import RedisError
 
-from storage.domain.events import Event, encode
+from storage.domain.events import WEBHOOK_EVENT_TYPES, AnyEvent, encode
 from storage.pg.database import Conn, Pool
-from storage.pg.webhook_outbox import EVENT_TYPES, matches, record_encoded
+from storage.pg.webhook_outbox import matches, record_encoded
 from storage.redis.publisher import EventPublisher
 
 log = logging.getLogger("koinonia.storage.event_log")
@@ -68,7 +68,7 @@ class LoggedEvent(msgspec.Struct, frozen=True, array_like=True):
     type: str
     """The event's type, so relaying needs no JSON decoding."""
     event: bytes
-    """The whole event as JSON: ``{"id","type","occurred_at","data"}``."""
+    """The whole event as JSON: ``{"type","id","occurred_at","data"}``."""
 
 
 class LogRow(msgspec.Struct, frozen=True, array_like=True):
@@ -77,6 +77,9 @@ class LogRow(msgspec.Struct, frozen=True, array_like=True):
 
 
 class _Envelope(msgspec.Struct, frozen=True):
+    """An event (storage/domain/events.py ``AnyEvent``) read only as far as a webhook
+    copy needs: its ``data`` stays the bytes it was encoded to."""
+
     id: str
     type: str
     occurred_at: str
@@ -91,7 +94,7 @@ _row_encoder = msgspec.msgpack.Encoder()
 _row_decoder = msgspec.msgpack.Decoder(list[LogRow])
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 
-Emission = tuple[uuid.UUID, Sequence[str], Event]
+Emission = tuple[uuid.UUID, Sequence[str], AnyEvent]
 """(church, channels, event): one event to log."""
 
 
@@ -237,7 +240,11 @@ class EventRelay:
         by_church: dict[uuid.UUID, list[tuple[str, str, str, str]]] = {}
         for church_id, logged in events:
             wanted = filters.get(church_id)
-            if wanted is None or logged.type not in EVENT_TYPES or not matches(wanted, logged.type):
+            if (
+                wanted is None
+                or logged.type not in WEBHOOK_EVENT_TYPES
+                or not matches(wanted, logged.type)
+            ):
                 continue
             envelope = _envelope_decoder.decode(logged.event)
             by_church.setdefault(church_id, []).append(

@@ -38,7 +38,7 @@ from typing import Final
 
 import msgspec
 
-from storage.domain.events import MemberChanged, new_event
+from storage.domain.events import MemberOptChanged, MemberOptedInEvent, MemberOptedOutEvent
 from storage.pg.audit import record
 from storage.pg.churches import ChurchSettings, get_settings
 from storage.pg.database import Conn
@@ -179,6 +179,7 @@ async def _set_opt(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID, opted
     )
     if cur.rowcount != 1:
         return False
-    kind = "member.opted_in" if opted_in else "member.opted_out"
-    await append(conn, [(church_id, (), new_event(kind, MemberChanged(member_id, "keyword")))])
+    data = MemberOptChanged(member_id, "keyword")
+    event = MemberOptedInEvent.new(data) if opted_in else MemberOptedOutEvent.new(data)
+    await append(conn, [(church_id, (), event)])
     return True

@@ -33,7 +33,14 @@ import anyio.to_thread
 import msgspec
 
 from storage.domain.errors import InvalidInput, InvalidPhone
-from storage.domain.events import MemberChanged, new_event
+from storage.domain.events import (
+    MemberChanged,
+    MemberCreatedEvent,
+    MemberEvent,
+    MemberOptChanged,
+    MemberOptedOutEvent,
+    MemberUpdatedEvent,
+)
 from storage.domain.ids import uuid7
 from storage.domain.phones import PhoneVault, normalize
 from storage.pg.branches import branch_ids_by_name
@@ -461,10 +468,10 @@ class MemberImporter:
             )
         )
         await add_memberships(conn, church_id, pairs)
-        events = [
-            *(new_event("member.created", MemberChanged(i)) for i in created),
-            *(new_event("member.updated", MemberChanged(member_of[r.number])) for r in stale),
-            *(new_event("member.opted_out", MemberChanged(i, "import")) for i in opted_out),
+        events: list[MemberEvent] = [
+            *(MemberCreatedEvent.new(MemberChanged(i)) for i in created),
+            *(MemberUpdatedEvent.new(MemberChanged(member_of[r.number])) for r in stale),
+            *(MemberOptedOutEvent.new(MemberOptChanged(i, "import")) for i in opted_out),
         ]
         await append(conn, [(church_id, (), e) for e in events])
         return len(created), len(stale)

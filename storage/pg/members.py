@@ -20,7 +20,15 @@ import msgspec
 from psycopg import errors
 
 from storage.domain.errors import Conflict, NotFound
-from storage.domain.events import MemberChanged, new_event
+from storage.domain.events import (
+    MemberChanged,
+    MemberCreatedEvent,
+    MemberEvent,
+    MemberOptChanged,
+    MemberOptedInEvent,
+    MemberOptedOutEvent,
+    MemberUpdatedEvent,
+)
 from storage.domain.ids import uuid7
 from storage.domain.phones import PhoneVault
 from storage.pg.database import Conn
@@ -71,11 +79,8 @@ def _member(vault: PhoneVault, church_id: uuid.UUID, row: tuple[Any, ...]) -> Me
     )
 
 
-async def member_event(
-    conn: Conn, church_id: uuid.UUID, kind: str, member_id: uuid.UUID, source: str | None = None
-) -> None:
-    """Log ``member.<kind>`` (created, updated, opted_out, opted_in) for webhooks."""
-    event = new_event(f"member.{kind}", MemberChanged(member_id=member_id, source=source))
+async def member_event(conn: Conn, church_id: uuid.UUID, event: MemberEvent) -> None:
+    """Log a ``member.*`` event (created, updated, opted_out, opted_in) for webhooks."""
     await append(conn, [(church_id, (), event)])
 
 
@@ -113,7 +118,7 @@ async def create_member(
             )
             if group_ids:
                 await add_members(conn, church_id, group_ids, member_id)
-            await member_event(conn, church_id, "created", member_id)
+            await member_event(conn, church_id, MemberCreatedEvent.new(MemberChanged(member_id)))
     except errors.UniqueViolation as exc:
         raise Conflict("a member with this phone already exists", field="phone") from exc
     except errors.ForeignKeyViolation as exc:
@@ -212,6 +217,21 @@ async def member_by_phone_hash(
     return (row[0], row[1]) if row else None
 
 
+async def create_inbound_member(
+    conn: Conn, vault: PhoneVault, church_id: uuid.UUID, phone: str
+) -> uuid.UUID:
+    """The member for someone who texted first: no name, unverified, opt source
+    ``inbound`` (never opted in or out); returns the new id. Runs in the caller's
+    transaction, the one that stores the inbound text."""
+    member_id = uuid7()
+    await conn.execute(
+        "INSERT INTO member (church_id, id, first_name, phone_cipher, phone_hash, "
+        "verified, opt_source) VALUES (%s, %s, '', %s, %s, false, 'inbound')",
+        (church_id, member_id, vault.encrypt(church_id, phone), vault.lookup_hash(phone)),
+    )
+    return member_id
+
+
 async def update_member(
     conn: Conn,
     vault: PhoneVault,
@@ -244,7 +264,7 @@ async def update_member(
             )
             if cur.rowcount != 1:
                 raise NotFound("member")
-            await member_event(conn, church_id, "updated", member_id)
+            await member_event(conn, church_id, MemberUpdatedEvent.new(MemberChanged(member_id)))
     except errors.UniqueViolation as exc:
         raise Conflict("a member with this phone already exists", field="phone") from exc
     except errors.ForeignKeyViolation as exc:
@@ -287,8 +307,9 @@ async def set_opt_in(
             (opted_in, source, church_id, member_id, opted_in),
         )
         if cur.rowcount == 1:
-            kind = "opted_in" if opted_in else "opted_out"
-            await member_event(conn, church_id, kind, member_id, source)
+            data = MemberOptChanged(member_id=member_id, source=source)
+            event = MemberOptedInEvent.new(data) if opted_in else MemberOptedOutEvent.new(data)
+            await member_event(conn, church_id, event)
     return await get_member(conn, vault, church_id, member_id)
 
 

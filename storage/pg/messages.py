@@ -24,7 +24,7 @@ import msgspec
 from psycopg.types.json import Jsonb
 
 from storage.domain.errors import Conflict, NotFound
-from storage.domain.events import Counts, MessageCreated, new_event
+from storage.domain.events import Counts, MessageCreated, MessageCreatedEvent
 from storage.domain.ids import created_at_of, uuid7
 from storage.domain.segments import count_segments
 from storage.domain.statuses import ALL_STATUSES, UNCONFIRMED, MessageStatus
@@ -214,7 +214,7 @@ async def record_created(conn: Conn, church_id: uuid.UUID, message: Message) -> 
     """Log ``message.created`` (the dashboard and webhooks) in the caller's
     transaction: when the message starts (at acceptance, or when its ``send_at``
     comes)."""
-    event = new_event("message.created", created_event(message))
+    event = MessageCreatedEvent.new(created_event(message))
     await append(conn, [(church_id, ("dashboard",), event)])
 
 

@@ -7,7 +7,9 @@ stores the event, under its own id, and its deliveries in one statement, and onl
 when an enabled endpoint of the church matches the event's type, so a church
 without endpoints stores nothing. The match is made in SQL every time: an endpoint
 created a moment ago gets every event logged after it. ``record_events`` remains
-for the outbox's own events (``webhook_endpoint.disabled``) and tests.
+for the outbox's own events (``webhook_endpoint.disabled``) and tests; the test
+event (``record_test_event``) is made from its type too, so every stored payload
+is one of storage/domain/events.py's, and the delivery body is built from it.
 
 Delivery workers (``delivery/webhooks.py``) claim due rows with ``FOR UPDATE
 SKIP LOCKED``; a claim moves ``next_attempt_at`` forward by a lease, so a worker
@@ -22,37 +24,27 @@ Event filters: an exact type, a dotted prefix ending in ``.*`` (``message.*``,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 
+from storage.domain.events import (
+    WEBHOOK_EVENT_TYPES,
+    AnyEvent,
+    WebhookEndpointDisabled,
+    WebhookEndpointDisabledEvent,
+    WebhookEndpointTest,
+    WebhookEndpointTestEvent,
+    encode,
+)
 from storage.domain.ids import uuid7
 from storage.pg.database import Conn
 from storage.process.settings import WebhookSettings
 
-EVENT_TYPES = frozenset(
-    {
-        "message.created",
-        "message.progress",
-        "message.completed",
-        "message.recipient.status",
-        "conversation.created",
-        "conversation.updated",
-        "conversation.message.created",
-        "conversation.message.status",
-        "member.created",
-        "member.updated",
-        "member.opted_out",
-        "member.opted_in",
-        "webhook_endpoint.disabled",
-    }
-)
-"""What integrators can subscribe to (docs/protocol.md "Events"; typing is realtime only)."""
-
-TEST_EVENT = "webhook_endpoint.test"
-"""Sent to one endpoint on request, whatever its filters."""
+EVENT_TYPES = WEBHOOK_EVENT_TYPES
+"""What integrators can subscribe to (docs/protocol.md "Events"; typing is realtime
+only), read from the event union."""
 
 EVENT_ID_PREFIX = "msg_"
 
@@ -84,56 +76,23 @@ _MATCH = (
     "WHERE right(f.p, 2) = '.*' AND starts_with(i.type, left(f.p, -1))))"
 )
 
-_RECORD = f"""
-WITH input AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(types)s::text[], %(data)s::text[])
-        AS i(id, type, data)
-), matched AS (
-    SELECT i.id AS event_id, e.id AS endpoint_id
-    FROM input i JOIN webhook_endpoint e ON e.church_id = %(church)s AND e.enabled AND {_MATCH}
-), stored AS (
-    INSERT INTO webhook_event (church_id, id, type, data, occurred_at)
-    SELECT %(church)s, i.id, i.type, i.data::jsonb, %(at)s FROM input i
-    WHERE i.id IN (SELECT event_id FROM matched)
-    RETURNING id
-)
-INSERT INTO webhook_delivery (church_id, event_id, endpoint_id)
-SELECT %(church)s, event_id, endpoint_id FROM matched
-"""
-
 _encoder = msgspec.json.Encoder()
 
 
-async def record_event(
-    conn: Conn,
-    church_id: uuid.UUID,
-    event_type: str,
-    data: Mapping[str, Any] | msgspec.Struct,
-) -> None:
-    """Record ``event_type`` with ``data`` (the docs/protocol.md event payload) for the
-    church's webhook endpoints whose filters match; nothing when none do."""
-    await record_events(conn, church_id, [(event_type, data)])
+async def record_event(conn: Conn, church_id: uuid.UUID, event: AnyEvent) -> None:
+    """Record ``event`` for the church's webhook endpoints whose filters match;
+    nothing when none do."""
+    await record_events(conn, church_id, [event])
 
 
-async def record_events(
-    conn: Conn,
-    church_id: uuid.UUID,
-    events: Sequence[tuple[str, Mapping[str, Any] | msgspec.Struct]],
-) -> int:
-    """Several events of one church in one statement; returns the deliveries made."""
-    if not events:
-        return 0
-    cur = await conn.execute(
-        _RECORD,
-        {
-            "ids": [uuid7() for _ in events],
-            "types": [t for t, _ in events],
-            "data": [_encoder.encode(d).decode() for _, d in events],
-            "church": church_id,
-            "at": datetime.now(UTC),
-        },
-    )
-    return cur.rowcount
+async def record_events(conn: Conn, church_id: uuid.UUID, events: Sequence[AnyEvent]) -> int:
+    """Several events of one church in one statement, each under its own id and time;
+    returns the deliveries made."""
+    return await record_encoded(conn, church_id, [_encoded(e) for e in events])
+
+
+def _encoded(event: AnyEvent) -> tuple[str, str, str, str]:
+    return (event.id, event.type, encode(event.data).decode(), event.occurred_at)
 
 
 _RECORD_ENCODED = f"""
@@ -428,12 +387,8 @@ async def disable_endpoint(
         (church_id, endpoint_id),
     )
     if reason != "manual":
-        await record_event(
-            conn,
-            church_id,
-            "webhook_endpoint.disabled",
-            {"endpoint_id": endpoint_id, "reason": reason},
-        )
+        disabled = WebhookEndpointDisabled(endpoint_id=endpoint_id, reason=reason)
+        await record_event(conn, church_id, WebhookEndpointDisabledEvent.new(disabled))
     return True
 
 
@@ -465,16 +420,14 @@ async def replay(
 
 async def record_test_event(conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID) -> uuid.UUID:
     """A ``webhook_endpoint.test`` event for this one endpoint, due now."""
-    event_id = uuid7()
+    event = WebhookEndpointTestEvent.new(WebhookEndpointTest(endpoint_id=endpoint_id))
+    event_id = uuid.UUID(event.id)
+    _, event_type, data, occurred_at = _encoded(event)
     async with conn.transaction():
         await conn.execute(
-            "INSERT INTO webhook_event (church_id, id, type, data) VALUES (%s, %s, %s, %s)",
-            (
-                church_id,
-                event_id,
-                TEST_EVENT,
-                msgspec.json.encode({"endpoint_id": endpoint_id}).decode(),
-            ),
+            "INSERT INTO webhook_event (church_id, id, type, data, occurred_at) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (church_id, event_id, event_type, data, datetime.fromisoformat(occurred_at)),
         )
         await conn.execute(
             "INSERT INTO webhook_delivery (church_id, event_id, endpoint_id, manual) "

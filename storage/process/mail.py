@@ -25,7 +25,6 @@ import logging
 import smtplib
 import ssl
 import uuid
-from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from urllib.parse import unquote, urlsplit
@@ -33,8 +32,8 @@ from urllib.parse import unquote, urlsplit
 import anyio.to_thread
 import msgspec
 
-from storage.domain.ids import uuid7
-from storage.pg.database import Conn, Pool
+from storage.pg.database import Pool
+from storage.pg.mail_outbox import OutboxEntry, record_mail
 from storage.process.settings import MailSettings
 
 log = logging.getLogger("koinonia.mail")
@@ -48,20 +47,6 @@ class Mail(msgspec.Struct, frozen=True):
     body: str
     kind: str = ""
     """What the mail is for (``invitation``, ``password_reset``): for the outbox listing."""
-
-
-class OutboxEntry(msgspec.Struct, frozen=True):
-    id: uuid.UUID
-    church_id: uuid.UUID
-    recipient: str
-    subject: str
-    body: str | None
-    """Kept for ``stored`` mail only."""
-    kind: str
-    status: str
-    """``stored`` (development outbox), ``sent`` or ``failed`` (SMTP)."""
-    error: str | None
-    created_at: datetime
 
 
 class SmtpServer(msgspec.Struct, frozen=True):
@@ -89,9 +74,6 @@ def parse_smtp_url(url: str) -> SmtpServer:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
-
-
-_COLUMNS = "id, church_id, recipient, subject, body, kind, status, error, created_at"
 
 
 class Mailer:
@@ -166,22 +148,13 @@ class Mailer:
         error: str | None = None,
     ) -> OutboxEntry:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "INSERT INTO mail_outbox (church_id, id, recipient, subject, body, kind, status, "
-                f"error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
-                (church_id, uuid7(), mail.to, mail.subject, body, mail.kind, status, error),
+            return await record_mail(
+                conn,
+                church_id,
+                recipient=mail.to,
+                subject=mail.subject,
+                body=body,
+                kind=mail.kind,
+                status=status,
+                error=error,
             )
-            row = await cur.fetchone()
-        assert row is not None
-        return OutboxEntry(*row)
-
-
-async def list_outbox(conn: Conn, *, limit: int = 20, to: str | None = None) -> list[OutboxEntry]:
-    """The latest mail first, of every church (an operator's view of the outbox)."""
-    cur = await conn.execute(
-        f"SELECT {_COLUMNS} FROM mail_outbox "
-        "WHERE (%s::text IS NULL OR lower(recipient) = lower(%s)) "
-        "ORDER BY created_at DESC, id DESC LIMIT %s",
-        (to, to, limit),
-    )
-    return [OutboxEntry(*row) for row in await cur.fetchall()]

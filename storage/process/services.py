@@ -10,6 +10,7 @@ import msgspec
 
 from storage.domain.phones import PhoneVault
 from storage.domain.receipt_refs import ReceiptRefs
+from storage.pg.churches import plan_loader
 from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.pg.database import Pool, open_pool
 from storage.pg.event_log import EventRelay
@@ -55,7 +56,7 @@ class Services(msgspec.Struct, kw_only=True):
             refs=ReceiptRefs(settings.security.lookup_key),
             scripts=scripts,
             limiter=RateLimiter(scripts),
-            church_limits=ChurchLimits(pool, settings.limits.plans),
+            church_limits=ChurchLimits(plan_loader(pool), settings.limits.plans),
             cache=Cache(redis),
             relay=relay,
         )

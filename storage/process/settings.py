@@ -62,6 +62,12 @@ class SecuritySettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_PHONE_KEY: base64 of 32 bytes; AES-256-GCM key for phone numbers at rest."""
     lookup_key: bytes = b""
     """KOINONIA_LOOKUP_KEY: base64 of 32 bytes; HMAC-SHA256 key for phone lookup hashes."""
+    password_time_cost: int = 3
+    """KOINONIA_PASSWORD_TIME_COST: argon2id passes (RFC 9106's second profile: 3)."""
+    password_memory_kib: int = 65_536
+    """KOINONIA_PASSWORD_MEMORY_KIB: argon2id memory in KiB (64 MiB). The test suite
+    lowers both so that hundreds of sign-ups take seconds, not minutes; a hash keeps
+    its own parameters, so lowering or raising them never locks anyone out."""
 
 
 class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,7 +291,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 max_connections_per_church=i("KOINONIA_WS_MAX_PER_CHURCH", 2_000),
             ),
             security=SecuritySettings(
-                phone_key=key("KOINONIA_PHONE_KEY"), lookup_key=key("KOINONIA_LOOKUP_KEY")
+                phone_key=key("KOINONIA_PHONE_KEY"),
+                lookup_key=key("KOINONIA_LOOKUP_KEY"),
+                password_time_cost=i("KOINONIA_PASSWORD_TIME_COST", 3),
+                password_memory_kib=i("KOINONIA_PASSWORD_MEMORY_KIB", 65_536),
             ),
             provider=ProviderSettings(
                 base_url=s("KOINONIA_PROVIDER_URL", "http://127.0.0.1:8025"),

@@ -145,9 +145,9 @@ def ready_wake(shard: int) -> str:
     return f"{PREFIX}:q:{{r{shard}}}:wake"
 
 
-# Sending limits and the circuit breaker of one provider account (storage/
-# token_buckets.py): every bucket of the account (the account's own and one per
-# sending number) and its circuit share the account tag, so one script checks
+# Sending limits and the circuit breaker of one provider account
+# (storage/redis/send_limits.py): every bucket of the account (the account's own and one
+# per sending number) and its circuit share the account tag, so one script checks
 # them all atomically. ``account`` is a digest, never the API key itself.
 def provider_tag(account: str) -> str:
     return f"{{p:{account}}}"

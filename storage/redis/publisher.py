@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from storage.domain.events import Event, encode
+from storage.domain.events import AnyEvent, encode
 from storage.redis import key_names
 from storage.redis.connection import Redis
-from storage.redis.scripts import Call, ScriptRunner
+from storage.redis.scripts import Call, ScriptRunner, lua
 
 HISTORY_MAXLEN = 2000
 """Events kept per channel for recovery (approximate trimming)."""
@@ -31,43 +32,9 @@ HISTORY_TTL_S = 24 * 3600
 """A channel's history and epoch expire this long after its last event."""
 
 
-# KEYS: history, epoch. ARGV: pubsub channel, json-encoded channel name, event json,
-# maxlen, epoch candidate, event type, ttl seconds.
-_PUBLISH_LUA = """
-local epoch = redis.call('GET', KEYS[2])
-if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
-  epoch = ARGV[5]
-  redis.call('SET', KEYS[2], epoch)
-end
-local offset = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 't', ARGV[6], 'e', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-local frame = '{"type":"event","channel":' .. ARGV[2] .. ',"offset":"' .. offset ..
-  '","event":' .. ARGV[3] .. '}'
-redis.call('PUBLISH', ARGV[1], ARGV[6] .. '\\n' .. epoch .. '\\n' .. offset .. '\\n' .. frame)
-return {offset, epoch}
-"""
+_PUBLISH_LUA = lua("publish")
 
-# KEYS: history, epoch. ARGV: epoch candidate, ttl. Returns {epoch, latest offset}.
-# A channel without history gets a new epoch and an empty stream (an entry added
-# and trimmed at once), so its first publish keeps that epoch and a client that
-# subscribed while it was empty can recover from the returned offset.
-_HEAD_LUA = """
-local epoch = redis.call('GET', KEYS[2])
-if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch, 'EX', ARGV[2])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'x', '')
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if last[1] then return {epoch, last[1][1]} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then return {epoch, info[i + 1]} end
-end
-return {epoch, '0-0'}
-"""
+_HEAD_LUA = lua("channel_head")
 
 
 class Published(msgspec.Struct, frozen=True):
@@ -88,7 +55,7 @@ class EventPublisher:
         self._publish = self.scripts.register(_PUBLISH_LUA)
         self._head = self.scripts.register(_HEAD_LUA)
 
-    def publish_call(self, church_id: uuid.UUID, channel: str, event: Event) -> Call:
+    def publish_call(self, church_id: uuid.UUID, channel: str, event: AnyEvent) -> Call:
         """The script call that publishes ``event``, to batch with other calls."""
         return self.publish_encoded_call(church_id, channel, event.type, encode(event))
 
@@ -113,11 +80,11 @@ class EventPublisher:
             ],
         )
 
-    async def publish(self, church_id: uuid.UUID, channel: str, event: Event) -> Published:
+    async def publish(self, church_id: uuid.UUID, channel: str, event: AnyEvent) -> Published:
         return (await self.publish_many(church_id, [(channel, event)]))[0]
 
     async def publish_many(
-        self, church_id: uuid.UUID, items: list[tuple[str, Event]]
+        self, church_id: uuid.UUID, items: Sequence[tuple[str, AnyEvent]]
     ) -> list[Published]:
         """Publish several events of one church in one round trip, in order."""
         if not items:

@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 
 from storage.redis import key_names
 from storage.redis.connection import Redis
-from storage.redis.scripts import Call, ScriptRunner
+from storage.redis.scripts import Call, ScriptRunner, lua
 
 log = logging.getLogger("koinonia.storage.queue")
 
@@ -113,150 +113,17 @@ def encode_entry(value: MaterializeJob | Work) -> bytes:
 
 # -- scripts ---------------------------------------------------------------------------------
 
-# Church tag. KEYS: stream. ARGV: group, maxlen, payload... Creates the stream and
-# its group on first use (a deleted, drained stream comes back the same way).
-_ADD_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-end
-for i = 3, #ARGV do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[i])
-end
-return #ARGV - 2
-"""
+_ADD_LUA = lua("queue_add")
 
-# Ready-set tag. KEYS: ready set, wake list. ARGV: church, score (ms; -1 = now),
-# wake cap. Adds the church or lowers its score (never raises it); pushes a wake
-# token when that makes the church due now.
-_ANNOUNCE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local score = tonumber(ARGV[2])
-if score < 0 then score = now end
-local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], 'LT', score, ARGV[1])
-if score <= now and (not before or tonumber(before) > now) then
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
-end
-return now
-"""
+_ANNOUNCE_LUA = lua("queue_announce")
 
-# Ready-set tag. KEYS: ready set. ARGV: lease ms, jitter ms. Leases the church that
-# has waited longest among the due ones: {church, token, now}; or {false, next
-# score or -1, now} when none is due.
-_LEASE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
-if #due == 0 then
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #first == 0 then return {false, -1, now} end
-  return {false, tonumber(first[2]), now}
-end
-local token = now + tonumber(ARGV[1]) + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], token, due[1])
-return {due[1], token, now}
-"""
+_LEASE_LUA = lua("queue_lease")
 
-# Ready-set tag. KEYS: ready set, wake list. ARGV: church, lease token, next score
-# (-1: nothing left, remove), wake cap. When somebody announced the church during
-# the lease its score is no longer the token: then it is only lowered, never removed.
-# Returns the set's lowest score afterwards (-1: empty).
-_RELEASE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local nxt = tonumber(ARGV[3])
-if current and tonumber(current) == tonumber(ARGV[2]) then
-  if nxt < 0 then
-    redis.call('ZREM', KEYS[1], ARGV[1])
-  else
-    redis.call('ZADD', KEYS[1], nxt, ARGV[1])
-  end
-elseif nxt >= 0 then
-  redis.call('ZADD', KEYS[1], 'LT', nxt, ARGV[1])
-end
-if nxt >= 0 and nxt <= now then
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #first == 0 then return -1 end
-return tonumber(first[2])
-"""
+_RELEASE_LUA = lua("queue_release")
 
-# Ready-set tag. KEYS: ready set. ARGV: church, until (ms). Raises a present
-# church's score (a throttled number: nothing of it can go before then).
-_PAUSE_LUA = """
-return redis.call('ZADD', KEYS[1], 'XX', 'GT', ARGV[2], ARGV[1])
-"""
+_PAUSE_LUA = lua("queue_pause")
 
-# Church tag. KEYS: stream, delayed set. ARGV: group, consumer, quantum, claim idle
-# ms, due per take, maxlen. Moves due retries onto the stream, takes entries idle
-# past claim-idle from dead consumers, then new ones, up to the quantum. Returns
-# {entries, more unread (0/1), next delayed due (ms or -1), pending, now}. A
-# church with nothing left at all loses its (empty) stream and group.
-_TAKE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local group, consumer, quantum = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
-if #due > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
-end
-for _, entry in ipairs(due) do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'j', entry)
-  redis.call('ZREM', KEYS[2], entry)
-end
-local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local next_due = -1
-if #nxt > 0 then next_due = tonumber(nxt[2]) end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {{}, 0, next_due, 0, now} end
-local taken = {}
-local ok, claimed = pcall(redis.call, 'XAUTOCLAIM', KEYS[1], group, consumer, ARGV[4],
-  '0-0', 'COUNT', quantum)
-if not ok then
-  redis.call('XGROUP', 'CREATE', KEYS[1], group, '0')
-  claimed = {'0-0', {}}
-end
-for _, e in ipairs(claimed[2]) do
-  if e and e[2] then taken[#taken + 1] = e end
-end
-local more = 0
-if #taken < quantum then
-  local want = quantum - #taken
-  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
-    'STREAMS', KEYS[1], '>')
-  if read and read[1] then
-    local fresh = read[1][2]
-    for _, e in ipairs(fresh) do taken[#taken + 1] = e end
-    if #fresh == want then
-      local after = redis.call('XRANGE', KEYS[1], '(' .. fresh[#fresh][1], '+', 'COUNT', 1)
-      if #after > 0 then more = 1 end
-    end
-  end
-else
-  local info = redis.call('XINFO', 'GROUPS', KEYS[1])
-  for _, g in ipairs(info) do
-    local fields = {}
-    for i = 1, #g, 2 do fields[g[i]] = g[i + 1] end
-    if fields['name'] == group and tonumber(fields['lag'] or 1) ~= 0 then more = 1 end
-  end
-end
-local pending = tonumber(redis.call('XPENDING', KEYS[1], group)[1])
-if pending == 0 and next_due < 0 and redis.call('XLEN', KEYS[1]) == 0 then
-  redis.call('DEL', KEYS[1])
-end
-local flat = {}
-for _, e in ipairs(taken) do
-  local payload = false
-  for i = 1, #e[2], 2 do if e[2][i] == 'j' then payload = e[2][i + 1] end end
-  flat[#flat + 1] = e[1]
-  flat[#flat + 1] = payload
-end
-return {flat, more, next_due, pending, now}
-"""
+_TAKE_LUA = lua("queue_take")
 
 _SOURCES = {
     "add": _ADD_LUA,

@@ -15,52 +15,13 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from storage.pg.database import Pool
-from storage.redis.scripts import ScriptRunner
+from storage.redis.scripts import ScriptRunner, lua
 
-# KEYS: one per limit. ARGV: period_ms, then one limit per key.
-# Returns {allowed, limit, remaining, reset_ms, retry_after_ms} for the tightest limit.
-_GCRA = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
-local period = tonumber(ARGV[1])
-local allowed = 1
-local retry_after = 0
-local tats = {}
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[i + 1])
-  local interval = period / limit
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - period
-  if allow_at > now then
-    allowed = 0
-    local wait = allow_at - now
-    if wait > retry_after then retry_after = wait end
-  end
-  tats[i] = {tat, new_tat, interval, limit}
-end
-local best_limit, best_remaining, best_reset = 0, -1, 0
-for i, key in ipairs(KEYS) do
-  local tat, new_tat, interval, limit = tats[i][1], tats[i][2], tats[i][3], tats[i][4]
-  local used_until = tat
-  if allowed == 1 then
-    redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-    used_until = new_tat
-  end
-  local remaining = math.floor((now + period - used_until) / interval)
-  if remaining < 0 then remaining = 0 end
-  if best_remaining < 0 or remaining < best_remaining then
-    best_limit, best_remaining, best_reset = limit, remaining, used_until - now
-  end
-end
-return {allowed, best_limit, best_remaining, math.ceil(best_reset), math.ceil(retry_after)}
-"""
+_GCRA = lua("rate_gcra")
 
 MINUTE_MS = 60_000
 
@@ -115,6 +76,10 @@ class RateLimiter:
 
 PLAN_CACHE_S = 30.0
 
+PlanLoader = Callable[[uuid.UUID], Awaitable[tuple[str, int | None] | None]]
+"""A church's (plan, own requests-per-minute override or None), None for an unknown
+church: storage/pg/churches.py ``plan_loader``."""
+
 
 class ChurchLimits:
     """Each church's requests per minute: its own override, else its plan's.
@@ -123,8 +88,8 @@ class ChurchLimits:
     half a minute; a plan change applies everywhere within that time.
     """
 
-    def __init__(self, pool: Pool, plans: dict[str, int]) -> None:
-        self._pool = pool
+    def __init__(self, load: PlanLoader, plans: dict[str, int]) -> None:
+        self._load = load
         self._plans = plans
         self._known: dict[uuid.UUID, tuple[int, float]] = {}
 
@@ -133,11 +98,7 @@ class ChurchLimits:
         known = self._known.get(church_id)
         if known is not None and known[1] > now:
             return known[0]
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT plan, rate_limit_per_min FROM church WHERE id = %s", (church_id,)
-            )
-            row = await cur.fetchone()
+        row = await self._load(church_id)
         value = self._plans["starter"]
         if row is not None:
             value = row[1] or self._plans.get(row[0], value)

@@ -5,12 +5,17 @@ pipeline, a second round trip on the hottest paths (every status webhook).
 Here scripts are sent by SHA straight away; when Redis does not know them
 (restarted, flushed) only the calls that failed with NOSCRIPT are loaded and
 run again, so no call ever runs twice.
+
+Each script is a file of its own, ``storage/redis/lua/<name>.lua``, with its KEYS
+and ARGV in a comment at the top; ``lua(name)`` reads it (once) from the package.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -19,6 +24,13 @@ from storage.redis.connection import Redis
 
 Call = tuple[str, Sequence[str], Sequence[Any]]
 """(script sha, keys, args)"""
+
+
+@functools.cache
+def lua(name: str) -> str:
+    """The source of ``storage/redis/lua/<name>.lua`` (shipped in the wheel with the
+    package); a missing name fails at import of the module that asks for it."""
+    return resources.files("storage.redis").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
 class ScriptRunner:

@@ -29,7 +29,7 @@ import msgspec
 from storage.process.settings import ProviderSettings
 from storage.redis import key_names
 from storage.redis.connection import Redis
-from storage.redis.scripts import ScriptRunner
+from storage.redis.scripts import ScriptRunner, lua
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 CIRCUIT_STATES = (CLOSED, OPEN, HALF_OPEN)
@@ -42,131 +42,13 @@ def account_id(provider: ProviderSettings) -> str:
     return digest[:16]
 
 
-# KEYS: circuit, then buckets. ARGV: want, probe ms, then rate and capacity per
-# bucket (rate <= 0: no limit, but a pause still holds). Returns {granted, wait ms,
-# circuit state (0 closed, 1 open, 2 half-open), probe (0/1), the bucket that made
-# the longest wait (1-based; 0: the circuit or none)}.
-_ADMIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local want = tonumber(ARGV[1])
-local circuit = redis.call('HMGET', KEYS[1], 's', 'u', 'pu')
-local state, probe = circuit[1] or 'closed', 0
-if state == 'open' then
-  local u = tonumber(circuit[2] or 0)
-  if now < u then return {0, u - now, 1, 0, 0} end
-  state = 'half_open'
-  redis.call('HSET', KEYS[1], 's', 'half_open', 't', now)
-end
-if state == 'half_open' then
-  local pu = tonumber(circuit[3] or 0)
-  if now < pu then return {0, math.min(pu - now, 1000), 2, 0, 0} end
-  redis.call('HSET', KEYS[1], 'pu', now + tonumber(ARGV[2]))
-  probe, want = 1, 1
-end
-local grant, wait, limiter = want, 0, 0
-local levels = {}
-for i = 2, #KEYS do
-  local rate, cap = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local b = redis.call('HMGET', KEYS[i], 't', 'ts', 'p')
-  local paused = tonumber(b[3] or 0)
-  if now < paused then
-    if paused - now > wait then wait, limiter = paused - now, i - 1 end
-    grant = 0
-  end
-  if rate > 0 then
-    local level = tonumber(b[1] or cap)
-    local ts = tonumber(b[2] or now)
-    level = math.min(cap, level + math.max(0, now - ts) * rate / 1000)
-    levels[i] = level
-    local need = math.min(want, math.max(1, math.floor(cap / 4)))
-    if level < need then
-      grant = 0
-      local w = math.ceil((need - level) * 1000 / rate)
-      if w > wait then wait, limiter = w, i - 1 end
-    else
-      grant = math.min(grant, math.floor(level))
-    end
-  end
-end
-if grant <= 0 then
-  if probe == 1 then redis.call('HSET', KEYS[1], 'pu', 0) end
-  local code = 0
-  if state == 'half_open' then code = 2 end
-  return {0, math.max(wait, 1), code, 0, limiter}
-end
-for i = 2, #KEYS do
-  local rate, cap = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  if rate > 0 then
-    redis.call('HSET', KEYS[i], 't', levels[i] - grant, 'ts', now)
-    redis.call('PEXPIRE', KEYS[i], math.max(60000, math.ceil(cap * 2000 / rate)))
-  end
-end
-local code = 0
-if state == 'half_open' then code = 2 end
-return {grant, 0, code, probe, 0}
-"""
+_ADMIT_LUA = lua("send_admit")
 
-# KEYS: buckets. ARGV: pause ms. Nothing is granted from them until then.
-_PAUSE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local untl = now + tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local p = tonumber(redis.call('HGET', KEYS[i], 'p') or 0)
-  if untl > p then
-    redis.call('HSET', KEYS[i], 'p', untl)
-    redis.call('PEXPIRE', KEYS[i], math.max(60000, tonumber(ARGV[1]) * 2))
-  end
-end
-return untl
-"""
+_PAUSE_LUA = lua("send_pause")
 
-# KEYS: buckets. ARGV: tokens, then capacity per bucket. Gives back what was taken
-# but not used (recipients already sent or opted out), never past capacity.
-_REFUND_LUA = """
-for i = 1, #KEYS do
-  local level = redis.call('HGET', KEYS[i], 't')
-  if level then
-    local cap = tonumber(ARGV[i + 1])
-    redis.call('HSET', KEYS[i], 't', math.min(cap, tonumber(level) + tonumber(ARGV[1])))
-  end
-end
-return 1
-"""
+_REFUND_LUA = lua("send_refund")
 
-# KEYS: circuit. ARGV: successes, failures, threshold, cool-down ms, probe (0/1).
-# Returns {state code, open until ms, 1 when this call opened it, 1 when it closed it}.
-_RECORD_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ok, bad = tonumber(ARGV[1]), tonumber(ARGV[2])
-local c = redis.call('HMGET', KEYS[1], 's', 'f', 'u')
-local state, failures, u = c[1] or 'closed', tonumber(c[2] or 0), tonumber(c[3] or 0)
-if ok > 0 then
-  if state ~= 'closed' or failures > 0 then
-    redis.call('HSET', KEYS[1], 's', 'closed', 'f', 0, 'pu', 0, 't', now)
-    if state ~= 'closed' then return {0, 0, 0, 1} end
-  end
-  return {0, 0, 0, 0}
-end
-if bad == 0 then
-  if tonumber(ARGV[5]) == 1 then redis.call('HSET', KEYS[1], 'pu', 0) end
-  local code = 0
-  if state == 'open' then code = 1 elseif state == 'half_open' then code = 2 end
-  return {code, u, 0, 0}
-end
-if state == 'open' then return {1, u, 0, 0} end
-failures = failures + bad
-if state == 'half_open' or failures >= tonumber(ARGV[3]) then
-  u = now + tonumber(ARGV[4])
-  redis.call('HSET', KEYS[1], 's', 'open', 'f', 0, 'u', u, 'pu', 0, 't', now)
-  redis.call('HINCRBY', KEYS[1], 'o', 1)
-  return {1, u, 1, 0}
-end
-redis.call('HSET', KEYS[1], 'f', failures)
-return {0, 0, 0, 0}
-"""
+_RECORD_LUA = lua("send_record")
 
 _STATE_OF_CODE = {0: CLOSED, 1: OPEN, 2: HALF_OPEN}
 

@@ -135,6 +135,7 @@ def _dead_letter_by_outage(
     return phone, message_id, entry
 
 
+@pytest.mark.slow
 def test_an_outage_dead_letter_is_listed_and_requeued_once(
     church: Church, stack: Stack, base_url: str, sim_url: str, outages: Callable[[bool], None]
 ) -> None:
@@ -185,6 +186,7 @@ def test_an_outage_dead_letter_is_listed_and_requeued_once(
     assert texts_sent(sim_url, [phone]) == [1]
 
 
+@pytest.mark.slow
 def test_dead_letters_per_church_and_the_cli(
     church: Church,
     other_church: Church,

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
 from deploy.stack import Stack
 from storage.pg.member_import import CsvRecords
@@ -270,6 +271,7 @@ def test_invalid_utf8_fails_the_row(church: Church) -> None:
 # The command ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_import_streams_the_same_way(church: Church, stack: Stack, tmp_path: Path) -> None:
     phones = [unique_phone() for _ in range(800)]
     rows = [{"first_name": f"Cli{i}", "phone": p, "groups": "Cli"} for i, p in enumerate(phones)]

@@ -28,6 +28,10 @@ from api.operation import Operation
 from api.routes import operations
 from tests.conftest import Church
 
+# Slow lane: generated requests against every operation.
+pytestmark = pytest.mark.slow
+
+
 EXAMPLES = 12
 CHECKS = [
     not_a_server_error,

@@ -30,6 +30,10 @@ from tests.delivery.test_throttle import (
     worker_with,
 )
 
+# Slow lane: a provider outage that opens and closes the circuit.
+pytestmark = pytest.mark.slow
+
+
 OUTAGE_S = 5.0
 
 

@@ -27,6 +27,10 @@ from storage.redis import key_names
 from tests.conftest import Church, unique_phone
 from tests.delivery.test_durability import _flush_redis, _once_each
 
+# Slow lane: kills and restarts processes mid-broadcast of 10,000.
+pytestmark = pytest.mark.slow
+
+
 AUDIENCE = 10_000
 KILL_AT = 0.25
 """Disturb the broadcast once the provider has sent this share of the audience's texts."""

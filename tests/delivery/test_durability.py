@@ -20,6 +20,9 @@ from storage.redis import key_names
 from storage.redis.queue import SendBatch, send_decoder
 from tests.conftest import Church, texts_sent, unique_phone
 
+# Slow lane: kills workers and empties Redis mid-broadcast.
+pytestmark = pytest.mark.slow
+
 
 def _flush_redis(stack: Stack) -> None:
     client = redis.Redis.from_url(stack.env["REDIS_URL"])

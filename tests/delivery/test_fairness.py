@@ -26,6 +26,10 @@ from storage.redis.queue import SendBatch, SendQueue, enqueue_sends, schedule_re
 from tests.conftest import Church, unique_phone
 from tests.delivery.test_throttle import audience, once_each, texted, wait_for, worker_with
 
+# Slow lane: a large broadcast beside a small one, in real time.
+pytestmark = pytest.mark.slow
+
+
 BIG = 3000
 SMALL = 5
 SENT_WITHIN_S = 3.0

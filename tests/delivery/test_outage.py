@@ -29,6 +29,10 @@ from tests.delivery.test_crash import (
 )
 from tests.delivery.test_durability import _once_each
 
+# Slow lane: provider outages and 429 storms, in real time.
+pytestmark = pytest.mark.slow
+
+
 AUDIENCE = 300
 OUTAGE_S = 6.0
 """Longer than the retry schedule's whole span here (5 attempts: about 4-5 s)."""

@@ -145,6 +145,7 @@ def test_help_and_start_answers_go_whatever_the_opt_in_state(church: Church, sim
     assert church.api.get(f"/v1/members/{member_id}").json()["data"]["opted_in"] is False
 
 
+@pytest.mark.slow
 def test_a_reply_survives_an_outage_and_an_empty_redis(
     church: Church, stack: Stack, sim_url: str, outage: Callable[[bool], None]
 ) -> None:
@@ -200,6 +201,7 @@ def test_replies_in_flight_when_the_worker_is_killed_are_texted_once(
     assert texts_sent(sim_url, phones) == [1] * len(phones)
 
 
+@pytest.mark.slow
 def test_a_reply_that_uses_every_attempt_is_dead_lettered_and_requeued(
     church: Church, stack: Stack, sim_url: str, outage: Callable[[bool], None]
 ) -> None:

@@ -82,6 +82,7 @@ def _wait(check: Any, seconds: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("three_schedulers")
 def test_three_schedulers_send_each_occurrence_and_scheduled_message_once(
     church: Church, stack: Stack, sim_url: str

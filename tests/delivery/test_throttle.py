@@ -24,6 +24,10 @@ from tests.conftest import Church, texts_sent, unique_phone
 Counts = dict[str, int]
 
 
+# Slow lane: real-time rates, SIGTERM of a worker.
+pytestmark = pytest.mark.slow
+
+
 @contextlib.contextmanager
 def worker_with(stack: Stack, **env: str) -> Iterator[None]:
     """The suite's worker replaced by one with ``env`` added, for the block's length."""

@@ -25,7 +25,14 @@ import websockets
 
 from deploy.nginx import Nginx, NginxError, find_nginx
 from deploy.stack import Stack, free_ports
-from storage.domain.events import ConversationChanged, Counts, Event, MessageProgress, new_event
+from storage.domain.events import (
+    AnyEvent,
+    ConversationChanged,
+    ConversationUpdatedEvent,
+    Counts,
+    MessageProgress,
+    MessageProgressEvent,
+)
 from storage.redis.publisher import EventPublisher
 
 UPSTREAM_HEADER = "X-Upstream"
@@ -211,11 +218,10 @@ class Producer:
         self._member = uuid.uuid4()
         self._message = uuid.uuid4()
 
-    def events(self, seq: int) -> list[tuple[str, Event]]:
+    def events(self, seq: int) -> list[tuple[str, AnyEvent]]:
         """Round ``seq``: a conversation's unread count and a broadcast's delivered
         count both become ``seq``."""
-        updated = new_event(
-            "conversation.updated",
+        updated = ConversationUpdatedEvent.new(
             ConversationChanged(
                 conversation_id=self._conversation,
                 member_id=self._member,
@@ -225,8 +231,7 @@ class Producer:
                 last_message_at=datetime.now(UTC),
             ),
         )
-        progress = new_event(
-            "message.progress",
+        progress = MessageProgressEvent.new(
             MessageProgress(
                 message_id=self._message,
                 counts=Counts(delivered=seq, queued=self.rounds - seq),

@@ -22,6 +22,10 @@ from deploy.embedded import EmbeddedServerError, free_port
 from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
 
+# Slow lane: starts and kills embedded servers of its own.
+pytestmark = pytest.mark.slow
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

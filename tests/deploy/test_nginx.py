@@ -40,6 +40,10 @@ from tests.deploy.nginx_support import (
     compare,
 )
 
+# Slow lane: nginx in front of several web processes.
+pytestmark = pytest.mark.slow
+
+
 CHURCHES = 10
 PER_CHURCH = 20
 CHANNELS = ["inbox", "dashboard"]

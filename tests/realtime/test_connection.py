@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from realtime.connection import (
-    CLOSE_POLICY,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_TOO_BIG,
-    CLOSE_TOO_MANY,
-    Connection,
-    Limits,
-)
+from realtime.close_codes import CloseCode
+from realtime.connection import Connection, Limits
 from realtime.hub import HubEvent
-from realtime.revocation import CLOSE_REVOKED
 
 
 def event(
@@ -63,7 +56,7 @@ def test_overflowing_the_send_queue_closes_as_slow_consumer() -> None:
         conn.push(item)
     assert conn.close_code is None
     conn.push("d")
-    assert conn.close_code == CLOSE_SLOW_CONSUMER
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
     assert not conn.queue  # nothing more is sent but the close
     assert wakes.count == 2
     conn.push("e")
@@ -77,14 +70,14 @@ def test_frame_rate_is_limited_then_refills_then_closes_when_abused() -> None:
     assert not conn.accept_frame(10, 0.1)
     assert conn.close_code is None
     assert not conn.accept_frame(10, 0.1)
-    assert conn.close_code == CLOSE_TOO_MANY
+    assert conn.close_code == CloseCode.TOO_MANY
 
 
 def test_an_oversized_frame_closes_with_1009() -> None:
     conn, _ = connection(Limits(max_frame_bytes=100))
     assert conn.accept_frame(100, 0.0)
     assert not conn.accept_frame(101, 0.0)
-    assert conn.close_code == CLOSE_TOO_BIG
+    assert conn.close_code == CloseCode.TOO_BIG
 
 
 def test_ten_bad_frames_close_with_1008_after_what_is_queued() -> None:
@@ -94,7 +87,7 @@ def test_ten_bad_frames_close_with_1008_after_what_is_queued() -> None:
         conn.push("error")
     assert conn.close_code is None
     conn.bad_frame()
-    assert conn.close_code == CLOSE_POLICY
+    assert conn.close_code == CloseCode.POLICY
     assert len(conn.queue) == 9  # the error frames still go out before the close
     conn.push("late")
     assert len(conn.queue) == 9
@@ -139,7 +132,7 @@ def test_held_events_overflowing_close_as_slow_consumer() -> None:
     sub = conn.open("inbox")
     for ms in (1, 2, 3):
         sub.deliver(event("inbox", ms))
-    assert conn.close_code == CLOSE_SLOW_CONSUMER
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
 
 
 def test_subscription_limit() -> None:
@@ -173,6 +166,6 @@ def test_revoking_closes_with_4001_and_drops_what_is_queued() -> None:
     conn, wakes = connection()
     conn.push("a")
     conn.revoke()
-    assert conn.close_code == CLOSE_REVOKED == 4001
+    assert conn.close_code == CloseCode.REVOKED == 4001
     assert not conn.queue
     assert wakes.count == 2

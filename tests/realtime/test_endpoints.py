@@ -27,7 +27,7 @@ from realtime.connection import Limits
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
 from realtime.websocket import Sessions
-from storage.domain.events import ConversationTyping, frame_bytes, new_event
+from storage.domain.events import ConversationTyping, ConversationTypingEvent, frame_bytes
 from storage.pg.credentials import Principal
 from storage.process.services import SESSION_COOKIE
 from storage.process.settings import HttpSettings, RedisSettings, Settings
@@ -78,7 +78,7 @@ class Server:
 
     async def publish(self, channel: str) -> str:
         data = ConversationTyping(conversation_id=uuid.uuid4(), user_id=uuid.uuid4())
-        event = new_event("conversation.typing", data)
+        event = ConversationTypingEvent.new(data)
         return (await self.services.publisher.publish(self.church_id, channel, event)).offset
 
     async def frame(self, channel: str, offset: str) -> str:

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from realtime.history import position, recover
-from storage.domain.events import ConversationTyping, new_event
+from storage.domain.events import ConversationTyping, ConversationTypingEvent
 from storage.redis import key_names
 from storage.redis.connection import Redis
 from storage.redis.publisher import EventPublisher
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 async def publish_many(publisher: EventPublisher, church_id: uuid.UUID, count: int) -> list[str]:
     data = ConversationTyping(conversation_id=uuid.uuid4(), user_id=uuid.uuid4())
     return [
-        (await publisher.publish(church_id, "inbox", new_event("conversation.typing", data))).offset
+        (await publisher.publish(church_id, "inbox", ConversationTypingEvent.new(data))).offset
         for _ in range(count)
     ]
 

@@ -12,7 +12,7 @@ import pytest
 
 from realtime.hub import Hub, HubEvent
 from realtime.typing_indicator import publish_typing
-from storage.domain.events import ConversationTyping, frame_bytes, new_event
+from storage.domain.events import ConversationTyping, ConversationTypingEvent, frame_bytes
 from storage.process.settings import RedisSettings
 from storage.redis import key_names
 from storage.redis.connection import Redis
@@ -46,7 +46,7 @@ class Recorder:
 
 async def publish(publisher: EventPublisher, church_id: uuid.UUID, channel: str) -> str:
     data = ConversationTyping(conversation_id=uuid.uuid4(), user_id=uuid.uuid4())
-    published = await publisher.publish(church_id, channel, new_event("conversation.typing", data))
+    published = await publisher.publish(church_id, channel, ConversationTypingEvent.new(data))
     return published.offset
 
 

@@ -17,6 +17,10 @@ from realtime.pages import STATIC_DIR
 from tests.conftest import Church, texts_sent, unique_phone
 from tests.realtime.browser import SocketRelay, Tab, chromium
 
+# Slow lane: a real browser (chromium).
+pytestmark = pytest.mark.slow
+
+
 PASSWORD = "correct horse battery"
 
 expect.set_options(timeout=15_000)

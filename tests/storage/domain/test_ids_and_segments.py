@@ -52,9 +52,7 @@ def test_cursor_round_trip_and_garbage() -> None:
         decode_cursor(msgspec.json.encode([1, 2]).decode())
 
 
-VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "segments.json").read_text())[
-    "cases"
-]
+VECTORS = json.loads((Path(__file__).parents[2] / "vectors" / "segments.json").read_text())["cases"]
 
 
 @pytest.mark.parametrize("case", VECTORS, ids=lambda c: f"{c['encoding']}-{len(c['text'])}")
