@@ -22,7 +22,8 @@ run on this class, so an upgrade that changes them fails there first. Select
 it with ``uvicorn --ws realtime.protocol:LeanWSProtocol`` (``koinonia web``
 does).
 
-pyproject.toml pins ``uvicorn[standard]>=0.35,<0.55`` (0.54 in uv.lock): this
+pyproject.toml pins ``uvicorn[standard]>=0.54,<0.55`` (the release it was written and
+tested on): this
 class subclasses ``uvicorn.protocols.websockets.wsproto_impl.WSProtocol`` and
 relies on its private attributes (``queue``, ``writable``, ``conn``,
 ``close_sent``, ``handshake_complete``, ``response_started``), which uvicorn may
