@@ -40,6 +40,7 @@ from storage.pg.messages import (
 )
 from storage.pg.recipients import Recipient, list_recipients
 from storage.pg.templates import get_template
+from storage.process import tracing
 from storage.responses import ok
 
 log = logging.getLogger("koinonia.api.broadcasts")
@@ -135,6 +136,9 @@ async def post_message(request: Request) -> Response:
             if problems:
                 raise invalid_body(*problems)
         assert text is not None
+        # The request's trace context (empty with tracing off): stored on the message for
+        # its receipts, and carried by the materialize job to the worker.
+        traceparent = tracing.current_traceparent()
         message = await accept_message(
             conn,
             who.church_id,
@@ -144,13 +148,14 @@ async def post_message(request: Request) -> Response:
             created_by=who.user_id,
             send_at=body.send_at,
             template_id=body.template_id,
+            traceparent=traceparent,
         )
     audit_target(request, message.id)
     # Committed: from here on nothing can lose the message. If Redis is down the
     # scheduler's sweeps materialize it later; the 202 stands either way.
     try:
         if message.status == MessageStatus.QUEUED:
-            await announce_started(services.redis, who.church_id, message)
+            await announce_started(services.redis, who.church_id, message, traceparent)
         await services.cache.invalidate(who.church_id, ANALYTICS)
     except Exception:
         log.exception("enqueue after accept failed; the reconciler will pick it up")

@@ -125,14 +125,27 @@ def health_operations() -> list[Operation]:
             errors=("unavailable",),
         )
 
+    # Queue figures, the circuit and cache counters are for operators: owners and
+    # admins (API keys act as admins), or the monitoring system's token.
+    detailed_op = Operation(
+        "GET",
+        "/health/detailed",
+        detailed,
+        "health.detailed",
+        "Postgres, Redis, queue depths and this process's cache hits and misses",
+        "health",
+        scope="read",
+        role="admin",
+        monitoring=True,
+        response=Health,
+        errors=("unavailable",),
+        description="Owners, admins and API keys, or `Authorization: Bearer "
+        "$KOINONIA_METRICS_TOKEN` (the monitoring system's token, when set).",
+    )
+
     return [
         op("/health", health, "health.show", "Ready to serve (as /health/ready)"),
         op("/health/live", live, "health.live", "The process answers"),
         op("/health/ready", ready, "health.ready", "Postgres and Redis answer"),
-        op(
-            "/health/detailed",
-            detailed,
-            "health.detailed",
-            "Postgres, Redis, queue depths and this process's cache hits and misses",
-        ),
+        detailed_op,
     ]

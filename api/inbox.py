@@ -25,6 +25,7 @@ from storage.pg.conversations import (
     list_conversations,
     update_conversation,
 )
+from storage.process import tracing
 from storage.redis.queue import hand_over
 from storage.responses import ok
 
@@ -62,6 +63,7 @@ async def post_reply(request: Request) -> Response:
             body=body.body,
             sent_by=who.user_id,
             max_attempts=delivery.max_attempts,
+            traceparent=tracing.current_traceparent(),
         )
     await hand_over(services.redis, [accepted.batch], delivery.shards)
     return ok(accepted.message, status=202)

@@ -15,8 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.domain.envelope import error_bytes, request_id_var
 from storage.pg.member_import import IMPORT_PATH, MAX_IMPORT_BYTES
+from storage.process.metrics import Metrics
 
 log = logging.getLogger("koinonia.access")
+
+EVENT_STREAM = "koinonia.event_stream"
+"""Set on a request answered with an event stream: it lasts as long as the client
+stays, so its duration is not observed."""
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SECURITY_HEADERS = [
@@ -31,6 +36,8 @@ class RequestContext:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # The process's metrics, found once the app has started (None: off).
+        self._metrics: Metrics | bool | None = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -59,6 +66,9 @@ class RequestContext:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    for name, value in message.get("headers", ()):
+                        if name == b"content-type" and value.startswith(b"text/event-stream"):
+                            scope[EVENT_STREAM] = True
                     headers = list(message.get("headers", []))
                     headers.append((b"x-request-id", rid.encode()))
                     headers.extend(_SECURITY_HEADERS)
@@ -78,6 +88,11 @@ class RequestContext:
                 status = 500
                 await _refuse(send, rid, 500, "internal_error", "internal error")
         finally:
+            if scope["type"] == "http":
+                try:
+                    self._measure(scope, status, started)
+                except Exception:  # never let a metric cost a request its answer
+                    log.exception("request not measured")
             if scope["type"] == "http" and scope["path"] not in ("/health/live",):
                 log.info(
                     "request",
@@ -89,6 +104,22 @@ class RequestContext:
                     },
                 )
             request_id_var.reset(token)
+
+    def _measure(self, scope: Scope, status: int, started: float) -> None:
+        """koinonia_http_requests_total and _duration_seconds, by route template (the
+        matched route's path, ``unmatched`` when none matched: never a raw path)."""
+        metrics = self._metrics
+        if metrics is False:
+            services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+            if services is None:
+                return  # still starting
+            metrics = self._metrics = services.metrics
+        if not isinstance(metrics, Metrics):
+            return
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        streamed = scope.get(EVENT_STREAM, False)
+        seconds = None if streamed else time.perf_counter() - started
+        metrics.http_request(route, scope["method"], status, seconds)
 
 
 async def _refuse(send: Send, rid: str, status: int, code: str, text: str) -> None:

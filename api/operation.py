@@ -55,6 +55,9 @@ class Operation:
     """The least staff role allowed; API keys count as ``admin`` within their scopes."""
     session_only: bool = False
     """Staff sessions only (managing people and keys): API keys get ``forbidden``."""
+    monitoring: bool = False
+    """Also answers ``Authorization: Bearer $KOINONIA_METRICS_TOKEN`` (the monitoring
+    system's token, when set), as it would answer an admin."""
     body: Any = None
     body_media_type: str = "application/json"
     response: Any = None

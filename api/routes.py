@@ -27,6 +27,7 @@ from api.health import health_operations
 from api.inbox import inbox_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
+from api.operations_stats import operations_stats_operations
 from api.webhook_endpoints import webhook_endpoint_operations
 from storage.domain.envelope import FieldError
 from storage.domain.errors import Conflict, InvalidInput, NotFound
@@ -49,6 +50,7 @@ def operations() -> list[Operation]:
         *webhook_endpoint_operations(),
         *church_operations(),
         *dead_letter_operations(),
+        *operations_stats_operations(),
     ]
 
 

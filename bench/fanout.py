@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -130,10 +131,21 @@ class Target:
     inflight: int
 
 
-async def koinonia_target(stack: Stack, port: int, args: argparse.Namespace) -> Target:
-    stack.spawn("web", "web")
-    await asyncio.to_thread(stack.wait_ready)
+async def koinonia_target(
+    stack: Stack,
+    port: int,
+    args: argparse.Namespace,
+    *,
+    name: str = "Koinonia",
+    process: str = "web",
+    env: dict[str, str] | None = None,
+) -> Target:
+    """Node B: ``koinonia web`` as child ``process`` on ``port`` (the stack's own
+    port unless ``env`` names another), with ``env`` over the stack's environment."""
+    child_env = {**stack.env, **(env or {})}
+    stack.spawn(process, "web", env=child_env)
     base = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(stack.wait_ready, f"{base}/health/ready")
     churches: list[tuple[uuid.UUID, str]] = []
     for i in range(args.channels):
         churches.append(await signup(base, f"Fan-out {i}"))
@@ -167,10 +179,10 @@ async def koinonia_target(stack: Stack, port: int, args: argparse.Namespace) -> 
 
     async def close() -> None:
         await redis.aclose()
-        stack.stop_process("web")
+        stack.stop_process(process)
 
     # A burst goes out as pipelines of 50 script calls, 4 in flight (a worker batches too).
-    return Target("Koinonia", stack.processes["web"].pid, specs, send, close, 50, 4)
+    return Target(name, stack.processes[process].pid, specs, send, close, 50, 4)
 
 
 async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -> Target:
@@ -518,6 +530,55 @@ async def measure(targets: list[Target], redis_pid: int, args: argparse.Namespac
     return runs
 
 
+async def metrics_ab(targets: list[Target], redis_pid: int, args: argparse.Namespace) -> None:
+    """Metrics off against metrics on, interleaved: each repetition runs one burst on
+    each node B, the order alternating, so that both meet the same background load;
+    prints node B's CPU per delivery for every run, the medians and their spread."""
+    pools = [await start_clients(t.specs, args.client_procs) for t in targets]
+    per = args.per_channel
+    cost: dict[str, list[float]] = {t.name: [] for t in targets}
+    try:
+        for i, target in enumerate(targets):
+            await run_phase(
+                target, pools[i], redis_pid, per, "warm-up", lambda p, t=target: paced(t, p, 500, 2)
+            )
+        for rep in range(args.metrics_ab):
+            order = list(range(len(targets)))
+            if rep % 2:
+                order.reverse()
+            for i in order:
+                await asyncio.sleep(1)
+                target = targets[i]
+                result = await run_phase(
+                    target,
+                    pools[i],
+                    redis_pid,
+                    per,
+                    f"ab {rep + 1}",
+                    lambda p, t=target: burst(t, p, args.burst),
+                )
+                us = 1e6 * result.server_cpu_s / max(1, result.received)
+                cost[target.name].append(us)
+                say(
+                    f"rep {rep + 1} {target.name}: {us:.2f} us CPU per delivery "
+                    f"({result.received:,} of {result.expected:,} delivered, other work "
+                    f"{result.other_cpu_s:.1f} s)"
+                )
+    finally:
+        for pool in pools:
+            await pool.stop()
+    print()
+    print("| node B | runs | median us CPU/delivery | spread (min-max) |")
+    print("|---|---|---|---|")
+    for name, values in cost.items():
+        print(
+            f"| {name} | {len(values)} | {statistics.median(values):.2f} | "
+            f"{min(values):.2f}-{max(values):.2f} |"
+        )
+    off, on = (statistics.median(v) for v in cost.values())
+    print(f"\nmetrics on / off: {on / off:.3f} (median CPU per delivery)")
+
+
 # -- report -----------------------------------------------------------------------
 
 
@@ -658,6 +719,26 @@ async def main_async(args: argparse.Namespace) -> None:
         )
         redis_pid = int(stack.redis.pid_path.read_text().split()[0])
         targets: list[Target] = []
+        if args.metrics_ab:
+            try:
+                on_port = free_ports(1)[0]
+                targets.append(
+                    await koinonia_target(
+                        stack, web_port, args, name="metrics off", process="web-off",
+                        env={"KOINONIA_WEB_METRICS_PORT": "off"},
+                    )
+                )  # fmt: skip
+                targets.append(
+                    await koinonia_target(
+                        stack, on_port, args, name="metrics on", process="web-on",
+                        env={"KOINONIA_WEB_METRICS_PORT": "0", "KOINONIA_HTTP_PORT": str(on_port)},
+                    )
+                )  # fmt: skip
+                await metrics_ab(targets, redis_pid, args)
+            finally:
+                for target in targets:
+                    await target.close()
+            return
         try:
             for server in args.servers:
                 if server == "koinonia":
@@ -700,6 +781,14 @@ def main() -> None:
         "shield latencies from other work on a shared machine",
     )
     parser.add_argument("--servers", type=lambda s: s.split(","), default=["koinonia", "socketio"])
+    parser.add_argument(
+        "--metrics-ab",
+        type=int,
+        default=0,
+        metavar="REPS",
+        help="instead of the comparison: node B with metrics off against metrics on, "
+        "REPS interleaved bursts each (CPU per delivery, medians and spread)",
+    )
     args = parser.parse_args()
     import uvloop
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -31,7 +32,7 @@ from delivery.receipts import ReceiptBatcher
 from delivery.telnyx_signatures import load_public_key, verify_telnyx
 from storage.domain.errors import InvalidInput
 from storage.domain.phones import normalize
-from storage.domain.statuses import UNCONFIRMED, from_telnyx
+from storage.domain.statuses import UNCONFIRMED, RecipientStatus, from_telnyx
 from storage.pg.churches import church_by_number
 from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
 from storage.pg.database import Conn
@@ -39,6 +40,7 @@ from storage.pg.keywords import Kind, apply_keyword
 from storage.pg.members import create_inbound_member, member_by_phone_hash
 from storage.pg.provider_events import record_provider_event
 from storage.pg.recipients import ProviderStatus, locate_by_provider_id
+from storage.process import tracing
 from storage.process.services import Services
 from storage.redis.queue import hand_over
 from storage.responses import BodyTooLarge, fail, ok, read_body
@@ -62,6 +64,9 @@ class _Payload(msgspec.Struct):
     errors: list[_Error] = []
     direction: str | None = None
     from_: _Party | None = msgspec.field(default=None, name="from")
+    sent_at: str | None = None
+    """When the carrier took the text (ISO 8601): the start of a delivered
+    receipt's latency."""
 
 
 class _Data(msgspec.Struct):
@@ -78,6 +83,16 @@ class TelnyxWebhook(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(TelnyxWebhook)
+
+
+def _epoch(stamp: str | None) -> float | None:
+    """An ISO 8601 time as epoch seconds; None when absent or unreadable."""
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
 
 
 class InboundHandler:
@@ -121,6 +136,8 @@ class InboundHandler:
         except (msgspec.DecodeError, UnicodeDecodeError):
             return fail("bad_request", "body is not UTF-8 JSON")
         data = hook.data
+        if tracing.enabled():
+            tracing.annotate({"telnyx.event_type": data.event_type, "telnyx.event_id": data.id})
         if data.event_type in ("message.sent", "message.finalized"):
             try:
                 await self._status(data, request.query_params.get("ref"))
@@ -162,7 +179,8 @@ class InboundHandler:
                 target=status,
                 provider_message_id=data.payload.id,
                 error_code=None if error is None else str(error),
-            )
+            ),
+            sent_at=_epoch(data.payload.sent_at) if status == RecipientStatus.DELIVERED else None,
         )
         if not applied:
             raise InvalidInput("payload.id", "is not the provider message id of that recipient")
@@ -206,6 +224,7 @@ class InboundHandler:
                     kind=ReplyKind.ANSWER,
                     consent_exempt=outcome.kind in (Kind.HELP, Kind.OPT_IN),
                     max_attempts=self.services.settings.delivery.max_attempts,
+                    traceparent=tracing.current_traceparent(),
                 )
         if outcome is not None:
             log.info(

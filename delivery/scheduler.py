@@ -27,6 +27,10 @@
   empty Redis only delays delivery; the provider idempotency key keeps a repeat
   from texting anyone twice.
 
+Every job runs with ``job`` (its name) in the log context (storage/process/logs.py).
+Batches a sweep enqueues carry their message's stored trace context, and receipt
+lookups are one span per message and round in that trace (storage/process/tracing.py).
+
 Any number of schedulers may run: the three sending jobs claim rows with ``SKIP
 LOCKED`` (two schedulers take different rows, never the same one); each other
 job takes a transaction-scoped advisory lock with ``pg_try_advisory_xact_lock``
@@ -45,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider
+from delivery.receipts import ReceiptSpans
 from delivery.telnyx import TelnyxProvider
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import (
@@ -77,6 +82,7 @@ from storage.pg.recipients import (
     touch,
 )
 from storage.pg.recurring_schedules import Ran, run_next_due
+from storage.process.logs import log_context
 from storage.process.services import Services
 from storage.redis.queue import MaterializeJob, SendBatch, enqueue_materialize, enqueue_sends
 
@@ -98,7 +104,11 @@ class Scheduler:
         self.settings = services.settings.delivery
         settings = services.settings.provider
         self.provider = provider or TelnyxProvider(
-            settings.base_url, settings.api_key, timeout_s=settings.timeout_s, concurrency=16
+            settings.base_url,
+            settings.api_key,
+            timeout_s=settings.timeout_s,
+            concurrency=16,
+            metrics=services.metrics,
         )
         self.progress = ProgressTracker(
             services.redis, services.scripts, services.pool, services.relay
@@ -108,6 +118,8 @@ class Scheduler:
         self._next_completion = 0.0
         self._next_receipts = 0.0
         self._texts = SendTexts(services.pool)
+        # One span per message and lookup round (window 0: closed after each round).
+        self._lookup_spans = ReceiptSpans("receipt lookups", self._texts, window_s=0.0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -128,7 +140,8 @@ class Scheduler:
     async def tick(self) -> None:
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_partitions > _PARTITION_EVERY_S or not self._last_partitions:
-            await self.premake_partitions()
+            with log_context(job="premake_partitions"):
+                await self.premake_partitions()
             self._last_partitions = loop.time()
         # One failing job does not hold back the others. The two safety nets scan the
         # recipients of every sending message, so they run far less often than a tick:
@@ -148,11 +161,13 @@ class Scheduler:
             self._next_receipts = now + self.settings.receipt_timeout_s / 4
             jobs.append(self.reconcile_receipts)
         for job in jobs:
-            try:
-                await job()
-            except Exception:
-                log.exception("scheduler job failed", extra={"job": job.__name__})
-        await self.prune_provider_events()
+            with log_context(job=job.__name__):
+                try:
+                    await job()
+                except Exception:
+                    log.exception("scheduler job failed")
+        with log_context(job="prune_provider_events"):
+            await self.prune_provider_events()
 
     async def start_scheduled(self, now: datetime | None = None) -> int:
         """Start every scheduled message whose ``send_at`` has come; returns how many."""
@@ -234,6 +249,7 @@ class Scheduler:
                     from_number=numbers[church_id],
                     max_attempts=self.settings.max_attempts,
                     conversation_id=text.conversation_id if text is not None else None,
+                    traceparent=text.traceparent if text is not None else "",
                 )
                 for i in range(0, len(ids), size)
             ]
@@ -290,9 +306,18 @@ class Scheduler:
         found = [u for u in await asyncio.gather(*(look(r) for r in waiting)) if u is not None]
         if not found:
             return 0
-        async with self.services.pool.connection() as conn, conn.transaction():
-            applied = await apply_provider_statuses(conn, found)
-            await self.progress.log(conn, applied.changes)
+        try:
+            async with self.services.pool.connection() as conn:
+                traced = await self._lookup_spans.add(conn, [(u, None) for u in found])
+                try:
+                    async with conn.transaction():
+                        applied = await apply_provider_statuses(conn, found)
+                        await self.progress.log(conn, applied.changes)
+                except Exception as exc:
+                    self._lookup_spans.failed(traced, exc)
+                    raise
+        finally:
+            self._lookup_spans.close()
         await self.progress.record_many(applied.changes)
         log.info(
             "receipts reconciled",

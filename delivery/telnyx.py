@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httptools
 import msgspec
 
 from delivery.provider import Lookup, SendRequest, SendResult
+from storage.process.metrics import Metrics
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
 
 
 class _Error(msgspec.Struct):
@@ -145,7 +150,13 @@ class TelnyxProvider:
     """A pool of keep-alive connections; ``concurrency`` sends in flight at most."""
 
     def __init__(
-        self, base_url: str, api_key: str, *, timeout_s: float = 10.0, concurrency: int = 64
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 10.0,
+        concurrency: int = 64,
+        metrics: Metrics | None = None,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         self._host = url.hostname or "127.0.0.1"
@@ -168,6 +179,14 @@ class TelnyxProvider:
         self._slots = asyncio.Semaphore(concurrency)
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._tls else None
+        # koinonia_provider_request_duration_seconds, bound once: (ok, error) per operation.
+        self._timed: dict[str, tuple[Histogram, Histogram]] | None = None
+        if metrics is not None:
+            duration = metrics.provider_duration
+            self._timed = {
+                op: (duration.labels(op, "ok"), duration.labels(op, "error"))
+                for op in ("send", "lookup")
+            }
 
     async def aclose(self) -> None:
         for conn in self._idle:
@@ -188,11 +207,14 @@ class TelnyxProvider:
             + self._lookup_head
         )
         async with self._slots:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._timeout_s):
                     answer = await self._exchange(raw)
             except (TimeoutError, OSError, _Closed, httptools.HttpParserError):
+                self._time("lookup", started, 0)
                 return None
+        self._time("lookup", started, answer.status)
         if answer.status != 200:
             return None
         try:
@@ -229,17 +251,27 @@ class TelnyxProvider:
     async def _send_one(self, request: SendRequest) -> SendResult:
         raw = self._request(request)
         async with self._slots:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._timeout_s):
                     answer = await self._exchange(raw)
             except TimeoutError:
+                self._time("send", started, 0)
                 # The send may have happened; the idempotency key makes the retry safe.
                 return SendResult(ok=False, retryable=True, unavailable=True, error_code="timeout")
             except (OSError, _Closed, httptools.HttpParserError):
+                self._time("send", started, 0)
                 return SendResult(
                     ok=False, retryable=True, unavailable=True, error_code="connection_error"
                 )
+        self._time("send", started, answer.status)
         return interpret(answer.status, answer.body, answer.headers)
+
+    def _time(self, operation: str, started: float, status: int) -> None:
+        """Observe one request's duration: ok for a 2xx answer, error otherwise."""
+        if self._timed is not None:
+            ok, error = self._timed[operation]
+            (ok if 200 <= status < 300 else error).observe(time.perf_counter() - started)
 
     async def _exchange(self, raw: bytes) -> _Answer:
         """One request and its answer; a pooled connection that turns out closed

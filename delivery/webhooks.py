@@ -8,6 +8,9 @@ endpoint disabled. At most ``concurrency`` requests are in flight per worker
 and ``per_endpoint_concurrency`` to one endpoint, so one slow receiver cannot
 hold every slot. An idle worker looks again every ``poll_s``. SIGTERM stops
 claiming and lets requests in flight finish (their leases cover a crash).
+
+A delivery's log lines carry its ``church_id``, ``endpoint_id`` and ``event_id``;
+with tracing on, each claimed batch is one span that ends with its last delivery.
 """
 
 from __future__ import annotations
@@ -15,21 +18,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
 from delivery.webhook_sender import attempt, open_session
 from storage.pg.webhook_outbox import DueDelivery, claim_due, forget_old, record_outcome, release
+from storage.process import tracing
+from storage.process.logs import log_context
 from storage.process.services import Services
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+    from prometheus_client import Counter as PromCounter
 
 log = logging.getLogger("koinonia.delivery.webhooks")
 
 LEASE_EXTRA_S = 60.0
 """A claimed delivery is retried by another worker this long after its timeout."""
 CLEANUP_EVERY_S = 300.0
+
+
+class BatchSpan:
+    """The span of one claimed batch of deliveries, ended with its last delivery."""
+
+    def __init__(self, span: Span, deliveries: int) -> None:
+        self.span = span
+        self.left = deliveries
+        self.failed = 0
+
+    def finish(self, ok: bool) -> None:
+        self.left -= 1
+        self.failed += 0 if ok else 1
+        if self.left == 0:
+            self.span.set_attribute("koinonia.webhook.failed", self.failed)
+            tracing.end(self.span)
+
+
+_OUTCOME = {"succeeded": "delivered", "failed": "gave_up"}
+"""koinonia_webhook_deliveries_total's outcome for a delivery's status after an
+attempt; ``pending`` and ``paused`` (a retry is due) count as ``failed``."""
 
 
 class WebhookDispatcher:
@@ -40,6 +71,14 @@ class WebhookDispatcher:
         self._room = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._per_endpoint: Counter[uuid.UUID] = Counter()
+        # koinonia_webhook_deliveries_total by outcome, bound once; None: not measured.
+        self._outcomes: dict[str, PromCounter] | None = None
+        self._disabled: PromCounter | None = None
+        if (m := services.metrics) is not None:
+            self._outcomes = {
+                o: m.webhook_deliveries.labels(o) for o in ("delivered", "failed", "gave_up")
+            }
+            self._disabled = m.webhook_endpoints_disabled
 
     def stop(self) -> None:
         self._stopping.set()
@@ -87,6 +126,7 @@ class WebhookDispatcher:
             return 0, 0
         cap = self.settings.per_endpoint_concurrency
         busy = [e for e, n in self._per_endpoint.items() if n >= cap]
+        claim_ns = time.time_ns() if tracing.enabled() else None
         async with self.services.pool.connection() as conn:
             claimed = await claim_due(
                 conn,
@@ -95,18 +135,41 @@ class WebhookDispatcher:
                 skip_endpoints=busy,
             )
             extra: list[DueDelivery] = []
+            starting: list[DueDelivery] = []
             for due in claimed:
                 if self._per_endpoint[due.endpoint_id] >= cap:
                     extra.append(due)
                 else:
-                    self._start(session, due)
+                    self._per_endpoint[due.endpoint_id] += 1
+                    starting.append(due)
+            batch = self._batch_span(starting, claim_ns)
+            # The deliveries' tasks inherit the batch's span as their current one.
+            with tracing.use(batch.span if batch is not None else None):
+                for due in starting:
+                    self._start(session, due, batch)
             if extra:
                 await release(conn, extra)
         return len(claimed) - len(extra), free
 
-    def _start(self, session: aiohttp.ClientSession, due: DueDelivery) -> None:
-        self._per_endpoint[due.endpoint_id] += 1
-        task = asyncio.create_task(self._deliver(session, due))
+    def _batch_span(self, starting: list[DueDelivery], claim_ns: int | None) -> BatchSpan | None:
+        if not starting or claim_ns is None:
+            return None
+        span = tracing.start_span(
+            "webhook batch",
+            kind="client",
+            attributes={
+                "koinonia.webhook.deliveries": len(starting),
+                "koinonia.webhook.endpoints": len({d.endpoint_id for d in starting}),
+            },
+            start_ns=claim_ns,
+        )
+        return BatchSpan(span, len(starting)) if span is not None else None
+
+    def _start(
+        self, session: aiohttp.ClientSession, due: DueDelivery, batch: BatchSpan | None
+    ) -> None:
+        """Deliver in a task of its own (its endpoint's slot is counted already)."""
+        task = asyncio.create_task(self._deliver(session, due, batch))
         self._inflight.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
@@ -118,20 +181,33 @@ class WebhookDispatcher:
 
         task.add_done_callback(done)
 
-    async def _deliver(self, session: aiohttp.ClientSession, due: DueDelivery) -> None:
-        try:
-            outcome = await attempt(session, due, self.settings)
-            async with self.services.pool.connection() as conn:
-                recorded = await record_outcome(conn, due, outcome, self.settings)
-        except Exception:
-            # The lease runs out and another claim retries it.
-            log.exception("webhook delivery failed", extra={"endpoint_id": str(due.endpoint_id)})
-            return
-        if recorded is not None and recorded.disabled:
-            log.warning(
-                "webhook endpoint disabled",
-                extra={"endpoint_id": str(due.endpoint_id), "reason": recorded.disabled},
-            )
+    async def _deliver(
+        self, session: aiohttp.ClientSession, due: DueDelivery, batch: BatchSpan | None = None
+    ) -> None:
+        ok = False
+        with log_context(
+            church_id=str(due.church_id),
+            endpoint_id=str(due.endpoint_id),
+            event_id=str(due.event_id),
+        ):
+            try:
+                outcome = await attempt(session, due, self.settings)
+                ok = outcome.succeeded
+                async with self.services.pool.connection() as conn:
+                    recorded = await record_outcome(conn, due, outcome, self.settings)
+            except Exception:
+                # The lease runs out and another claim retries it.
+                log.exception("webhook delivery failed")
+                return
+            finally:
+                if batch is not None:
+                    batch.finish(ok)
+            if recorded is not None and self._outcomes is not None:
+                self._outcomes[_OUTCOME.get(recorded.status, "failed")].inc()
+                if recorded.disabled and self._disabled is not None:
+                    self._disabled.inc()
+            if recorded is not None and recorded.disabled:
+                log.warning("webhook endpoint disabled", extra={"reason": recorded.disabled})
 
     async def _cleanup_loop(self) -> None:
         """Forget events, deliveries and attempts past retention, a batch at a time."""

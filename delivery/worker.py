@@ -26,6 +26,12 @@ dead-letter stream with the reason.
 SIGTERM stops reading; in-flight entries finish what is on the wire, hand back
 what has not gone yet (delayed set, due now) and are acknowledged, so nothing
 stays pending for a takeover and nothing is sent twice.
+
+Every entry runs with its ids in the log context (``message_id``, ``church_id``,
+``batch`` or ``job``: storage/process/logs.py). With tracing on
+(storage/process/tracing.py) a materialize job and a send batch are one span each,
+continuing the trace context their entry carries, and the provider calls of a
+chunk one span: never a span per recipient.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from delivery.throttle import ACCOUNT, Throttle
 from storage.domain import merge_fields
 from storage.domain.statuses import RecipientStatus
 from storage.pg.churches import sending_number
-from storage.pg.messages import merge_values
+from storage.pg.messages import adopt_traceparent, merge_values
 from storage.pg.recipients import (
     SendTarget,
     Transition,
@@ -60,6 +66,9 @@ from storage.pg.recipients import (
     record_provider_ids,
     transition_many,
 )
+from storage.process import tracing
+from storage.process.logs import log_context
+from storage.process.metrics import SendMetrics
 from storage.process.services import Services
 from storage.redis import key_names
 from storage.redis.queue import (
@@ -148,6 +157,7 @@ class Worker:
         # provider adapter bounds to ``concurrency`` calls at once; a few batches
         # overlap claiming, sending and recording, more would only queue up.
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency // 16))
+        self._measure = SendMetrics(services.metrics) if services.metrics is not None else None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -238,16 +248,37 @@ class Worker:
             work = send_decoder.decode(payload) if payload is not None else None
         except msgspec.DecodeError:
             work = None
-        try:
-            if work is None:
-                log.error("unreadable queue entry dropped", extra={"entry": entry_id})
-            else:
-                await self.send_batch(work)
-        except Exception:
-            # Left pending: the church's next lease takes it over after claim_idle_ms,
-            # and the reconciler covers the rows even if the entry itself is lost.
-            log.exception("queue entry failed", extra={"entry": entry_id, "stream": stream})
-            return
+        if work is None:
+            log.error("unreadable queue entry dropped", extra={"entry": entry_id})
+        else:
+            with log_context(
+                message_id=str(work.message_id),
+                church_id=str(work.church_id),
+                batch=entry_id,
+                attempt=str(work.attempt),
+            ):
+                started = time.perf_counter()
+                try:
+                    with tracing.span(
+                        "send batch", parent=work.traceparent, kind="consumer"
+                    ) as span:
+                        if span is not None:
+                            span.set_attributes(_batch_attributes(work, stream, entry_id))
+                        sent = await self.send_batch(work)
+                        log.info(
+                            "batch done",
+                            extra={
+                                "recipients": len(work.recipient_ids),
+                                "sent": sent,
+                                "ms": round((time.perf_counter() - started) * 1000, 1),
+                            },
+                        )
+                except Exception:
+                    # Left pending: the church's next lease takes it over after
+                    # claim_idle_ms, and the reconciler covers the rows even if the entry
+                    # itself is lost.
+                    log.exception("queue entry failed", extra={"entry": entry_id, "stream": stream})
+                    return
         await self.queue.done(stream, entry_id)
 
     # -- materialize ---------------------------------------------------------
@@ -278,11 +309,22 @@ class Worker:
     async def _materialize_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         payload = fields.get(b"j")
         try:
-            if payload is not None:
-                await self.materialize(materialize_decoder.decode(payload))
+            job = materialize_decoder.decode(payload) if payload is not None else None
         except Exception:
             log.exception("materialize failed", extra={"entry": entry_id})
             return
+        if job is not None:
+            with log_context(
+                message_id=str(job.message_id),
+                church_id=str(job.church_id),
+                job="materialize",
+                entry=entry_id,
+            ):
+                try:
+                    await self.materialize(job)
+                except Exception:
+                    log.exception("materialize failed", extra={"entry": entry_id})
+                    return
         try:
             await self.services.redis.xack(
                 key_names.MATERIALIZE_STREAM, key_names.SEND_GROUP, entry_id
@@ -292,10 +334,36 @@ class Worker:
             log.warning("materialize ack lost", extra={"entry": entry_id})
 
     async def materialize(self, job: MaterializeJob) -> None:
+        """Materialize in a span that continues the job's trace context, or the one
+        stored on the message (a scheduled message's sweep-made job carries none)."""
+        parent = job.traceparent
+        if not parent and tracing.enabled():
+            text = await self.progress.texts.get(job.church_id, job.message_id)
+            parent = text.traceparent if text is not None else ""
+        with tracing.span("materialize", parent=parent, kind="consumer") as span:
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "messaging.system": "redis",
+                        "messaging.destination.name": key_names.MATERIALIZE_STREAM,
+                        "messaging.operation.type": "process",
+                        "koinonia.church_id": str(job.church_id),
+                        "koinonia.message_id": str(job.message_id),
+                    }
+                )
+            await self._materialize(job, adopt=span is not None and not parent)
+
+    async def _materialize(self, job: MaterializeJob, *, adopt: bool) -> None:
         started = time.perf_counter()
         async with self.services.pool.connection() as conn:
             done = await materialize(conn, job.church_id, job.message_id)
             from_number = await sending_number(conn, job.church_id)
+            if adopt and done is not None:
+                # A message with no trace of its own (a recurring occurrence) takes this
+                # one, so that its receipts join it.
+                await adopt_traceparent(
+                    conn, job.church_id, job.message_id, tracing.current_traceparent()
+                )
         if done is None or from_number is None:
             return
         took = time.perf_counter() - started
@@ -314,6 +382,7 @@ class Worker:
         )
         size = self.settings.batch_size
         ids = done.recipient_ids
+        traceparent = tracing.current_traceparent()
         batches = [
             SendBatch(
                 church_id=job.church_id,
@@ -322,6 +391,7 @@ class Worker:
                 recipient_ids=ids[i : i + size],
                 from_number=from_number,
                 max_attempts=self.settings.max_attempts,
+                traceparent=traceparent,
             )
             for i in range(0, len(ids), size)
         ]
@@ -332,9 +402,12 @@ class Worker:
 
     # -- send ----------------------------------------------------------------
 
-    async def send_batch(self, batch: SendBatch) -> None:
+    async def send_batch(self, batch: SendBatch) -> int:
+        """Send what can go now; returns how many the provider accepted (the rest were
+        skipped, failed, or went back to the delayed set)."""
         remaining = batch.recipient_ids
         counted: list[uuid.UUID] = []
+        sent = 0
         # Waits in place end here, well before another worker would take the entry over.
         budget = time.monotonic() + max(
             self.settings.throttle_hold_s, self.settings.claim_idle_ms / 4000
@@ -362,9 +435,11 @@ class Worker:
                 continue
             chunk, remaining = remaining[: admission.granted], remaining[admission.granted :]
             outcome = await self._send_chunk(batch, chunk)
+            sent += outcome.successes
             counted += await self._settle(batch, outcome, admission.probe)
         if counted:
             await self._retry_or_dead_letter(batch, counted)
+        return sent
 
     def _wait_for(self, admission: Admission) -> float:
         if admission.circuit != CLOSED:
@@ -440,6 +515,8 @@ class Worker:
                 else {}
             )
         await self.progress.record(batch.church_id, batch.message_id, changes)
+        if self._measure is not None:
+            self._measure.skipped(sum(1 for c in changes if c.status == RecipientStatus.SKIPPED))
         unused = len(recipient_ids) - len(targets)
         if unused:
             await self.throttle.refund(batch.from_number, unused)
@@ -458,7 +535,10 @@ class Worker:
             )
             for t in targets
         ]
-        results = await self.provider.send(requests)
+        with tracing.span("provider send", kind="client") as span:
+            results = await self.provider.send(requests)
+            if span is not None:
+                span.set_attributes(_send_attributes(results))
         return await self._record(batch, targets, results)
 
     async def _record(
@@ -482,6 +562,13 @@ class Worker:
             else:
                 failed.setdefault(result.error_code or "provider_error", []).append(target.id)
         outcome.successes = len(sent)
+        if (measure := self._measure) is not None:
+            if sent:
+                text = await self.progress.texts.get(batch.church_id, batch.message_id)
+                scheduled = text is None or text.scheduled
+                measure.sent(len(sent), None if scheduled else batch.created_at.timestamp())
+            if failed:
+                measure.failed(sum(len(ids) for ids in failed.values()))
         changes: list[Transition] = []
         if sent or failed:
             async with self.services.pool.connection() as conn, conn.transaction():
@@ -521,12 +608,16 @@ class Worker:
                 maxlen=STREAM_MAXLEN,
                 approximate=True,
             )
+            if self._measure is not None:
+                self._measure.dead_lettered(len(retry))
             return
         delay = backoff_s(batch.attempt, self.settings.retry_base_s)
         again = msgspec.structs.replace(batch, recipient_ids=retry, attempt=batch.attempt + 1)
         due_ms = _ms_from_now(delay)
         await schedule_retry(self.services.redis, again, due_ms, self.settings.shards)
         self.queue.look_again(batch.church_id, due_ms)
+        if self._measure is not None:
+            self._measure.retried(len(retry))
 
     # -- maintenance ---------------------------------------------------------
 
@@ -568,6 +659,28 @@ def _of(
     batch: SendBatch, changes: list[Transition]
 ) -> list[tuple[uuid.UUID, uuid.UUID, Transition]]:
     return [(batch.church_id, batch.message_id, c) for c in changes]
+
+
+def _batch_attributes(batch: SendBatch, stream: str, entry_id: str) -> dict[str, str | int]:
+    return {
+        "messaging.system": "redis",
+        "messaging.destination.name": stream,
+        "messaging.message.id": entry_id,
+        "messaging.operation.type": "process",
+        "koinonia.church_id": str(batch.church_id),
+        "koinonia.message_id": str(batch.message_id),
+        "koinonia.recipients": len(batch.recipient_ids),
+        "koinonia.attempt": batch.attempt,
+    }
+
+
+def _send_attributes(results: list[SendResult]) -> dict[str, int]:
+    return {
+        "koinonia.provider.requests": len(results),
+        "koinonia.provider.accepted": sum(1 for r in results if r.ok),
+        "koinonia.provider.throttled": sum(1 for r in results if r.throttled),
+        "koinonia.provider.unavailable": sum(1 for r in results if r.unavailable),
+    }
 
 
 def _ms_from_now(seconds: float) -> int:

@@ -15,27 +15,33 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.middleware import RequestContext
 from api.routes import api_routes, exception_handlers
+from api.tracing import TracingMiddleware
 from delivery.inbound import InboundHandler, inbound_routes
 from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from realtime.hub import Hub
 from realtime.routes import realtime_routes
 from realtime.websocket import Sessions
+from storage.process import tracing
 from storage.process.logs import configure_logging
+from storage.process.metrics import Metrics
 from storage.process.services import Services
 from storage.process.settings import Settings
 
 GC_GEN0_THRESHOLD = 10_000
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlette:
+    """The web app; ``metrics``: the process's (``Metrics.for_process``), None to
+    measure nothing."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        services = await Services.open(settings)
+        services = await Services.open(settings, metrics=metrics)
         hub = Hub(settings.redis, services.publisher, services.redis)
         await hub.start()
         progress = ProgressTracker(services.redis, services.scripts, services.pool, services.relay)
-        receipts = ReceiptBatcher(services.pool, progress)
+        receipts = ReceiptBatcher(services.pool, progress, metrics=services.metrics)
         receipts.start()
         app.state.services = services
         app.state.hub = hub
@@ -57,10 +63,15 @@ def create_app(settings: Settings) -> Starlette:
             await hub.stop()
             await progress.aclose()
             await services.close()
+            tracing.shutdown()  # flush the last spans
 
+    # Outermost, and only with tracing on: the server span covers the whole request,
+    # its access log line and a 500 answered by RequestContext included.
+    traced = [Middleware(TracingMiddleware)] if tracing.enabled() else []
     return Starlette(
         routes=[*api_routes(), *realtime_routes(), *inbound_routes()],
         middleware=[
+            *traced,
             Middleware(RequestContext, max_body_bytes=settings.http.max_body_bytes),
             # Browsers on the allow-listed origins (a church's own site, a dashboard)
             # may call the API with credentials; everyone else gets no CORS headers.
@@ -90,4 +101,10 @@ def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory deploy.app:app_from_env`` (several workers)."""
     settings = Settings.from_env()
     configure_logging(settings.log_level, process="web")
-    return create_app(settings)
+    try:
+        tracing.setup("web", environment=settings.environment)
+    except ValueError as exc:
+        raise SystemExit(f"koinonia: {exc}") from None
+    # Under ``koinonia web --workers N`` (PROMETHEUS_MULTIPROC_DIR set by it) the
+    # worker records its metrics and the supervisor serves them all; no server here.
+    return create_app(settings, metrics=Metrics.for_process(settings, "web"))

@@ -11,9 +11,37 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storage.process.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.process.metrics import Metrics, MetricsServer
+
+
+def _settings_for(process: str, metrics_port: str | None) -> Settings:
+    """The settings of a serving process, ``--metrics-port`` applied."""
+    from storage.process.metrics import with_metrics_port
+
+    try:
+        return with_metrics_port(Settings.from_env(), process, metrics_port)
+    except ValueError as exc:
+        sys.exit(f"koinonia: {exc}")
+
+
+def _serve_metrics(
+    settings: Settings, process: str, metrics: Metrics | None
+) -> MetricsServer | None:
+    """Start the process's ``/metrics`` (none when its port is ``off``); a port in use
+    ends the start-up with a message naming its variable."""
+    from storage.process.metrics import MetricsPortInUse, serve_metrics
+
+    if metrics is None:
+        return None
+    try:
+        return serve_metrics(settings, process, metrics.registry)
+    except MetricsPortInUse as exc:
+        sys.exit(f"koinonia: {exc}")
 
 
 def _require_keys(settings: Settings) -> None:
@@ -51,24 +79,23 @@ DRAIN_TIMEOUT_S = 5.0
 def cmd_web(args: argparse.Namespace) -> None:
     import uvicorn
 
-    settings = Settings.from_env()
+    from storage.process.metrics import Metrics
+
+    settings = _settings_for("web", args.metrics_port)
     _require_keys(settings)
     address: dict[str, Any] = {"host": settings.http.host, "port": settings.http.port}
     if args.workers > 1:
-        uvicorn.run(
-            "deploy.app:app_from_env",
-            factory=True,
-            workers=args.workers,
-            **address,
-            **_UVICORN_OPTIONS,
-        )
+        _web_workers(settings, args.workers, address)
         return
     from deploy.app import create_app
     from realtime.websocket import Sessions
     from storage.process.logs import configure_logging
 
     configure_logging(settings.log_level, process="web")
-    app = create_app(settings)
+    _setup_tracing("web", settings)
+    metrics = Metrics.for_process(settings, "web")
+    server = _serve_metrics(settings, "web", metrics)
+    app = create_app(settings, metrics=metrics)
 
     class DrainingServer(uvicorn.Server):
         """Closes WebSockets with 1001 (docs/protocol.md: server draining) before uvicorn's
@@ -81,7 +108,69 @@ def cmd_web(args: argparse.Namespace) -> None:
                 await sessions.drain(DRAIN_TIMEOUT_S)
             await super().shutdown(sockets)
 
-    DrainingServer(uvicorn.Config(app, **address, **_UVICORN_OPTIONS)).run()
+    try:
+        DrainingServer(uvicorn.Config(app, **address, **_UVICORN_OPTIONS)).run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _web_workers(settings: Settings, workers: int, address: dict[str, Any]) -> None:
+    """``koinonia web --workers N``: uvicorn's supervisor and N workers. The workers
+    keep their metrics in a multiprocess directory made for this run, and this process
+    serves them all on the one port (storage/process/metrics.py)."""
+    import uvicorn
+
+    from storage.process.logs import configure_logging
+    from storage.process.metrics import (
+        MetricsPortInUse,
+        MultiprocessDir,
+        multiprocess_registry,
+        serve_metrics,
+    )
+    from storage.process.settings import metrics_port_variable
+
+    # The workers read their settings from the environment: an override goes there.
+    os.environ[metrics_port_variable("web")] = settings.metrics.web_port
+    shared: MultiprocessDir | None = None
+    server: MetricsServer | None = None
+    try:
+        if settings.metrics.web_port != "off":
+            configure_logging(settings.log_level, process="web")
+            shared = MultiprocessDir()
+            try:
+                server = serve_metrics(settings, "web", multiprocess_registry(shared.path))
+            except MetricsPortInUse as exc:
+                sys.exit(f"koinonia: {exc}")
+        uvicorn.run(
+            "deploy.app:app_from_env",
+            factory=True,
+            workers=workers,
+            **address,
+            **_UVICORN_OPTIONS,
+        )
+    finally:
+        if server is not None:
+            server.stop()
+        if shared is not None:
+            shared.remove()
+
+
+def _setup_tracing(process: str, settings: Settings) -> None:
+    """OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set (storage/process/tracing.py);
+    off, nothing of it is loaded."""
+    from storage.process import tracing
+
+    try:
+        tracing.setup(process, environment=settings.environment)
+    except ValueError as exc:
+        sys.exit(f"koinonia: {exc}")
+
+
+def _shutdown_tracing() -> None:
+    from storage.process import tracing
+
+    tracing.shutdown()
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -112,19 +201,24 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from delivery.webhooks import Alongside, WebhookDispatcher
     from delivery.worker import Worker
     from storage.process.logs import configure_logging
+    from storage.process.metrics import Metrics
     from storage.process.services import Services
 
-    settings = Settings.from_env()
+    settings = _settings_for("worker", args.metrics_port)
     _require_keys(settings)
     configure_logging(settings.log_level, process="worker")
+    _setup_tracing("worker", settings)
+    metrics = Metrics.for_process(settings, "worker")
+    server = _serve_metrics(settings, "worker", metrics)
 
     async def main() -> None:
-        services = await Services.open(settings)
+        services = await Services.open(settings, metrics=metrics)
         provider = TelnyxProvider(
             settings.provider.base_url,
             settings.provider.api_key,
             timeout_s=settings.provider.timeout_s,
             concurrency=settings.delivery.concurrency,
+            metrics=metrics,
         )
         try:
             await _run_until_signal(
@@ -133,27 +227,41 @@ def cmd_worker(args: argparse.Namespace) -> None:
         finally:
             await provider.aclose()
             await services.close()
+            _shutdown_tracing()
 
-    _run(main())
+    try:
+        _run(main())
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def cmd_scheduler(args: argparse.Namespace) -> None:
     from delivery.scheduler import Scheduler
     from storage.process.logs import configure_logging
+    from storage.process.metrics import Metrics
     from storage.process.services import Services
 
-    settings = Settings.from_env()
+    settings = _settings_for("scheduler", args.metrics_port)
     _require_keys(settings)
     configure_logging(settings.log_level, process="scheduler")
+    _setup_tracing("scheduler", settings)
+    metrics = Metrics.for_process(settings, "scheduler")
+    server = _serve_metrics(settings, "scheduler", metrics)
 
     async def main() -> None:
-        services = await Services.open(settings)
+        services = await Services.open(settings, metrics=metrics)
         try:
             await _run_until_signal(Scheduler(services))
         finally:
             await services.close()
+            _shutdown_tracing()
 
-    _run(main())
+    try:
+        _run(main())
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def cmd_simulator(args: argparse.Namespace) -> None:
@@ -391,6 +499,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         Path(settings.data_dir).resolve(),
         http_port=settings.http.port,
         sim_port=settings.simulator.port,
+        # Each process on its metrics port (KOINONIA_*_METRICS_PORT, 9180-9182).
+        metrics_port=None,
     )
     stopping = False
 
@@ -427,7 +537,14 @@ def main(argv: list[str] | None = None) -> None:
     web.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     worker = sub.add_parser("worker", help="run a delivery worker")
     worker.add_argument("--name", default=None, help="consumer name (default host-pid)")
-    sub.add_parser("scheduler", help="run the scheduler")
+    scheduler = sub.add_parser("scheduler", help="run the scheduler")
+    for process, command in (("web", web), ("worker", worker), ("scheduler", scheduler)):
+        command.add_argument(
+            "--metrics-port",
+            default=None,
+            help="/metrics port: a number, 0 (any free one) or off "
+            f"(default: KOINONIA_{process.upper()}_METRICS_PORT)",
+        )
     sub.add_parser("simulator", help="run the Telnyx-compatible provider simulator")
     sub.add_parser("migrate", help="apply database migrations and create partitions")
     outbox = sub.add_parser("outbox", help="list mail in the development outbox (newest last)")

@@ -29,6 +29,7 @@ from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
 from deploy.stack_file import (
     Endpoint,
+    MetricsEndpoint,
     Process,
     RedisEntry,
     StackFile,
@@ -37,8 +38,11 @@ from deploy.stack_file import (
     write_stack_file,
 )
 from storage.pg.database import migrate
+from storage.process.settings import METRICS_PROCESSES, metrics_port_variable
 
 INBOUND_PATH = "/v1/provider/telnyx/webhooks"
+METRICS_KINDS = METRICS_PROCESSES
+"""The process kinds that serve ``/metrics``."""
 
 
 def dev_secrets(data_dir: Path) -> dict[str, str]:
@@ -75,8 +79,17 @@ class Stack:
         env: Mapping[str, str] | None = None,
         fast_unsafe: bool = False,
         quiet: bool = False,
+        log_dir: Path | None = None,
+        metrics_port: str | None = "0",
     ) -> None:
         self.data_dir = data_dir
+        self.metrics_port = metrics_port
+        """The metrics port of every child whose variable is unset: ``0`` (any free
+        port; tests and benches never collide), None for the settings' defaults
+        (``koinonia dev``: 9180, 9181, 9182)."""
+        self.log_dir = log_dir
+        """When set, each child's stdout and stderr (its JSON log lines) are appended to
+        ``<log_dir>/<name>.log`` instead of the terminal (the test suite reads them)."""
         self.http_port = http_port
         self.sim_port = sim_port
         self.base_env = dict(os.environ if env is None else env)
@@ -88,6 +101,10 @@ class Stack:
         # Per process name: its kind (``koinonia <kind>``) and the URL it serves.
         self.kinds: dict[str, str] = {}
         self.addresses: dict[str, str | None] = {}
+        self.metrics: dict[str, str] = {}
+        """Per process name: the ``host:port`` of its ``/metrics``, learned from the
+        address file the child writes once bound (so that port 0 works)."""
+        self._metrics_files: dict[str, Path] = {}
         self.env: dict[str, str] = {}
         self.stack_file = stack_file_path(data_dir)
         self._stack_file_written = False
@@ -129,6 +146,9 @@ class Stack:
         env.setdefault("KOINONIA_SIM_WEBHOOK_URL", env["KOINONIA_PUBLIC_URL"] + INBOUND_PATH)
         env.setdefault("KOINONIA_SIM_STATE_FILE", str(self.data_dir / "simulator-state.msgpack"))
         env.setdefault("KOINONIA_ALLOWED_ORIGINS", f"http://localhost:{self.http_port}")
+        if self.metrics_port is not None:
+            for kind in METRICS_KINDS:
+                env.setdefault(metrics_port_variable(kind), self.metrics_port)
         self.env = env
         return env
 
@@ -136,10 +156,36 @@ class Stack:
         """Run ``koinonia <args>`` as a child with the stack's environment."""
         command = [sys.executable, "-m", "deploy.cli", *args]
         child_env = dict(env or self.env)
-        self.processes[name] = subprocess.Popen(command, env=child_env, start_new_session=True)
         kind = args[0] if args else name
+        self.metrics.pop(name, None)
+        self._metrics_files.pop(name, None)
+        if kind in METRICS_KINDS and _metrics_port(kind, args, child_env) != "off":
+            address_file = self.data_dir / "metrics" / f"{name}.address"
+            address_file.unlink(missing_ok=True)
+            child_env["KOINONIA_METRICS_ADDRESS_FILE"] = str(address_file)
+            self._metrics_files[name] = address_file
+        if self.log_dir is None:
+            self.processes[name] = subprocess.Popen(command, env=child_env, start_new_session=True)
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with self.log_path(name).open("ab") as out:
+                self.processes[name] = subprocess.Popen(
+                    command, env=child_env, start_new_session=True, stdout=out, stderr=out
+                )
         self.kinds[name] = kind
         self.addresses[name] = _serves(kind, child_env)
+
+    def log_path(self, name: str) -> Path:
+        """Where child ``name`` writes its log when the stack has a ``log_dir``."""
+        if self.log_dir is None:
+            raise RuntimeError("this stack's children log to the terminal (no log_dir)")
+        return self.log_dir / f"{name}.log"
+
+    def _log_tail(self, name: str, lines: int = 20) -> str:
+        if self.log_dir is None or not self.log_path(name).exists():
+            return ""
+        tail = self.log_path(name).read_text(errors="replace").splitlines()[-lines:]
+        return "\n" + "\n".join(tail)
 
     def start_processes(self) -> None:
         self._say("starting simulator, web, worker and scheduler")
@@ -156,16 +202,46 @@ class Stack:
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode} during start-up")
+                    raise RuntimeError(
+                        f"{name} exited with {process.returncode} during start-up"
+                        + self._log_tail(name)
+                    )
             try:
                 if httpx.get(target, timeout=1.0).status_code == 200:
                     if url is None:
+                        self.learn_metrics(deadline)
                         self.write_stack_file()
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{target} did not answer 200 within {timeout_s:.0f} s")
+
+    def learn_metrics(self, deadline: float) -> dict[str, str]:
+        """Wait (until ``deadline``, a ``time.monotonic()``) for every running child
+        with a metrics port to write its bound address; say each new one."""
+        for name, path in self._metrics_files.items():
+            while name not in self.metrics:
+                process = self.processes.get(name)
+                if process is None:
+                    break
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with {process.returncode} during start-up"
+                        + self._log_tail(name)
+                    )
+                try:
+                    address = path.read_text().strip()
+                except FileNotFoundError:
+                    address = ""
+                if address:
+                    self.metrics[name] = address
+                    self._say(f"metrics {name} http://{address}/metrics")
+                elif time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not report its metrics address in time")
+                else:
+                    time.sleep(0.05)
+        return self.metrics
 
     def stop_process(self, name: str, *, kill: bool = False, timeout_s: float = 15.0) -> None:
         process = self.processes.pop(name, None)
@@ -226,6 +302,11 @@ class Stack:
             web=tuple(by_kind.get("web", ())),
             worker=tuple(by_kind.get("worker", ())),
             scheduler=tuple(by_kind.get("scheduler", ())),
+            metrics=tuple(
+                MetricsEndpoint(process=name, address=address)
+                for name, address in self.metrics.items()
+                if name in self.processes and self.processes[name].poll() is None
+            ),
         )
 
     def write_stack_file(self) -> None:
@@ -245,6 +326,14 @@ class Stack:
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
+
+
+def _metrics_port(kind: str, args: tuple[str, ...], env: Mapping[str, str]) -> str:
+    """The metrics port a ``koinonia <kind> <args>`` child starts with (``off``, or a
+    port as given): ``--metrics-port`` first, then its variable."""
+    if "--metrics-port" in args[:-1]:
+        return args[args.index("--metrics-port") + 1].strip().lower()
+    return env.get(metrics_port_variable(kind), "").strip().lower() or "default"
 
 
 def _serves(kind: str, env: Mapping[str, str]) -> str | None:

@@ -64,6 +64,15 @@ class Process(msgspec.Struct, frozen=True, kw_only=True):
     """The URL it serves (web, simulator); None for processes that listen on nothing."""
 
 
+class MetricsEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one process of the stack serves Prometheus metrics."""
+
+    process: str
+    """The process's name in the stack (``web``, ``worker``, ``scheduler``, ...)."""
+    address: str
+    """``host:port``: its metrics are at ``http://<address>/metrics``."""
+
+
 class StackFile(msgspec.Struct, frozen=True, kw_only=True):
     version: int = VERSION
     pid: int
@@ -78,8 +87,8 @@ class StackFile(msgspec.Struct, frozen=True, kw_only=True):
     web: tuple[Process, ...] = ()
     worker: tuple[Process, ...] = ()
     scheduler: tuple[Process, ...] = ()
-    metrics: tuple[str, ...] = ()
-    """Every metrics address (``host:port``) of the stack's processes."""
+    metrics: tuple[MetricsEndpoint, ...] = ()
+    """Every ``/metrics`` of the stack's processes (web, worker, scheduler), by name."""
 
 
 class NoStores(Exception):

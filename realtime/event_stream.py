@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from starlette.types import Message, Receive, Scope, Send
 
 from realtime import channels
+from realtime.close_codes import CloseCode
 from realtime.connection import Connection, Limits
 from realtime.errors import ChannelError, HubStopped
 from realtime.handshake import authenticate, header, lifetime, send_error
@@ -142,6 +143,8 @@ class _Stream:
         self.principal = principal
         self.wakeup = asyncio.Event()
         self.disconnected = False
+        metrics = getattr(services, "metrics", None)
+        self.measured = metrics.realtime("sse") if metrics is not None else None
         # Per channel, the (epoch, offset) last written: what the next id encodes.
         self.marks: dict[str, Mark] = {}
         self.conn: Connection[HubEvent] = Connection(
@@ -163,6 +166,7 @@ class _Stream:
         church_id = self.principal.church_id
         subscriptions = [self.conn.open(name) for name in names]
         watcher: asyncio.Task[None] | None = None
+        counted = False
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
@@ -173,6 +177,9 @@ class _Stream:
                 await send_error(self.send, "unavailable", "try again shortly")
                 return
             await self.send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            if self.measured is not None:
+                self.measured.connections.inc()
+                counted = True
             watcher = asyncio.create_task(self._watch_disconnect())
             await self._open(names, replays, resume)
             for subscription, replay in zip(subscriptions, replays, strict=True):
@@ -181,6 +188,8 @@ class _Stream:
         finally:
             for subscription in subscriptions:
                 self.hub.unsubscribe(church_id, subscription.channel, subscription)
+            if counted and self.measured is not None:
+                self.measured.connections.dec()
             if watcher is not None:
                 watcher.cancel()  # not awaited: that would mask our own cancellation
                 if not self.disconnected:
@@ -217,6 +226,9 @@ class _Stream:
         failed = [
             n for n, r in zip(names, replays, strict=True) if resume is not None and not r.recovered
         ]
+        if resume is not None and self.measured is not None:
+            for replay in replays:
+                self.measured.resumed(replay.recovered)
         if failed:
             data = _json.encode({"channels": failed})
             records.append(_record(encode_token(marks), b"recovery_failed", data))
@@ -235,15 +247,22 @@ class _Stream:
                     continue
             if self.disconnected or conn.close_code is not None:
                 # A slow consumer's stream just ends: it resumes with Last-Event-ID.
+                if conn.close_code == CloseCode.SLOW_CONSUMER and self.measured is not None:
+                    self.measured.slow_consumer_closes.inc()
                 return
             records = []
             queue = conn.queue
+            position = None
             while queue:
                 event = queue.popleft()
                 marks[event.channel] = (event.epoch, *event.position)
                 records.append(_record(encode_token(marks), event.type.encode(), event.frame))
+                if not event.ephemeral:
+                    position = event.position
             conn.release()
             await self._write(b"".join(records))
+            if self.measured is not None:
+                self.measured.written(len(records), position)
 
     async def _write(self, body: bytes) -> None:
         await self.send({"type": "http.response.body", "body": body, "more_body": True})

@@ -1,5 +1,6 @@
-"""The staff pages: ``/inbox`` (the live shared inbox) and ``/dashboard`` (live
-broadcast progress), and the assets they load from ``/static/``.
+"""The staff pages: ``/inbox`` (the live shared inbox), ``/dashboard`` (live
+broadcast progress) and ``/operations`` (owners: live operating figures, drawn from
+``GET /v1/operations/stats``), and the assets they load from ``/static/``.
 
 Plain HTML, CSS and JavaScript modules from ``realtime/static/``, written by
 hand and served as they are: no build step, no external assets. The pages talk
@@ -96,5 +97,6 @@ def page_routes(directory: Path = STATIC_DIR) -> list[BaseRoute]:
     return [
         page("inbox.html"),
         page("dashboard.html"),
+        page("operations.html"),
         Route("/static/{name}", asset, methods=["GET"]),
     ]

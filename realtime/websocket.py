@@ -67,6 +67,7 @@ from realtime.protocol import WIRE
 from realtime.typing_indicator import TypingGate, publish_typing
 from storage.domain.events import frame_bytes
 from storage.pg.credentials import Principal
+from storage.process.metrics import RealtimeMetrics
 from storage.process.services import Services
 
 HEARTBEAT_S = 25
@@ -78,6 +79,12 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 def _same_event(event: HubEvent) -> HubEvent:
     """Queue the shared event itself: the sender writes its prebuilt wire frame."""
     return event
+
+
+def _measured(services: Services | None) -> RealtimeMetrics | None:
+    """The WebSocket series of this process, None when it measures nothing."""
+    metrics = getattr(services, "metrics", None)
+    return metrics.realtime("websocket") if metrics is not None else None
 
 
 def _finish(task: asyncio.Task[None]) -> None:
@@ -224,6 +231,8 @@ class _Session:
                 self.sessions.discard(self)
             if self.sender is not None:
                 _finish(self.sender)
+            if (measured := _measured(self.services)) is not None:
+                measured.connections.dec()
 
     async def _open(self, scope: Scope) -> bool:
         """Authenticate and accept (True), or refuse (401 before the upgrade; 4029
@@ -254,6 +263,8 @@ class _Session:
         revocations.pool = getattr(services, "pool", None)
         # Revoked in the moment since authenticating: closes at once.
         revocations.watch(principal, self.conn, expires_in=expires_in)
+        if (measured := _measured(services)) is not None:
+            measured.connections.inc()
         return True
 
     # -- sending ---------------------------------------------------------------
@@ -268,6 +279,8 @@ class _Session:
     async def _send_loop(self) -> None:
         conn, queue, send = self.conn, self.conn.queue, self.send
         low_water = conn.limits.send_queue // 4
+        # Live events written in this burst, and the last one's offset (metrics).
+        events, position = 0, None
         try:
             while queue:
                 item = queue.popleft()
@@ -275,13 +288,23 @@ class _Session:
                     await send({"type": "websocket.send", "text": item})
                 else:
                     await send({"type": "websocket.send", "text": item.text, WIRE: item.wire})
+                    events += 1
+                    if not item.ephemeral:
+                        position = item.position
                 drained = self.drained
                 if drained is not None and len(queue) <= low_water and not drained.done():
                     drained.set_result(None)
             # No await between the last check of the queue and returning: a frame
             # queued after it finds this task done and starts another.
             conn.release()
+            measured = (
+                _measured(getattr(self, "services", None)) if events or conn.close_code else None
+            )
+            if measured is not None:
+                measured.written(events, position)
             if conn.close_code is not None:
+                if measured is not None and conn.close_code == CloseCode.SLOW_CONSUMER:
+                    measured.slow_consumer_closes.inc()
                 self.ended = True
                 await send({"type": "websocket.close", "code": conn.close_code})
         except Exception:
@@ -381,6 +404,8 @@ class _Session:
             hub.unsubscribe(church_id, name, subscription)
             self._reply(Error(id=frame.id, code="unavailable", message="try again shortly"))
             return
+        if since is not None and (measured := _measured(self.services)) is not None:
+            measured.resumed(replay.recovered)
         if replay.entries:
             texts = (
                 frame_bytes(name, entry.offset, entry.event_json).decode()

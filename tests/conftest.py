@@ -5,6 +5,10 @@ REDIS_URL when set), applies the production migrations, and runs the provider
 simulator, a web process, a worker and the scheduler as real child processes,
 exactly as ``koinonia dev`` does. Tests isolate themselves by tenancy: each one
 signs up its own church, so nothing needs truncating between tests.
+
+The children log at INFO to ``<stack data dir>/logs/<name>.log`` (``stack.log_path``),
+not to the terminal: look there when a test fails, and tests read them
+(tests/storage/process/test_logs.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ import pytest
 from deploy.stack import Stack, free_ports
 from storage.domain.receipt_refs import ReceiptRefs
 
+METRICS_TOKEN = "metrics-token-of-the-test-suite"
+"""The stack's KOINONIA_METRICS_TOKEN: ``/metrics`` and ``/health/detailed`` take it."""
+MONITORING = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+"""Headers of the monitoring system: what ``/metrics`` needs, and ``/health/detailed``
+takes as an admin's credentials."""
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
@@ -33,9 +43,14 @@ def anyio_backend() -> str:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
+    # Tracing off, as by default (tests/storage/process/test_tracing.py runs its own
+    # stack with it on).
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
     env.update(
         {
-            "KOINONIA_LOG_LEVEL": "WARNING",
+            # INFO: the log tests read request and job lines (logs go to files).
+            "KOINONIA_LOG_LEVEL": "INFO",
             "KOINONIA_RECONCILE_AFTER_S": "5",
             "KOINONIA_SCHEDULER_INTERVAL_S": "1",
             "KOINONIA_CLAIM_IDLE_MS": "5000",
@@ -59,15 +74,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_WEBHOOK_ALLOW_PRIVATE": "true",
             "KOINONIA_WEBHOOK_RETRY_SCALE": "0.00002",
             "KOINONIA_WEBHOOK_FAILURE_THRESHOLD": "3",
+            # /metrics of web, worker and scheduler on free ports (the stack learns
+            # them: stack.metrics), their gauges refreshed every second.
+            "KOINONIA_WEB_METRICS_PORT": "0",
+            "KOINONIA_WORKER_METRICS_PORT": "0",
+            "KOINONIA_SCHEDULER_METRICS_PORT": "0",
+            "KOINONIA_METRICS_SAMPLE_S": "1",
+            "KOINONIA_METRICS_TOKEN": METRICS_TOKEN,
         }
     )
+    data_dir = tmp_path_factory.mktemp("koinonia")
     stack = Stack(
-        tmp_path_factory.mktemp("koinonia"),
+        data_dir,
         http_port=web_port,
         sim_port=sim_port,
         env=env,
         fast_unsafe=True,
         quiet=True,
+        log_dir=data_dir / "logs",
     )
     try:
         stack.start_stores()

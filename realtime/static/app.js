@@ -104,6 +104,10 @@ function showApp(me) {
     await api("POST", "/v1/auth/logout").catch(() => {});
     location.reload();
   });
+  // Links to what only owners may see (the operations page).
+  for (const link of document.querySelectorAll("[data-owner-only]")) {
+    link.hidden = me.user.role !== "owner";
+  }
   $("#app").hidden = false;
   $("#connection").hidden = false;
   return me;

@@ -133,6 +133,7 @@ async def accept_reply(
     kind: ReplyKind = ReplyKind.REPLY,
     consent_exempt: bool = False,
     max_attempts: int = 5,
+    traceparent: str = "",
 ) -> AcceptedReply:
     """Commit one text to the conversation's member, on the broadcasts' pipeline.
 
@@ -140,6 +141,8 @@ async def accept_reply(
     its outbound ``conversation_message`` share one id, its ``message_recipient`` row
     carries the status. Consent is checked here (``OptedOut`` for a member who opted
     out, unless ``consent_exempt``) and again when it is sent, like every text.
+    ``traceparent``: the accepting request's trace context, stored on the message and
+    carried by its batch (storage/process/tracing.py); empty when tracing is off.
     """
     message_id = uuid7()
     created_at = created_at_of(message_id)
@@ -178,8 +181,8 @@ async def accept_reply(
         await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
             "recipient_count, segments, encoding, from_number, created_by, materialized_at, "
-            "kind, conversation_id, consent_exempt) "
-            "VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "kind, conversation_id, consent_exempt, traceparent) "
+            "VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 church_id,
                 message_id,
@@ -194,6 +197,7 @@ async def accept_reply(
                 kind.value,
                 conversation_id,
                 consent_exempt,
+                traceparent or None,
             ),
         )
         recipient = recipient_id(message_id, 1)
@@ -214,6 +218,7 @@ async def accept_reply(
         from_number=from_number,
         max_attempts=max_attempts,
         conversation_id=conversation_id,
+        traceparent=traceparent,
     )
     return AcceptedReply(conversation=conversation, message=message, batch=batch)
 

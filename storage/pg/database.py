@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from importlib import resources
+from typing import Any, Self
 
 import msgspec
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, AsyncCursor, sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
@@ -34,7 +36,40 @@ async def _configure(conn: Conn) -> None:
     set_json_loads(msgspec.json.decode, conn)
 
 
-async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Pool:
+def counting_cursor(count: Callable[[], None]) -> type[AsyncCursor[Any]]:
+    """A cursor class that calls ``count`` once per statement sent (``execute``,
+    ``executemany``; ``conn.execute`` goes through a cursor too): the process's
+    ``koinonia_db_queries_total``, at the cost of one call per statement."""
+
+    class CountingCursor(AsyncCursor[Any]):
+        __slots__ = ()
+
+        async def execute(self, *args: Any, **kwargs: Any) -> Self:
+            count()
+            return await super().execute(*args, **kwargs)
+
+        async def executemany(self, *args: Any, **kwargs: Any) -> None:
+            count()
+            await super().executemany(*args, **kwargs)
+
+    return CountingCursor
+
+
+async def open_pool(
+    settings: DatabaseSettings,
+    *,
+    name: str = "koinonia",
+    on_query: Callable[[], None] | None = None,
+) -> Pool:
+    """The process's pool; ``on_query``: called for every statement (metrics)."""
+    configure = _configure
+    if on_query is not None:
+        cursor_class = counting_cursor(on_query)
+
+        async def configure(conn: Conn) -> None:
+            await _configure(conn)
+            conn.cursor_factory = cursor_class
+
     pool: Pool = AsyncConnectionPool(
         settings.url,
         min_size=settings.pool_min,
@@ -46,7 +81,7 @@ async def open_pool(settings: DatabaseSettings, *, name: str = "koinonia") -> Po
             "prepare_threshold": 0,
             "connect_timeout": max(1, round(settings.timeout_s)),
         },
-        configure=_configure,
+        configure=configure,
         # A request waits this long for a connection, then fails (503) rather than
         # queueing behind a database that is down.
         timeout=settings.timeout_s,

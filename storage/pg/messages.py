@@ -149,6 +149,7 @@ async def accept_message(
     send_at: datetime | None = None,
     template_id: uuid.UUID | None = None,
     recurring_id: uuid.UUID | None = None,
+    traceparent: str = "",
 ) -> Message:
     """Commit the message and its resolved target; recipients follow from a worker.
 
@@ -156,6 +157,8 @@ async def accept_message(
     and its ``message.created`` webhook event is recorded in the same transaction.
     ``segments`` / ``encoding`` are those of ``body`` as written: for a body with
     merge fields that is the un-rendered template, an estimate of each recipient's.
+    ``traceparent``: the accepting request's trace context (storage/process/tracing.py),
+    stored so that the broadcast's receipts join its trace; empty stores NULL.
     """
     message_id = uuid7()
     accepted_at = created_at_of(message_id)
@@ -176,8 +179,8 @@ async def accept_message(
         cur = await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
             "recipient_count, segments, encoding, from_number, created_by, send_at, "
-            "template_id, recurring_id) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "template_id, recurring_id, traceparent) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             f"RETURNING {_COLS}",
             (
                 church_id,
@@ -194,6 +197,7 @@ async def accept_message(
                 send_at,
                 template_id,
                 recurring_id,
+                traceparent or None,
             ),
         )
         out = await cur.fetchone()
@@ -218,12 +222,33 @@ async def record_created(conn: Conn, church_id: uuid.UUID, message: Message) -> 
     await append(conn, [(church_id, ("dashboard",), event)])
 
 
-async def announce_started(redis: Redis, church_id: uuid.UUID, message: Message) -> None:
+async def announce_started(
+    redis: Redis, church_id: uuid.UUID, message: Message, traceparent: str = ""
+) -> None:
     """After the commit of a started message: enqueue its materialization. Losing
-    this only delays the message (the sweeps find it)."""
+    this only delays the message (the sweeps find it). ``traceparent``: the trace
+    the materialization continues (empty: the worker reads the message's own)."""
     await enqueue_materialize(
         redis,
-        MaterializeJob(church_id=church_id, message_id=message.id, created_at=message.created_at),
+        MaterializeJob(
+            church_id=church_id,
+            message_id=message.id,
+            created_at=message.created_at,
+            traceparent=traceparent,
+        ),
+    )
+
+
+async def adopt_traceparent(
+    conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID, traceparent: str
+) -> None:
+    """Store a trace context on a message accepted without one (a recurring
+    occurrence, or accepted while tracing was off), so its receipts join the trace
+    its worker started. A context stored already is kept."""
+    await conn.execute(
+        "UPDATE message SET traceparent = %s "
+        "WHERE church_id = %s AND id = %s AND created_at = %s AND traceparent IS NULL",
+        (traceparent, church_id, message_id, created_at_of(message_id)),
     )
 
 
@@ -403,11 +428,17 @@ class SendText(msgspec.Struct, frozen=True):
     """Sent whatever the member's opt-in state: only HELP answers and START confirmations."""
     conversation_id: uuid.UUID | None
     """The conversation of a staff reply or an automatic answer; None for a broadcast."""
+    traceparent: str = ""
+    """The trace context stored at acceptance (empty: none): what receipts continue."""
+    scheduled: bool = False
+    """Scheduled or recurring: its recipients wait for a send time or quiet hours by
+    design (not measured by ``koinonia_accept_to_sent_seconds``)."""
 
 
 class SendTexts:
     """``SendText`` of recent messages, read from Postgres once per message and process:
-    every batch and every receipt of a broadcast asks again, and none of it changes."""
+    every batch and every receipt of a broadcast asks again, and none of it changes
+    (but a trace context a worker adopts at materialization, before any receipt)."""
 
     def __init__(self, pool: Pool, size: int = 4096) -> None:
         self._pool = pool
@@ -422,7 +453,9 @@ class SendTexts:
             self._known.move_to_end(message_id)
             return self._known[message_id]
         query = (
-            "SELECT body, consent_exempt, conversation_id FROM message "
+            "SELECT body, consent_exempt, conversation_id, coalesce(traceparent, ''), "
+            "send_at IS NOT NULL OR recurring_id IS NOT NULL "
+            "FROM message "
             "WHERE church_id = %s AND id = %s AND created_at = %s"
         )
         params = (church_id, message_id, created_at_of(message_id))
@@ -431,7 +464,9 @@ class SendTexts:
         else:
             async with self._pool.connection() as own:
                 row = await (await own.execute(query, params)).fetchone()
-        text = SendText(row[0], bool(row[1]), row[2]) if row else None
+        text = (
+            SendText(row[0], bool(row[1]), row[2], row[3], scheduled=bool(row[4])) if row else None
+        )
         self._known[message_id] = text
         if len(self._known) > self._size:
             self._known.popitem(last=False)

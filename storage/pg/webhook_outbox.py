@@ -223,6 +223,18 @@ async def claim_due(
     ]
 
 
+async def due_backlog(conn: Conn, cap: int = 100_000) -> int:
+    """Deliveries due now and not claimed (leased ones are due later), counted up to
+    ``cap`` over the partial index of pending deliveries (the worker's metrics)."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM webhook_delivery "
+        "WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %s) AS due",
+        (cap,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def release(conn: Conn, deliveries: Sequence[DueDelivery]) -> None:
     """Give claimed rows back at once (the claiming worker cannot start them now)."""
     async with conn.cursor() as cur:

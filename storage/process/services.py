@@ -14,6 +14,7 @@ from storage.pg.churches import plan_loader
 from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.pg.database import Pool, open_pool
 from storage.pg.event_log import EventRelay
+from storage.process.metrics import Metrics, Sampler
 from storage.process.settings import Settings
 from storage.redis.cache import Cache
 from storage.redis.connection import Redis, open_redis
@@ -38,15 +39,31 @@ class Services(msgspec.Struct, kw_only=True):
     cache: Cache
     relay: EventRelay
     """Moves this process's (and any stranded) logged events to Redis and webhooks."""
+    metrics: Metrics | None = None
+    """This process's metrics; None when its metrics port is ``off`` (then nothing is
+    measured: every instrumentation site tests for None)."""
+    sampler: Sampler | None = None
+    """Refreshes the gauges of live state while ``metrics`` exists."""
 
     @classmethod
-    async def open(cls, settings: Settings, *, redis_connections: int = 64) -> Services:
-        pool = await open_pool(settings.database)
+    async def open(
+        cls, settings: Settings, *, redis_connections: int = 64, metrics: Metrics | None = None
+    ) -> Services:
+        """``metrics``: the process's own (``Metrics.for_process``), made before its
+        ``/metrics`` server; None measures nothing."""
+        pool = await open_pool(
+            settings.database, on_query=metrics.counted_query() if metrics is not None else None
+        )
         redis = open_redis(settings.redis, max_connections=redis_connections)
         scripts = ScriptRunner(redis)
         publisher = EventPublisher(redis)
         relay = EventRelay(pool, publisher)
         relay.start()
+        cache = Cache(redis)
+        sampler = None
+        if metrics is not None:
+            sampler = Sampler(metrics, settings, pool, redis, cache)
+            sampler.start()
         return cls(
             settings=settings,
             pool=pool,
@@ -57,11 +74,15 @@ class Services(msgspec.Struct, kw_only=True):
             scripts=scripts,
             limiter=RateLimiter(scripts),
             church_limits=ChurchLimits(plan_loader(pool), settings.limits.plans),
-            cache=Cache(redis),
+            cache=cache,
             relay=relay,
+            metrics=metrics,
+            sampler=sampler,
         )
 
     async def close(self) -> None:
+        if self.sampler is not None:
+            await self.sampler.stop()
         await self.relay.stop()
         await self.pool.close()
         await self.redis.aclose()

@@ -214,6 +214,58 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
         return self.retry_schedule_s[attempt - 1] * self.retry_scale
 
 
+METRICS_PROCESSES = ("web", "worker", "scheduler")
+"""The process types that serve ``/metrics`` (the simulator serves none)."""
+
+
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Prometheus ``/metrics``, one port per process type (docs/operations.md "Metrics")."""
+
+    host: str = "127.0.0.1"
+    """KOINONIA_METRICS_HOST"""
+    web_port: str = "9180"
+    """KOINONIA_WEB_METRICS_PORT: a port, ``0`` (any free one, logged and recorded), or
+    ``off`` (no server and no instrumentation in that process)."""
+    worker_port: str = "9181"
+    """KOINONIA_WORKER_METRICS_PORT"""
+    scheduler_port: str = "9182"
+    """KOINONIA_SCHEDULER_METRICS_PORT"""
+    token: str = ""
+    """KOINONIA_METRICS_TOKEN: when set, ``/metrics`` needs ``Authorization: Bearer
+    <token>``, and the token also opens ``/health/detailed``."""
+    sample_s: float = 5.0
+    """KOINONIA_METRICS_SAMPLE_S: how often gauges of live state (pool, queue
+    backlog, circuit, stores) are refreshed."""
+    address_file: str = ""
+    """KOINONIA_METRICS_ADDRESS_FILE: where a process writes the ``host:port`` its
+    ``/metrics`` bound (``koinonia dev`` sets it, to learn the port ``0`` picked)."""
+
+    def port(self, process: str) -> str:
+        """The port setting of ``process`` (``web``, ``worker``, ``scheduler``); ``off``
+        for any other process."""
+        ports = {
+            "web": self.web_port,
+            "worker": self.worker_port,
+            "scheduler": self.scheduler_port,
+        }
+        return ports.get(process, "off")
+
+
+def metrics_port_variable(process: str) -> str:
+    """The environment variable of ``process``'s metrics port."""
+    return f"KOINONIA_{process.upper()}_METRICS_PORT"
+
+
+def metrics_port(value: str, variable: str) -> str:
+    """A metrics port setting as kept: ``off``, or a port number 0-65535 as text."""
+    text = value.strip().lower()
+    if text == "off":
+        return text
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{variable} must be a port number (0: any free port) or off")
+    return str(int(text))
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".koinonia")
     """KOINONIA_DATA_DIR: embedded Postgres/Redis and development keys live here."""
@@ -232,6 +284,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     limits: LimitSettings = LimitSettings()
     mail: MailSettings = MailSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def public_url(self) -> str:
@@ -262,6 +315,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if len(value) != 32:
                 raise ValueError(f"{name} must be base64 of exactly 32 bytes")
             return value
+
+        def port(process: str, default: str) -> str:
+            variable = metrics_port_variable(process)
+            return metrics_port(s(variable, default), variable)
 
         origins = tuple(
             o.strip() for o in s("KOINONIA_ALLOWED_ORIGINS", "").split(",") if o.strip()
@@ -365,5 +422,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 per_endpoint_concurrency=i("KOINONIA_WEBHOOK_PER_ENDPOINT", 8),
                 poll_s=f("KOINONIA_WEBHOOK_POLL_S", 0.25),
                 retention_days=i("KOINONIA_WEBHOOK_RETENTION_DAYS", 30),
+            ),
+            metrics=MetricsSettings(
+                host=s("KOINONIA_METRICS_HOST", "127.0.0.1"),
+                web_port=port("web", "9180"),
+                worker_port=port("worker", "9181"),
+                scheduler_port=port("scheduler", "9182"),
+                token=s("KOINONIA_METRICS_TOKEN", ""),
+                sample_s=f("KOINONIA_METRICS_SAMPLE_S", 5.0),
+                address_file=s("KOINONIA_METRICS_ADDRESS_FILE", ""),
             ),
         )

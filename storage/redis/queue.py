@@ -72,13 +72,22 @@ REFRESH_MS = 200
 a church announced in another set than the one it is draining gets its turn."""
 
 
-class MaterializeJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# ``omit_defaults``: a field at its default is left out of the entry, so an entry
+# without trace context (tracing off) is one an earlier version reads too.
+
+
+class MaterializeJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     church_id: uuid.UUID
     message_id: uuid.UUID
     created_at: datetime
+    traceparent: str = ""
+    """W3C trace context of the acceptance (storage/process/tracing.py); empty when
+    tracing is off or the entry was made by a sweep."""
 
 
-class SendBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="batch"):
+class SendBatch(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, tag="batch"
+):
     """Recipients of one message to send: a broadcast's (up to ``batch_size``), or the
     single recipient of a staff reply or an automatic answer (``conversation_id``
     set). Every text we send travels as one of these."""
@@ -92,6 +101,9 @@ class SendBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ba
     max_attempts: int = 5
     conversation_id: uuid.UUID | None = None
     """The conversation of a reply or answer; None for a broadcast."""
+    traceparent: str = ""
+    """W3C trace context the batch's spans continue (the materialize job's, or the
+    reply's acceptance); empty when tracing is off."""
 
 
 Work = SendBatch
@@ -416,6 +428,92 @@ async def queue_depths(redis: Redis, shards: int, sample: int = 500) -> dict[str
         "pending": pending,
         "delayed_retries": delayed,
     }
+
+
+class Backlog(msgspec.Struct, frozen=True):
+    """Queue figures for the worker's metrics (storage/process/metrics.py)."""
+
+    send: list[int]
+    """Per ready shard: entries not finished on the streams of (up to ``sample``
+    of) its churches; in flight included, delayed retries not."""
+    send_oldest_age_s: float
+    """Age of the oldest of those entries (0 when none)."""
+    materialize: int
+    """Materialize entries not yet read, or read and not acknowledged."""
+    materialize_oldest_age_s: float
+    dead_letters: int
+
+
+async def queue_backlog(redis: Redis, shards: int, sample: int = 500) -> Backlog:
+    """Backlog and age of the oldest entry per queue, in two pipelined round trips
+    (ages by the Redis clock, which stamps the entry ids)."""
+    per_shard = max(1, sample // max(1, shards))
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    for shard in range(shards):
+        pipe.zrange(key_names.ready_set(shard), 0, per_shard - 1)
+    pipe.xinfo_groups(key_names.MATERIALIZE_STREAM)
+    pipe.xlen(key_names.DEAD_LETTER_STREAM)
+    raw = await pipe.execute(raise_on_error=False)
+    seconds, micros = raw[0]
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    churches = [[uuid.UUID(_text(c)) for c in raw[1 + s]] for s in range(shards)]
+    groups, dead = raw[1 + shards], raw[2 + shards]
+    group: dict[str, Any] | None = None
+    for candidate in groups if isinstance(groups, list) else ():
+        if _text(candidate.get("name", b"")) == key_names.SEND_GROUP:
+            group = candidate
+    pending = int(group.get("pending") or 0) if group else 0
+    lag = int(group.get("lag") or 0) if group else 0
+    pipe = redis.pipeline(transaction=False)
+    for listed in churches:
+        for church_id in listed:
+            pipe.xlen(key_names.church_send_stream(church_id))
+            pipe.xrange(key_names.church_send_stream(church_id), "-", "+", count=1)
+    if pending:
+        pipe.xpending(key_names.MATERIALIZE_STREAM, key_names.SEND_GROUP)
+    if lag and group is not None:
+        after = _text(group.get("last-delivered-id") or "0-0")
+        pipe.xrange(key_names.MATERIALIZE_STREAM, f"({after}", "+", count=1)
+    values = await pipe.execute(raise_on_error=False) if len(pipe) else []
+    send: list[int] = []
+    oldest: list[int] = []
+    i = 0
+    for listed in churches:
+        total = 0
+        for _ in listed:
+            length, first = values[i], values[i + 1]
+            i += 2
+            total += length if isinstance(length, int) else 0
+            if isinstance(first, list) and first:
+                oldest.append(_id_ms(first[0][0]))
+        send.append(total)
+    materialize_oldest: list[int] = []
+    if pending:
+        summary = values[i]
+        i += 1
+        if isinstance(summary, dict) and summary.get("min"):
+            materialize_oldest.append(_id_ms(summary["min"]))
+    if lag and group is not None:
+        first = values[i]
+        if isinstance(first, list) and first:
+            materialize_oldest.append(_id_ms(first[0][0]))
+
+    def age(stamps: list[int]) -> float:
+        return max(0.0, (now_ms - min(stamps)) / 1000) if stamps else 0.0
+
+    return Backlog(
+        send=send,
+        send_oldest_age_s=age(oldest),
+        materialize=pending + lag,
+        materialize_oldest_age_s=age(materialize_oldest),
+        dead_letters=dead if isinstance(dead, int) else 0,
+    )
+
+
+def _id_ms(entry_id: bytes | str) -> int:
+    """The milliseconds part of a stream entry id (when Redis stamped it)."""
+    return int(_text(entry_id).partition("-")[0] or 0)
 
 
 async def migrate_shard_streams(redis: Redis, shards: int, legacy_shards: int = 8) -> int:

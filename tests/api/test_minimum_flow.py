@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from tests.conftest import Church, unique_phone
+from tests.conftest import MONITORING, Church, unique_phone
 
 
 def test_signup_to_delivered(church: Church) -> None:
@@ -175,10 +175,12 @@ def test_signup_rules(base_url: str) -> None:
 
 
 def test_health_endpoints(base_url: str) -> None:
-    for path in ["/health", "/health/live", "/health/ready", "/health/detailed"]:
+    for path in ["/health", "/health/live", "/health/ready"]:
         answer = httpx.get(base_url + path)
         assert answer.status_code == 200, path
-    detailed = httpx.get(base_url + "/health/detailed").json()["data"]
+    # The detailed view is for operators (tests/api/test_health.py).
+    assert httpx.get(base_url + "/health/detailed").status_code == 401
+    detailed = httpx.get(base_url + "/health/detailed", headers=MONITORING).json()["data"]
     assert detailed["checks"]["database"]["ok"] is True
     assert detailed["checks"]["redis"]["ok"] is True
     assert "pending" in detailed["checks"]["queue"]

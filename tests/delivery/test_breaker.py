@@ -19,7 +19,7 @@ import pytest
 from delivery.provider import SendRequest
 from delivery.telnyx import TelnyxProvider
 from deploy.stack import Stack, free_ports
-from tests.conftest import Church
+from tests.conftest import MONITORING, Church
 from tests.delivery.test_throttle import (
     audience,
     dead_lettered,
@@ -38,7 +38,7 @@ OUTAGE_S = 5.0
 
 
 def _circuit(base_url: str) -> dict[str, Any]:
-    detailed = httpx.get(f"{base_url}/health/detailed", timeout=10).json()
+    detailed = httpx.get(f"{base_url}/health/detailed", headers=MONITORING, timeout=10).json()
     circuit: dict[str, Any] = detailed["data"]["checks"]["queue"]["provider_circuit"]
     return circuit
 

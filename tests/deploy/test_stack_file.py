@@ -28,6 +28,7 @@ from deploy.embedded import pid_alive
 from deploy.stack import free_ports
 from deploy.stack_file import (
     Endpoint,
+    MetricsEndpoint,
     NoStores,
     Process,
     RedisEntry,
@@ -132,7 +133,10 @@ def test_the_stack_file_round_trips(tmp_path: Path) -> None:
         web=(Process(name="web", pid=7, address="http://127.0.0.1:8000"),),
         worker=(Process(name="worker", pid=8), Process(name="worker2", pid=9)),
         scheduler=(Process(name="scheduler", pid=10),),
-        metrics=("127.0.0.1:9100",),
+        metrics=(
+            MetricsEndpoint(process="web", address="127.0.0.1:9180"),
+            MetricsEndpoint(process="worker2", address="127.0.0.1:9183"),
+        ),
     )
     path = stack_file_path(tmp_path)
     assert path == tmp_path.resolve() / "stack.json"
@@ -144,8 +148,9 @@ def test_the_stack_file_round_trips(tmp_path: Path) -> None:
     assert raw["postgres"] == {"url": PG_URL, "pid": 1}
     assert raw["redis"]["cluster"][1] == {"address": "127.0.0.1:7001", "role": "replica", "pid": 5}
     assert raw["worker"][0] == {"name": "worker", "pid": 8, "address": None}
+    assert raw["metrics"][1] == {"process": "worker2", "address": "127.0.0.1:9183"}
 
-    # Today's stacks: no replicas, PgBouncer, cluster nor metrics.
+    # A minimal file: no replicas, PgBouncer, cluster nor metrics.
     minimal = a_stack(tmp_path, pg_pid=1, redis_pid=2)
     write_stack_file(path, minimal)
     raw = json.loads(path.read_text())
@@ -291,7 +296,12 @@ def test_koinonia_dev_publishes_its_stack(tmp_path: Path) -> None:
         KOINONIA_HTTP_PORT=str(web_port),
         KOINONIA_SIM_PORT=str(sim_port),
         KOINONIA_LOG_LEVEL="WARNING",
+        # Any free port (the defaults are 9180-9182): the stack learns what was bound.
+        KOINONIA_WEB_METRICS_PORT="0",
+        KOINONIA_WORKER_METRICS_PORT="0",
+        KOINONIA_SCHEDULER_METRICS_PORT="0",
     )
+    env.pop("KOINONIA_METRICS_TOKEN", None)
     path = stack_file_path(data_dir)
     dev = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "dev"],
@@ -314,12 +324,15 @@ def test_koinonia_dev_publishes_its_stack(tmp_path: Path) -> None:
         assert pid_alive(stack.redis.pid, "valkey-server")
         assert stack.postgres.url.startswith("postgresql://koinonia@127.0.0.1:")
         assert stack.redis.url.startswith("redis://127.0.0.1:")
-        assert (stack.replicas, stack.pgbouncer, stack.redis.cluster, stack.metrics) == (
-            (),
-            None,
-            (),
-            (),
-        )
+        assert (stack.replicas, stack.pgbouncer, stack.redis.cluster) == ((), None, ())
+        metrics = {m.process: m.address for m in stack.metrics}
+        assert sorted(metrics) == ["scheduler", "web", "worker"]
+        for address in metrics.values():
+            host, port = address.rsplit(":", 1)
+            assert host == "127.0.0.1", address
+            assert int(port) > 0, address
+            # Open: no KOINONIA_METRICS_TOKEN in this environment.
+            assert httpx.get(f"http://{address}/metrics").status_code == 200
         processes = {
             kind: [(p.name, p.address) for p in entries]
             for kind, entries in (
