@@ -25,6 +25,13 @@ where the CPU went (web, Postgres, Redis, load generator, other).
     uv run python bench/rest.py --workers 2 --connections 64 --duration 5
     uv run python bench/rest.py --profile             # + py-spy of one web process
     uv run python bench/rest.py --reseed              # throw the seeded data away first
+    uv run python bench/rest.py --metrics-ab 5        # CPU per request, metrics off vs on
+
+``--metrics-ab REPS`` runs two web nodes side by side on the same stores, one with
+``KOINONIA_WEB_METRICS_PORT=off`` (no server, no instrumentation) and one with
+metrics on, and loads them in turn at the same fixed rate, the order alternating
+each repetition so both meet the same background; it prints each run's web CPU
+per request, the medians, their spread and the on/off ratio.
 
 Numbers only; it asserts nothing but the response shape checked before loading.
 """
@@ -802,6 +809,67 @@ def print_table(rows: list[Row], limited: bool) -> None:
         )
 
 
+def metrics_ab(
+    stack: Any, wrk: str, key: str, args: argparse.Namespace, ports: dict[str, int]
+) -> None:
+    """Web CPU per request with metrics off and on, interleaved (see the module text)."""
+    import statistics
+
+    workers = args.workers[0]
+    loads: dict[str, Load] = {}
+    for name, port in ports.items():
+        env = {
+            **stack.env,
+            "KOINONIA_HTTP_PORT": str(port),
+            "KOINONIA_WEB_METRICS_PORT": "off" if name == "off" else "0",
+        }
+        say(f"starting web (metrics {name}) on port {port}, --workers {workers}")
+        stack.spawn(f"web-{name}", "web", "--workers", str(workers), env=env)
+        stack.wait_ready(f"http://127.0.0.1:{port}/health/ready", timeout_s=90)
+        base = f"http://127.0.0.1:{port}"
+        check_responses(base, key)
+        groups = {"web": [stack.processes[f"web-{name}"].pid], **store_pids(stack)}
+        loads[name] = Load(
+            wrk, base, key, groups, args.wrk_threads,
+            quiet=args.quiet, quiet_wait=args.quiet_wait, retries=args.retries,
+        )  # fmt: skip
+    for load in loads.values():
+        for endpoint in ENDPOINTS:
+            load.wrk_run(endpoint, workers, 16, args.warmup, phase="warm-up")
+    say(f"warmed up both nodes; {args.metrics_ab} repetitions at {args.ab_rate:.0f} req/s")
+    cost: dict[tuple[str, str], list[float]] = {}
+    for rep in range(args.metrics_ab):
+        order = list(loads) if rep % 2 == 0 else list(reversed(loads))
+        for endpoint in ENDPOINTS:
+            for name in order:
+                row = loads[name].paced_run(
+                    endpoint, workers, args.ab_rate, args.paced_duration, args.paced_connections
+                )
+                # % of one core over the window / requests per second = CPU s per request
+                ms = 10 * row.cpu.get("web", 0.0) / max(1.0, row.rps)
+                cost.setdefault((endpoint, name), []).append(ms)
+                say(
+                    f"rep {rep + 1} {endpoint:13s} metrics {name:3s}: {ms:.3f} ms web CPU per "
+                    f"request ({row.rps:,.0f} req/s, p99 {row.p99:.1f} ms, errors {row.errors}) "
+                    f"{row.note}"
+                )
+    print()
+    print(f"web --workers {workers}, paced {args.ab_rate:.0f} req/s x {args.paced_duration:g} s")
+    print()
+    print("| endpoint | metrics | runs | median ms web CPU/request | spread (min-max) |")
+    print("|---|---|---|---|---|")
+    for (endpoint, name), values in cost.items():
+        print(
+            f"| {ENDPOINTS[endpoint]} | {name} | {len(values)} | "
+            f"{statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} |"
+        )
+    print()
+    for endpoint in ENDPOINTS:
+        off = statistics.median(cost[(endpoint, "off")])
+        on = statistics.median(cost[(endpoint, "on")])
+        print(f"{ENDPOINTS[endpoint]}: metrics on / off = {on / off:.3f} (median CPU per request)")
+
+
 def run(args: argparse.Namespace) -> None:
     from rest_seed import SeedPlan, load_or_seed
 
@@ -846,6 +914,10 @@ def run(args: argparse.Namespace) -> None:
             f"{seeded.conversations:,} conversations, {seeded.conversation_messages:,} conversation messages"
         )
         base = f"http://127.0.0.1:{web_port}"
+        if args.metrics_ab:
+            off_port, on_port = free_ports(2)
+            metrics_ab(stack, wrk, seeded.api_key, args, {"off": off_port, "on": on_port})
+            return
         for workers in args.workers:
             say(f"starting koinonia web --workers {workers}")
             stack.spawn("web", "web", "--workers", str(workers))
@@ -938,6 +1010,13 @@ def main() -> None:
     parser.add_argument("--broadcasts", type=int, default=2_000)
     parser.add_argument("--months", type=int, default=6)
     parser.add_argument("--profile", action="store_true", help="py-spy one web process under load")
+    parser.add_argument(
+        "--metrics-ab", type=int, default=0, metavar="REPS",
+        help="web CPU per request with metrics off and on, REPS interleaved repetitions",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ab-rate", type=float, default=300.0, help="fixed request rate of --metrics-ab runs"
+    )
     parser.add_argument(
         "--profile-workers", type=int, default=1, help="web process count to profile at"
     )
