@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from api.auth import principal
 from api.errors import invalid_query
-from api.listing import services_of
+from api.listing import read, services_of
 from api.operation import Operation, QueryParam
 from api.validation import path_id
 from storage.domain.envelope import FieldError
@@ -80,8 +80,7 @@ async def show_summary(request: Request) -> Response:
     services = services_of(request)
 
     async def compute() -> Summary:
-        async with services.pool.connection() as conn:
-            return await church_summary(conn, who.church_id, since, until)
+        return await read(request, church_summary, who.church_id, since, until)
 
     ttl = PAST_SUMMARY_TTL_S if until < now - REPLY_WINDOW else SUMMARY_TTL_S
     summary = await services.cache.get_or_compute(
@@ -107,12 +106,10 @@ async def show_message_analytics(request: Request) -> Response:
     who = await principal(request, "read")
     message_id = path_id(request)
     services = services_of(request)
-    async with services.pool.connection() as conn:
-        message = await get_message(conn, who.church_id, message_id)
+    message = await read(request, get_message, who.church_id, message_id)
 
     async def compute() -> MessageAnalytics:
-        async with services.pool.connection() as conn:
-            return await message_analytics(conn, who.church_id, message)
+        return await read(request, message_analytics, who.church_id, message)
 
     # The status is in the name: a broadcast that completes is a new entry at once.
     found = await services.cache.get_or_compute(

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from api.auth import principal
 from api.branches import Deleted, branch_operations
 from api.errors import invalid_body, invalid_query
-from api.listing import paged, services_of
+from api.listing import read, services_of
 from api.member_import import import_operations
 from api.operation import Operation, QueryParam, audit_target
 from api.schemas import Email, GroupMembersRequest, Name, OptionalName
@@ -143,8 +143,7 @@ async def index_groups(request: Request) -> Response:
     services = services_of(request)
 
     async def compute() -> Page[Group]:
-        async with services.pool.connection() as conn:
-            return await list_groups(conn, who.church_id, limit=limit, cursor=cursor)
+        return await read(request, list_groups, who.church_id, limit=limit, cursor=cursor)
 
     page = await services.cache.get_or_compute(
         who.church_id,
@@ -318,13 +317,17 @@ async def index_members(request: Request) -> Response:
         branch_id=branch_id,
         opted_in=opted_in,
     )
-    vault = services.vault
-    return await paged(
+    limit, cursor = page_params(request)
+    page = await read(
         request,
-        lambda conn, church, limit, cursor: list_members(
-            conn, vault, church, limit=limit, cursor=cursor, where=where
-        ),
+        list_members,
+        services.vault,
+        who.church_id,
+        limit=limit,
+        cursor=cursor,
+        where=where,
     )
+    return ok(page.items, next_cursor=page.next_cursor)
 
 
 async def show_member(request: Request) -> Response:
@@ -396,8 +399,7 @@ async def export_member_data(request: Request) -> Response:
     who = await principal(request, "read")
     member_id = path_id(request)
     services = services_of(request)
-    async with services.pool.connection() as conn:
-        export = await export_member(conn, services.vault, who.church_id, member_id)
+    export = await read(request, export_member, services.vault, who.church_id, member_id)
     return ok(export)
 
 

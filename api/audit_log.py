@@ -27,9 +27,9 @@ async def index_audit_log(request: Request) -> Response:
             raise invalid_query(FieldError("actor_id", "must be a UUID")) from exc
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_entries(
-            conn, church, limit=limit, cursor=cursor, action=action, actor_id=actor
-        ),
+        list_entries,
+        action=action,
+        actor_id=actor,
     )
 
 

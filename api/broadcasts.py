@@ -15,7 +15,7 @@ from starlette.responses import Response
 from api.analytics import analytics_operations, query_time
 from api.auth import principal
 from api.errors import invalid_body, invalid_query
-from api.listing import paged, services_of
+from api.listing import paged, read, services_of
 from api.operation import Operation, QueryParam, audit_target
 from api.recurring import recurring_operations
 from api.schemas import Body, TargetRequest
@@ -199,9 +199,8 @@ def _detail(message: Message, counts: Counts) -> BroadcastDetail:
 async def show_message(request: Request) -> Response:
     who = await principal(request, "read")
     message_id = path_id(request)
-    async with services_of(request).pool.connection() as conn:
-        message = await get_message(conn, who.church_id, message_id)
-        counts = await message_counts(conn, who.church_id, message_id)
+    message = await read(request, get_message, who.church_id, message_id)
+    counts = await read(request, message_counts, who.church_id, message_id)
     if sum(getattr(counts, s.value) for s in RecipientStatus) == 0 and message.status in (
         MessageStatus.SCHEDULED,
         MessageStatus.QUEUED,
@@ -231,11 +230,16 @@ async def index_recipients(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in RecipientStatus}:
         raise invalid_query(FieldError("status", "must be a recipient status"))
-    async with services_of(request).pool.connection() as conn:
-        await get_message(conn, who.church_id, message_id)
-        page = await list_recipients(
-            conn, who.church_id, message_id, limit=limit, cursor=cursor, status=status
-        )
+    await read(request, get_message, who.church_id, message_id)
+    page = await read(
+        request,
+        list_recipients,
+        who.church_id,
+        message_id,
+        limit=limit,
+        cursor=cursor,
+        status=status,
+    )
     return ok(page.items, next_cursor=page.next_cursor)
 
 
@@ -249,9 +253,8 @@ async def index_messages(request: Request) -> Response:
     )
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_messages(
-            conn, church, limit=limit, cursor=cursor, where=where
-        ),
+        list_messages,
+        where=where,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,7 +20,11 @@ from storage.process.services import Services
 from storage.redis import key_names
 from storage.redis.rate_limits import Verdict
 
+log = logging.getLogger("koinonia.api.guard")
+
 EXTRA_HEADERS = "koinonia.extra_headers"
+READ_POSITION = "koinonia.read_position"
+"""The church's read position, learnt with the rate limit (api/listing.py ``read``)."""
 
 
 def role_of(who: Principal) -> str:
@@ -57,10 +62,13 @@ async def charge(request: Request, who: Principal) -> Verdict:
     if who.api_key_id is not None:
         per_key = who.rate_limit_per_min or services.settings.limits.api_key
         limits.append((key_names.api_key_rate(who.church_id, who.api_key_id), per_key))
-    verdict = await services.limiter.charge(limits)
+    # With replicas, the church's read position comes back in the same Redis call.
+    position_key = key_names.read_position(who.church_id) if services.replicas.replicated else None
+    verdict = await services.limiter.charge(limits, position_key=position_key)
     add_headers(request, verdict.headers())
     if not verdict.allowed:
         raise ApiError("rate_limited", "too many requests; retry after the time in Retry-After")
+    request.scope[READ_POSITION] = verdict.position
     return verdict
 
 
@@ -107,9 +115,24 @@ def guarded(op: Operation) -> Handler:
             request.app.state.services.relay.kick()
         if op.audited and response.status_code < 400:
             await _audit(request, op, who)
+        if op.method != "GET":
+            await _remember_write(request, who)
         return response
 
     return endpoint
+
+
+async def _remember_write(request: Request, who: Principal) -> None:
+    """Before the answer leaves: from then on no node serves this church from a
+    replica that has not replayed the write (nor its audit row)."""
+    services: Services = request.app.state.services
+    try:
+        await services.replicas.remember_write(who.church_id)
+    except Exception:
+        # The write is committed; failing its answer would invite a duplicate retry.
+        # Redis or Postgres failed within this request, so the church's next reads
+        # most likely fail too rather than read stale.
+        log.exception("read position not recorded after a write")
 
 
 async def _audit(request: Request, op: Operation, who: Principal) -> None:

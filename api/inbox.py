@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from api.auth import principal
 from api.errors import invalid_query
-from api.listing import paged, services_of
+from api.listing import paged, read, services_of
 from api.operation import Operation, QueryParam
 from api.schemas import ConversationPatch, ReplyRequest
 from api.validation import decode_body, path_id
@@ -33,8 +33,7 @@ from storage.responses import ok
 async def show_conversation(request: Request) -> Response:
     who = await principal(request, "read")
     conversation_id = path_id(request)
-    async with services_of(request).pool.connection() as conn:
-        conversation = await get_conversation(conn, who.church_id, conversation_id)
+    conversation = await read(request, get_conversation, who.church_id, conversation_id)
     return ok(conversation)
 
 
@@ -42,9 +41,8 @@ async def index_thread(request: Request) -> Response:
     conversation_id = path_id(request)
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_conversation_messages(
-            conn, church, conversation_id, limit=limit, cursor=cursor
-        ),
+        list_conversation_messages,
+        conversation_id,
     )
 
 
@@ -124,9 +122,8 @@ async def index_conversations(request: Request) -> Response:
     where = _conversation_filter(request)
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_conversations(
-            conn, church, limit=limit, cursor=cursor, where=where
-        ),
+        list_conversations,
+        where=where,
     )
 
 

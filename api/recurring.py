@@ -152,9 +152,8 @@ async def index_occurrences(request: Request) -> Response:
     recurring_id = path_id(request)
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_occurrences(
-            conn, church, recurring_id, limit=limit, cursor=cursor
-        ),
+        list_occurrences,
+        recurring_id,
     )
 
 

@@ -182,9 +182,8 @@ async def index_attempts(request: Request) -> Response:
     endpoint_id = path_id(request)
     return await paged(
         request,
-        lambda conn, church, limit, cursor: list_attempts(
-            conn, church, endpoint_id, limit=limit, cursor=cursor
-        ),
+        list_attempts,
+        endpoint_id,
     )
 
 

@@ -26,12 +26,19 @@ where the CPU went (web, Postgres, Redis, load generator, other).
     uv run python bench/rest.py --profile             # + py-spy of one web process
     uv run python bench/rest.py --reseed              # throw the seeded data away first
     uv run python bench/rest.py --metrics-ab 5        # CPU per request, metrics off vs on
+    uv run python bench/rest.py --replicas 1          # primary alone vs + 1 streaming replica
 
 ``--metrics-ab REPS`` runs two web nodes side by side on the same stores, one with
 ``KOINONIA_WEB_METRICS_PORT=off`` (no server, no instrumentation) and one with
 metrics on, and loads them in turn at the same fixed rate, the order alternating
 each repetition so both meet the same background; it prints each run's web CPU
 per request, the medians, their spread and the on/off ratio.
+
+``--replicas N`` starts N embedded streaming replicas (deploy/embedded_replica.py) and
+runs each web configuration twice: with the primary alone, then with
+``DATABASE_REPLICA_URLS`` naming the replicas. Each Postgres is its own CPU group, and
+a summary gives CPU per request of each and what a second machine for the replicas
+would give (their CPU moved off this box).
 
 Numbers only; it asserts nothing but the response shape checked before loading.
 """
@@ -64,6 +71,8 @@ ENDPOINTS = {
 NOISY = 20.0  # % of a core used by processes not ours: the run is marked (and retried)
 UNTHROTTLED = "100000000"  # requests per minute: far above anything two cores serve
 DEFAULT_DATA_DIR = ROOT / ".koinonia" / "bench-rest"
+REPLICA_GROUP = "postgres replica "
+"""CPU groups of the embedded replicas (--replicas): this prefix and the replica's number."""
 OUT_DIR = ROOT / "bench" / "out"
 
 
@@ -258,10 +267,16 @@ class CpuSplit:
 
 
 def cpu_text(split: dict[str, float]) -> str:
-    """``web 92 (sys 30) pg 41 redis 7 load 4 irq 2 other 9 = 155``: % of one core."""
+    """``web 92 (sys 30) pg 41 redis 7 load 4 irq 2 other 9 = 155``: % of one core
+    (with replicas, ``pg 41 replica1 20 redis ...``)."""
+    replicas = "".join(
+        f"replica{name.removeprefix(REPLICA_GROUP)} {value:.0f} "
+        for name, value in split.items()
+        if name.startswith(REPLICA_GROUP) and not name.endswith(" sys")
+    )
     return (
         f"web {split.get('web', 0):.0f} (sys {split.get('web sys', 0):.0f}) "
-        f"pg {split.get('postgres', 0):.0f} redis {split.get('redis', 0):.0f} "
+        f"pg {split.get('postgres', 0):.0f} {replicas}redis {split.get('redis', 0):.0f} "
         f"load {split.get('load', 0):.0f} irq {split.get('irq', 0):.0f} "
         f"other {split.get('other', 0):.0f} = {split.get('total', 0):.0f}"
     )
@@ -301,6 +316,8 @@ class Row:
     cpu: dict[str, float] = field(default_factory=dict)
     target: float | None = None
     note: str = ""
+    reads: str = ""
+    """With --replicas: ``primary`` (no replica given to web) or ``N replicas``."""
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[str, str, float]:
@@ -786,20 +803,29 @@ def store_pids(stack: Any) -> dict[str, list[int]]:
         groups["postgres"] = [int(pidfile.read_text().split()[0])]
     if stack.redis is not None:
         groups["redis"] = [int(stack.redis.pid_path.read_text().split()[0])]
+    for replica in getattr(stack, "replicas", []):
+        pidfile = replica.pgdata / "postmaster.pid"
+        groups[f"{REPLICA_GROUP}{replica.index}"] = [int(pidfile.read_text().split()[0])]
     return groups
 
 
 def print_table(rows: list[Row], limited: bool) -> None:
+    # The reads column only with --replicas: the default table stays as it was.
+    reads = any(r.reads for r in rows)
     print()
     print(
-        "| phase | endpoint | web procs | conns | target req/s | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU, % of one core (machine: 200) |"
+        "| phase | endpoint | web procs | "
+        + ("reads | " if reads else "")
+        + "conns | target req/s | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU, % of one core (machine: 200) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reads else ""))
     for r in rows:
         target = f"{r.target:,.0f}" if r.target else "max"
         note = f" — {r.note}" if r.note else ""
         print(
-            f"| {r.phase} | {ENDPOINTS[r.endpoint]} | {r.workers} | {r.connections} | {target} | "
+            f"| {r.phase} | {ENDPOINTS[r.endpoint]} | {r.workers} | "
+            + (f"{r.reads} | " if reads else "")
+            + f"{r.connections} | {target} | "
             f"{r.rps:,.0f} | {r.p50:.1f} | {r.p90:.1f} | {r.p99:.1f} | {r.max:.1f} | {r.errors} | "
             f"{cpu_text(r.cpu)}{note} |"
         )
@@ -870,6 +896,95 @@ def metrics_ab(
         print(f"{ENDPOINTS[endpoint]}: metrics on / off = {on / off:.3f} (median CPU per request)")
 
 
+def wait_replicas_caught_up(stack: Any, timeout_s: float = 600.0) -> None:
+    """Wait until every replica has replayed what the primary holds now (a fresh seed
+    is a lot of WAL): a replica still replaying would be skipped, or compete for CPU."""
+    import psycopg
+
+    def lsn(url: str, query: str) -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(query).fetchone()
+        assert row is not None
+        high, low = str(row[0]).split("/")
+        return (int(high, 16) << 32) + int(low, 16)
+
+    target = lsn(stack.env["DATABASE_URL"], "SELECT pg_current_wal_lsn()")
+    deadline = time.monotonic() + timeout_s
+    for replica in stack.replicas:
+        while lsn(replica.url, "SELECT pg_last_wal_replay_lsn()") < target:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"replica {replica.index} did not catch up in {timeout_s:.0f} s")
+            time.sleep(0.2)
+    say(f"{len(stack.replicas)} replica(s) caught up with the primary")
+
+
+def print_replica_summary(rows: list[Row]) -> None:
+    """Primary alone against primary + replicas, per endpoint and web count: req/s,
+    p99, CPU per request of each Postgres, and what moving the replicas' CPU to a
+    machine of their own would give (an estimate from the measured CPU, CPU-bound)."""
+    cores = os.cpu_count() or 1
+
+    def ms(row: Row, *groups: str) -> float:
+        """CPU ms per request of ``groups`` (% of one core / req/s x 10)."""
+        return sum(row.cpu.get(g, 0.0) for g in groups) * 10 / max(1.0, row.rps)
+
+    def replicas_of(row: Row) -> list[str]:
+        return sorted(g for g in row.cpu if g.startswith(REPLICA_GROUP) and not g.endswith(" sys"))
+
+    print()
+    print("Replicas: best max-throughput run and the paced run of each configuration")
+    print()
+    print(
+        "| endpoint | web procs | reads | req/s (max) | p99 ms (max) | p99 ms (paced) | "
+        "CPU ms/request: web | primary | replicas | redis | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    estimates: list[str] = []
+    keys = sorted({(r.endpoint, r.workers) for r in rows}, key=lambda k: (k[1], k[0]))
+    for endpoint, workers in keys:
+        alone_local = None
+        for reads in sorted({r.reads for r in rows}, key=lambda x: x != "primary"):
+            mine = [
+                r for r in rows if (r.endpoint, r.workers, r.reads) == (endpoint, workers, reads)
+            ]
+            best = max((r for r in mine if r.phase == "max"), key=lambda r: r.rps, default=None)
+            paced = next((r for r in mine if r.phase == "paced"), None)
+            if best is None:
+                continue
+            replica_groups = replicas_of(best)
+            local = ms(best, "web", "postgres", "redis", "load", "irq")
+            replica = ms(best, *replica_groups)
+            print(
+                f"| {ENDPOINTS[endpoint]} | {workers} | {reads} | {best.rps:,.0f} | {best.p99:.1f} | "
+                f"{paced.p99 if paced else float('nan'):.1f} | {ms(best, 'web'):.2f} | "
+                f"{ms(best, 'postgres'):.2f} | {replica:.2f} | {ms(best, 'redis'):.2f} | "
+                f"{ms(best, 'load'):.2f} |"
+            )
+            if reads == "primary":
+                alone_local = local
+                continue
+            here = cores * 1000 / (local + replica)
+            split = cores * 1000 / local
+            line = (
+                f"{ENDPOINTS[endpoint]} web={workers}: on this box web+primary+redis+load "
+                f"{local:.2f} ms + replicas {replica:.2f} ms per request -> ~{here:,.0f} req/s on "
+                f"{cores} cores; replicas on a second machine -> this box spends {local:.2f} ms "
+                f"-> ~{split:,.0f} req/s"
+            )
+            if replica > 0:
+                line += (
+                    f" (the replica machine, {cores} cores: ~{cores * 1000 / replica:,.0f} req/s)"
+                )
+            if alone_local:
+                line += f"; primary alone: {alone_local:.2f} ms -> ~{cores * 1000 / alone_local:,.0f} req/s"
+            estimates.append(line)
+    if estimates:
+        print()
+        print("Second machine for the replicas (estimate: CPU-bound, from CPU per request above):")
+        for line in estimates:
+            print(f"- {line}")
+
+
 def run(args: argparse.Namespace) -> None:
     from rest_seed import SeedPlan, load_or_seed
 
@@ -899,7 +1014,10 @@ def run(args: argparse.Namespace) -> None:
     })  # fmt: skip
     for name in ("DATABASE_URL", "REDIS_URL"):
         env.pop(name, None)  # always the bench's own embedded stores
-    stack = Stack(data_dir, http_port=web_port, sim_port=sim_port, env=env, quiet=False)
+    stack = Stack(
+        data_dir, http_port=web_port, sim_port=sim_port, env=env, quiet=False,
+        replicas=args.replicas,
+    )  # fmt: skip
     rows: list[Row] = []
     limited = True
     profiles: list[str] = []
@@ -918,9 +1036,20 @@ def run(args: argparse.Namespace) -> None:
             off_port, on_port = free_ports(2)
             metrics_ab(stack, wrk, seeded.api_key, args, {"off": off_port, "on": on_port})
             return
-        for workers in args.workers:
-            say(f"starting koinonia web --workers {workers}")
-            stack.spawn("web", "web", "--workers", str(workers))
+        configurations = [""]
+        if args.replicas:
+            wait_replicas_caught_up(stack)
+            configurations = ["primary", f"{args.replicas} replica{'s' * (args.replicas > 1)}"]
+        for workers, reads in ((w, c) for w in args.workers for c in configurations):
+            web_env = dict(stack.env)
+            if reads == "primary":
+                # The replicas run (and are measured) but web is not told of them.
+                web_env.pop("DATABASE_REPLICA_URLS", None)
+            say(
+                f"starting koinonia web --workers {workers}"
+                + (f", reads: {reads}" if reads else "")
+            )
+            stack.spawn("web", "web", "--workers", str(workers), env=web_env)
             stack.wait_ready(timeout_s=90)
             limited = check_responses(base, seeded.api_key) and limited
             groups = {"web": [stack.processes["web"].pid], **store_pids(stack)}
@@ -935,6 +1064,7 @@ def run(args: argparse.Namespace) -> None:
                 best: Row | None = None
                 for connections in args.connections:
                     row = load.wrk_run(endpoint, workers, connections, args.duration)
+                    row.reads = reads
                     rows.append(row)
                     say(
                         f"max  {endpoint:13s} web={workers} c={connections:<4d} {row.rps:8,.0f} req/s  p99 {row.p99:6.1f} ms  errors {row.errors}  cpu {cpu_text(row.cpu)}"
@@ -946,6 +1076,7 @@ def run(args: argparse.Namespace) -> None:
                 row = load.paced_run(
                     endpoint, workers, rate, args.paced_duration, args.paced_connections
                 )
+                row.reads = reads
                 rows.append(row)
                 say(
                     f"paced {endpoint:12s} web={workers} {rate:6,.0f}/s   {row.rps:8,.0f} req/s  p50 {row.p50:.1f} p90 {row.p90:.1f} p99 {row.p99:.1f} max {row.max:.1f} ms  errors {row.errors}  cpu {cpu_text(row.cpu)} {row.note}"
@@ -961,6 +1092,8 @@ def run(args: argparse.Namespace) -> None:
         f"{seeded.conversations:,} conversations; Postgres pool max {args.pool_max} per web process"
     )
     print_table(rows, limited)
+    if args.replicas:
+        print_replica_summary(rows)
     for text in profiles:
         print()
         print(text)
@@ -1010,6 +1143,11 @@ def main() -> None:
     parser.add_argument("--broadcasts", type=int, default=2_000)
     parser.add_argument("--months", type=int, default=6)
     parser.add_argument("--profile", action="store_true", help="py-spy one web process under load")
+    parser.add_argument(
+        "--replicas", type=int, default=0,
+        help="N embedded streaming replicas: each web configuration runs with the primary "
+        "alone, then with DATABASE_REPLICA_URLS",
+    )  # fmt: skip
     parser.add_argument(
         "--metrics-ab", type=int, default=0, metavar="REPS",
         help="web CPU per request with metrics off and on, REPS interleaved repetitions",

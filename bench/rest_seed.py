@@ -327,8 +327,10 @@ def seed(url: str, vault: PhoneVault, plan: SeedPlan) -> Seeded:
             joined_ms = start_ms - 30 * DAY_MS
             church_id = uuid7(joined_ms)
             conn.execute(
-                "INSERT INTO church (id, name, phone_number, created_at) "
-                "VALUES (%s, %s, '+1555' || lpad(nextval('sending_number_seq')::text, 7, '0'), %s)",
+                "WITH c AS (INSERT INTO church (id, name, phone_number, created_at) "
+                "VALUES (%s, %s, '+1555' || lpad(nextval('sending_number_seq')::text, 7, '0'), %s) "
+                "RETURNING phone_number, id) "
+                "INSERT INTO church_number_lookup (phone_number, church_id) SELECT * FROM c",
                 (church_id, name, datetime.fromtimestamp(joined_ms / 1000, UTC)),
             )
             _copy_members(conn, vault, church_id, members, 201 + len(churches), joined_ms)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -38,7 +39,7 @@ from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, rec
 from storage.pg.database import Conn
 from storage.pg.keywords import Kind, apply_keyword
 from storage.pg.members import create_inbound_member, member_by_phone_hash
-from storage.pg.provider_events import record_provider_event
+from storage.pg.provider_events import NO_CHURCH, record_provider_event
 from storage.pg.recipients import ProviderStatus, locate_by_provider_id
 from storage.process import tracing
 from storage.process.services import Services
@@ -156,7 +157,7 @@ class InboundHandler:
         party = data.payload.to[0] if data.payload.to else None
         status = from_telnyx(party.status) if party and party.status else None
         if status is None:
-            await self._dedupe_only(data)
+            await self._dedupe_only(data, where[0] if where else NO_CHURCH)
             return
         error = data.payload.errors[0].code if data.payload.errors else None
         if party is not None and party.status == UNCONFIRMED:
@@ -166,7 +167,7 @@ class InboundHandler:
                 where = await locate_by_provider_id(conn, data.payload.id)
         if where is None:
             log.info("status for an unknown message", extra={"provider_id": data.payload.id})
-            await self._dedupe_only(data)
+            await self._dedupe_only(data, NO_CHURCH)
             return
         church_id, message_id, recipient_id = where
         applied = await self.receipts.submit(
@@ -188,13 +189,14 @@ class InboundHandler:
     async def _received(self, data: _Data) -> None:
         payload = data.payload
         if payload.from_ is None or not payload.to:
-            await self._dedupe_only(data)
+            await self._dedupe_only(data, NO_CHURCH)
             return
         vault = self.services.vault
         async with self.services.pool.connection() as conn, conn.transaction():
-            if not await _first_time(conn, data):
-                return
+            # The church first: the dedupe record is keyed by it.
             church = await church_by_number(conn, payload.to[0].phone_number)
+            if not await _first_time(conn, church.id if church else NO_CHURCH, data):
+                return
             if church is None:
                 log.info("inbound text to an unknown number")
                 return
@@ -240,13 +242,13 @@ class InboundHandler:
             settings = self.services.settings.delivery
             await hand_over(self.services.redis, [reply.batch], settings.shards)
 
-    async def _dedupe_only(self, data: _Data) -> None:
+    async def _dedupe_only(self, data: _Data, church_id: uuid.UUID) -> None:
         async with self.services.pool.connection() as conn:
-            await _first_time(conn, data)
+            await _first_time(conn, church_id, data)
 
 
-async def _first_time(conn: Conn, data: _Data) -> bool:
-    return await record_provider_event(conn, data.id, data.event_type)
+async def _first_time(conn: Conn, church_id: uuid.UUID, data: _Data) -> bool:
+    return await record_provider_event(conn, church_id, data.id, data.event_type)
 
 
 def inbound_routes() -> list[BaseRoute]:

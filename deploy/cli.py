@@ -304,7 +304,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from storage.pg.database import migrate
 
     settings = _operator_settings(redis=False)
-    applied = asyncio.run(migrate(settings.database.url))
+    # Direct when DATABASE_SESSION_URL is set; through PgBouncer works as well.
+    applied = asyncio.run(migrate(settings.database.session_url or settings.database.url))
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
 
 

@@ -25,8 +25,10 @@ import httpx
 
 from delivery.simulator import new_signing_seed, public_key_b64
 from deploy.embedded import free_port
+from deploy.embedded_pgbouncer import EmbeddedPgBouncer
 from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
+from deploy.embedded_replica import EmbeddedReplica
 from deploy.stack_file import (
     Endpoint,
     MetricsEndpoint,
@@ -81,8 +83,12 @@ class Stack:
         quiet: bool = False,
         log_dir: Path | None = None,
         metrics_port: str | None = "0",
+        replicas: int | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.replica_count = replicas
+        """How many embedded streaming replicas to run (None: ``KOINONIA_DEV_REPLICAS``
+        of ``env``, default 0)."""
         self.metrics_port = metrics_port
         """The metrics port of every child whose variable is unset: ``0`` (any free
         port; tests and benches never collide), None for the settings' defaults
@@ -97,6 +103,8 @@ class Stack:
         self.quiet = quiet
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
+        self.pgbouncer: EmbeddedPgBouncer | None = None
+        self.replicas: list[EmbeddedReplica] = []
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # Per process name: its kind (``koinonia <kind>``) and the URL it serves.
         self.kinds: dict[str, str] = {}
@@ -129,9 +137,11 @@ class Stack:
             self.redis = EmbeddedRedis(self.data_dir, persist=not self.fast_unsafe)
             env["REDIS_URL"] = self.redis.start()
         self._say("applying migrations")
-        applied = asyncio.run(migrate(env["DATABASE_URL"]))
+        self._start_pgbouncer(env)
+        applied = asyncio.run(migrate(env.get("DATABASE_SESSION_URL") or env["DATABASE_URL"]))
         if applied:
             self._say(f"migrations applied: {', '.join(applied)}")
+        self._start_replicas(env)
         public = f"http://127.0.0.1:{self.http_port}"
         env.setdefault("KOINONIA_ENV", "development")
         # Development receivers (a local webhook consumer) live on loopback.
@@ -151,6 +161,45 @@ class Stack:
                 env.setdefault(metrics_port_variable(kind), self.metrics_port)
         self.env = env
         return env
+
+    def _start_replicas(self, env: dict[str, str]) -> None:
+        """Start the embedded replicas and give their URLs to the children."""
+        count = self.replica_count
+        if count is None:
+            raw = env.get("KOINONIA_DEV_REPLICAS", "").strip() or "0"
+            if not raw.isdigit():
+                raise ValueError(f"KOINONIA_DEV_REPLICAS must be a number, not {raw!r}")
+            count = int(raw)
+        if count == 0:
+            return
+        if self.postgres is None:
+            raise RuntimeError(
+                "KOINONIA_DEV_REPLICAS needs the embedded Postgres: with DATABASE_URL set, "
+                "give its replicas in DATABASE_REPLICA_URLS instead"
+            )
+        # After the migrations: the base backups then hold the schema already.
+        for index in range(1, count + 1):
+            self._say(f"starting embedded replica {index} of {count}")
+            replica = EmbeddedReplica(self.postgres, index, fast_unsafe=self.fast_unsafe)
+            self.replicas.append(replica)
+            replica.start()
+        env["DATABASE_REPLICA_URLS"] = ",".join(r.url for r in self.replicas)
+
+    def _start_pgbouncer(self, env: dict[str, str]) -> None:
+        """``KOINONIA_DEV_PGBOUNCER``: PgBouncer in transaction mode in front of the
+        embedded primary; the children go through it, migrations do not."""
+        if env.get("KOINONIA_DEV_PGBOUNCER", "").strip().lower() not in {"1", "true", "yes", "on"}:
+            return
+        if self.postgres is None:
+            raise RuntimeError(
+                "KOINONIA_DEV_PGBOUNCER needs the embedded Postgres: with DATABASE_URL set, "
+                "point DATABASE_URL at your PgBouncer instead"
+            )
+        self._say("starting PgBouncer (transaction pooling) in front of Postgres")
+        self.pgbouncer = EmbeddedPgBouncer(self.data_dir, self.postgres.url)
+        env["DATABASE_SESSION_URL"] = self.postgres.url
+        env["DATABASE_URL"] = self.pgbouncer.start()
+        env["KOINONIA_DB_PREPARED_STATEMENTS"] = "off"
 
     def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> None:
         """Run ``koinonia <args>`` as a child with the stack's environment."""
@@ -294,6 +343,7 @@ class Stack:
                 url=self.postgres.url if self.postgres is not None else database_url,
                 pid=self.postgres.pid if self.postgres is not None else None,
             ),
+            replicas=tuple(Endpoint(url=r.url, pid=r.pid) for r in self.replicas),
             redis=RedisEntry(
                 url=self.redis.url if self.redis is not None else redis_url,
                 pid=self.redis.pid if self.redis is not None else None,
@@ -323,6 +373,14 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.pgbouncer is not None:
+            self.pgbouncer.stop()
+            self.pgbouncer = None
+        # Before the primary: a replica outliving it would log a failed
+        # reconnection every few seconds until stopped.
+        for replica in self.replicas:
+            replica.stop()
+        self.replicas = []
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None

@@ -27,6 +27,8 @@ import pytest
 from deploy.stack import Stack, free_ports
 from storage.domain.receipt_refs import ReceiptRefs
 
+pytest_plugins = ["tests.replica_support"]
+
 METRICS_TOKEN = "metrics-token-of-the-test-suite"
 """The stack's KOINONIA_METRICS_TOKEN: ``/metrics`` and ``/health/detailed`` take it."""
 MONITORING = {"Authorization": f"Bearer {METRICS_TOKEN}"}

@@ -34,6 +34,7 @@ from storage.domain.events import Counts
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import ALL_STATUSES
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.messages import Message
 
 REPLY_WINDOW = timedelta(hours=48)
@@ -93,6 +94,7 @@ def _rate(counts: Counts) -> float | None:
     return round(counts.delivered / attempted, 4) if attempted else None
 
 
+@stale_ok
 async def church_summary(
     conn: Conn, church_id: uuid.UUID, since: datetime, until: datetime
 ) -> Summary:
@@ -166,6 +168,7 @@ def started_at(message: Message) -> datetime:
     return message.send_at or message.created_at
 
 
+@stale_ok
 async def message_analytics(conn: Conn, church_id: uuid.UUID, message: Message) -> MessageAnalytics:
     """One message's outcome; ``message`` is the caller's church's (already looked up)."""
     created_at = created_at_of(message.id)

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 from storage.domain.ids import uuid7
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, decode_cursor, page_of
 
 
@@ -65,6 +66,7 @@ async def record(
     )
 
 
+@stale_ok
 async def list_entries(
     conn: Conn,
     church_id: uuid.UUID,

@@ -11,6 +11,7 @@ from psycopg import errors
 from storage.domain.errors import Conflict, InvalidInput, NotFound
 from storage.domain.ids import uuid7
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, id_page
 
 
@@ -55,6 +56,7 @@ async def get_branch(conn: Conn, church_id: uuid.UUID, branch_id: uuid.UUID) -> 
     return Branch(*row)
 
 
+@stale_ok
 async def list_branches(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Branch]:

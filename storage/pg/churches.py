@@ -60,6 +60,10 @@ async def create_church_with_owner(
             row = await cur.fetchone()
             assert row is not None
             church = Church(*row)
+            await conn.execute(
+                "INSERT INTO church_number_lookup (phone_number, church_id) VALUES (%s, %s)",
+                (church.phone_number, church_id),
+            )
             cur = await conn.execute(
                 "INSERT INTO staff_user (church_id, id, email, password_hash, role) "
                 "VALUES (%s, %s, %s, %s, 'owner') RETURNING id, church_id, email, role, created_at",
@@ -67,9 +71,39 @@ async def create_church_with_owner(
             )
             urow = await cur.fetchone()
             assert urow is not None
+            await claim_staff_email(conn, church_id, user_id, email)
     except errors.UniqueViolation as exc:
-        raise Conflict("an account with this email already exists", field="email") from exc
+        if is_staff_email_taken(exc):
+            raise Conflict("an account with this email already exists", field="email") from exc
+        raise
     return church, StaffUser(*urow)
+
+
+async def claim_staff_email(
+    conn: Conn, church_id: uuid.UUID, user_id: uuid.UUID, email: str
+) -> None:
+    """Record a new user's address in the global lookup, in the transaction that makes
+    the user: its primary key is what keeps an address to one account across every
+    church (``errors.UniqueViolation`` when taken: ``is_staff_email_taken``)."""
+    await conn.execute(
+        "INSERT INTO staff_email_lookup (email, church_id, user_id) VALUES (lower(%s), %s, %s)",
+        (email, church_id, user_id),
+    )
+
+
+def is_staff_email_taken(exc: errors.UniqueViolation) -> bool:
+    return exc.diag.constraint_name == "staff_email_lookup_pkey"
+
+
+async def staff_by_email(conn: Conn, email: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """(church, user) of the account with this address (any case), from the lookup
+    (a reference table under Citus), so that the user's own row is then read by its
+    church: one shard, never all of them."""
+    cur = await conn.execute(
+        "SELECT church_id, user_id FROM staff_email_lookup WHERE email = lower(%s)", (email,)
+    )
+    row = await cur.fetchone()
+    return (row[0], row[1]) if row else None
 
 
 async def get_church(conn: Conn, church_id: uuid.UUID) -> Church | None:
@@ -79,11 +113,16 @@ async def get_church(conn: Conn, church_id: uuid.UUID) -> Church | None:
 
 
 async def church_by_number(conn: Conn, number: str) -> Church | None:
+    """The church whose sending number this is: the lookup first, then the church by
+    its id (under Citus one reference read and one single-shard read, where a join
+    would ask every shard)."""
     cur = await conn.execute(
-        f"SELECT {_CHURCH_COLS} FROM church WHERE phone_number = %s", (number,)
+        "SELECT church_id FROM church_number_lookup WHERE phone_number = %s", (number,)
     )
-    row = await cur.fetchone()
-    return Church(*row) if row else None
+    found = await cur.fetchone()
+    if found is None:
+        return None
+    return await get_church(conn, found[0])
 
 
 async def sending_number(conn: Conn, church_id: uuid.UUID) -> str | None:
@@ -114,10 +153,13 @@ def plan_loader(pool: Pool) -> Callable[[uuid.UUID], Awaitable[tuple[str, int | 
 
 
 async def user_for_login(conn: Conn, email: str) -> tuple[StaffUser, str] | None:
+    found = await staff_by_email(conn, email)
+    if found is None:
+        return None
     cur = await conn.execute(
         "SELECT id, church_id, email, role, created_at, password_hash FROM staff_user "
-        "WHERE lower(email) = lower(%s)",
-        (email,),
+        "WHERE church_id = %s AND id = %s",
+        found,
     )
     row = await cur.fetchone()
     if row is None:

@@ -27,6 +27,7 @@ from storage.domain.ids import created_at_of, uuid7
 from storage.domain.segments import count_segments
 from storage.pg.database import Conn
 from storage.pg.event_log import append
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, decode_cursor, page_of
 from storage.pg.recipients import recipient_id
 from storage.redis.queue import SendBatch
@@ -301,6 +302,7 @@ async def update_conversation(
     return conversation
 
 
+@stale_ok
 async def get_conversation(
     conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID
 ) -> Conversation:
@@ -328,6 +330,7 @@ class ConversationFilter(msgspec.Struct, frozen=True):
     assignee_id: uuid.UUID | None = None
 
 
+@stale_ok
 async def list_conversations(
     conn: Conn,
     church_id: uuid.UUID,
@@ -362,6 +365,7 @@ async def list_conversations(
     return page_of(rows, limit, lambda r: (r.last_message_at, r.id))
 
 
+@stale_ok
 async def list_conversation_messages(
     conn: Conn, church_id: uuid.UUID, conversation_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[ConversationMessage]:

@@ -123,13 +123,21 @@ async def create_api_key(
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the full secret, which is never stored."""
     prefix, secret = _new_secret()
-    cur = await conn.execute(
-        "INSERT INTO api_key (church_id, id, name, prefix, secret_hash, scopes, created_by, "
-        f"rate_limit_per_min) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_KEY_COLUMNS}",
-        (church_id, uuid7(), name, prefix, _sha256(secret), scopes, created_by, rate_limit_per_min),
-    )
-    row = await cur.fetchone()
-    assert row is not None
+    key_id, limit = uuid7(), rate_limit_per_min
+    async with conn.transaction():
+        cur = await conn.execute(
+            "INSERT INTO api_key (church_id, id, name, prefix, secret_hash, scopes, created_by, "
+            "rate_limit_per_min) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            f"RETURNING {_KEY_COLUMNS}",
+            (church_id, key_id, name, prefix, _sha256(secret), scopes, created_by, limit),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        # The lookup's primary key is what keeps prefixes unique across churches.
+        await conn.execute(
+            "INSERT INTO api_key_lookup (prefix, church_id, api_key_id) VALUES (%s, %s, %s)",
+            (prefix, church_id, key_id),
+        )
     return ApiKey(*row), secret
 
 
@@ -143,17 +151,23 @@ async def rotate_api_key(
 ) -> tuple[ApiKey, str]:
     """A new secret (and prefix) for a live key; the old secret stops working at once."""
     prefix, secret = _new_secret()
-    cur = await conn.execute(
-        "UPDATE api_key SET prefix = %s, secret_hash = %s FROM "
-        "(SELECT secret_hash AS old_hash FROM api_key WHERE church_id = %s AND id = %s "
-        "AND revoked_at IS NULL FOR UPDATE) old "
-        "WHERE church_id = %s AND id = %s AND revoked_at IS NULL "
-        f"RETURNING old.old_hash, {', '.join('api_key.' + c for c in _KEY_COLUMNS.split(', '))}",
-        (prefix, _sha256(secret), church_id, key_id, church_id, key_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("api key")
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE api_key SET prefix = %s, secret_hash = %s FROM "
+            "(SELECT secret_hash AS old_hash FROM api_key WHERE church_id = %s AND id = %s "
+            "AND revoked_at IS NULL FOR UPDATE) old "
+            "WHERE church_id = %s AND id = %s AND revoked_at IS NULL "
+            f"RETURNING old.old_hash, "
+            f"{', '.join('api_key.' + c for c in _KEY_COLUMNS.split(', '))}",
+            (prefix, _sha256(secret), church_id, key_id, church_id, key_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound("api key")
+        await conn.execute(
+            "UPDATE api_key_lookup SET prefix = %s WHERE church_id = %s AND api_key_id = %s",
+            (prefix, church_id, key_id),
+        )
     await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
     return ApiKey(*row[1:]), secret
 
@@ -184,14 +198,20 @@ async def revoke_api_key(
 ) -> ApiKey:
     """Revoke a key of this church (idempotent: a revoked key stays revoked); it stops
     working on every node at once, its cached principal going with it."""
-    cur = await conn.execute(
-        "UPDATE api_key SET revoked_at = coalesce(revoked_at, now()) "
-        f"WHERE church_id = %s AND id = %s RETURNING secret_hash, {_KEY_COLUMNS}",
-        (church_id, key_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("api key")
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE api_key SET revoked_at = coalesce(revoked_at, now()) "
+            f"WHERE church_id = %s AND id = %s RETURNING secret_hash, {_KEY_COLUMNS}",
+            (church_id, key_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound("api key")
+        # Only live keys are in the lookup: a revoked key is not found at all.
+        await conn.execute(
+            "DELETE FROM api_key_lookup WHERE church_id = %s AND api_key_id = %s",
+            (church_id, key_id),
+        )
     await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
     return ApiKey(*row[1:])
 
@@ -228,11 +248,19 @@ async def principal_for_api_key(redis: Redis, pool: Pool, raw: str) -> Principal
     if cached is not None:
         return _principal_decoder.decode(cached if isinstance(cached, bytes) else cached.encode())
     async with pool.connection() as conn:
+        # The lookup (a reference table under Citus) names the key's church, so the
+        # key's row is then read on its one shard.
+        cur = await conn.execute(
+            "SELECT church_id, api_key_id FROM api_key_lookup WHERE prefix = %s", (prefix,)
+        )
+        found = await cur.fetchone()
+        if found is None:
+            return None
         cur = await conn.execute(
             "SELECT church_id, id, secret_hash, scopes, revoked_at, rate_limit_per_min, "
             "last_used_at IS NULL OR last_used_at < now() - interval '1 minute' "
-            "FROM api_key WHERE prefix = %s",
-            (prefix,),
+            "FROM api_key WHERE church_id = %s AND id = %s AND prefix = %s",
+            (found[0], found[1], prefix),
         )
         row = await cur.fetchone()
         if row is None or row[4] is not None:

@@ -1,8 +1,11 @@
 """The Postgres connection pool and schema migrations.
 
 Migrations are the numbered ``.sql`` files beside this module, applied in order
-inside one transaction each, recorded in ``schema_migration``; an advisory lock
-makes concurrent ``migrate`` runs (several processes starting at once) safe.
+inside one transaction each, recorded in ``schema_migration``. Each of those
+transactions first takes a transaction-scoped advisory lock and looks again at
+what is applied, which makes concurrent ``migrate`` runs (several processes
+starting at once) safe, and works through PgBouncer in transaction mode too,
+where a session lock would be held by whichever server connection took it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ log = logging.getLogger("koinonia.storage")
 _MIGRATION_LOCK = 7_311_020_101
 
 Pool = AsyncConnectionPool[Conn]
-__all__ = ["Conn", "Pool", "ensure_database", "migrate", "open_pool", "ping"]
+__all__ = [
+    "Conn",
+    "Pool",
+    "connection_kwargs",
+    "ensure_database",
+    "migrate",
+    "open_pool",
+    "ping",
+]
 
 
 async def _configure(conn: Conn) -> None:
@@ -55,6 +66,18 @@ def counting_cursor(count: Callable[[], None]) -> type[AsyncCursor[Any]]:
     return CountingCursor
 
 
+def connection_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """What every pooled connection is opened with."""
+    return {
+        "autocommit": True,
+        # 0: every statement is prepared on first use and reused on that connection;
+        # None: never prepared (PgBouncer in transaction mode hands each transaction
+        # whichever server connection is free, which may not know the statement).
+        "prepare_threshold": 0 if settings.prepared_statements else None,
+        "connect_timeout": max(1, round(settings.timeout_s)),
+    }
+
+
 async def open_pool(
     settings: DatabaseSettings,
     *,
@@ -76,11 +99,7 @@ async def open_pool(
         max_size=settings.pool_max,
         open=False,
         name=name,
-        kwargs={
-            "autocommit": True,
-            "prepare_threshold": 0,
-            "connect_timeout": max(1, round(settings.timeout_s)),
-        },
+        kwargs=connection_kwargs(settings),
         configure=configure,
         # A request waits this long for a connection, then fails (503) rather than
         # queueing behind a database that is down.
@@ -113,28 +132,46 @@ def migration_files() -> list[tuple[str, str]]:
 
 
 async def migrate(url: str) -> list[str]:
-    """Apply pending migrations and create partitions; returns what was applied."""
+    """Apply pending migrations and create partitions; returns what was applied.
+
+    ``url``: DATABASE_SESSION_URL when set, else DATABASE_URL (PgBouncer included):
+    nothing here needs more than one transaction at a time.
+    """
     applied: list[str] = []
-    async with await AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
-        try:
+    # Never prepared: behind PgBouncer consecutive statements may meet different
+    # server connections, and a one-off run gains nothing from preparing.
+    async with await AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        async with conn.transaction():
+            await _lock(conn)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migration "
                 "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            cur = await conn.execute("SELECT name FROM schema_migration")
-            done = {row[0] for row in await cur.fetchall()}
-            for name, text in migration_files():
-                if name in done:
+        cur = await conn.execute("SELECT name FROM schema_migration")
+        done = {row[0] for row in await cur.fetchall()}
+        for name, text in migration_files():
+            if name in done:
+                continue
+            async with conn.transaction():
+                await _lock(conn)
+                # Another run may have applied it while we waited for the lock; read
+                # committed gives this statement a snapshot taken after the wait.
+                cur = await conn.execute("SELECT 1 FROM schema_migration WHERE name = %s", (name,))
+                if await cur.fetchone() is not None:
                     continue
-                async with conn.transaction():
-                    await conn.execute(text.encode())
-                    await conn.execute("INSERT INTO schema_migration (name) VALUES (%s)", (name,))
-                log.info("migration applied", extra={"migration": name})
-                applied.append(name)
+                await conn.execute(text.encode())
+                await conn.execute("INSERT INTO schema_migration (name) VALUES (%s)", (name,))
+            log.info("migration applied", extra={"migration": name})
+            applied.append(name)
+        async with conn.transaction():
+            await _lock(conn)
             created = await ensure_partitions(conn)
-            if created:
-                log.info("partitions created", extra={"partitions": created})
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+        if created:
+            log.info("partitions created", extra={"partitions": created})
     return applied
+
+
+async def _lock(conn: Conn) -> None:
+    """Wait for the migration lock, held until the transaction ends (through PgBouncer
+    a session lock would stay with a server connection other clients then get)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))

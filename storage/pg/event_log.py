@@ -1,7 +1,7 @@
 """The event log: every event is committed with the change it describes, then relayed.
 
 Producers ``append`` events inside the transaction of their change: one row per
-transaction, holding each event once, encoded as the JSON every consumer needs,
+transaction and church, holding each event once, encoded as the JSON every consumer needs,
 with the church and the realtime channels it goes to. Nothing is published before
 the commit, so an event can never describe a change that did not happen, and
 nothing committed can be lost: the row stays until it has been relayed.
@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 
 from storage.domain.events import WEBHOOK_EVENT_TYPES, AnyEvent, encode
 from storage.pg.database import Conn, Pool
+from storage.pg.freshness import POSITION_SQL, position_of
 from storage.pg.webhook_outbox import matches, record_encoded
 from storage.redis.publisher import EventPublisher
 
@@ -55,7 +56,8 @@ COALESCE_S = 0.01
 (a busy pipeline kicks hundreds of times a second); realtime events gain at most
 this much latency, far less than the 100 ms progress gate."""
 BATCH_ROWS = 200
-"""Log rows one drain step takes (each row is one producer transaction)."""
+"""Log rows one drain step takes (each row is one producer transaction's events of one
+church)."""
 _LOCK_DRAIN = 7_311_020_210
 _BUSY_RETRY_S = 0.02
 _BUSY_TRIES = 3
@@ -108,8 +110,16 @@ async def append(conn: Conn, emissions: Iterable[Emission]) -> bool:
         )
     if not by_church:
         return False
-    rows = [LogRow(church_id=c, events=e) for c, e in by_church.items()]
-    await conn.execute("INSERT INTO event_log (items) VALUES (%s)", (_row_encoder.encode(rows),))
+    # One log row per church (almost always one per transaction): a row is placed by
+    # its church under Citus (deploy/citus.sql), beside the change it describes.
+    churches = list(by_church)
+    await conn.execute(
+        "INSERT INTO event_log (church_id, items) SELECT * FROM unnest(%s::uuid[], %s::bytea[])",
+        (
+            churches,
+            [_row_encoder.encode([LogRow(church_id=c, events=by_church[c])]) for c in churches],
+        ),
+    )
     return True
 
 
@@ -183,9 +193,11 @@ class EventRelay:
             row = await cur.fetchone()
             if not row or not row[0]:
                 return None
+            # The position is read by the statement that sees the rows, so it is past
+            # the commit of every transaction that logged them (read-your-writes).
             cur = await conn.execute(
-                "SELECT seq, items, hooked FROM event_log WHERE NOT unreadable "
-                "ORDER BY seq LIMIT %s",
+                f"SELECT seq, items, hooked, {POSITION_SQL} FROM event_log "
+                "WHERE NOT unreadable ORDER BY seq LIMIT %s",
                 (BATCH_ROWS,),
             )
             found = await cur.fetchall()
@@ -194,7 +206,8 @@ class EventRelay:
             seqs: list[int] = []
             fresh: list[tuple[uuid.UUID, LoggedEvent]] = []
             every: list[tuple[uuid.UUID, LoggedEvent]] = []
-            for seq, items, hooked in found:
+            position = position_of(max(row[3] for row in found))
+            for seq, items, hooked, _ in found:
                 try:
                     decoded = _decode(items)
                 except (msgspec.DecodeError, msgspec.ValidationError):
@@ -210,7 +223,7 @@ class EventRelay:
                     fresh += decoded
             await self._to_webhooks(conn, fresh)
             try:
-                published = await self._publish(every)
+                published = await self._publish(every, position)
             except (RedisError, OSError):
                 await conn.execute(
                     "UPDATE event_log SET hooked = true WHERE seq = ANY(%s)", (seqs,)
@@ -253,14 +266,24 @@ class EventRelay:
         for church_id, hooks in by_church.items():
             await record_encoded(conn, church_id, hooks)
 
-    async def _publish(self, events: list[tuple[uuid.UUID, LoggedEvent]]) -> int:
+    async def _publish(self, events: list[tuple[uuid.UUID, LoggedEvent]], position: int) -> int:
+        """Publish, and record the churches' read positions first in the same round
+        trip: whoever sees an event and reads will find what it announced."""
         calls = [
             self._publisher.publish_encoded_call(church_id, channel, logged.type, logged.event)
             for church_id, logged in events
             for channel in logged.channels
         ]
+        churches = dict.fromkeys(church_id for church_id, _ in events)
+        positions = [self._publisher.positions.record_call(c, position) for c in churches]
         if calls:
-            await self._publisher.scripts.run(calls)
+            await self._publisher.scripts.run([*positions, *calls])
+        elif positions:
+            # Webhook-only events never needed Redis: its absence must not hold them.
+            try:
+                await self._publisher.scripts.run(positions)
+            except (RedisError, OSError):
+                log.warning("read positions not recorded: redis unavailable")
         return len(calls)
 
     def _note_redis_down(self) -> None:

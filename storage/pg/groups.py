@@ -19,6 +19,7 @@ from psycopg import errors
 from storage.domain.errors import NotFound
 from storage.domain.ids import uuid7
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, id_page
 
 CACHE_TOPIC = "groups"
@@ -69,6 +70,7 @@ async def get_group(conn: Conn, church_id: uuid.UUID, group_id: uuid.UUID) -> Gr
     return _group(row)
 
 
+@stale_ok
 async def list_groups(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Group]:

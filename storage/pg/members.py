@@ -33,6 +33,7 @@ from storage.domain.ids import uuid7
 from storage.domain.phones import PhoneVault
 from storage.pg.database import Conn
 from storage.pg.event_log import append
+from storage.pg.freshness import stale_ok
 from storage.pg.groups import add_members
 from storage.pg.pagination import Page, decode_cursor, page_of
 
@@ -155,6 +156,7 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
+@stale_ok
 async def list_members(
     conn: Conn,
     vault: PhoneVault,
@@ -413,6 +415,7 @@ class MemberExport(msgspec.Struct, frozen=True):
     exported_at: datetime
 
 
+@stale_ok
 async def export_member(
     conn: Conn, vault: PhoneVault, church_id: uuid.UUID, member_id: uuid.UUID
 ) -> MemberExport:

@@ -30,6 +30,7 @@ from storage.domain.segments import count_segments
 from storage.domain.statuses import ALL_STATUSES, UNCONFIRMED, MessageStatus
 from storage.pg.database import Conn, Pool
 from storage.pg.event_log import append
+from storage.pg.freshness import stale_ok
 from storage.pg.groups import existing_ids
 from storage.pg.pagination import Page, decode_cursor, page_of
 from storage.redis.connection import Redis
@@ -342,6 +343,7 @@ async def merge_values(
     return {r[0]: MergeValues(r[1], r[2], r[3]).fields() for r in await cur.fetchall()}
 
 
+@stale_ok
 async def get_message(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:
     if message_id.version != 7:
         raise NotFound("message")
@@ -375,6 +377,7 @@ class MessageFilter(msgspec.Struct, frozen=True):
     """Created before (exclusive)."""
 
 
+@stale_ok
 async def list_messages(
     conn: Conn,
     church_id: uuid.UUID,
@@ -410,6 +413,7 @@ async def list_messages(
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
 
 
+@stale_ok
 async def message_counts(conn: Conn, church_id: uuid.UUID, message_id: uuid.UUID) -> Counts:
     cur = await conn.execute(
         "SELECT status, count(*) FROM message_recipient "

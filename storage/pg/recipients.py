@@ -24,6 +24,7 @@ from psycopg import sql
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import UNCONFIRMED, RecipientStatus, allowed_from
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.held_recipients import hold_plan, hold_sql
 from storage.pg.messages import AUDIENCE_PLAN, OPEN_RECIPIENT, Target, audience_params
 from storage.pg.pagination import Page, decode_cursor, page_of
@@ -367,8 +368,8 @@ async def apply_provider_statuses(conn: Conn, updates: list[ProviderStatus]) -> 
             # the receipt's id must not be another recipient's.
             "  OR (r.provider_message_id IS NULL AND EXISTS (SELECT 1 FROM message_recipient o "
             "      WHERE o.provider_message_id = i.pid AND o.id <> i.id))), "
-            "ev AS (INSERT INTO provider_event (event_id, event_type) "
-            "  SELECT event_id, event_type FROM input "
+            "ev AS (INSERT INTO provider_event (church_id, event_id, event_type) "
+            "  SELECT church_id, event_id, event_type FROM input "
             "  WHERE event_id NOT IN (SELECT event_id FROM mismatched) "
             "  ON CONFLICT DO NOTHING RETURNING event_id), "
             "old AS (SELECT r.church_id, r.message_id, r.id, r.created_at, r.status AS before, "
@@ -433,6 +434,7 @@ async def locate_by_provider_id(
     return (row[0], row[1], row[2]) if row else None
 
 
+@stale_ok
 async def list_recipients(
     conn: Conn,
     church_id: uuid.UUID,

@@ -30,6 +30,7 @@ from storage.domain.errors import InvalidInput, NotFound, StorageError
 from storage.domain.ids import uuid7
 from storage.domain.recurrence import Rule, next_occurrence, zone_of
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.groups import existing_ids
 from storage.pg.messages import Message, Target, accept_message, target_ids
 from storage.pg.pagination import Page, decode_cursor, page_of
@@ -266,6 +267,7 @@ async def delete_recurring(
     return msgspec.structs.replace(found, enabled=False, next_run_at=None, next_run_local=None)
 
 
+@stale_ok
 async def list_recurring(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[RecurringMessage]:
@@ -286,6 +288,7 @@ async def list_recurring(
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
 
 
+@stale_ok
 async def list_occurrences(
     conn: Conn, church_id: uuid.UUID, recurring_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Occurrence]:

@@ -32,7 +32,7 @@ from psycopg import errors
 
 from storage.domain.errors import Conflict, InvalidInput, NotFound, StorageError
 from storage.domain.ids import uuid7
-from storage.pg.churches import StaffUser
+from storage.pg.churches import StaffUser, claim_staff_email, is_staff_email_taken, staff_by_email
 from storage.pg.database import Conn
 from storage.pg.pagination import Page, id_page
 
@@ -220,6 +220,11 @@ async def remove_staff(
             (church_id, user_id),
         )
         row = await cur.fetchone()
+        # The address is free again: it may be invited or sign up anew.
+        await conn.execute(
+            "DELETE FROM staff_email_lookup WHERE church_id = %s AND user_id = %s",
+            (church_id, user_id),
+        )
     assert row is not None
     return StaffMember(*row)
 
@@ -300,10 +305,7 @@ async def create_invitation(
         raise NotPermitted(refusal)
     token = new_token()
     async with conn.transaction():
-        cur = await conn.execute(
-            "SELECT 1 FROM staff_user WHERE lower(email) = lower(%s)", (email,)
-        )
-        if await cur.fetchone() is not None:
+        if await staff_by_email(conn, email) is not None:
             raise Conflict("an account with this email already exists", field="email")
         await conn.execute(
             "UPDATE staff_invitation SET revoked_at = now() WHERE church_id = %s "
@@ -386,8 +388,11 @@ async def accept_invitation(conn: Conn, token: str, *, password_hash: str, name:
                 (church_id, user_id, email, password_hash, role, name),
             )
             row = await cur.fetchone()
+            await claim_staff_email(conn, church_id, user_id, email)
     except errors.UniqueViolation as exc:
-        raise Conflict("an account with this email already exists", field="email") from exc
+        if is_staff_email_taken(exc):
+            raise Conflict("an account with this email already exists", field="email") from exc
+        raise
     assert row is not None
     return StaffUser(*row)
 
@@ -404,8 +409,11 @@ class ResetTicket(msgspec.Struct, frozen=True):
 
 async def create_password_reset(conn: Conn, email: str) -> ResetTicket | None:
     """A reset token for the account with ``email``, or None when there is none."""
+    account = await staff_by_email(conn, email)
+    if account is None:
+        return None
     cur = await conn.execute(
-        "SELECT church_id, id, email FROM staff_user WHERE lower(email) = lower(%s)", (email,)
+        "SELECT church_id, id, email FROM staff_user WHERE church_id = %s AND id = %s", account
     )
     found = await cur.fetchone()
     if found is None:

@@ -20,6 +20,7 @@ from storage.domain.errors import Conflict, InvalidInput, NotFound
 from storage.domain.ids import uuid7
 from storage.domain.segments import count_segments
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, id_page
 
 
@@ -99,6 +100,7 @@ async def get_template(conn: Conn, church_id: uuid.UUID, template_id: uuid.UUID)
     return _template(row)
 
 
+@stale_ok
 async def list_templates(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Template]:

@@ -22,6 +22,7 @@ import msgspec
 from storage.domain.errors import NotFound
 from storage.domain.ids import uuid7
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 from storage.pg.pagination import Page, decode_cursor, id_page, page_of
 from storage.pg.webhook_outbox import (
     VALID_FILTERS,
@@ -145,6 +146,7 @@ async def create_endpoint(
     return WebhookEndpoint(*row), secret
 
 
+@stale_ok
 async def list_endpoints(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[WebhookEndpoint]:
@@ -248,6 +250,7 @@ async def rotate_secret(
     return WebhookEndpoint(*row), secret
 
 
+@stale_ok
 async def list_attempts(
     conn: Conn, church_id: uuid.UUID, endpoint_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[WebhookAttempt]:

@@ -422,7 +422,8 @@ class Metrics:
     def replica_lag(self) -> Gauge:
         return Gauge(
             "koinonia_db_replica_lag_seconds",
-            "Replication lag of each read replica (none yet: no replicas in this version)",
+            "How long ago the primary was where each read replica has replayed to, as "
+            "this process last measured (storage/pg/replicas.py)",
             ("replica",),
             multiprocess_mode="livemax",
             registry=self.registry,

@@ -14,6 +14,7 @@ from storage.pg.churches import plan_loader
 from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.pg.database import Pool, open_pool
 from storage.pg.event_log import EventRelay
+from storage.pg.replicas import ReplicaSet
 from storage.process.metrics import Metrics, Sampler
 from storage.process.settings import Settings
 from storage.redis.cache import Cache
@@ -39,6 +40,9 @@ class Services(msgspec.Struct, kw_only=True):
     cache: Cache
     relay: EventRelay
     """Moves this process's (and any stranded) logged events to Redis and webhooks."""
+    replicas: ReplicaSet
+    """Where a read runs (a replica or the primary) and what a write must record for
+    read-your-writes; inert without DATABASE_REPLICA_URLS."""
     metrics: Metrics | None = None
     """This process's metrics; None when its metrics port is ``off`` (then nothing is
     measured: every instrumentation site tests for None)."""
@@ -59,6 +63,14 @@ class Services(msgspec.Struct, kw_only=True):
         publisher = EventPublisher(redis)
         relay = EventRelay(pool, publisher)
         relay.start()
+        measured = metrics if settings.database.replica_urls else None
+        replicas = ReplicaSet(
+            pool,
+            settings.database,
+            publisher.positions,
+            on_replica_query=measured.db_queries.labels("replica").inc if measured else None,
+            on_lag=(lambda name, s: measured.replica_lag.labels(name).set(s)) if measured else None,
+        )
         cache = Cache(redis)
         sampler = None
         if metrics is not None:
@@ -76,6 +88,7 @@ class Services(msgspec.Struct, kw_only=True):
             church_limits=ChurchLimits(plan_loader(pool), settings.limits.plans),
             cache=cache,
             relay=relay,
+            replicas=replicas,
             metrics=metrics,
             sampler=sampler,
         )
@@ -84,6 +97,7 @@ class Services(msgspec.Struct, kw_only=True):
         if self.sampler is not None:
             await self.sampler.stop()
         await self.relay.stop()
+        await self.replicas.stop()
         await self.pool.close()
         await self.redis.aclose()
 

@@ -18,6 +18,14 @@ import msgspec
 class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str = ""
     """DATABASE_URL; empty means: start the embedded Postgres under the data folder."""
+    session_url: str = ""
+    """DATABASE_SESSION_URL: a direct connection to the primary (not through PgBouncer)
+    for what needs a session of its own: ``koinonia migrate`` uses it when set. Empty:
+    DATABASE_URL serves those too (fine without a transaction-mode pooler)."""
+    prepared_statements: bool = True
+    """KOINONIA_DB_PREPARED_STATEMENTS: ``off`` behind PgBouncer in transaction mode,
+    where the next transaction may run on another server connection that never saw
+    the statement (psycopg's ``prepare_threshold=None``)."""
     pool_min: int = 2
     """KOINONIA_DB_POOL_MIN"""
     pool_max: int = 10
@@ -25,6 +33,15 @@ class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float = 3.0
     """KOINONIA_DB_TIMEOUT_S: longest wait for a pooled connection, and to connect; a
     request that cannot have one in time answers 503 instead of queueing."""
+    replica_urls: tuple[str, ...] = ()
+    """DATABASE_REPLICA_URLS: comma-separated streaming replicas of the primary; reads
+    their repository marks stale-tolerant go to them (storage/pg/replicas.py). Give
+    every web process the same list."""
+    replica_max_lag_ms: int = 1000
+    """KOINONIA_REPLICA_MAX_LAG_MS: a replica further behind than this is skipped."""
+    replica_poll_s: float = 0.25
+    """KOINONIA_REPLICA_POLL_S: how often each process that reads from replicas
+    measures their lag and reachability."""
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -329,9 +346,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_level=s("KOINONIA_LOG_LEVEL", "INFO"),
             database=DatabaseSettings(
                 url=s("DATABASE_URL", ""),
+                session_url=s("DATABASE_SESSION_URL", ""),
+                prepared_statements=b("KOINONIA_DB_PREPARED_STATEMENTS", True),
                 pool_min=i("KOINONIA_DB_POOL_MIN", 2),
                 pool_max=i("KOINONIA_DB_POOL_MAX", 10),
                 timeout_s=f("KOINONIA_DB_TIMEOUT_S", 3.0),
+                replica_urls=tuple(
+                    u.strip() for u in s("DATABASE_REPLICA_URLS", "").split(",") if u.strip()
+                ),
+                replica_max_lag_ms=i("KOINONIA_REPLICA_MAX_LAG_MS", 1000),
+                replica_poll_s=f("KOINONIA_REPLICA_POLL_S", 0.25),
             ),
             redis=RedisSettings(url=s("REDIS_URL", "")),
             http=HttpSettings(

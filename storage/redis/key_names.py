@@ -98,6 +98,12 @@ def login_rate(kind: str, who: str) -> str:
     return f"{PREFIX}:rl:{{{kind}:{who}}}"
 
 
+# Read-your-writes (storage/redis/read_positions.py): the church's last commit
+# position, tagged like its rate limit so the limiter's script reads it.
+def read_position(church_id: uuid.UUID) -> str:
+    return f"{PREFIX}:rp:{church_tag(church_id)}"
+
+
 # Cache-aside entries (storage/redis/cache.py), tagged by church.
 def cached(church_id: uuid.UUID, name: str) -> str:
     return f"{PREFIX}:cache:{church_tag(church_id)}:{name}"

@@ -24,6 +24,7 @@ import msgspec
 from storage.domain.events import AnyEvent, encode
 from storage.redis import key_names
 from storage.redis.connection import Redis
+from storage.redis.read_positions import ReadPositions
 from storage.redis.scripts import Call, ScriptRunner, lua
 
 HISTORY_MAXLEN = 2000
@@ -54,6 +55,9 @@ class EventPublisher:
         self.scripts = ScriptRunner(redis)
         self._publish = self.scripts.register(_PUBLISH_LUA)
         self._head = self.scripts.register(_HEAD_LUA)
+        self.positions = ReadPositions(self.scripts)
+        """Churches' read positions, recorded in the round trip that publishes their
+        events (the relay), so a client that sees an event reads what it announced."""
 
     def publish_call(self, church_id: uuid.UUID, channel: str, event: AnyEvent) -> Call:
         """The script call that publishes ``event``, to batch with other calls."""

@@ -7,7 +7,9 @@ passes, and only then are they all charged, so a request refused by the key's
 limit does not use up the church's.
 
 The keys of one call share a hash tag (the church, or the IP / account of a
-login), so the script stays inside one Redis Cluster slot (decision 9).
+login), so the script stays inside one Redis Cluster slot (decision 9). The same
+call returns the church's read position when asked (storage/redis/read_positions.py):
+every request learns it without another round trip.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Verdict(msgspec.Struct, frozen=True):
     retry_after_s: int
     """Seconds to wait before a retry can pass (0 when allowed)."""
     window_s: int
+    position: int | None = None
+    """The church's read position (storage/redis/read_positions.py) when the charge
+    asked for it: 0 when none is recorded, None when not asked."""
 
     def headers(self) -> dict[str, str]:
         """IETF ``RateLimit-*`` fields (draft-ietf-httpapi-ratelimit-headers), plus
@@ -56,12 +61,19 @@ class RateLimiter:
         self._sha = runner.register(_GCRA)
 
     async def charge(
-        self, limits: Sequence[tuple[str, int]], *, period_ms: int = MINUTE_MS
+        self,
+        limits: Sequence[tuple[str, int]],
+        *,
+        period_ms: int = MINUTE_MS,
+        position_key: str | None = None,
     ) -> Verdict:
-        """Charge one request against every (key, limit per period) at once."""
+        """Charge one request against every (key, limit per period) at once; with
+        ``position_key`` (same hash tag as the limits) also read that position."""
         keys = [k for k, _ in limits]
+        if position_key is not None:
+            keys.append(position_key)
         args = [period_ms, *(max(1, n) for _, n in limits)]
-        allowed, limit, remaining, reset_ms, retry_ms = await self._runner.run_one(
+        allowed, limit, remaining, reset_ms, retry_ms, *asked = await self._runner.run_one(
             self._sha, keys, args
         )
         return Verdict(
@@ -71,6 +83,7 @@ class RateLimiter:
             reset_s=math.ceil(int(reset_ms) / 1000),
             retry_after_s=math.ceil(int(retry_ms) / 1000),
             window_s=period_ms // 1000,
+            position=int(asked[0]) if asked else None,
         )
 
 

@@ -25,9 +25,10 @@ async def test_old_provider_events_are_pruned_and_recent_ones_kept(services: Ser
     old, recent = f"old-{uuid.uuid4()}", f"new-{uuid.uuid4()}"
     async with services.pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO provider_event (event_id, event_type, received_at) VALUES "
-            "(%s, 'message.sent', now() - interval '8 days'), (%s, 'message.sent', now())",
-            (old, recent),
+            "INSERT INTO provider_event (church_id, event_id, event_type, received_at) VALUES "
+            "(%s, %s, 'message.sent', now() - interval '8 days'), "
+            "(%s, %s, 'message.sent', now())",
+            (uuid.uuid4(), old, uuid.uuid4(), recent),
         )
     scheduler = Scheduler(services)
     assert await scheduler.prune_provider_events() >= 1
