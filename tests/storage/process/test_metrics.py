@@ -314,6 +314,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # starts a process of its own
 def test_a_port_in_use_stops_the_process_naming_its_variable(stack: Stack) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -327,6 +328,7 @@ def test_a_port_in_use_stops_the_process_naming_its_variable(stack: Stack) -> No
     assert f"metrics port {port}" in stderr, stderr
 
 
+@pytest.mark.slow  # starts a process of its own
 def test_a_process_with_metrics_off_serves_none(stack: Stack, tmp_path: Path) -> None:
     address_file = tmp_path / "scheduler.address"
     env = {**stack.env, "KOINONIA_METRICS_ADDRESS_FILE": str(address_file)}

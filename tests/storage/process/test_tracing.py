@@ -79,6 +79,7 @@ print(json.dumps([names, list(inside), tracing.start_span("y"), loaded, repr(pro
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole app
 def test_off_installs_nothing_and_loads_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
     done = subprocess.run(
