@@ -41,10 +41,17 @@ def months_to_cover(today: date, ahead: int = MONTHS_AHEAD) -> list[date]:
     return months
 
 
+PARTITIONS_LOCK = 7_311_020_102
+"""Advisory lock of partition creation (transaction-scoped)."""
+
+
 async def ensure_partitions(
     conn: Conn, today: date | None = None, ahead: int = MONTHS_AHEAD
 ) -> list[str]:
-    """Create missing partitions; returns the names created."""
+    """Create missing partitions; returns the names created. Call it inside a
+    transaction: it waits for the one partition lock every caller takes (``migrate``
+    and the scheduler's job), so two never create the same partition at once."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITIONS_LOCK,))
     today = today or datetime.now(UTC).date()
     created: list[str] = []
     for table in PARTITIONED_TABLES:

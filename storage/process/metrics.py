@@ -469,6 +469,10 @@ class Metrics:
             bound = self._realtime[transport] = RealtimeMetrics(self, transport)
         return bound
 
+    def realtime_bound(self) -> list[RealtimeMetrics]:
+        """The transports' series bound so far (the sampler flushes their counts)."""
+        return list(self._realtime.values())
+
     def counted_query(self) -> Callable[[], None]:
         """What the pool's cursors call for each statement (``target="primary"``)."""
         return self.db_queries.labels("primary").inc
@@ -519,11 +523,17 @@ class RealtimeMetrics:
     """One transport's realtime series, bound once (realtime/websocket.py,
     realtime/event_stream.py). Per write burst of a connection: one ``inc``; the
     publish-to-write latency is observed once per event and node (the first
-    connection to write it), not once per connection of a fan-out."""
+    connection to write it), not once per connection of a fan-out.
+
+    Deliveries are added up in a plain integer and moved to the counter by
+    ``flush`` (the sampler, every ``KOINONIA_METRICS_SAMPLE_S``): a counter's
+    ``inc`` takes a lock, about 0.4 µs, which is 2-3 % of a fan-out delivery's whole
+    CPU cost when every connection writes one event per burst."""
 
     def __init__(self, metrics: Metrics, transport: str) -> None:
         self.connections = metrics.realtime_connections.labels(transport)
         self._delivered = metrics.realtime_delivered.labels(transport)
+        self._pending = 0
         self.slow_consumer_closes = metrics.slow_consumer_closes
         self.recovered = metrics.recoveries.labels("recovered")
         self.reset = metrics.recoveries.labels("reset")
@@ -534,11 +544,17 @@ class RealtimeMetrics:
         """``events`` live events just written to one client; ``position``: the last
         one's offset (milliseconds of its publication, sequence), the very object
         every connection got, or None (none had one, e.g. typing indicators)."""
-        if events:
-            self._delivered.inc(events)
+        self._pending += events
         if position is not None and position is not self._last:
             self._last = position
             self._publish_to_write.observe(max(0.0, time.time() - position[0] / 1000))
+
+    def flush(self) -> None:
+        """Move the deliveries counted since the last flush to the counter (on the
+        event loop, like ``written``, so no count is lost between the two)."""
+        pending, self._pending = self._pending, 0
+        if pending:
+            self._delivered.inc(pending)
 
     def resumed(self, recovered: bool) -> None:
         (self.recovered if recovered else self.reset).inc()
@@ -602,6 +618,8 @@ class Sampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for realtime in self.metrics.realtime_bound():
+            realtime.flush()
 
     async def _run(self) -> None:
         every = max(0.1, self.settings.metrics.sample_s)
@@ -616,6 +634,8 @@ class Sampler:
         """One refresh of every gauge this process owns."""
         self._sample_pool()
         self._sample_cache()
+        for realtime in self.metrics.realtime_bound():
+            realtime.flush()
         checks = [self._check_postgres(), self._check_redis()]
         if self.metrics.process == "worker":
             checks += [self._sample_queues(), self._sample_webhooks()]
