@@ -27,7 +27,7 @@ import pytest
 from deploy.stack import Stack, free_ports
 from storage.domain.receipt_refs import ReceiptRefs
 
-pytest_plugins = ["tests.replica_support"]
+pytest_plugins = ["tests.replica_support", "tests.redis_cluster_support"]
 
 METRICS_TOKEN = "metrics-token-of-the-test-suite"
 """The stack's KOINONIA_METRICS_TOKEN: ``/metrics`` and ``/health/detailed`` take it."""

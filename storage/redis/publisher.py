@@ -10,6 +10,12 @@ A channel's epoch is a random token stored beside its history; it is replaced
 whenever the history stream is found missing (Redis restarted, flushed, or the
 channel expired), which tells a client with an old offset that recovery is
 impossible.
+
+On a Redis Cluster the frame goes out with SPUBLISH (sharded pub/sub): classic
+PUBLISH is copied to every node of the cluster, so every web node's cost would grow
+with the whole cluster's traffic. The channel carries the church's hash tag, so it
+hashes to the slot of the history stream and the script may publish to it. A
+standalone Redis keeps classic PUBLISH (see ``realtime.hub``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import msgspec
 
 from storage.domain.events import AnyEvent, encode
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, is_cluster
 from storage.redis.read_positions import ReadPositions
 from storage.redis.scripts import Call, ScriptRunner, lua
 
@@ -53,6 +59,8 @@ class EventPublisher:
 
     def __init__(self, redis: Redis) -> None:
         self.scripts = ScriptRunner(redis)
+        self.publish_command = pubsub_publish_command(redis)
+        """PUBLISH, or SPUBLISH on a cluster: passed to the scripts that publish."""
         self._publish = self.scripts.register(_PUBLISH_LUA)
         self._head = self.scripts.register(_HEAD_LUA)
         self.positions = ReadPositions(self.scripts)
@@ -81,6 +89,7 @@ class EventPublisher:
                 new_epoch(),
                 event_type,
                 HISTORY_TTL_S,
+                self.publish_command,
             ],
         )
 
@@ -108,6 +117,11 @@ class EventPublisher:
             [new_epoch(), HISTORY_TTL_S],
         )
         return ChannelHead(epoch=_text(result[0]), offset=_text(result[1]))
+
+
+def pubsub_publish_command(redis: Redis) -> str:
+    """PUBLISH on a standalone Redis, SPUBLISH (sharded) on a cluster."""
+    return "SPUBLISH" if is_cluster(redis) else "PUBLISH"
 
 
 def published(result: Any) -> Published:

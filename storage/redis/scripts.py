@@ -63,5 +63,8 @@ class ScriptRunner:
     async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for sha, keys, args in calls:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            # Not ``pipe.evalsha``: redis-py's cluster pipeline refuses that method
+            # (for its Script objects' sake), yet routes the raw command by its
+            # keys like any other; on a cluster each call's KEYS must share a slot.
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
