@@ -24,7 +24,8 @@ folder has one owner at a time, and restarting guarantees the requested port
 and settings apply.
 
 The servers live in ``embedded_postgres.py`` and ``embedded_redis.py``; this
-module holds what both share (errors, ports, pid files, stopping, log tails).
+module holds what they share (errors, ports, pid files, stopping, log tails, and
+``EmbeddedServer``: the with-block every server is).
 
 Nothing happens at import time. ``start()`` registers an ``atexit`` safety net
 that ``stop()`` removes again.
@@ -39,6 +40,8 @@ import pathlib
 import signal
 import socket
 import subprocess
+from types import TracebackType
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +177,26 @@ def log_tail(path: pathlib.Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+class EmbeddedServer:
+    """What every embedded server shares: ``with server:`` starts it and stops it."""
+
+    def start(self) -> str:
+        """Start (or find running) and return the server's URL."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -26,8 +26,6 @@ import shutil
 import signal
 import subprocess
 import time
-from types import TracebackType
-from typing import Self
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -35,6 +33,7 @@ from deploy.embedded import (
     POLL_INTERVAL,
     PORT_ATTEMPTS,
     START_TIMEOUT,
+    EmbeddedServer,
     EmbeddedServerError,
     file_size,
     free_port,
@@ -117,7 +116,7 @@ def render_config(template: str, databases: dict[str, str], settings: dict[str, 
     return "\n".join(out) + "\n"
 
 
-class EmbeddedPgBouncer:
+class EmbeddedPgBouncer(EmbeddedServer):
     """PgBouncer in transaction mode on 127.0.0.1, in front of ``upstream_url``.
 
     Clients reach database ``dbname`` of the upstream under the same name, as the
@@ -201,18 +200,6 @@ class EmbeddedPgBouncer:
             return  # a forked child inherited this object: the parent owns it
         terminate(process, signal.SIGTERM, escalate=signal.SIGKILL)
         logger.info("PgBouncer on port %s stopped", self.port)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- steps of start() ------------------------------------------------------
 

@@ -20,8 +20,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import psycopg
 
@@ -30,6 +29,7 @@ from deploy.embedded import (
     PORT_ATTEMPTS,
     START_TIMEOUT,
     STOP_TIMEOUT,
+    EmbeddedServer,
     EmbeddedServerError,
     file_size,
     free_port,
@@ -59,7 +59,7 @@ class _Account:
     gid: int
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(EmbeddedServer):
     """PostgreSQL 16 from the ``pgserver`` wheel, on 127.0.0.1 with trust auth.
 
     We run the wheel's ``initdb`` and ``postgres`` ourselves rather than
@@ -157,18 +157,6 @@ class EmbeddedPostgres:
         # writes a checkpoint, so the next start needs no crash recovery.
         terminate(process, signal.SIGINT, escalate=signal.SIGQUIT)
         logger.info("PostgreSQL on port %s stopped", self.port)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- steps of start() ------------------------------------------------------
 

