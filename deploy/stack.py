@@ -359,6 +359,11 @@ class Stack:
                 pid=self.postgres.pid if self.postgres is not None else None,
             ),
             replicas=tuple(Endpoint(url=r.url, pid=r.pid) for r in self.replicas),
+            pgbouncer=(
+                Endpoint(url=self.pgbouncer.url, pid=self.pgbouncer.pid)
+                if self.pgbouncer is not None
+                else None
+            ),
             redis=self._redis_entry(redis_url),
             simulator=tuple(by_kind.get("simulator", ())),
             web=tuple(by_kind.get("web", ())),

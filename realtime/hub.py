@@ -88,6 +88,12 @@ _REROUTE_MIN_INTERVAL_S = 0.2
 _MAX_HELD = 10_000
 """Live events held per channel while its gap is read; beyond that they are
 dropped and read back from history instead."""
+_SLICE = 200
+"""Events handed to the sinks between two yields to the event loop, when a gap fill
+or a burst of messages delivers many at once: each connection's sender then writes
+what was queued, so a burst never piles up past a connection's send queue (1,000
+frames, then 4008) just because the senders never got to run. After a failover a
+busy channel's gap is thousands of events (the relay's backlog)."""
 
 
 class HubEvent(msgspec.Struct, frozen=True, gc=False):
@@ -499,6 +505,7 @@ class Hub:
         conn = link.conn
         mode = self._mode
         pinged = False
+        unyielded = 0
         while True:
             try:
                 reply = await conn.read_response(timeout=_IDLE_S, push_request=True)
@@ -527,6 +534,12 @@ class Hub:
                 kind = reply[0]
                 if kind == mode.message or kind == b"message":
                     self._on_message(reply[1], reply[2])
+                    # Replies already buffered are parsed without yielding: after a
+                    # burst (a relay's backlog) let the senders write (see _SLICE).
+                    unyielded += 1
+                    if unyielded >= _SLICE:
+                        unyielded = 0
+                        await asyncio.sleep(0)
                 elif kind == mode.subscribed or kind == b"subscribe":
                     self._on_subscribed(link, reply[1])
                 elif kind == mode.unsubscribed:
@@ -695,7 +708,7 @@ class Hub:
                 if self._channels.get(ch.name) is not ch:
                     continue
                 try:
-                    self._apply_fill(ch, epoch, entries)
+                    await self._apply_fill(ch, epoch, entries)
                 except Exception:
                     # Never leave a channel holding events forever.
                     log.exception("gap fill failed on %r", ch.name)
@@ -731,15 +744,32 @@ class Hub:
                     results[i] = (results[i][0], entries)
         return results
 
-    def _apply_fill(self, ch: _Channel, epoch: str | None, entries: list[Any]) -> None:
+    async def _apply_fill(self, ch: _Channel, epoch: str | None, entries: list[Any]) -> None:
         if ch.last is None:
             ch.epoch = epoch
             ch.last = position(entries[0][0]) if entries else ZERO
         elif epoch is not None:
-            for entry_id, fields in entries:
+            for i, (entry_id, fields) in enumerate(entries):
+                if i and not i % _SLICE:
+                    await asyncio.sleep(0)  # let the senders write (see _SLICE)
+                    if self._channels.get(ch.name) is not ch:
+                        return  # its last sink left meanwhile
                 entry = entry_from_stream(entry_id, fields)
                 frame = frame_bytes(ch.channel, entry.offset, entry.event_json)
                 self._accept(ch, _event(ch.channel, entry.type, epoch, entry.offset, frame))
+        await self._release_gradually(ch)
+
+    async def _release_gradually(self, ch: _Channel) -> None:
+        """Deliver the held live events newer than the fill, a slice at a time, then
+        go live. Live events arriving meanwhile are still held, behind the rest."""
+        while ch.held is not None and len(ch.held) > _SLICE:
+            if ch in self._to_fill or self._channels.get(ch.name) is not ch:
+                return  # reconnected again (that fill releases) or no sink left
+            held = ch.held
+            ch.held = held[_SLICE:]
+            for event in held[:_SLICE]:
+                self._accept(ch, event)
+            await asyncio.sleep(0)
         if ch in self._to_fill:
             return  # reconnected again meanwhile: keep holding until that gap is read
         self._release(ch)

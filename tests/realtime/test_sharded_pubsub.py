@@ -14,7 +14,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -38,7 +38,6 @@ from tests.realtime.test_endpoints import (
 )
 from tests.realtime.test_endpoints import client as ws_client
 from tests.redis_cluster_support import RedisClusterHandle, slot_of
-from tests.redis_cluster_support import redis_cluster as redis_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -160,8 +159,8 @@ async def test_a_node_subscribes_only_the_channels_of_its_churches(
     masters = {m.address: m for m in cluster.masters()}
     assert set(subscribed) == set(masters)
     for address, per_link in subscribed.items():
-        for name in per_link:
-            assert cluster.master_of(name).address == address
+        for channel_name in per_link:
+            assert cluster.master_of(channel_name).address == address
     for church, expected in ((ours, 1), (other, 0)):
         name = key_names.channel_pubsub(church, "inbox")
         with cluster.master_of(name).client() as admin:
@@ -226,7 +225,10 @@ async def test_failover_of_the_churchs_master_mid_stream_loses_nothing_kept(
         await task
         # Replication is asynchronous: the promoted replica may lack the last
         # entries the dead master acknowledged. What it kept must all arrive.
-        history = await redis.xrange(key_names.channel_history(church_id, "inbox"))
+        history = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await redis.xrange(key_names.channel_history(church_id, "inbox")),
+        )
         kept = {entry_id.decode() for entry_id, _ in history}
         await recorder.wait_for_offsets(kept & set(acked), within=20)
         await asyncio.sleep(0.2)  # a duplicate would arrive now
