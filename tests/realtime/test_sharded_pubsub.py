@@ -42,6 +42,7 @@ from tests.redis_cluster_support import RedisClusterHandle, slot_of
 
 pytestmark = pytest.mark.anyio
 
+
 class OffsetRecorder(Recorder):
     """A ``Recorder`` that also waits for the offsets of stored events."""
 
