@@ -47,7 +47,7 @@ from storage.pg.event_log import Emission, EventRelay, append
 from storage.pg.messages import SendTexts, mark_completed, message_counts
 from storage.pg.recipients import Transition
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, riding_slot_moves
 from storage.redis.scripts import Call, ScriptRunner, lua
 
 log = logging.getLogger("koinonia.delivery.progress")
@@ -75,10 +75,15 @@ class ProgressTracker:
         self, church_id: uuid.UUID, message_id: uuid.UUID, total: int, queued: int, skipped: int
     ) -> None:
         key = key_names.message_counts(church_id, message_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"total": total, "queued": queued, "skipped": skipped})
-        pipe.expire(key, COUNTS_TTL_S)
-        await pipe.execute()
+
+        async def write() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(key, mapping={"total": total, "queued": queued, "skipped": skipped})
+            pipe.expire(key, COUNTS_TTL_S)
+            await pipe.execute()
+
+        # A transaction met by a slot migration ran nothing: run it again.
+        await riding_slot_moves(write)
 
     # -- in the transaction of the transitions -------------------------------------------
 
@@ -252,12 +257,16 @@ class ProgressTracker:
         values: dict[str, int] = {s.value: int(getattr(counts, s.value)) for s in ALL_STATUSES}
         total = sum(values.values())
         key = key_names.message_counts(church_id, message_id)
-        pipe = self._redis.pipeline(transaction=True)
         mapping: dict[str | bytes, int] = dict(values.items())
         mapping["total"] = total
-        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-        pipe.expire(key, COUNTS_TTL_S)
-        await pipe.execute()
+
+        async def write() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.expire(key, COUNTS_TTL_S)
+            await pipe.execute()
+
+        await riding_slot_moves(write)
         log.info("progress counters rebuilt", extra={"message_id": str(message_id)})
         await self._after_update(church_id, message_id, {**values, "total": total}, gate_open=True)
 

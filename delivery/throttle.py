@@ -1,7 +1,8 @@
 """Pacing sends: per sending number and per provider account, shared by every worker.
 
-The buckets live in Redis (storage/redis/send_limits.py): one atomic script checks
-the circuit and takes tokens from the account's bucket and the number's bucket.
+The buckets live in Redis (storage/redis/send_limits.py): a script takes tokens
+from the number's bucket (its own hash tag), then one checks the circuit and takes
+them from the account's bucket, giving back to the number what the account did not.
 A batch asks for tokens for all its recipients and gets as many as both buckets
 can give; it sends those, and asks again for the rest. When none are left the
 answer carries the wait: a short one (up to ``throttle_hold_s``) the batch sleeps

@@ -279,7 +279,12 @@ class Worker:
                     # itself is lost.
                     log.exception("queue entry failed", extra={"entry": entry_id, "stream": stream})
                     return
-        await self.queue.done(stream, entry_id)
+        try:
+            await self.queue.done(stream, entry_id)
+        except (RedisError, OSError):
+            # The work is done; the entry stays pending and its next lease finds the
+            # rows already past it (a failover or a blink between the two).
+            log.warning("queue entry done but not acknowledged", extra={"entry": entry_id})
 
     # -- materialize ---------------------------------------------------------
 
@@ -631,6 +636,8 @@ class Worker:
                 break
             try:
                 await self._autoclaim()
+            except (RedisError, OSError) as exc:
+                log.warning("maintenance step failed: redis unavailable", extra={"error": str(exc)})
             except Exception:
                 log.exception("maintenance step failed")
 

@@ -50,8 +50,11 @@ def _require_keys(settings: Settings) -> None:
             "koinonia: KOINONIA_PHONE_KEY and KOINONIA_LOOKUP_KEY are required "
             "(base64 of 32 random bytes each; `koinonia dev` makes its own)"
         )
-    if not settings.database.url or not settings.redis.url:
-        sys.exit("koinonia: DATABASE_URL and REDIS_URL are required (or use `koinonia dev`)")
+    if not settings.database.url or not (settings.redis.url or settings.redis.cluster_nodes):
+        sys.exit(
+            "koinonia: DATABASE_URL and REDIS_URL (or REDIS_CLUSTER_NODES) are required "
+            "(or use `koinonia dev`)"
+        )
 
 
 # Per-message deflate off: per-connection zlib state was the largest per-delivery
@@ -293,7 +296,8 @@ def _operator_settings(*, redis: bool) -> Settings:
         print(f"koinonia: {exc}", file=sys.stderr)
         sys.exit(2)
     env_db = os.environ.get("DATABASE_URL")
-    if not env_db or (redis and not os.environ.get("REDIS_URL")):
+    env_redis = os.environ.get("REDIS_URL") or os.environ.get("REDIS_CLUSTER_NODES")
+    if not env_db or (redis and not env_redis):
         print(
             f"koinonia: using the stack of `koinonia dev` in {settings.data_dir}", file=sys.stderr
         )

@@ -40,6 +40,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import time
 from types import TracebackType
 from typing import Self
 
@@ -116,6 +117,26 @@ def terminate(
                 else:
                     process.send_signal(next_signal)
     process.wait()
+
+
+def stop_stale(pid_path: pathlib.Path, program: str, what: str) -> None:
+    """Stop a server an earlier process left running (its owner died without
+    ``stop()``), found by its pid file: SIGTERM, its graceful shutdown, then SIGKILL
+    after ``STOP_TIMEOUT``. A pid file naming a dead process or another program is
+    stale and ignored."""
+    pid = read_pid(pid_path)
+    if pid is None or not pid_alive(pid, program):
+        return
+    logger.warning("stopping %s (pid %d) left running (%s)", what, pid, pid_path)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while pid_alive(pid, program):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(POLL_INTERVAL)
 
 
 def read_pid(path: pathlib.Path) -> int | None:

@@ -37,9 +37,8 @@ from deploy.embedded import (
     EmbeddedServerError,
     file_size,
     free_port,
-    pid_alive,
     port_clash,
-    read_pid,
+    stop_stale,
     terminate,
 )
 from deploy.embedded_postgres import (
@@ -169,7 +168,7 @@ class EmbeddedPgBouncer(EmbeddedServer):
         binary = pgbouncer_binary()
         account = _postgres_account()
         self._prepare_home(account)
-        self._stop_stale()
+        stop_stale(self.pid_path, "pgbouncer", "PgBouncer")
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = self.requested_port if self.requested_port is not None else free_port()
             self._write_config(port, account)
@@ -211,19 +210,6 @@ class EmbeddedPgBouncer(EmbeddedServer):
             # writes the pid file here and reads the config again on SIGHUP.
             _ensure_traversable(self.home)
             _chown_tree(self.home, account)
-
-    def _stop_stale(self) -> None:
-        """Stop a PgBouncer an earlier process left running on this folder."""
-        pid = read_pid(self.pid_path)
-        if pid is None or not pid_alive(pid, "pgbouncer"):
-            return
-        logger.warning("stopping PgBouncer (pid %d) left running in %s", pid, self.home)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + START_TIMEOUT
-        while pid_alive(pid, "pgbouncer"):
-            if time.monotonic() > deadline:
-                raise EmbeddedServerError(f"PgBouncer (pid {pid}) in {self.home} would not stop")
-            time.sleep(POLL_INTERVAL)
 
     def _write_config(self, port: int, account: _Account | None) -> None:
         users = self.home / "userlist.txt"

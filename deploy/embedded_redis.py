@@ -22,14 +22,12 @@ from deploy.embedded import (
     POLL_INTERVAL,
     PORT_ATTEMPTS,
     START_TIMEOUT,
-    STOP_TIMEOUT,
     EmbeddedServer,
     EmbeddedServerError,
     file_size,
     free_port,
-    pid_alive,
     port_clash,
-    read_pid,
+    stop_stale,
     terminate,
 )
 
@@ -81,7 +79,7 @@ class EmbeddedRedis(EmbeddedServer):
         began = time.monotonic()
         executable = _valkey_executable()
         self.redis_dir.mkdir(parents=True, exist_ok=True)
-        self._stop_stale_server()
+        stop_stale(self.pid_path, "valkey-server", "Valkey")
 
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = self.requested_port if self.requested_port is not None else free_port()
@@ -123,20 +121,6 @@ class EmbeddedRedis(EmbeddedServer):
                 client.shutdown(nosave=True)
         terminate(process, signal.SIGTERM)
         logger.info("Redis (Valkey) on port %s stopped", self.port)
-
-    def _stop_stale_server(self) -> None:
-        pid = read_pid(self.pid_path)
-        if pid is None or not pid_alive(pid, "valkey-server"):
-            return
-        logger.warning("stopping Valkey (pid %d) left running on %s", pid, self.redis_dir)
-        # SIGTERM is Valkey's graceful shutdown (flushes the AOF).
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while pid_alive(pid, "valkey-server"):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                break
-            time.sleep(POLL_INTERVAL)
 
     def _spawn(self, executable: str, port: int) -> subprocess.Popen[bytes]:
         args = [

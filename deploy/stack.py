@@ -24,16 +24,18 @@ from pathlib import Path
 import httpx
 
 from delivery.simulator import new_signing_seed, public_key_b64
-from deploy.embedded import free_port
+from deploy.embedded import EmbeddedServerError, free_port
 from deploy.embedded_pgbouncer import EmbeddedPgBouncer
 from deploy.embedded_postgres import EmbeddedPostgres
 from deploy.embedded_redis import EmbeddedRedis
+from deploy.embedded_redis_cluster import EmbeddedRedisCluster
 from deploy.embedded_replica import EmbeddedReplica
 from deploy.stack_file import (
     Endpoint,
     MetricsEndpoint,
     Process,
     RedisEntry,
+    RedisNode,
     StackFile,
     remove_stack_file,
     stack_file_path,
@@ -103,6 +105,8 @@ class Stack:
         self.quiet = quiet
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
+        self.redis_cluster: EmbeddedRedisCluster | None = None
+        """Started instead of ``redis`` with ``KOINONIA_DEV_REDIS_CLUSTER=1``."""
         self.pgbouncer: EmbeddedPgBouncer | None = None
         self.replicas: list[EmbeddedReplica] = []
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -132,7 +136,18 @@ class Stack:
             self._say(f"starting embedded Postgres in {self.data_dir / 'postgres'}")
             self.postgres = EmbeddedPostgres(self.data_dir, fast_unsafe=self.fast_unsafe)
             env["DATABASE_URL"] = self.postgres.start()
-        if not env.get("REDIS_URL"):
+        if env.get("REDIS_CLUSTER_NODES"):
+            pass  # an external cluster: the children's settings read it
+        elif not env.get("REDIS_URL") and env.get("KOINONIA_DEV_REDIS_CLUSTER", "") in (
+            "1",
+            "true",
+            "yes",
+        ):
+            self._say("starting embedded Redis Cluster (3 masters, 3 replicas)")
+            self.redis_cluster = EmbeddedRedisCluster(self.data_dir, persist=not self.fast_unsafe)
+            self.redis_cluster.start()
+            env["REDIS_CLUSTER_NODES"] = self.redis_cluster.cluster_nodes_setting
+        elif not env.get("REDIS_URL"):
             self._say("starting embedded Redis")
             self.redis = EmbeddedRedis(self.data_dir, persist=not self.fast_unsafe)
             env["REDIS_URL"] = self.redis.start()
@@ -344,10 +359,12 @@ class Stack:
                 pid=self.postgres.pid if self.postgres is not None else None,
             ),
             replicas=tuple(Endpoint(url=r.url, pid=r.pid) for r in self.replicas),
-            redis=RedisEntry(
-                url=self.redis.url if self.redis is not None else redis_url,
-                pid=self.redis.pid if self.redis is not None else None,
+            pgbouncer=(
+                Endpoint(url=self.pgbouncer.url, pid=self.pgbouncer.pid)
+                if self.pgbouncer is not None
+                else None
             ),
+            redis=self._redis_entry(redis_url),
             simulator=tuple(by_kind.get("simulator", ())),
             web=tuple(by_kind.get("web", ())),
             worker=tuple(by_kind.get("worker", ())),
@@ -357,6 +374,39 @@ class Stack:
                 for name, address in self.metrics.items()
                 if name in self.processes and self.processes[name].poll() is None
             ),
+        )
+
+    def _redis_entry(self, redis_url: str) -> RedisEntry:
+        cluster = self.redis_cluster
+        if cluster is not None and cluster.nodes:
+            try:
+                masters = {v.node_id for v in cluster.view() if v.is_master and v.slots}
+            except EmbeddedServerError:
+                # No node answers: record the layout the cluster was built with.
+                masters = {n.node_id for n in cluster.nodes[: cluster.masters]}
+            return RedisEntry(
+                url=f"redis://{cluster.nodes[0].address}",
+                cluster=tuple(
+                    RedisNode(
+                        address=node.address,
+                        role="primary" if node.node_id in masters else "replica",
+                        pid=node.pid,
+                    )
+                    for node in cluster.live_nodes()
+                ),
+            )
+        seeds = [n.strip() for n in self.env.get("REDIS_CLUSTER_NODES", "").split(",") if n]
+        if seeds:
+            # An external cluster: list its seeds (host:port or URL) so that operator
+            # commands find it through stack.json.
+            first = seeds[0] if "://" in seeds[0] else f"redis://{seeds[0]}"
+            return RedisEntry(
+                url=first,
+                cluster=tuple(RedisNode(address=seed, role="seed") for seed in seeds),
+            )
+        return RedisEntry(
+            url=self.redis.url if self.redis is not None else redis_url,
+            pid=self.redis.pid if self.redis is not None else None,
         )
 
     def write_stack_file(self) -> None:
@@ -373,6 +423,9 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
+            self.redis_cluster = None
         if self.pgbouncer is not None:
             self.pgbouncer.stop()
             self.pgbouncer = None

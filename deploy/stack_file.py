@@ -42,7 +42,8 @@ class RedisNode(msgspec.Struct, frozen=True, kw_only=True):
     address: str
     """``host:port``"""
     role: str
-    """``primary`` or ``replica``"""
+    """``primary`` or ``replica``; ``seed`` for a node of ``REDIS_CLUSTER_NODES`` (an
+    external cluster, whose roles the stack does not track)"""
     pid: int | None = None
 
 
@@ -165,7 +166,7 @@ def operator_settings(env: Mapping[str, str] | None = None, *, redis: bool = Tru
     source = dict(os.environ if env is None else env)
     settings = Settings.from_env(source)
     missing_db = not settings.database.url
-    missing_redis = redis and not settings.redis.url
+    missing_redis = redis and not (settings.redis.url or settings.redis.cluster_nodes)
     if not (missing_db or missing_redis):
         return settings
     wanted = " and ".join(
@@ -191,7 +192,10 @@ def operator_settings(env: Mapping[str, str] | None = None, *, redis: bool = Tru
         )
     if missing_db:
         source["DATABASE_URL"] = stack.postgres.url
-    if missing_redis:
+    if missing_redis and stack.redis.cluster:
+        # KOINONIA_DEV_REDIS_CLUSTER=1: every node is a seed.
+        source["REDIS_CLUSTER_NODES"] = ",".join(node.address for node in stack.redis.cluster)
+    elif missing_redis:
         source["REDIS_URL"] = stack.redis.url
     secrets = _dev_secrets(Path(stack.data_dir) / DEV_SECRETS)
     for name in KEY_NAMES:

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, riding_slot_moves
 from storage.redis.publisher import EventPublisher
 
 Position = tuple[int, int]
@@ -89,11 +89,16 @@ async def recover(
     except ValueError:
         return fresh
     history = key_names.channel_history(church_id, channel)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(key_names.channel_epoch(church_id, channel))
-        pipe.xinfo_stream(history)
-        pipe.xrange(history, f"({start[0]}-{start[1]}", "+")
-        epoch, info, raw_entries = await pipe.execute(raise_on_error=False)
+
+    async def read() -> list[Any]:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.get(key_names.channel_epoch(church_id, channel))
+            pipe.xinfo_stream(history)
+            pipe.xrange(history, f"({start[0]}-{start[1]}", "+")
+            return list(await pipe.execute(raise_on_error=False))
+
+    # A transaction met by a slot migration ran nothing: read again.
+    epoch, info, raw_entries = await riding_slot_moves(read)
     if isinstance(epoch, bytes):
         epoch = epoch.decode()
     if epoch != since_epoch or isinstance(raw_entries, Exception):

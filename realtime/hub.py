@@ -1,7 +1,22 @@
-"""The node-local hub: one Redis pub/sub connection fanning events out to local sinks.
+"""The node-local hub: one Redis pub/sub connection per Redis shard, fanning events
+out to local sinks.
 
-Every web node opens exactly one pub/sub connection, whatever the number of
-WebSocket and SSE clients it serves (docs/architecture.md "No broadcaster"):
+Every web node opens one pub/sub connection per shard (one in all on a standalone
+Redis; one per master on a Redis Cluster), whatever the number of WebSocket and
+SSE clients it serves (docs/architecture.md "No broadcaster"):
+
+- on a standalone Redis channels use classic SUBSCRIBE (and publishers PUBLISH): the
+  operations tooling and tests count subscribers with PUBSUB NUMSUB, and nothing
+  is gained by sharding one server. On a cluster they use SSUBSCRIBE (publishers
+  SPUBLISH, ``storage.redis.publisher``): classic PUBLISH is copied to every node
+  of the cluster, sharded messages stay on the shard owning the channel's slot.
+  The code path is one; only the command names differ (``_Mode``);
+- on a cluster each channel is routed to the connection of the master owning its
+  slot (the cluster client's slot map). When that connection fails (failover),
+  or the server ends a subscription because its slot moved (a ``sunsubscribe``
+  push) or answers MOVED, the hub refreshes the slot map, resubscribes the
+  affected channels on their new owner and reads their gap from history exactly
+  as after a reconnection;
 
 - subscriptions are reference-counted per pub/sub channel: SUBSCRIBE when the
   first local sink arrives, UNSUBSCRIBE when the last one leaves;
@@ -29,6 +44,9 @@ Two more kinds of message share the connection:
 - credential revocations (``key_names.CREDENTIAL_REVOCATIONS``, subscribed with every
   (re)connection), handed to ``revocations``; after a reconnection the hub asks
   it to recheck the node's credentials, since messages sent meanwhile are lost.
+  They stay classic pub/sub on a cluster too (a PUBLISH reaches every node, and
+  they are rare), subscribed on every shard's connection: a copy per shard, which
+  ``revocations`` applies idempotently, and one shard failing loses none.
 """
 
 from __future__ import annotations
@@ -37,13 +55,16 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from typing import Any, Protocol
 
 import msgspec
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+from redis.exceptions import AskError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from realtime.errors import HubStopped
 from realtime.history import ZERO, Position, entry_from_stream, position
@@ -63,9 +84,16 @@ _IDLE_S = 15.0
 """With no traffic for this long the reader sends PING; another silent period
 means the connection is dead even if TCP has not noticed."""
 _SUBSCRIBE_CHUNK = 1000
+_REROUTE_MIN_INTERVAL_S = 0.2
 _MAX_HELD = 10_000
 """Live events held per channel while its gap is read; beyond that they are
 dropped and read back from history instead."""
+_SLICE = 200
+"""Events handed to the sinks between two yields to the event loop, when a gap fill
+or a burst of messages delivers many at once: each connection's sender then writes
+what was queued, so a burst never piles up past a connection's send queue (1,000
+frames, then 4008) just because the senders never got to run. After a failover a
+busy channel's gap is thousands of events (the relay's backlog)."""
 
 
 class HubEvent(msgspec.Struct, frozen=True, gc=False):
@@ -115,6 +143,54 @@ def _event(
 _REVOCATIONS = key_names.CREDENTIAL_REVOCATIONS.encode()
 
 
+class _Mode(msgspec.Struct, frozen=True):
+    """The pub/sub commands and push kinds for channels: classic or sharded."""
+
+    subscribe: str
+    unsubscribe: str
+    message: bytes
+    subscribed: bytes
+    unsubscribed: bytes
+
+
+_CLASSIC = _Mode("SUBSCRIBE", "UNSUBSCRIBE", b"message", b"subscribe", b"unsubscribe")
+_SHARDED = _Mode("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe", b"sunsubscribe")
+
+
+class _Link:
+    """One pub/sub connection: to the standalone Redis, or to one cluster master."""
+
+    __slots__ = (
+        "conn",
+        "connections",
+        "flusher",
+        "inflight",
+        "key",
+        "live",
+        "reader",
+        "unsubscribe",
+        "unsubscribing",
+    )
+
+    def __init__(self, key: str, conn: AbstractConnection) -> None:
+        self.key = key
+        """The master's ``host:port`` on a cluster; empty on a standalone Redis."""
+        self.conn = conn
+        # True between a completed (re)connection and the next failure; commands
+        # are only written then, so none interleave with the connection handshake.
+        self.live = False
+        # SUBSCRIBE replies still expected per name: a channel counts as confirmed
+        # only by the reply to its latest SUBSCRIBE, never by a stale one.
+        self.inflight: dict[bytes, int] = {}
+        self.unsubscribe: set[bytes] = set()
+        # UNSUBSCRIBE replies still expected per name: any other unsubscribe reply
+        # is the server ending a subscription (its slot moved away).
+        self.unsubscribing: dict[bytes, int] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.flusher: asyncio.Task[None] | None = None
+        self.connections = 0
+
+
 class Sink(Protocol):
     def deliver(self, event: HubEvent) -> None:
         """Take one event; must not block or raise."""
@@ -130,6 +206,7 @@ class _Channel:
         "held",
         "history",
         "last",
+        "link",
         "name",
         "ready",
         "sinks",
@@ -149,6 +226,8 @@ class _Channel:
         self.held: list[HubEvent] | None = []
         # Set when the subscription is confirmed and the gap (if any) filled.
         self.ready = asyncio.Event()
+        # The connection this channel is subscribed on (its slot's master).
+        self.link: _Link | None = None
 
 
 class Hub:
@@ -159,62 +238,101 @@ class Hub:
         self.publisher = publisher
         """Kept for publishing realtime-only events (typing) from the endpoints."""
         self._redis = redis
-        """Pooled client for history reads; never the pub/sub connection."""
+        """Pooled client for history reads; never a pub/sub connection."""
+        # On a cluster the pooled client's slot map routes each channel to a master.
+        cluster: object = redis
+        self._cluster = cluster if isinstance(cluster, RedisCluster) else None
+        self._mode = _CLASSIC if self._cluster is None else _SHARDED
         self._client: Redis | None = None
-        self._conn: AbstractConnection | None = None
-        # True between a completed (re)connection and the next failure; commands
-        # are only written then, so none interleave with the connection handshake.
-        self._live = False
+        self._links: dict[str, _Link] = {}
+        self._running = False
         self._channels: dict[bytes, _Channel] = {}
-        # SUBSCRIBE replies still expected per name: a channel counts as confirmed
-        # only by the reply to its latest SUBSCRIBE, never by a stale one.
-        self._inflight: dict[bytes, int] = {}
-        self._unsubscribe: set[bytes] = set()
         self._to_fill: set[_Channel] = set()
-        self._reader: asyncio.Task[None] | None = None
         self._filler: asyncio.Task[None] | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._rerouter: asyncio.Task[None] | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._last_reroute = 0.0
+        self._reroute_again = False
+        self.moved_channels = 0
+        """Channels resubscribed on another master after a failover or a slot move
+        (a diagnostic: tests show with it that a move did happen under traffic)."""
         self.revocations = Revocations()
         """The node's connections by credential, closed (4001) when those are revoked."""
-        self._connections = 0
         self._rechecker: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the node's pub/sub connection and start its reader."""
-        self._client = open_pubsub_client(self._settings)
-        self._conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        await self._connect()
-        self._reader = asyncio.create_task(self._run(), name="realtime-hub-reader")
+        """Open the node's pub/sub connections (one per shard) and start their readers."""
+        self._running = True
+        if self._cluster is None:
+            self._client = open_pubsub_client(self._settings)
+            conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            link = self._links[""] = _Link("", conn)
+            await self._connect(link)
+            link.reader = asyncio.create_task(self._run(link), name="realtime-hub-reader")
+        else:
+            # The cluster client reads its slot map on first use; the hub needs it now.
+            await self._cluster.initialize()
+            for node in self._cluster.get_primaries():
+                link = self._open_link(node, start_reader=False)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._connect(link)  # a master down at start: its reader retries
+                link.reader = asyncio.create_task(
+                    self._run(link), name=f"realtime-hub-reader {link.key}"
+                )
 
     async def stop(self) -> None:
-        self._live = False
-        for task in (self._reader, self._filler, self._flusher, self._rechecker):
+        self._running = False
+        links = list(self._links.values())
+        self._links.clear()
+        for link in links:
+            link.live = False
+        tasks = [self._filler, self._rerouter, self._rechecker]
+        for link in links:
+            tasks += [link.reader, link.flusher]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._reader = self._filler = self._flusher = self._rechecker = None
-        if self._conn is not None:
-            await self._conn.disconnect(nowait=True)
+        self._filler = self._rerouter = self._rechecker = None
+        for link in links:
+            await link.conn.disconnect(nowait=True)
         if self._client is not None:
             await self._client.aclose()
-        self._conn = self._client = None
+        self._client = None
+
+    def _open_link(self, node: ClusterNode, *, start_reader: bool = True) -> _Link:
+        """A pub/sub connection to one master; its reader (started here unless the
+        caller connects first) connects it and subscribes its channels."""
+        # The cluster client's own connection settings, but never a read timeout:
+        # a subscription blocks reading for as long as the node lives.
+        kwargs = {**node.connection_kwargs, "socket_timeout": None, "health_check_interval": 0}
+        link = self._links[node.name] = _Link(node.name, node.connection_class(**kwargs))
+        if start_reader:
+            link.reader = asyncio.create_task(
+                self._run(link), name=f"realtime-hub-reader {node.name}"
+            )
+        return link
 
     # -- subscriptions ---------------------------------------------------------
 
     async def subscribe(self, church_id: uuid.UUID, channel: str, sink: Sink) -> None:
         """Add a sink to a channel; returns once Redis confirmed the subscription."""
-        if self._reader is None:
+        if not self._running:
             raise HubStopped("the hub is not running")
         name = key_names.channel_pubsub(church_id, channel).encode()
         ch = self._channels.get(name)
         if ch is None:
             ch = self._channels[name] = _Channel(name, church_id, channel)
-            self._unsubscribe.discard(name)
             ch.sinks[sink] = None
-            await self._send_subscribe([name])
+            link = ch.link = self._route(name)
+            if link is None:
+                self._schedule_reroute()  # its slot has no master yet (a failover)
+            else:
+                link.unsubscribe.discard(name)
+                await self._send_subscribe(link, [name])
         else:
             ch.sinks[sink] = None
         try:
@@ -235,118 +353,281 @@ class Hub:
             return
         del self._channels[name]
         self._to_fill.discard(ch)
-        self._unsubscribe.add(name)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_unsubscribes())
+        link = ch.link
+        if link is None or self._links.get(link.key) is not link:
+            return
+        link.unsubscribe.add(name)
+        if link.flusher is None or link.flusher.done():
+            link.flusher = asyncio.create_task(self._flush_unsubscribes(link))
 
     def subscriber_count(self, church_id: uuid.UUID, channel: str) -> int:
         ch = self._channels.get(key_names.channel_pubsub(church_id, channel).encode())
         return 0 if ch is None else len(ch.sinks)
 
+    def subscribed_channels(self) -> dict[str, list[bytes]]:
+        """The channels this node is subscribed to, per pub/sub connection (for tests
+        and diagnostics): ``host:port`` of each master, ``""`` on a standalone Redis."""
+        out: dict[str, list[bytes]] = {key: [] for key in self._links}
+        for name, ch in self._channels.items():
+            if ch.link is not None and ch.link.key in out:
+                out[ch.link.key].append(name)
+        return out
+
+    # -- routing (cluster) -----------------------------------------------------
+
+    def _route(self, name: bytes) -> _Link | None:
+        """The connection a channel belongs on: its slot's master on a cluster (None
+        while the slot map knows no master for it: a failover under way)."""
+        if self._cluster is None:
+            return self._links[""]
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(key_slot(name))
+        except (RedisError, LookupError):
+            return None
+        link = self._links.get(node.name)
+        return link if link is not None else self._open_link(node)
+
+    def _schedule_reroute(self) -> None:
+        if self._cluster is None:
+            return
+        # A request during a running reroute may come after its slot map refresh:
+        # that reroute then runs once more.
+        self._reroute_again = True
+        if self._rerouter is None or self._rerouter.done():
+            self._rerouter = asyncio.create_task(self._reroute(), name="realtime-hub-reroute")
+
+    async def _reroute(self) -> None:
+        while self._reroute_again and self._running:
+            self._reroute_again = False
+            try:
+                await self._reroute_once()
+            except Exception:
+                # Never stop rerouting for good: channels would stay unsubscribed.
+                log.exception("pub/sub reroute failed; retrying")
+                self._reroute_again = True
+
+    async def _reroute_once(self) -> None:
+        """Refresh the slot map; move every channel whose slot changed owner to its new
+        master's connection, and close connections to nodes no longer masters."""
+        cluster = self._cluster
+        assert cluster is not None
+        # Paced: until the cluster's nodes agree on a moved slot, a resubscription
+        # may meet MOVED again, and that must not become a busy loop.
+        wait = self._last_reroute + _REROUTE_MIN_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_reroute = time.monotonic()
+        delay = _BACKOFF_MIN_S
+        while self._running:
+            try:
+                async with self._refresh_lock:
+                    await cluster.nodes_manager.initialize()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("cluster slot map refresh failed (%s); retrying", exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+        if not self._running:
+            return
+        masters = {node.name: node for node in cluster.get_primaries()}
+        for node in masters.values():
+            if node.name not in self._links:
+                self._open_link(node)
+        moved: dict[_Link, list[bytes]] = {}
+        for name, ch in self._channels.items():
+            link = self._route(name)
+            if link is None:
+                ch.link = None
+                self._reroute_again = True
+            elif ch.link is not link:
+                ch.link = link
+                ch.ready.clear()
+                moved.setdefault(link, []).append(name)
+        for key in [key for key in self._links if key not in masters]:
+            old = self._links.pop(key)
+            old.live = False
+            for task in (old.reader, old.flusher):
+                if task is not None:
+                    task.cancel()
+            await old.conn.disconnect(nowait=True)
+        for link, names in moved.items():
+            self.moved_channels += len(names)
+            log.info("resubscribing %d channels on %s after a slot moved", len(names), link.key)
+            # Confirmation starts each one's gap fill (see _on_subscribed).
+            await self._send_subscribe(link, names)
+
     # -- connection ------------------------------------------------------------
 
-    async def _connect(self) -> None:
-        conn = self._conn
-        if conn is None:
-            raise HubStopped("the hub is not running")
+    async def _connect(self, link: _Link) -> None:
+        conn = link.conn
         await conn.disconnect(nowait=True)
         await conn.connect()  # type: ignore[no-untyped-call]
         # A fresh connection holds no subscriptions and owes no replies.
-        self._inflight.clear()
-        self._unsubscribe.clear()
-        for ch in self._channels.values():
-            ch.ready.clear()
-        self._live = True
-        self._connections += 1
-        await self._send_subscribe([_REVOCATIONS, *self._channels])
+        link.inflight.clear()
+        link.unsubscribe.clear()
+        link.unsubscribing.clear()
+        names = [name for name, ch in self._channels.items() if ch.link is link]
+        for name in names:
+            self._channels[name].ready.clear()
+        link.live = True
+        link.connections += 1
+        link.inflight[_REVOCATIONS] = link.inflight.get(_REVOCATIONS, 0) + 1
+        await self._send(link, "SUBSCRIBE", _REVOCATIONS)
+        await self._send_subscribe(link, names)
 
-    async def _run(self) -> None:
+    async def _run(self, link: _Link) -> None:
         delay = _BACKOFF_MIN_S
-        while True:
+        while self._links.get(link.key) is link:
             try:
-                if not self._live:
-                    await self._connect()
-                    log.info("pub/sub reconnected; resubscribed %d channels", len(self._channels))
+                if not link.live:
+                    await self._connect(link)
+                    log.info(
+                        "pub/sub %sreconnected; resubscribed %d channels",
+                        f"{link.key} " if link.key else "",
+                        sum(1 for ch in self._channels.values() if ch.link is link),
+                    )
                     delay = _BACKOFF_MIN_S
-                await self._read()
+                await self._read(link)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost (%s); retrying in %.2fs", exc, delay)
             except Exception:
                 # A bug must not silence the node: start afresh, and the gap
                 # read after reconnecting delivers whatever was skipped.
                 log.exception("pub/sub reader failed; reconnecting in %.2fs", delay)
-            self._live = False
+            link.live = False
+            # On a cluster a lost connection may be a failed master: its slots
+            # have a new owner once a replica is promoted.
+            self._schedule_reroute()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
-    async def _read(self) -> None:
-        conn = self._conn
-        assert conn is not None  # set by start(), cleared only by stop() after cancelling us
+    async def _read(self, link: _Link) -> None:
+        conn = link.conn
+        mode = self._mode
         pinged = False
+        unyielded = 0
         while True:
-            reply = await conn.read_response(timeout=_IDLE_S, push_request=True)
+            try:
+                reply = await conn.read_response(timeout=_IDLE_S, push_request=True)
+            except AskError as exc:
+                # SSUBSCRIBE sent to a node that does not own the slot (MOVED): the
+                # slot map is stale, and that slot's channels are subscribed nowhere.
+                log.info("pub/sub redirected (%s); refreshing the slot map", exc)
+                for name, ch in self._channels.items():
+                    if ch.link is link and key_slot(name) == exc.slot_id:
+                        ch.link = None
+                        link.inflight.pop(name, None)
+                self._schedule_reroute()
+                continue
+            except ResponseError as exc:
+                log.warning("pub/sub command failed: %s", exc)
+                continue
             if reply is None:
                 if pinged:
                     raise RedisConnectionError("pub/sub connection silent after PING")
                 pinged = True
-                await self._send("PING")
+                await self._send(link, "PING")
                 continue
             pinged = False
             # RESP3 pushes come as a list subclass (hiredis PushNotification).
             if isinstance(reply, list) and len(reply) >= 3:
                 kind = reply[0]
-                if kind == b"message":
+                if kind == mode.message or kind == b"message":
                     self._on_message(reply[1], reply[2])
-                elif kind == b"subscribe":
-                    self._on_subscribed(reply[1])
+                    # Replies already buffered are parsed without yielding: after a
+                    # burst (a relay's backlog) let the senders write (see _SLICE).
+                    unyielded += 1
+                    if unyielded >= _SLICE:
+                        unyielded = 0
+                        await asyncio.sleep(0)
+                elif kind == mode.subscribed or kind == b"subscribe":
+                    self._on_subscribed(link, reply[1])
+                elif kind == mode.unsubscribed:
+                    self._on_unsubscribed(link, reply[1])
 
-    async def _send(self, *args: bytes | str) -> None:
-        if not self._live or self._conn is None:
+    async def _send(self, link: _Link, *args: bytes | str) -> None:
+        if not link.live:
             return  # the next (re)connection subscribes every channel anyway
         try:
-            await self._conn.send_command(*args, check_health=False)
+            await link.conn.send_command(*args, check_health=False)
         except (RedisError, OSError, AttributeError) as exc:
             # The reader sees the same broken connection and reconnects. (redis-py
             # writes from a task of its own: a disconnect by the reader in between
             # leaves it without a writer, an AttributeError.)
             log.debug("pub/sub write failed: %r", exc)
 
-    async def _send_subscribe(self, names: list[bytes]) -> None:
-        if not self._live:
+    async def _send_subscribe(self, link: _Link, names: list[bytes]) -> None:
+        if not link.live:
             return
-        for i in range(0, len(names), _SUBSCRIBE_CHUNK):
-            chunk = names[i : i + _SUBSCRIBE_CHUNK]
+        for chunk in self._chunks(names):
             for name in chunk:
-                self._inflight[name] = self._inflight.get(name, 0) + 1
-            await self._send("SUBSCRIBE", *chunk)
+                link.inflight[name] = link.inflight.get(name, 0) + 1
+            await self._send(link, self._mode.subscribe, *chunk)
 
-    async def _flush_unsubscribes(self) -> None:
-        while self._unsubscribe:
+    def _chunks(self, names: list[bytes]) -> list[list[bytes]]:
+        """Names in commands of at most ``_SUBSCRIBE_CHUNK``; on a cluster one command
+        per slot (SSUBSCRIBE / SUNSUBSCRIBE refuse channels of several slots, and a
+        church's channels share its slot)."""
+        if self._cluster is None:
+            groups = [names]
+        else:
+            by_slot: dict[int, list[bytes]] = {}
+            for name in names:
+                by_slot.setdefault(key_slot(name), []).append(name)
+            groups = list(by_slot.values())
+        return [
+            group[i : i + _SUBSCRIBE_CHUNK]
+            for group in groups
+            for i in range(0, len(group), _SUBSCRIBE_CHUNK)
+        ]
+
+    async def _flush_unsubscribes(self, link: _Link) -> None:
+        while link.unsubscribe:
             # Take a chunk right before writing it: a channel subscribed again
             # meanwhile has left the set, and its SUBSCRIBE is already on the wire.
-            count = min(len(self._unsubscribe), _SUBSCRIBE_CHUNK)
-            chunk = [self._unsubscribe.pop() for _ in range(count)]
-            await self._send("UNSUBSCRIBE", *chunk)
+            count = min(len(link.unsubscribe), _SUBSCRIBE_CHUNK)
+            taken = [link.unsubscribe.pop() for _ in range(count)]
+            for chunk in self._chunks(taken):
+                if link.live:
+                    for name in chunk:
+                        link.unsubscribing[name] = link.unsubscribing.get(name, 0) + 1
+                await self._send(link, self._mode.unsubscribe, *chunk)
 
-    # -- the reader's two events -----------------------------------------------
+    # -- the reader's events ---------------------------------------------------
 
-    def _on_subscribed(self, name: bytes) -> None:
-        left = self._inflight.get(name, 0) - 1
+    def _on_subscribed(self, link: _Link, name: bytes) -> None:
+        left = link.inflight.get(name, 0) - 1
         if left > 0:
-            self._inflight[name] = left
+            link.inflight[name] = left
             return
-        self._inflight.pop(name, None)
+        link.inflight.pop(name, None)
         if name == _REVOCATIONS:
-            if self._connections > 1 and (self._rechecker is None or self._rechecker.done()):
+            if link.connections > 1 and (self._rechecker is None or self._rechecker.done()):
                 self._rechecker = asyncio.create_task(self._recheck(), name="realtime-recheck")
             return
         ch = self._channels.get(name)
-        if ch is None:
+        if ch is None or ch.link is not link:
             return
         # Hold live events until history has been read up to them.
         if ch.held is None:
             ch.held = []
         self._schedule_fill(ch)
+
+    def _on_unsubscribed(self, link: _Link, name: bytes) -> None:
+        left = link.unsubscribing.get(name, 0) - 1
+        if left >= 0:
+            if left:
+                link.unsubscribing[name] = left
+            else:
+                link.unsubscribing.pop(name, None)
+            return
+        # Not ours: the server ended the subscription because the channel's slot
+        # moved to another master. Resubscribe there and fill the gap.
+        ch = self._channels.get(name)
+        if self._cluster is not None and ch is not None and ch.link is link:
+            log.info("pub/sub %s dropped %r (slot moved); rerouting", link.key, name)
+            ch.link = None
+            self._schedule_reroute()
 
     def _on_message(self, name: bytes, data: bytes) -> None:
         ch = self._channels.get(name)
@@ -427,7 +708,7 @@ class Hub:
                 if self._channels.get(ch.name) is not ch:
                     continue
                 try:
-                    self._apply_fill(ch, epoch, entries)
+                    await self._apply_fill(ch, epoch, entries)
                 except Exception:
                     # Never leave a channel holding events forever.
                     log.exception("gap fill failed on %r", ch.name)
@@ -463,15 +744,32 @@ class Hub:
                     results[i] = (results[i][0], entries)
         return results
 
-    def _apply_fill(self, ch: _Channel, epoch: str | None, entries: list[Any]) -> None:
+    async def _apply_fill(self, ch: _Channel, epoch: str | None, entries: list[Any]) -> None:
         if ch.last is None:
             ch.epoch = epoch
             ch.last = position(entries[0][0]) if entries else ZERO
         elif epoch is not None:
-            for entry_id, fields in entries:
+            for i, (entry_id, fields) in enumerate(entries):
+                if i and not i % _SLICE:
+                    await asyncio.sleep(0)  # let the senders write (see _SLICE)
+                    if self._channels.get(ch.name) is not ch:
+                        return  # its last sink left meanwhile
                 entry = entry_from_stream(entry_id, fields)
                 frame = frame_bytes(ch.channel, entry.offset, entry.event_json)
                 self._accept(ch, _event(ch.channel, entry.type, epoch, entry.offset, frame))
+        await self._release_gradually(ch)
+
+    async def _release_gradually(self, ch: _Channel) -> None:
+        """Deliver the held live events newer than the fill, a slice at a time, then
+        go live. Live events arriving meanwhile are still held, behind the rest."""
+        while ch.held is not None and len(ch.held) > _SLICE:
+            if ch in self._to_fill or self._channels.get(ch.name) is not ch:
+                return  # reconnected again (that fill releases) or no sink left
+            held = ch.held
+            ch.held = held[_SLICE:]
+            for event in held[:_SLICE]:
+                self._accept(ch, event)
+            await asyncio.sleep(0)
         if ch in self._to_fill:
             return  # reconnected again meanwhile: keep holding until that gap is read
         self._release(ch)

@@ -90,6 +90,7 @@ async def publish_typing(
                     new_epoch(),
                     HISTORY_TTL_S,
                     event.type,
+                    publisher.publish_command,
                 ],
             )
         )

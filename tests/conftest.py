@@ -14,6 +14,7 @@ not to the terminal: look there when a test fails, and tests read them
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import tempfile
@@ -21,15 +22,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from deploy.stack import Stack, free_ports
 from storage.domain.receipt_refs import ReceiptRefs
+from storage.process.settings import Settings
+from storage.redis.connection import seed_nodes
 
-pytest_plugins = ["tests.replica_support"]
+pytest_plugins = ["tests.replica_support", "tests.redis_cluster_support"]
 
 _OWN_BASETEMP = "_koinonia_own_basetemp"
 
@@ -46,6 +51,32 @@ def pytest_configure(config: pytest.Config) -> None:
         folder = tempfile.mkdtemp(prefix="koinonia-pytest-")
         config.option.basetemp = folder
         setattr(config, _OWN_BASETEMP, folder)
+
+
+def _extra_servers(item: pytest.Item) -> int:
+    """0: the session stack alone; 1: the streaming replica too; 2: the Redis Cluster
+    itself; 3: the second stack that runs on that cluster (``cluster_stack``, taken
+    directly or as the ``cluster`` case of ``any_stack``)."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    params: dict[str, object] = dict(callspec.params) if callspec is not None else {}
+    if "cluster_stack" in names or params.get("any_stack") == "cluster":
+        return 3
+    if "redis_cluster" in names or "cluster" in params.values():
+        return 2
+    return 1 if "pg_replicas" in names else 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the session's extra servers run last (stable order otherwise).
+
+    A session fixture lives from its first user to the session's end: a replica that
+    streams every later write, and a second stack whose worker, scheduler and relays
+    poll all the time, would slow every test collected after their first user. Run at
+    the end, they cost only their own tests' time. Tests on the bare cluster (which
+    flush it between tests) come before the stack on the cluster starts: flushing it
+    under a running worker would race the worker's own writes."""
+    items.sort(key=_extra_servers)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -66,9 +97,35 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@contextlib.contextmanager
+def running_stack(
+    tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]
+) -> Iterator[Stack]:
+    """A whole stack as the suite runs one (its own embedded stores unless ``env``
+    names others, web and simulator on free ports, fsync off, children logging to
+    ``<data dir>/logs``), ready on entry and stopped on exit."""
+    web_port, sim_port = free_ports(2)
+    data_dir = tmp_path_factory.mktemp(name)
+    stack = Stack(
+        data_dir,
+        http_port=web_port,
+        sim_port=sim_port,
+        env=env,
+        fast_unsafe=True,
+        quiet=True,
+        log_dir=data_dir / "logs",
+    )
+    try:
+        stack.start_stores()
+        stack.start_processes()
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    web_port, sim_port = free_ports(2)
     env = dict(os.environ)
     # Tracing off, as by default (tests/storage/process/test_tracing.py runs its own
     # stack with it on).
@@ -110,23 +167,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_METRICS_TOKEN": METRICS_TOKEN,
         }
     )
-    data_dir = tmp_path_factory.mktemp("koinonia")
-    stack = Stack(
-        data_dir,
-        http_port=web_port,
-        sim_port=sim_port,
-        env=env,
-        fast_unsafe=True,
-        quiet=True,
-        log_dir=data_dir / "logs",
-    )
-    try:
-        stack.start_stores()
-        stack.start_processes()
-        stack.wait_ready()
+    with running_stack(tmp_path_factory, "koinonia", env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")
@@ -274,3 +316,74 @@ def receipt_ref(stack: Stack, church_id: object, message_id: object, recipient_i
 @pytest.fixture
 def data_dir(stack: Stack) -> Path:
     return stack.data_dir
+
+
+# -- the same test on a standalone Redis and on a Redis Cluster ---------------------
+#
+# A test that takes ``any_stack`` (or ``any_base_url``, ``any_sim_url``, ``any_church``)
+# runs twice: ``[standalone]`` on the session ``stack``, ``[cluster]`` on
+# ``cluster_stack`` (tests/redis_cluster_support.py), with the same assertions. The
+# cluster stack starts the first time a cluster case runs.
+
+STACK_KINDS = ["standalone", "cluster"]
+
+
+@pytest.fixture(params=STACK_KINDS, ids=STACK_KINDS)
+def any_stack(request: pytest.FixtureRequest) -> Stack:
+    """The session stack on a standalone Redis, then the one on the cluster."""
+    name = "stack" if request.param == "standalone" else "cluster_stack"
+    found: Stack = request.getfixturevalue(name)
+    return found
+
+
+@pytest.fixture
+def any_base_url(any_stack: Stack) -> str:
+    return f"http://127.0.0.1:{any_stack.http_port}"
+
+
+@pytest.fixture
+def any_sim_url(any_stack: Stack) -> str:
+    return f"http://127.0.0.1:{any_stack.sim_port}"
+
+
+@pytest.fixture
+def any_church(any_base_url: str) -> Iterator[Church]:
+    """A church signed up on ``any_stack``."""
+    created = Church(any_base_url)
+    yield created
+    created.close()
+
+
+@contextlib.contextmanager
+def stack_redis(stack: Stack) -> Iterator[redis.Redis]:
+    """A synchronous client of ``stack``'s Redis, whichever kind it is, closed afterwards.
+
+    On a cluster (``REDIS_CLUSTER_NODES`` in its environment) redis-py's
+    ``RedisCluster``, typed as ``redis.Redis`` as storage.redis.connection does for
+    the asyncio clients: the command methods are the same, and each key's command
+    goes to its slot's master."""
+    settings = Settings.from_env(stack.env).redis
+    client: redis.Redis
+    if settings.cluster_nodes:
+        nodes, options = seed_nodes(settings.cluster_nodes)
+        seeds = [ClusterNode(n.host, n.port) for n in nodes]  # type: ignore[no-untyped-call]
+        client = cast(redis.Redis, RedisCluster(startup_nodes=seeds, **options))
+    else:
+        client = redis.Redis.from_url(settings.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def flush_redis(stack: Stack) -> None:
+    """FLUSHALL ``stack``'s Redis; on a cluster, every master (each holds its slots'
+    keys only, and a replica follows its master)."""
+    with stack_redis(stack) as client:
+        if isinstance(client, RedisCluster):
+            # The masters of the client's slot map, which covers every slot (the
+            # sync client insists on full coverage): a key left on one would let a
+            # flush test pass for the wrong reason.
+            client.flushall(target_nodes=client.get_primaries())
+        else:
+            client.flushall()

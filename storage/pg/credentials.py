@@ -174,10 +174,10 @@ async def rotate_api_key(
 
 async def _forget_api_key(redis: Redis, secret_hash: str, key_id: uuid.UUID) -> None:
     """Drop a key's cached principal and tell every node to close its connections."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.delete(key_names.api_key_auth(secret_hash))
-        pipe.publish(key_names.CREDENTIAL_REVOCATIONS, _revocation(API_KEY_REVOKED, key_id))
-        await pipe.execute()
+    # Delete, then publish: separate calls (redis-py's cluster pipeline refuses
+    # PUBLISH), in the order the pipeline had, and rare (a person's action).
+    await redis.delete(key_names.api_key_auth(secret_hash))
+    await redis.publish(key_names.CREDENTIAL_REVOCATIONS, _revocation(API_KEY_REVOKED, key_id))
 
 
 async def list_api_keys(
@@ -335,10 +335,10 @@ async def delete_session(redis: Redis, token: str) -> None:
     raw = await redis.getdel(key_names.session(token_hash))
     if raw is not None:
         record = _decode_session(raw)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.srem(key_names.user_sessions(record.church_id, record.user_id), token_hash)
-            pipe.publish(key_names.CREDENTIAL_REVOCATIONS, _revocation(SESSION_REVOKED, token_hash))
-            await pipe.execute()
+        await redis.srem(key_names.user_sessions(record.church_id, record.user_id), token_hash)
+        # Not in a pipeline: redis-py's cluster pipeline refuses PUBLISH.
+        revocation = _revocation(SESSION_REVOKED, token_hash)
+        await redis.publish(key_names.CREDENTIAL_REVOCATIONS, revocation)
 
 
 async def _user_session_hashes(redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID) -> list[str]:
@@ -368,8 +368,10 @@ async def delete_user_sessions(
             pipe.delete(key_names.session(token_hash))
         if doomed:
             pipe.srem(index, *doomed)
-        pipe.publish(key_names.CREDENTIAL_REVOCATIONS, revocation)
+        # The session keys (no tag) span slots: a plain pipeline, split per node
+        # on a cluster; the publish after it, since that pipeline refuses PUBLISH.
         results = await pipe.execute()
+    await redis.publish(key_names.CREDENTIAL_REVOCATIONS, revocation)
     return sum(int(n) for n in results[: len(doomed)])
 
 

@@ -15,7 +15,10 @@ consumers, oldest first:
   event's own id (so the ``webhook-id`` an integrator sees is the event id a
   realtime client sees);
 - realtime: each event appended to its channels' history streams and published on
-  pub/sub (storage/domain/events.py), all of one drain in one Redis round trip.
+  pub/sub (storage/domain/events.py), all of one drain in one Redis round trip; on a
+  Redis Cluster that round trip ends with ``WAIT`` for a replica of every master
+  written (storage/redis/publisher.py ``run_replicated``, which names its narrow
+  limits), so a failover does not lose an event whose row is deleted.
 
 Then the rows are deleted, in the same transaction. Redis down: the webhooks are
 recorded and the rows marked ``hooked``, the transaction commits, and the relay
@@ -45,7 +48,7 @@ from storage.domain.events import WEBHOOK_EVENT_TYPES, AnyEvent, encode
 from storage.pg.database import Conn, Pool
 from storage.pg.freshness import POSITION_SQL, position_of
 from storage.pg.webhook_outbox import matches, record_encoded
-from storage.redis.publisher import EventPublisher
+from storage.redis.publisher import EventPublisher, NotReplicated
 
 log = logging.getLogger("koinonia.storage.event_log")
 
@@ -224,11 +227,11 @@ class EventRelay:
             await self._to_webhooks(conn, fresh)
             try:
                 published = await self._publish(every, position)
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
                 await conn.execute(
                     "UPDATE event_log SET hooked = true WHERE seq = ANY(%s)", (seqs,)
                 )
-                self._note_redis_down()
+                self._note_redis_down(exc)
                 return -1
             await conn.execute("DELETE FROM event_log WHERE seq = ANY(%s)", (seqs,))
         self._backoff_s = 0.0
@@ -277,7 +280,9 @@ class EventRelay:
         churches = dict.fromkeys(church_id for church_id, _ in events)
         positions = [self._publisher.positions.record_call(c, position) for c in churches]
         if calls:
-            await self._publisher.scripts.run([*positions, *calls])
+            # On a cluster, only once a replica holds them: a failover must not drop
+            # published events from history behind an epoch that survives it.
+            await self._publisher.run_replicated([*positions, *calls])
         elif positions:
             # Webhook-only events never needed Redis: its absence must not hold them.
             try:
@@ -286,8 +291,15 @@ class EventRelay:
                 log.warning("read positions not recorded: redis unavailable")
         return len(calls)
 
-    def _note_redis_down(self) -> None:
+    def _note_redis_down(self, exc: BaseException) -> None:
         self._backoff_s = min(2.0, max(0.05, self._backoff_s * 2))
         delay = self._backoff_s * (0.5 + random.random() / 2)
         self._redis_down_until = asyncio.get_running_loop().time() + delay
-        log.warning("redis unavailable; events wait in the log", extra={"retry_s": delay})
+        # Not always an outage: on a cluster, a publish no replica confirmed (a failover
+        # or a slot migration under way) waits in the log the same way.
+        what = (
+            "publish not confirmed by a replica"
+            if isinstance(exc, NotReplicated)
+            else "redis unavailable"
+        )
+        log.warning(f"{what}; events wait in the log", extra={"retry_s": delay, "error": str(exc)})

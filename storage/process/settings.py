@@ -47,6 +47,10 @@ class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True):
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str = ""
     """REDIS_URL; empty means: start the embedded Redis (Valkey) under the data folder."""
+    cluster_nodes: tuple[str, ...] = ()
+    """REDIS_CLUSTER_NODES: comma-separated seed nodes of a Redis Cluster, each
+    ``host:port`` or a ``redis://`` / ``rediss://`` URL (credentials and TLS are taken
+    from the first); when set, the cluster client is used and REDIS_URL is ignored."""
 
 
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -357,7 +361,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 replica_max_lag_ms=i("KOINONIA_REPLICA_MAX_LAG_MS", 1000),
                 replica_poll_s=f("KOINONIA_REPLICA_POLL_S", 0.25),
             ),
-            redis=RedisSettings(url=s("REDIS_URL", "")),
+            redis=RedisSettings(
+                url=s("REDIS_URL", ""),
+                cluster_nodes=tuple(
+                    n.strip() for n in s("REDIS_CLUSTER_NODES", "").split(",") if n.strip()
+                ),
+            ),
             http=HttpSettings(
                 host=s("KOINONIA_HTTP_HOST", "127.0.0.1"),
                 port=i("KOINONIA_HTTP_PORT", 8000),

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, riding_slot_moves
 
 T = TypeVar("T")
 
@@ -81,7 +81,10 @@ class Cache:
         generation_key = key_names.cached(church_id, f"gen:{topic}")
         deadline = time.monotonic() + WAIT_S
         while True:
-            raw, raw_generation = await self._redis.mget(key, generation_key)
+            # Two keys: TRYAGAIN while the church's slot migrates with them apart.
+            raw, raw_generation = await riding_slot_moves(
+                lambda: self._redis.mget(key, generation_key)
+            )
             generation = int(raw_generation or 0)
             entry = _decode(raw)
             if entry is not None and entry.generation == generation:

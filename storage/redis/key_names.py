@@ -7,7 +7,10 @@ Lua script or multi-key command touching them stays in one Redis Cluster slot
 
 from __future__ import annotations
 
+import functools
 import uuid
+
+from redis.crc import key_slot
 
 PREFIX = "kn"
 
@@ -142,27 +145,79 @@ def church_delayed(church_id: uuid.UUID) -> str:
 
 # Churches with work, spread over ``shards`` ready sets (no key serves every church):
 # a sorted set of church ids scored by the time (ms) a worker should next look at
-# the church, and a short list whose pushes wake idle workers.
-def ready_set(shard: int) -> str:
+# the church, and a short list whose pushes wake idle workers. A shard's set and
+# list share its tag (one script touches both); the tags are chosen so that the
+# shards sit evenly over the cluster's 16384 slots (shard s of n in the s-th n-th
+# of the slot range), so masters that split the slots evenly share the shards
+# evenly too: plain ``{r0}`` ... ``{r7}`` put half of eight shards on one of three
+# masters.
+def ready_tag(shard: int, shards: int) -> str:
+    return _spread_tag("r", shard, shards)
+
+
+def ready_set(shard: int, shards: int) -> str:
+    return f"{PREFIX}:q:{ready_tag(shard, shards)}:ready"
+
+
+def ready_wake(shard: int, shards: int) -> str:
+    return f"{PREFIX}:q:{ready_tag(shard, shards)}:wake"
+
+
+def legacy_ready_set(shard: int) -> str:
+    """A ready set of earlier versions (``{r<shard>}``), drained at worker start."""
     return f"{PREFIX}:q:{{r{shard}}}:ready"
 
 
-def ready_wake(shard: int) -> str:
+def legacy_ready_wake(shard: int) -> str:
     return f"{PREFIX}:q:{{r{shard}}}:wake"
 
 
+@functools.cache
+def _spread_tag(kind: str, shard: int, shards: int) -> str:
+    """``{<kind><shard>.<k>}`` with the smallest k whose slot lies in the shard's
+    share of the slot range (about ``shards`` tries; deterministic, so every
+    process names the same keys)."""
+    shards = max(1, shards)
+    low, high = shard * SLOTS // shards, (shard + 1) * SLOTS // shards
+    for k in range(1_000_000):
+        tag = f"{{{kind}{shard}.{k}}}"
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+    raise AssertionError("no hash tag found")  # pragma: no cover - 16384 slots, ~n tries
+
+
+SLOTS = 16384
+"""Redis Cluster's hash slots."""
+
+
 # Sending limits and the circuit breaker of one provider account
-# (storage/redis/send_limits.py): every bucket of the account (the account's own and one
-# per sending number) and its circuit share the account tag, so one script checks
-# them all atomically. ``account`` is a digest, never the API key itself.
+# (storage/redis/send_limits.py). The account's own bucket and its circuit are one
+# per provider account by nature (touched once per batch of sends, never per text)
+# and share the account tag; each sending number's bucket carries a tag of its own,
+# so numbers spread over the cluster instead of all landing on the account's slot.
+# ``account`` is a digest, never the API key itself.
 def provider_tag(account: str) -> str:
     return f"{{p:{account}}}"
 
 
 def send_bucket(account: str, name: str) -> str:
-    """``name`` is ``account`` or ``n:<E.164 sending number>``."""
+    """``name`` is ``account`` (the account's tag) or ``n:<E.164 sending number>``
+    (the number's own tag)."""
+    if name.startswith("n:"):
+        return f"{PREFIX}:tb:{{pn:{account}:{name[2:]}}}"
     return f"{PREFIX}:tb:{provider_tag(account)}:{name}"
 
 
 def provider_circuit(account: str) -> str:
     return f"{PREFIX}:cb:{provider_tag(account)}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes: the first ``{...}`` with something
+    inside, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key

@@ -24,11 +24,15 @@ speed. A throttled church is *paused* (its score raised to when its sending
 number has tokens), so it holds no worker while it waits.
 
 Idle workers block on the ready sets' wake lists (``BLPOP``) instead of polling:
-a church that becomes due now pushes one token. Every step is one Lua script on
-one hash tag (the church's, or the ready set's), so the layout fits Redis Cluster;
-ready set and church stream are touched in separate calls, ordered so that a lost
-race only ever leaves a church announced with nothing to do, never work without
-an announcement.
+a church that becomes due now pushes one token (on Redis Cluster, one list at a
+time: see ``SendQueue.wait``). Every step is one Lua script on one hash tag (the
+church's, or the ready set's, spread over the slots: key_names.ready_tag), so the
+layout fits Redis Cluster; ready set and church stream are touched in separate
+calls, ordered so that a lost race only ever leaves a church announced with
+nothing to do, never work without an announcement. A crash between a church's
+entries and its announcement leaves work that Postgres still holds and the
+reconciler enqueues again; a worker that dies holding a lease leaves the church
+due again when the lease ends.
 
 Takeover. Entries a dead worker read stay pending; the take script claims those
 idle past ``claim_idle_ms`` (``XAUTOCLAIM``) before reading new ones, and a church
@@ -54,7 +58,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, is_cluster
 from storage.redis.scripts import Call, ScriptRunner, lua
 
 log = logging.getLogger("koinonia.storage.queue")
@@ -68,6 +72,10 @@ WAKE_TOKENS = 256
 DUE_PER_TAKE = 200
 """Delayed entries moved onto a church's stream per take, at most."""
 REFRESH_MS = 200
+CLUSTER_WAIT_S = 0.2
+"""On Redis Cluster an idle worker blocks on one wake list at a time, this long at
+most (then it looks at every ready set): the longest an idle worker can miss work
+announced in another shard."""
 """A busy worker looks at every ready set's head this often (one round trip), so
 a church announced in another set than the one it is draining gets its turn."""
 
@@ -168,7 +176,7 @@ def _announce_call(church_id: uuid.UUID, shards: int, score_ms: int) -> Call:
     shard = shard_of(church_id, shards)
     return (
         _SHAS["announce"],
-        [key_names.ready_set(shard), key_names.ready_wake(shard)],
+        [key_names.ready_set(shard, shards), key_names.ready_wake(shard, shards)],
         [str(church_id), score_ms, WAKE_TOKENS],
     )
 
@@ -263,7 +271,12 @@ class SendQueue:
         self._next_ms = [0.0] * shards
         """Per ready set, its lowest score as last seen (0: look now)."""
         self._refreshed_ms = 0.0
-        self._wake_keys = [key_names.ready_wake(s) for s in range(shards)]
+        self._ready_keys = [key_names.ready_set(s, shards) for s in range(shards)]
+        self._wake_keys = [key_names.ready_wake(s, shards) for s in range(shards)]
+        # On a cluster the wake lists sit in different slots and one BLPOP may only
+        # name keys of one slot: block on one list at a time, in turn, briefly.
+        self._cluster = is_cluster(redis)
+        self._wait_turn = 0
 
     async def claim(self) -> Taken | None:
         """Lease the longest-waiting due church (across the ready sets, as last seen),
@@ -288,7 +301,7 @@ class SendQueue:
         others since the last look, wherever it is."""
         pipe = self._redis.pipeline(transaction=False)
         for shard in range(self._shards):
-            pipe.zrange(key_names.ready_set(shard), 0, 0, withscores=True)
+            pipe.zrange(self._ready_keys[shard], 0, 0, withscores=True)
         firsts = await pipe.execute()
         self._next_ms = [float(f[0][1]) if f else float("inf") for f in firsts]
         self._refreshed_ms = time.time() * 1000
@@ -296,7 +309,7 @@ class SendQueue:
     async def _claim_in(self, shard: int) -> tuple[Taken | None, bool]:
         lease = await _run(
             self._redis,
-            [(_SHAS["lease"], [key_names.ready_set(shard)], [LEASE_MS, random.randrange(1000)])],
+            [(_SHAS["lease"], [self._ready_keys[shard]], [LEASE_MS, random.randrange(1000)])],
         )
         church, token, now = lease[0]
         if not church:
@@ -339,7 +352,7 @@ class SendQueue:
                 [
                     (
                         _SHAS["release"],
-                        [key_names.ready_set(shard), key_names.ready_wake(shard)],
+                        [self._ready_keys[shard], self._wake_keys[shard]],
                         [str(church_id), token, score, WAKE_TOKENS],
                     )
                 ],
@@ -358,8 +371,17 @@ class SendQueue:
         """Block until a church becomes due (a wake token) or ``timeout_s`` passes;
         then look at every ready set again."""
         timeout = max(0.05, min(timeout_s, 1.0))
+        keys = self._wake_keys
+        if self._cluster:
+            # One slot per BLPOP: this shard's list now, the next one next time. A
+            # token pushed to another list is seen at the latest when this short
+            # wait ends, since a timeout makes the next claim look at every ready
+            # set (one pipelined round trip per master).
+            timeout = min(timeout, CLUSTER_WAIT_S)
+            self._wait_turn = (self._wait_turn + 1) % len(keys)
+            keys = [keys[self._wait_turn]]
         # BLPOP takes whole seconds or a float; a wake token names its ready set.
-        popped: Any = await self._redis.blpop(self._wake_keys, timeout=timeout)
+        popped: Any = await self._redis.blpop(keys, timeout=timeout)
         if popped:
             name = _text(popped[0])
             for shard, key in enumerate(self._wake_keys):
@@ -387,7 +409,7 @@ class SendQueue:
             [
                 (
                     _SHAS["pause"],
-                    [key_names.ready_set(shard_of(church_id, self._shards))],
+                    [self._ready_keys[shard_of(church_id, self._shards)]],
                     [str(church_id), until_ms],
                 )
             ],
@@ -401,9 +423,9 @@ async def queue_depths(redis: Redis, shards: int, sample: int = 500) -> dict[str
     now_ms = int(time.time() * 1000)
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
-        pipe.zcard(key_names.ready_set(shard))
-        pipe.zcount(key_names.ready_set(shard), "-inf", now_ms)
-        pipe.zrange(key_names.ready_set(shard), 0, max(0, sample // shards - 1))
+        pipe.zcard(key_names.ready_set(shard, shards))
+        pipe.zcount(key_names.ready_set(shard, shards), "-inf", now_ms)
+        pipe.zrange(key_names.ready_set(shard, shards), 0, max(0, sample // shards - 1))
     raw = await pipe.execute()
     churches = sum(int(raw[i]) for i in range(0, len(raw), 3))
     due = sum(int(raw[i]) for i in range(1, len(raw), 3))
@@ -449,9 +471,11 @@ async def queue_backlog(redis: Redis, shards: int, sample: int = 500) -> Backlog
     (ages by the Redis clock, which stamps the entry ids)."""
     per_shard = max(1, sample // max(1, shards))
     pipe = redis.pipeline(transaction=False)
-    pipe.time()
+    # Raw, since redis-py's cluster pipeline refuses its ``time()`` method (the
+    # command itself goes to one node like any keyless one).
+    pipe.execute_command("TIME")
     for shard in range(shards):
-        pipe.zrange(key_names.ready_set(shard), 0, per_shard - 1)
+        pipe.zrange(key_names.ready_set(shard, shards), 0, per_shard - 1)
     pipe.xinfo_groups(key_names.MATERIALIZE_STREAM)
     pipe.xlen(key_names.DEAD_LETTER_STREAM)
     raw = await pipe.execute(raise_on_error=False)
@@ -537,8 +561,29 @@ async def migrate_shard_streams(redis: Redis, shards: int, legacy_shards: int = 
     if work:
         await enqueue_sends(redis, work, shards)
     for shard in range(legacy_shards):
+        # Both keys carry the tag {s<shard>}: one slot, one DEL.
         await redis.delete(key_names.send_stream(shard), key_names.delayed_set(shard))
+    await _migrate_ready_sets(redis, shards, max(shards, legacy_shards))
     return len(work)
+
+
+async def _migrate_ready_sets(redis: Redis, shards: int, legacy_shards: int) -> None:
+    """Announce the churches of earlier versions' ready sets (``{r<n>}``, before
+    their tags were spread over the slots) in today's, then drop the old keys. The
+    church streams are untouched: an announcement only says where to look."""
+    for shard in range(legacy_shards):
+        name = key_names.legacy_ready_set(shard)
+        members: Any = await redis.zrange(name, 0, -1, withscores=True)
+        if members:
+            await _run(
+                redis,
+                [
+                    _announce_call(uuid.UUID(_text(church)), shards, int(score))
+                    for church, score in members
+                ],
+            )
+        await redis.delete(name)
+        await redis.delete(key_names.legacy_ready_wake(shard))
 
 
 def _decode_work(payload: bytes | None) -> Work | None:

@@ -12,15 +12,17 @@ and ARGV in a comment at the top; ``lua(name)`` reads it (once) from the package
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from storage.redis.connection import Redis
+from storage.redis.connection import SLOT_MOVING_WAIT_S, Redis, slot_moving
 
 Call = tuple[str, Sequence[str], Sequence[Any]]
 """(script sha, keys, args)"""
@@ -45,12 +47,33 @@ class ScriptRunner:
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
         results = await self._pipeline(calls)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            for sha in {calls[i][0] for i in missing}:
-                await self._redis.script_load(self._sources[sha])
-            again = await self._pipeline([calls[i] for i in missing])
-            for i, value in zip(missing, again, strict=True):
+        # Calls refused before running, run again (only those, so none runs twice):
+        # NOSCRIPT once the scripts are loaded (at most twice: a node that still lacks
+        # them is a failure); and, after a short backoff, those refused because their
+        # slot is being migrated (``slot_moving``). A script's KEYS may be split between
+        # the two nodes, or one may not exist yet (counted as missing on the importing
+        # node: TRYAGAIN), for as long as the migration lasts, far longer than redis-py's
+        # own 0.3 s of redirects.
+        loads = 0
+        deadline = time.monotonic() + SLOT_MOVING_WAIT_S
+        delay = 0.02
+        while True:
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            moving = [i for i, r in enumerate(results) if slot_moving(r)]
+            if missing and loads < 2:
+                loads += 1
+                for sha in {calls[i][0] for i in missing}:
+                    await self._redis.script_load(self._sources[sha])
+                again = sorted(missing + moving)
+            elif moving and time.monotonic() + delay <= deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                again = moving
+            else:
+                break
+            for i, value in zip(
+                again, await self._pipeline([calls[i] for i in again]), strict=True
+            ):
                 results[i] = value
         for value in results:
             if isinstance(value, Exception):
@@ -63,5 +86,8 @@ class ScriptRunner:
     async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for sha, keys, args in calls:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            # Not ``pipe.evalsha``: redis-py's cluster pipeline refuses that method
+            # (for its Script objects' sake), yet routes the raw command by its
+            # keys like any other; on a cluster each call's KEYS must share a slot.
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))

@@ -1,11 +1,26 @@
 """Sending limits and the provider circuit, shared by every worker through Redis.
 
 One provider account (the Telnyx API key) has a token bucket of its own and one
-per sending number, and one circuit breaker. All of them carry the account's
-hash tag, so a single Lua script checks the circuit and takes tokens from the
-account's and the number's bucket atomically (all or nothing). That puts every
-send decision of one account on one Redis Cluster slot: one call per batch (a
-hundred texts), never per text, and the account's limit is one counter by nature.
+per sending number, and one circuit breaker. The account's bucket and circuit
+carry the account's hash tag (one provider account is one key by nature); each
+number's bucket carries a tag of its own, so the numbers spread over a Redis
+Cluster's masters. An admission is therefore two single-slot scripts, in this
+order:
+
+1. the number's bucket (``send_take``): as many tokens as it can give, at most
+   what was asked, or none and the wait;
+2. only when the number gave some: the circuit and the account's bucket
+   (``send_admit``), asked for what the number gave; whatever the account did
+   not grant goes back to the number's bucket (``send_refund``).
+
+Number first because throttling by number is the common wait (a long code sends
+about one text a second): a throttled batch then never touches the account's
+slot, which sees one call per admitted chunk (a hundred texts), never per text.
+The two steps are not atomic together: a crash between them loses at most the
+tokens the number gave (they refill within its burst time); it cannot send a
+text twice or lose one, since tokens only pace sending. While the number is
+throttled, the circuit is not read: the answer says ``closed`` and the caller
+learns of an open circuit on its next try.
 
 Buckets hold ``rate * burst_s`` tokens and refill continuously; the script grants
 as many tokens as every bucket can give (at most what was asked), or none and
@@ -50,6 +65,8 @@ _REFUND_LUA = lua("send_refund")
 
 _RECORD_LUA = lua("send_record")
 
+_TAKE_LUA = lua("send_take")
+
 _STATE_OF_CODE = {0: CLOSED, 1: OPEN, 2: HALF_OPEN}
 
 
@@ -91,35 +108,77 @@ class ProviderLimits:
         self._pause = scripts.register(_PAUSE_LUA)
         self._refund = scripts.register(_REFUND_LUA)
         self._record = scripts.register(_RECORD_LUA)
+        self._take = scripts.register(_TAKE_LUA)
+        self._tag = key_names.hash_tag(self.circuit_key)
 
     def bucket(self, name: str, rate: float, burst_s: float) -> Bucket:
         return Bucket(key_names.send_bucket(self.account, name), rate, max(1.0, rate * burst_s))
 
     async def admit(self, buckets: list[Bucket], want: int, probe_ms: int) -> Admission:
-        args: list[Any] = [want, probe_ms]
-        for b in buckets:
-            args += [b.rate, b.capacity]
+        """Tokens for up to ``want`` texts from every bucket, through the circuit;
+        ``limited_by`` is an index into ``buckets``. Buckets outside the account's
+        tag go first, one script per tag (see the module's docstring)."""
+        own = [i for i, b in enumerate(buckets) if key_names.hash_tag(b.key) == self._tag]
+        taken: list[list[int]] = []
+        for group in _by_tag(buckets, exclude=self._tag):
+            args: list[Any] = [want]
+            for i in group:
+                args += [buckets[i].rate, buckets[i].capacity]
+            granted, wait_ms, limiter = await self._scripts.run_one(
+                self._take, [buckets[i].key for i in group], args
+            )
+            if not int(granted):
+                await self._give_back(buckets, taken, want)
+                return Admission(
+                    granted=0,
+                    wait_s=int(wait_ms) / 1000,
+                    circuit=CLOSED,
+                    probe=False,
+                    limited_by=group[int(limiter) - 1] if int(limiter) else -1,
+                )
+            # Every earlier group gave ``want`` (the smallest grant so far); give
+            # back to them what this one could not match.
+            await self._give_back(buckets, taken, want - int(granted))
+            want = int(granted)
+            taken.append(group)
+        args = [want, probe_ms]
+        for i in own:
+            args += [buckets[i].rate, buckets[i].capacity]
         granted, wait_ms, code, probe, limiter = await self._scripts.run_one(
-            self._admit, [self.circuit_key, *(b.key for b in buckets)], args
+            self._admit, [self.circuit_key, *(buckets[i].key for i in own)], args
         )
+        await self._give_back(buckets, taken, want - int(granted))
         return Admission(
             granted=int(granted),
             wait_s=int(wait_ms) / 1000,
             circuit=_STATE_OF_CODE[int(code)],
             probe=bool(int(probe)),
-            limited_by=int(limiter) - 1,
+            limited_by=own[int(limiter) - 1] if int(limiter) else -1,
         )
 
+    async def _give_back(self, buckets: list[Bucket], groups: list[list[int]], tokens: int) -> None:
+        if tokens > 0 and groups:
+            await self.refund([buckets[i] for group in groups for i in group], tokens)
+
     async def pause(self, buckets: list[Bucket], seconds: float) -> None:
-        await self._scripts.run_one(
-            self._pause, [b.key for b in buckets], [max(1, round(seconds * 1000))]
+        ms = max(1, round(seconds * 1000))
+        await self._scripts.run(
+            [(self._pause, [buckets[i].key for i in group], [ms]) for group in _by_tag(buckets)]
         )
 
     async def refund(self, buckets: list[Bucket], tokens: int) -> None:
         limited = [b for b in buckets if b.rate > 0]
         if tokens > 0 and limited:
-            await self._scripts.run_one(
-                self._refund, [b.key for b in limited], [tokens, *(b.capacity for b in limited)]
+            # One script per hash tag, pipelined (one round trip per master).
+            await self._scripts.run(
+                [
+                    (
+                        self._refund,
+                        [limited[i].key for i in group],
+                        [tokens, *(limited[i].capacity for i in group)],
+                    )
+                    for group in _by_tag(limited)
+                ]
             )
 
     async def record(
@@ -151,6 +210,17 @@ async def circuit_snapshot(redis: Redis, account: str) -> dict[str, Any]:
     if state == OPEN:
         snapshot["open_until_ms"] = int(fields.get("u", 0))
     return snapshot
+
+
+def _by_tag(buckets: list[Bucket], exclude: str | None = None) -> list[list[int]]:
+    """Indexes of ``buckets`` grouped by hash tag (first seen first): each group is
+    one script on one Redis Cluster slot."""
+    groups: dict[str, list[int]] = {}
+    for i, b in enumerate(buckets):
+        tag = key_names.hash_tag(b.key)
+        if tag != exclude:
+            groups.setdefault(tag, []).append(i)
+    return list(groups.values())
 
 
 def _text(value: bytes | str) -> str:

@@ -4,8 +4,8 @@ consent, the data export and erasure, cached group counts, tenancy, pagination."
 from __future__ import annotations
 
 import threading
-import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,7 @@ import redis
 
 from deploy.stack import Stack
 from storage.redis import key_names
-from tests.conftest import Church, unique_phone
+from tests.conftest import Church, unique_phone, wait_until
 
 
 def _data(answer: httpx.Response, status: int = 200) -> Any:
@@ -347,6 +347,10 @@ def test_group_delete_keeps_members_and_past_counts(church: Church) -> None:
     assert _data(church.api.get(f"/v1/groups/{other}"))["member_count"] == 2
 
 
+def _grew(items: list[str], size: int) -> Callable[[], bool]:
+    return lambda: len(items) > size
+
+
 def test_member_pages_neither_skip_nor_repeat_during_inserts(church: Church) -> None:
     existing = {church.member(unique_phone()) for _ in range(35)}
     stop = threading.Event()
@@ -375,7 +379,9 @@ def test_member_pages_neither_skip_nor_repeat_during_inserts(church: Church) -> 
             cursor = page["meta"]["next_cursor"]
             if cursor is None:
                 break
-            time.sleep(0.02)
+            # At least one insert between two pages, however busy the machine: a
+            # test whose pages all came before the first insert would prove nothing.
+            wait_until(_grew(inserted, len(inserted)), 10, "an insert between two pages")
             if len(seen) > 2000:
                 break
     finally:

@@ -1,10 +1,13 @@
 """Dead letters on the real stack: a provider outage long enough to use every attempt
 puts a broadcast's recipients in the dead-letter stream; the API and the CLI list
-them per church and requeue them, once."""
+them per church and requeue them, once. The outage case runs on a standalone Redis
+and on a Redis Cluster (``any_stack``, tests/conftest.py), where the dead-letter
+stream is one key of the whole deployment."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -17,7 +20,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-import redis
 
 from deploy.stack import Stack
 from storage.domain.errors import Conflict
@@ -29,7 +31,7 @@ from storage.redis import key_names
 from storage.redis.connection import open_redis
 from storage.redis.queue import SendBatch, encode_entry
 from tests.api.staff_support import error_of, join
-from tests.conftest import Church, texts_sent, unique_phone
+from tests.conftest import Church, stack_redis, texts_sent, unique_phone
 from tests.conftest import wait_until as _wait
 
 
@@ -47,13 +49,10 @@ def plant_dead_letter(stack: Stack, church_id: str, recipient_ids: list[str] | N
         attempt=5,
         max_attempts=5,
     )
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    try:
+    with stack_redis(stack) as client:
         entry_id = client.xadd(
             key_names.DEAD_LETTER_STREAM, {"j": encode_entry(batch), "reason": "max_attempts"}
         )
-    finally:
-        client.close()
     raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     return str(entry_uuid(raw))
 
@@ -63,13 +62,26 @@ def _outage(sim_url: str, on: bool) -> None:
     httpx.post(f"{sim_url}/_sim/config", json={"outage": on}).raise_for_status()
 
 
-@pytest.fixture
-def outages(sim_url: str) -> Iterator[Callable[[bool], None]]:
-    """Switch the provider outage on and off; always off when the test ends."""
+@contextlib.contextmanager
+def _outage_switch(sim_url: str) -> Iterator[Callable[[bool], None]]:
     try:
         yield lambda on: _outage(sim_url, on)
     finally:
         _outage(sim_url, False)
+
+
+@pytest.fixture
+def outages(sim_url: str) -> Iterator[Callable[[bool], None]]:
+    """Switch the provider outage on and off; always off when the test ends."""
+    with _outage_switch(sim_url) as switch:
+        yield switch
+
+
+@pytest.fixture
+def any_outages(any_sim_url: str) -> Iterator[Callable[[bool], None]]:
+    """``outages`` of ``any_stack``'s simulator."""
+    with _outage_switch(any_sim_url) as switch:
+        yield switch
 
 
 def _letters(church: Church) -> list[dict[str, Any]]:
@@ -137,8 +149,14 @@ def _dead_letter_by_outage(
 
 @pytest.mark.slow
 def test_an_outage_dead_letter_is_listed_and_requeued_once(
-    church: Church, stack: Stack, base_url: str, sim_url: str, outages: Callable[[bool], None]
+    any_church: Church,
+    any_stack: Stack,
+    any_base_url: str,
+    any_sim_url: str,
+    any_outages: Callable[[bool], None],
 ) -> None:
+    church, stack, base_url, sim_url = any_church, any_stack, any_base_url, any_sim_url
+    outages = any_outages
     phone, message_id, letter = _dead_letter_by_outage(church, sim_url, outages)
     assert texts_sent(sim_url, [phone]) == [0]
     assert letter["church_id"] == church.id

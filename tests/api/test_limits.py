@@ -1,4 +1,7 @@
-"""Request limits (429 with Retry-After and RateLimit-*), CORS, and the audit log."""
+"""Request limits (429 with Retry-After and RateLimit-*), CORS, and the audit log.
+
+The limits run on a standalone Redis and on a Redis Cluster (``any_stack``,
+tests/conftest.py), with the same assertions."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from storage.process.settings import RedisSettings
+from storage.process.settings import Settings
 from storage.redis.connection import open_redis
 from storage.redis.rate_limits import RateLimiter
 from storage.redis.scripts import ScriptRunner
@@ -32,7 +35,8 @@ def _signup(base_url: str) -> tuple[httpx.Client, str]:
     return client, answer.json()["data"]["church"]["id"]
 
 
-def test_a_key_meets_its_own_limit_with_retry_after(church: Church, base_url: str) -> None:
+def test_a_key_meets_its_own_limit_with_retry_after(any_church: Church, any_base_url: str) -> None:
+    church, base_url = any_church, any_base_url
     made = church.session.post("/v1/api-keys", json={"name": "tight", "rate_limit_per_min": 3})
     assert made.status_code == 201, made.text
     assert made.json()["data"]["rate_limit_per_min"] == 3
@@ -55,7 +59,8 @@ def test_a_key_meets_its_own_limit_with_retry_after(church: Church, base_url: st
     assert church.api.get("/v1/conversations").status_code == 200
 
 
-def test_a_church_meets_its_limit(stack: Stack, base_url: str) -> None:
+def test_a_church_meets_its_limit(any_stack: Stack, any_base_url: str) -> None:
+    stack, base_url = any_stack, any_base_url
     client, church_id = _signup(base_url)
     # Before its first limited request (each process keeps a church's limit 30 s).
     with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
@@ -69,10 +74,11 @@ def test_a_church_meets_its_limit(stack: Stack, base_url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_gcra_allows_the_limit_then_spaces_requests(stack: Stack) -> None:
-    redis = open_redis(RedisSettings(url=stack.env["REDIS_URL"]))
+async def test_gcra_allows_the_limit_then_spaces_requests(any_stack: Stack) -> None:
+    redis = open_redis(Settings.from_env(any_stack.env).redis)
     try:
         limiter = RateLimiter(ScriptRunner(redis))
+        # One hash tag for this key and the two below: one script call takes both.
         key = f"kn:rl:{{test:{uuid.uuid4().hex}}}"
         verdicts = [await limiter.charge([(key, 100)]) for _ in range(101)]
         assert all(v.allowed for v in verdicts[:100])

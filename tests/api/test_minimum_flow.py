@@ -1,16 +1,26 @@
-"""The minimum flow of docs/protocol.md, the envelope, validation and tenancy."""
+"""The minimum flow of docs/protocol.md, the envelope, validation and tenancy.
+
+A broadcast delivered to every recipient, followed by the API and by a WebSocket
+client, runs on a standalone Redis and on a Redis Cluster (``any_church``,
+tests/conftest.py), with the same assertions."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from typing import Any
 
+import anyio
 import httpx
+import pytest
+import websockets
 
 from tests.conftest import MONITORING, Church, unique_phone
 
 
-def test_signup_to_delivered(church: Church) -> None:
+def test_signup_to_delivered(any_church: Church) -> None:
+    church = any_church
     group = church.group()
     members = [church.member(unique_phone(), [group]) for _ in range(3)]
     answer = church.api.post(
@@ -44,6 +54,60 @@ def test_signup_to_delivered(church: Church) -> None:
         assert r["provider_message_id"]
         assert r["error_code"] is None
     assert recipients["meta"]["next_cursor"] is None
+
+
+@pytest.mark.anyio
+async def test_a_websocket_client_follows_a_broadcast_to_delivered(
+    any_church: Church, any_base_url: str, any_sim_url: str
+) -> None:
+    """A client subscribed to ``message:<id>`` gets each recipient's statuses, in order,
+    up to ``delivered``. The provider is down until the client has subscribed, so no
+    text can be sent (nor its status published) before then."""
+    church = any_church
+    group = church.group()
+    members = {church.member(unique_phone(), [group]) for _ in range(3)}
+    statuses: dict[str, list[str]] = {}
+    sim = httpx.AsyncClient(base_url=any_sim_url, timeout=10)
+
+    async def outage(on: bool) -> None:
+        (await sim.post("/_sim/config", json={"outage": on})).raise_for_status()
+
+    await outage(True)
+    try:
+        message_id = church.broadcast(group, "Vespers at six")
+        async with websockets.connect(
+            any_base_url.replace("http://", "ws://") + "/v1/realtime",
+            additional_headers={"Authorization": f"Bearer {church.key}"},
+        ) as ws:
+
+            async def frame() -> dict[str, Any]:
+                found: dict[str, Any] = json.loads(await ws.recv())
+                return found
+
+            assert (await frame())["type"] == "welcome"
+            channel = f"message:{message_id}"
+            await ws.send(json.dumps({"type": "subscribe", "id": "s1", "channel": channel}))
+            with anyio.fail_after(10):
+                subscribed = await frame()
+            assert (subscribed["type"], subscribed["channel"]) == ("subscribed", channel)
+            await outage(False)
+            with anyio.fail_after(30):
+                while {m for m, seen in statuses.items() if "delivered" in seen} != members:
+                    event = await frame()
+                    assert event["type"] == "event", event
+                    if event["event"]["type"] == "message.recipient.status":
+                        data = event["event"]["data"]
+                        assert data["message_id"] == message_id
+                        statuses.setdefault(data["member_id"], []).append(data["status"])
+    finally:
+        await outage(False)
+        await sim.aclose()
+    assert set(statuses) == members
+    order = ["queued", "sending", "sent", "delivered"]
+    for seen in statuses.values():
+        assert set(seen) <= set(order), statuses
+        assert seen == sorted(seen, key=order.index), statuses
+        assert seen[-1] == "delivered", statuses
 
 
 def test_pagination_walks_every_member_once(church: Church) -> None:

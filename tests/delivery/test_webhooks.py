@@ -1,6 +1,8 @@
 """Outgoing webhooks end to end: the real stack's worker POSTs to a receiver that
 this test runs on 127.0.0.1, and the receiver checks every request with the
-``standardwebhooks`` reference verifier."""
+``standardwebhooks`` reference verifier. Two of them (filters and signatures, a retry)
+run on a standalone Redis and on a Redis Cluster (``any_stack``, tests/conftest.py),
+with the same assertions."""
 
 from __future__ import annotations
 
@@ -296,8 +298,9 @@ def test_send_time_check_refuses_what_a_name_resolves_to() -> None:
 
 @pytest.mark.usefixtures("webhook_env")
 def test_events_arrive_signed_and_respect_filters(
-    church: Church, receiver: Receiver, sim_url: str
+    any_church: Church, receiver: Receiver, any_sim_url: str
 ) -> None:
+    church, sim_url = any_church, any_sim_url
     exact, exact_secret = make_endpoint(
         church, receiver.base + "/exact", ["conversation.message.created"]
     )
@@ -386,8 +389,9 @@ def test_rotation_signs_with_both_secrets_during_the_overlap(
 
 @pytest.mark.usefixtures("webhook_env")
 def test_a_failed_attempt_is_retried_and_every_attempt_is_logged(
-    church: Church, receiver: Receiver
+    any_church: Church, receiver: Receiver
 ) -> None:
+    church = any_church
     endpoint_id, secret = make_endpoint(church, receiver.base + "/flaky", ["member.*"])
     receiver.answer("/flaky", [500, 200], body=b"x" * 5000)
     event_id = send_test(church, endpoint_id)

@@ -1,4 +1,5 @@
-"""Recovery decisions against a real Redis."""
+"""Recovery decisions against a real Redis: standalone and the session's Redis Cluster
+(``redis_kind`` below parametrizes the conftest's ``redis``), same assertions."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from storage.domain.events import ConversationTyping, ConversationTypingEvent
 from storage.redis import key_names
 from storage.redis.connection import Redis
 from storage.redis.publisher import EventPublisher
+from tests.realtime.conftest import REDIS_KINDS
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=REDIS_KINDS)
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 async def publish_many(publisher: EventPublisher, church_id: uuid.UUID, count: int) -> list[str]:

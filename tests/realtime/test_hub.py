@@ -1,4 +1,8 @@
-"""The hub against a real Redis: fan-out across nodes, refcounts, reconnection."""
+"""The hub against a real Redis: fan-out across nodes, refcounts, reconnection.
+
+Every test runs on a standalone Redis (classic pub/sub) and on the session's Redis
+Cluster (sharded pub/sub, one connection per master), with the same assertions:
+``redis_kind`` below parametrizes the conftest's ``redis`` and ``hub``."""
 
 from __future__ import annotations
 
@@ -9,16 +13,23 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from realtime.hub import Hub, HubEvent
 from realtime.typing_indicator import publish_typing
 from storage.domain.events import ConversationTyping, ConversationTypingEvent, frame_bytes
 from storage.process.settings import RedisSettings
 from storage.redis import key_names
-from storage.redis.connection import Redis
+from storage.redis.connection import Redis, is_cluster
 from storage.redis.publisher import EventPublisher
+from tests.realtime.conftest import CLIENT_NAME, REDIS_KINDS
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=REDIS_KINDS)
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 class Recorder:
@@ -51,14 +62,38 @@ async def publish(publisher: EventPublisher, church_id: uuid.UUID, channel: str)
 
 
 async def numsub(redis: Redis, church_id: uuid.UUID, channel: str) -> int:
-    reply = await redis.pubsub_numsub(key_names.channel_pubsub(church_id, channel))
+    """Subscribers of the channel: PUBSUB NUMSUB, or on a cluster SHARDNUMSUB asked of
+    the master owning its slot (sharded subscriptions live there alone)."""
+    name = key_names.channel_pubsub(church_id, channel)
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(name)
+        reply = await redis.pubsub_shardnumsub(name, target_nodes=node)
+    else:
+        reply = await redis.pubsub_numsub(name)
     return int(reply[0][1])
 
 
+async def kill_pubsub(redis: Redis) -> int:
+    """Cut the hubs' pub/sub connections (on a cluster, on every master); how many.
+
+    Only this module's (named ``CLIENT_NAME`` by the conftest's settings): on the
+    cluster, the session's cluster stack has pub/sub connections too, which would
+    inflate the count."""
+    cluster = cast(RedisCluster, redis) if is_cluster(redis) else None
+    killed = 0
+    for node in [None] if cluster is None else cluster.get_primaries():
+        where: dict[str, Any] = {} if node is None else {"target_nodes": node}
+        clients = await redis.client_list(_type="pubsub", **where)
+        for client in clients:
+            if client.get("name") == CLIENT_NAME:
+                killed += int(await redis.client_kill_filter(_id=client["id"], **where))
+    return killed
+
+
 async def test_two_nodes_deliver_the_same_bytes_in_order(
-    redis_url: str, redis: Redis, publisher: EventPublisher, church_id: uuid.UUID
+    redis_settings: RedisSettings, redis: Redis, publisher: EventPublisher, church_id: uuid.UUID
 ) -> None:
-    nodes = [Hub(RedisSettings(url=redis_url), publisher, redis) for _ in range(2)]
+    nodes = [Hub(redis_settings, publisher, redis) for _ in range(2)]
     for node in nodes:
         await node.start()
     try:
@@ -127,8 +162,7 @@ async def test_nothing_is_lost_or_repeated_across_reconnections(
             if kills >= 4:
                 return
             await asyncio.sleep(0.06)
-            killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
-            kills += int(killed)
+            kills += await kill_pubsub(redis)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(keep_publishing)
@@ -143,7 +177,7 @@ async def test_nothing_is_lost_or_repeated_across_reconnections(
 async def test_an_unconfirmed_subscription_waits_for_the_connection(
     hub: Hub, redis: Redis, publisher: EventPublisher, church_id: uuid.UUID
 ) -> None:
-    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    assert await kill_pubsub(redis) >= 1
     recorder = Recorder()
     await hub.subscribe(church_id, "inbox", recorder)  # returns once resubscribed
     offset = await publish(publisher, church_id, "inbox")

@@ -1,5 +1,6 @@
 -- KEYS: history, epoch. ARGV: pub/sub channel, json-encoded channel name, event
--- json, epoch candidate, ttl seconds, event type. Finds the channel's epoch and
+-- json, epoch candidate, ttl seconds, event type, publish command (PUBLISH or, on a
+-- cluster, SPUBLISH: see publish.lua). Finds the channel's epoch and
 -- latest offset as `head` does (creating both for a channel without history, as
 -- any subscriber's `head` would) and publishes the frame with a `~` offset.
 local epoch = redis.call('GET', KEYS[2])
@@ -22,4 +23,4 @@ end
 local frame = '{"type":"event","channel":' .. ARGV[2] .. ',"offset":"' .. offset ..
   '","event":' .. ARGV[3] .. '}'
 local header = ARGV[6] .. '\n' .. epoch .. '\n~' .. offset .. '\n'
-return redis.call('PUBLISH', ARGV[1], header .. frame)
+return redis.call(ARGV[7] or 'PUBLISH', ARGV[1], header .. frame)

@@ -1,20 +1,17 @@
 """``queue_backlog``: the worker's queue gauges (koinonia_queue_backlog and
 _oldest_age_seconds, koinonia_dead_letter_backlog), on a Redis of its own so no
-worker takes the entries away."""
+worker takes the entries away: a standalone one and the session's cluster
+(tests/storage/redis/conftest.py), same assertions."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from deploy.embedded_redis import EmbeddedRedis
-from storage.process.settings import RedisSettings
 from storage.redis import key_names
-from storage.redis.connection import Redis, open_redis
+from storage.redis.connection import Redis
 from storage.redis.queue import (
     MaterializeJob,
     SendBatch,
@@ -25,21 +22,6 @@ from storage.redis.queue import (
 )
 
 SHARDS = 4
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = EmbeddedRedis(Path(tmp_path_factory.mktemp("redis")), persist=False)
-    yield server.start()
-    server.stop()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = open_redis(RedisSettings(url=redis_url))
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 def batch(church_id: uuid.UUID, recipients: int = 3) -> SendBatch:
