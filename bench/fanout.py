@@ -25,6 +25,14 @@ the machine used meanwhile. Numbers are printed, never asserted.
     uv sync --group bench            # python-socketio is a bench-only dependency
     uv run --group bench python bench/fanout.py
     uv run --group bench python bench/fanout.py --channels 20 --burst 10000 --servers koinonia
+    uv run --group bench python bench/fanout.py --cluster --channels 30 --burst 6000 --paced-seconds 6
+
+``--cluster`` compares one node with three instead: Koinonia on an embedded
+Redis Cluster (sharded pub/sub: a node receives only the churches it has
+clients for) and python-socketio's Redis adapter on one standalone Redis (every
+node receives every event), each first as one node holding every client, then
+as three nodes holding a third of the channels each, events for every channel;
+CPU per delivery of each node against the one-node figure (``cluster_main``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -57,6 +66,7 @@ import fanout_client  # noqa: E402
 from fairness import signup  # noqa: E402
 from fanout_client import Spec  # noqa: E402
 
+from deploy.embedded_redis import EmbeddedRedis  # noqa: E402
 from deploy.stack import Stack, free_ports  # noqa: E402
 from storage.domain.events import encode  # noqa: E402
 from storage.domain.ids import uuid7  # noqa: E402
@@ -185,13 +195,20 @@ async def koinonia_target(
     return Target(name, stack.processes[process].pid, specs, send, close, 50, 4)
 
 
-async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -> Target:
+def import_socketio() -> Any:
     try:
         import socketio
     except ImportError:
         sys.exit(
             "python-socketio is a bench-only dependency: uv run --group bench python bench/fanout.py"
         )
+    return socketio
+
+
+async def start_peer(
+    redis_url: str, port: int, channel: str = "socketio"
+) -> asyncio.subprocess.Process:
+    """A python-socketio node (bench/fanout_peer.py) on ``port``, once it answers."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(ROOT / "bench" / "fanout_peer.py"),
@@ -199,6 +216,8 @@ async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -
         str(port),
         "--redis-url",
         redis_url,
+        "--channel",
+        channel,
         start_new_session=True,
     )
     deadline = time.monotonic() + 30
@@ -211,10 +230,26 @@ async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -
                     f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
                 )
                 if answer.status_code == 200:
-                    break
+                    return process
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.1)
+
+
+async def stop_peer(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), 15)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -> Target:
+    socketio = import_socketio()
+    process = await start_peer(redis_url, port)
     rooms = [f"church-{i}:inbox" for i in range(args.channels)]
     specs = [
         Spec("socketio", "127.0.0.1", port, "/socket.io/?EIO=4&transport=websocket", {}, room)
@@ -238,12 +273,7 @@ async def socketio_target(redis_url: str, port: int, args: argparse.Namespace) -
             await asyncio.gather(*(emit(phase, seq) for seq in seqs[i : i + 64]))
 
     async def close() -> None:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await stop_peer(process)
 
     # Emits are one PUBLISH each: at most 64 at once (redis-py's pool refuses more
     # than 100 connections, and AsyncRedisManager then reconnects and retries).
@@ -686,6 +716,393 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         )
 
 
+# -- --cluster: three web nodes, each with a third of the churches ------------------
+
+
+@dataclass
+class Node:
+    name: str
+    pid: int
+    channels: list[int]
+    """Indexes of the channels whose clients this node holds."""
+    specs: list[Spec]
+
+
+@dataclass
+class Layout:
+    """One server kind in one layout: its nodes and the producer of its events."""
+
+    server: str
+    label: str
+    nodes: list[Node]
+    producer: Target
+    channels: list[int]
+    """The channels events are published for: event ``seq`` goes to
+    ``channels[seq % len(channels)]``."""
+    share: float
+    """Events published, as a share of the phase's count (and rate)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.server}, {self.label}"
+
+
+@dataclass
+class NodeFigure:
+    node: str
+    received: int
+    expected: int
+    cpu_s: float
+    sys_s: float
+
+    @property
+    def us_per_delivery(self) -> float:
+        return 1e6 * self.cpu_s / self.received if self.received else float("nan")
+
+
+Produce = Callable[[Target, str, float], Awaitable[int]]
+"""Publish a phase's events through a producer, scaled by a layout's ``share``."""
+
+
+async def layout_phase(
+    layout: Layout, label: str, produce: Produce, args: argparse.Namespace
+) -> list[NodeFigure]:
+    """Connect the layout's clients (one pool per node), publish, drain, disconnect.
+    Only this layout's clients are connected meanwhile, so the other layouts' nodes
+    hold no subscription (Koinonia) or receive nothing (python-socketio: another
+    adapter channel) and stay idle."""
+    phase = label.replace(" ", "-")
+    pools = [await start_clients(node.specs, args.client_procs) for node in layout.nodes]
+    try:
+        for node, pool in zip(layout.nodes, pools, strict=True):
+            if pool.connected != len(node.specs):
+                say(f"{layout.name} {node.name}: {pool.connected} of {len(node.specs)} connected")
+        await asyncio.sleep(1)
+        before = [cpu_split(node.pid) for node in layout.nodes]
+        busy0 = machine_busy_s()
+        t0 = time.monotonic()
+        events = await produce(layout.producer, phase, layout.share)
+        per_channel = [0] * args.channels
+        for seq in range(events):
+            per_channel[layout.channels[seq % len(layout.channels)]] += 1
+        expected = events * args.per_channel
+        last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            received = sum([(await pool.count(phase))[0] for pool in pools])
+            if received >= expected:
+                break
+            if received != last:
+                last, still_since = received, time.monotonic()
+            elif time.monotonic() - still_since > 3:
+                break
+            await asyncio.sleep(0.05)
+        seconds = time.monotonic() - t0
+        figures = []
+        for node, pool, (user0, sys0) in zip(layout.nodes, pools, before, strict=True):
+            user1, sys1 = cpu_split(node.pid)
+            figures.append(
+                NodeFigure(
+                    node=node.name,
+                    received=(await pool.count(phase))[0],
+                    expected=sum(per_channel[c] for c in node.channels) * args.per_channel,
+                    cpu_s=(user1 - user0) + (sys1 - sys0),
+                    sys_s=sys1 - sys0,
+                )
+            )
+        other = 100 * (machine_busy_s() - busy0 - sum(f.cpu_s for f in figures)) / seconds
+        say(
+            f"{layout.name} {label}: {events:,} events in {seconds:.1f} s; "
+            + "; ".join(
+                f"{f.node} {f.received:,}/{f.expected:,} deliveries {f.us_per_delivery:.1f} µs CPU each"
+                for f in figures
+            )
+            + f"; rest of the machine {other:.0f} %"
+        )
+        return figures
+    finally:
+        for pool in pools:
+            await pool.stop()
+
+
+async def cluster_main(args: argparse.Namespace) -> None:
+    """Koinonia on an embedded Redis Cluster (sharded pub/sub), python-socketio on one
+    standalone Redis (its adapter's classic PUBLISH to every node). Three layouts of
+    each: one node holding every client (events for every channel); one node holding
+    a third of the channels with events for those only, at a third of the count and
+    rate (the control: the same load per node as below, without other nodes'
+    traffic); three nodes holding a third each, events for every channel. Every
+    phase runs on the six layouts in turn, the order rotating between repetitions."""
+    if args.channels % 3:
+        sys.exit("--cluster needs --channels divisible by 3 (a third per node)")
+    socketio = import_socketio()
+    ports = free_ports(9)
+    sim_port, k_ports, s_ports = ports[0], ports[1:5], ports[5:9]
+    env = dict(os.environ)
+    for name in ("REDIS_URL", "REDIS_CLUSTER_NODES"):
+        env.pop(name, None)
+    env.update(
+        {
+            "KOINONIA_DEV_REDIS_CLUSTER": "1",
+            "KOINONIA_LOG_LEVEL": "WARNING",
+            "KOINONIA_RATE_STARTER": "1000000",
+            "KOINONIA_RATE_API_KEY": "1000000",
+            "KOINONIA_RATE_LOGIN_IP": "100000",
+        }
+    )
+    data_dir = Path(tempfile.mkdtemp(prefix="koinonia-fanout-cluster-"))
+    stack = Stack(
+        data_dir, http_port=k_ports[0], sim_port=sim_port, env=env, fast_unsafe=True, quiet=False
+    )
+    peer_redis = EmbeddedRedis(data_dir / "peer-redis", persist=False)
+    peers: list[asyncio.subprocess.Process] = []
+    redis_clients: list[Any] = []
+    managers: list[Any] = []
+    try:
+        await asyncio.to_thread(stack.start_stores)
+        peer_url = await asyncio.to_thread(peer_redis.start)
+        k_names = ["k-one", "k-1", "k-2", "k-3"]
+        for name, port in zip(k_names, k_ports, strict=True):
+            stack.spawn(name, "web", env={**stack.env, "KOINONIA_HTTP_PORT": str(port)})
+        for port in k_ports:
+            await asyncio.to_thread(stack.wait_ready, f"http://127.0.0.1:{port}/health/ready")
+        base = f"http://127.0.0.1:{k_ports[0]}"
+        churches = [await signup(base, f"Fan-out {i}") for i in range(args.channels)]
+        say(f"{len(churches)} churches signed up; Koinonia nodes on {k_ports}")
+        # The one-node layouts' peer has an adapter channel of its own: the three
+        # nodes' events never reach it, nor its events them.
+        peers.append(await start_peer(peer_url, s_ports[0], "socketio-single"))
+        for port in s_ports[1:]:
+            peers.append(await start_peer(peer_url, port, "socketio"))
+        rooms = [f"church-{i}:inbox" for i in range(args.channels)]
+        keys = [key for _, key in churches]
+        ids = [church for church, _ in churches]
+        settings = Settings.from_env(stack.env)
+        redis = open_redis(settings.redis)
+        redis_clients.append(redis)
+        publisher = EventPublisher(redis)
+
+        def k_specs(port: int, channels: list[int]) -> list[Spec]:
+            return [
+                Spec(
+                    "koinonia",
+                    "127.0.0.1",
+                    port,
+                    "/v1/realtime",
+                    {"Authorization": f"Bearer {keys[c]}"},
+                    "inbox",
+                )
+                for c in channels
+                for _ in range(args.per_channel)
+            ]
+
+        def s_specs(port: int, channels: list[int]) -> list[Spec]:
+            return [
+                Spec(
+                    "socketio",
+                    "127.0.0.1",
+                    port,
+                    "/socket.io/?EIO=4&transport=websocket",
+                    {},
+                    rooms[c],
+                )
+                for c in channels
+                for _ in range(args.per_channel)
+            ]
+
+        def k_producer(channels: list[int]) -> Target:
+            async def send(phase: str, seqs: Sequence[int]) -> None:
+                calls = []
+                for seq in seqs:
+                    raw = event_dict(f"{phase}:{seq}:{time.monotonic_ns()}")
+                    church = ids[channels[seq % len(channels)]]
+                    calls.append(
+                        publisher.publish_encoded_call(church, "inbox", raw["type"], encode(raw))
+                    )
+                await publisher.scripts.run(calls)
+
+            return Target("Koinonia", 0, [], send, nothing, 50, 4)
+
+        def s_producer(adapter_channel: str, channels: list[int]) -> Target:
+            manager = socketio.AsyncRedisManager(peer_url, channel=adapter_channel, write_only=True)
+            managers.append(manager)
+
+            def emit(phase: str, seq: int) -> Awaitable[None]:
+                event = event_dict(f"{phase}:{seq}:{time.monotonic_ns()}")
+                result: Awaitable[None] = manager.emit(
+                    "event",
+                    {"channel": "inbox", "event": event},
+                    room=rooms[channels[seq % len(channels)]],
+                    namespace="/",
+                )
+                return result
+
+            async def send(phase: str, seqs: Sequence[int]) -> None:
+                for i in range(0, len(seqs), 64):
+                    await asyncio.gather(*(emit(phase, seq) for seq in seqs[i : i + 64]))
+
+            return Target("python-socketio", 0, [], send, nothing, 16, 4)
+
+        async def nothing() -> None:
+            return None
+
+        every = list(range(args.channels))
+        thirds = [every[n::3] for n in range(3)]
+        k_pids = [stack.processes[name].pid for name in k_names]
+        s_pids = [peer.pid for peer in peers]
+        one_all, one_third, three = "1 node, all channels", "1 node, a third", "3 nodes"
+        layouts = [
+            Layout(
+                "Koinonia",
+                one_all,
+                [Node("node", k_pids[0], every, k_specs(k_ports[0], every))],
+                k_producer(every),
+                every,
+                1.0,
+            ),
+            Layout(
+                "Koinonia",
+                one_third,
+                [Node("node", k_pids[0], thirds[0], k_specs(k_ports[0], thirds[0]))],
+                k_producer(thirds[0]),
+                thirds[0],
+                1 / 3,
+            ),
+            Layout(
+                "Koinonia",
+                three,
+                [
+                    Node(
+                        f"node {n + 1}",
+                        k_pids[n + 1],
+                        thirds[n],
+                        k_specs(k_ports[n + 1], thirds[n]),
+                    )
+                    for n in range(3)
+                ],
+                k_producer(every),
+                every,
+                1.0,
+            ),
+            Layout(
+                "python-socketio",
+                one_all,
+                [Node("node", s_pids[0], every, s_specs(s_ports[0], every))],
+                s_producer("socketio-single", every),
+                every,
+                1.0,
+            ),
+            Layout(
+                "python-socketio",
+                one_third,
+                [Node("node", s_pids[0], thirds[0], s_specs(s_ports[0], thirds[0]))],
+                s_producer("socketio-single", thirds[0]),
+                thirds[0],
+                1 / 3,
+            ),
+            Layout(
+                "python-socketio",
+                three,
+                [
+                    Node(
+                        f"node {n + 1}",
+                        s_pids[n + 1],
+                        thirds[n],
+                        s_specs(s_ports[n + 1], thirds[n]),
+                    )
+                    for n in range(3)
+                ],
+                s_producer("socketio", every),
+                every,
+                1.0,
+            ),
+        ]
+        phases: list[tuple[str, Produce]] = [
+            (f"burst {args.burst}", lambda t, p, share: burst(t, p, round(args.burst * share))),
+            (
+                f"paced {args.paced_rate}",
+                lambda t, p, share: paced(t, p, args.paced_rate * share, args.paced_seconds),
+            ),
+        ]
+        results: dict[tuple[str, str], list[list[NodeFigure]]] = {}
+        for layout in layouts:
+            await layout_phase(
+                layout, "warm-up", lambda t, p, share: paced(t, p, 200 * share, 1), args
+            )
+        for rep in range(args.cluster_reps):
+            shift = rep % len(layouts)
+            order = layouts[shift:] + layouts[:shift]
+            if rep % 2:
+                order.reverse()
+            for label, produce in phases:
+                for layout in order:
+                    figures = await layout_phase(layout, f"{label} rep {rep + 1}", produce, args)
+                    results.setdefault((label, layout.name), []).append(figures)
+        cluster_report(results, layouts, [label for label, _ in phases], args)
+    finally:
+        for manager in managers:
+            with contextlib.suppress(Exception):
+                await manager.redis.aclose()
+        for client in redis_clients:
+            await client.aclose()
+        for peer in peers:
+            await stop_peer(peer)
+        peer_redis.stop()
+        stack.stop()
+
+
+def cluster_report(
+    results: dict[tuple[str, str], list[list[NodeFigure]]],
+    layouts: list[Layout],
+    labels: list[str],
+    args: argparse.Namespace,
+) -> None:
+    print()
+    print(
+        f"{args.channels} channels x {args.per_channel} clients; {args.cluster_reps} repetition(s), "
+        f"order rotating; {os.cpu_count()} CPUs shared by everything. Koinonia: embedded Redis "
+        "Cluster (3 masters), SPUBLISH per church; python-socketio: one standalone Redis, "
+        "AsyncRedisManager (every node receives every event). '1 node, a third': the node "
+        "holds a third of the channels and only their events are published (a third of the "
+        "count and rate): the per-node load of '3 nodes' without the other nodes' events."
+    )
+    for label in labels:
+        print()
+        print(f"**{label}** — node CPU µs per delivery (kernel), median over repetitions [min-max]")
+        print()
+        print(
+            "| layout | node | deliveries (last rep) | µs CPU per delivery | "
+            "÷ 1 node, all channels | ÷ 1 node, a third |"
+        )
+        print("|---|---|---|---|---|---|")
+        for server in dict.fromkeys(layout.server for layout in layouts):
+
+            def base(kind: str, server: str = server, label: str = label) -> float:
+                values = [
+                    f[0].us_per_delivery for f in results.get((label, f"{server}, {kind}"), [])
+                ]
+                return statistics.median(values) if values else float("nan")
+
+            base_all, base_third = base("1 node, all channels"), base("1 node, a third")
+            for layout in layouts:
+                if layout.server != server:
+                    continue
+                reps = results.get((label, layout.name), [])
+                if not reps:
+                    continue
+                for i, node in enumerate(layout.nodes):
+                    values = [r[i].us_per_delivery for r in reps]
+                    kernel = statistics.median(
+                        1e6 * r[i].sys_s / max(1, r[i].received) for r in reps
+                    )
+                    last = reps[-1][i]
+                    med = statistics.median(values)
+                    print(
+                        f"| {layout.name} | {node.name} | {last.received:,} of {last.expected:,} | "
+                        f"{med:.1f} ({kernel:.1f}) [{min(values):.1f}-{max(values):.1f}] | "
+                        f"{med / base_all:.2f}x | {med / base_third:.2f}x |"
+                    )
+
+
 # -- main ---------------------------------------------------------------------------
 
 
@@ -754,6 +1171,16 @@ async def main_async(args: argparse.Namespace) -> None:
         stack.stop()
 
 
+async def stoppable(work: Awaitable[None]) -> None:
+    """Run ``work``, cancelled by SIGTERM (``timeout``, job control), so that its
+    finally blocks still stop every server the bench started (uvloop runs a Python
+    signal handler only once something else wakes its loop)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -789,10 +1216,19 @@ def main() -> None:
         help="instead of the comparison: node B with metrics off against metrics on, "
         "REPS interleaved bursts each (CPU per delivery, medians and spread)",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead of the comparison: one node against three nodes (a third of the "
+        "channels each), Koinonia on an embedded Redis Cluster, python-socketio on one Redis",
+    )
+    parser.add_argument(
+        "--cluster-reps", type=int, default=2, help="repetitions of every --cluster phase"
+    )
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(main_async(args))
+    uvloop.run(stoppable(cluster_main(args) if args.cluster else main_async(args)))
 
 
 if __name__ == "__main__":

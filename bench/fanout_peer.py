@@ -19,8 +19,10 @@ import socketio
 import uvicorn
 
 
-def create_app(redis_url: str) -> socketio.ASGIApp:
-    manager = socketio.AsyncRedisManager(redis_url)
+def create_app(redis_url: str, channel: str = "socketio") -> socketio.ASGIApp:
+    # Every node on one ``channel`` receives every event emitted on it (classic
+    # PUBLISH), whichever rooms it holds: the adapter's documented cluster setup.
+    manager = socketio.AsyncRedisManager(redis_url, channel=channel)
     server = socketio.AsyncServer(async_mode="asgi", client_manager=manager)
 
     @server.on("join")
@@ -37,9 +39,10 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--channel", default="socketio", help="the adapter's pub/sub channel")
     args = parser.parse_args()
     uvicorn.run(
-        create_app(args.redis_url),
+        create_app(args.redis_url, args.channel),
         host="127.0.0.1",
         port=args.port,
         log_config=None,

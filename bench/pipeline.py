@@ -8,6 +8,13 @@ asserts nothing.
 
     uv run python bench/pipeline.py                 # 20,000 recipients
     uv run python bench/pipeline.py --recipients 50000 --workers 2 --web-workers 2
+    uv run python bench/pipeline.py --redis standalone,cluster --recipients 10000
+
+``--redis standalone,cluster`` runs the same broadcast on a standalone Redis and
+then on an embedded Redis Cluster (3 masters, 3 replicas, as
+``KOINONIA_DEV_REDIS_CLUSTER=1`` starts it), each on a fresh stack, and prints
+the two side by side; ``--rounds 2`` alternates the order (standalone first,
+then cluster first) so that background load on a shared machine falls on both.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -98,9 +107,16 @@ def _process_table() -> dict[int, tuple[int, float, str]]:
 
 def stack_cpu(stack: Stack) -> dict[str, float]:
     """CPU seconds used so far by each part of the stack, child processes included
-    (uvicorn workers, Postgres backends); Postgres and Redis found by their data folder."""
+    (uvicorn workers, Postgres backends); Postgres and Redis found by their data folder.
+    On a cluster, "redis" is the sum over its six nodes (replicas apply every write
+    too: what a cluster costs, not only its masters)."""
     table = _process_table()
     roots = {name: process.pid for name, process in stack.processes.items()}
+    cluster_pids = (
+        [node.pid for node in stack.redis_cluster.nodes if node.pid is not None]
+        if stack.redis_cluster is not None
+        else []
+    )
     redis_address = stack.env.get("REDIS_URL", "").split("//")[-1].split("/")[0]
     for pid, (_, _, cmdline) in table.items():
         if str(stack.data_dir) in cmdline and "postgres" in cmdline and "-D" in cmdline:
@@ -111,6 +127,8 @@ def stack_cpu(stack: Stack) -> dict[str, float]:
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     used: dict[str, float] = {}
+    if cluster_pids:
+        used["redis"] = sum(table[pid][1] for pid in cluster_pids if pid in table)
     for name, root in roots.items():
         total, todo = 0.0, [root]
         while todo:
@@ -171,7 +189,27 @@ def rate_between(samples: list[tuple[float, dict[str, int]]], key: str, n: int) 
     return 0.8 * n / (t90 - t10)
 
 
-async def run(args: argparse.Namespace) -> None:
+@dataclass
+class Figures:
+    """One run's results, printed alone or side by side with another run's."""
+
+    redis: str
+    accepted_ms: float
+    materialize_s: float
+    sent_rate: float
+    delivered_rate: float
+    delivered: int
+    elapsed_s: float
+    latencies: list[float]
+    cpu_ms: dict[str, float]
+    """CPU milliseconds per delivered recipient, by process."""
+
+    @property
+    def cpu_total_ms(self) -> float:
+        return sum(self.cpu_ms.values())
+
+
+async def run(args: argparse.Namespace, redis_mode: str) -> Figures:
     data_dir = Path(tempfile.mkdtemp(prefix="koinonia-bench-"))
     web_port, sim_port = free_ports(2)
     env = dict(os.environ)
@@ -181,6 +219,13 @@ async def run(args: argparse.Namespace) -> None:
             "KOINONIA_DB_POOL_MAX": "20",
         }
     )
+    if redis_mode == "cluster":
+        # The stack starts its embedded cluster as ``koinonia dev`` does.
+        for name in ("REDIS_URL", "REDIS_CLUSTER_NODES"):
+            env.pop(name, None)
+        env["KOINONIA_DEV_REDIS_CLUSTER"] = "1"
+    else:
+        env.pop("KOINONIA_DEV_REDIS_CLUSTER", None)
     # The load generator polls the API from one address: plan and key limits out of the way.
     env.update({"KOINONIA_RATE_STARTER": "1000000", "KOINONIA_RATE_API_KEY": "1000000"})
     # The pipeline's own capacity is measured: no account limit of ours (the
@@ -231,7 +276,7 @@ async def run(args: argparse.Namespace) -> None:
             )
             # Warm the path once so the measured 202 is not a cold start.
             await api.get("/v1/messages?limit=1")
-            say("posting the broadcast")
+            say(f"posting the broadcast ({redis_mode} Redis)")
             cpu_before = stack_cpu(stack)
             t0 = time.perf_counter()
             answer = await api.post(
@@ -259,44 +304,116 @@ async def run(args: argparse.Namespace) -> None:
                 ).fetchall()
             ]
         final = samples[-1][1]
-        elapsed = samples[-1][0] - samples[0][0]
-        print()
-        print(f"recipients               {args.recipients:,}")
-        print(
-            f"web processes            {args.web_workers}   workers {args.workers}   durable={'no' if args.unsafe else 'yes'}"
-        )
-        print(f"accepted (202) in        {accepted_ms:.1f} ms")
-        print(
-            f"materialized             {materialize_s * 1000:.0f} ms after acceptance "
-            f"({args.recipients / materialize_s:,.0f} rows/s incl. queue hop)"
-        )
-        print(
-            f"sent rate (10-90 %)      {rate_between(samples, 'sent', args.recipients):,.0f} recipients/s"
-        )
-        print(
-            f"delivered rate (10-90 %) {rate_between(samples, 'delivered', args.recipients):,.0f} recipients/s"
-        )
-        print(
-            f"delivered                {final['delivered']:,} of {args.recipients:,} in {elapsed:.1f} s"
-        )
-        print(
-            f"accept→delivered p50     {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
-            f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s"
-        )
         # CPU per delivered recipient, by process: what the two cores were spent on
         # (independent of whatever else runs on the machine).
         spent = {name: cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0) for name in cpu_after}
-        per = {name: 1000 * used / max(1, final["delivered"]) for name, used in spent.items()}
-        total_ms = sum(per.values())
-        print(
-            "CPU per recipient        "
-            + ", ".join(
-                f"{name} {ms:.2f}" for name, ms in sorted(per.items(), key=lambda kv: -kv[1])
-            )
-            + f"  = {total_ms:.2f} ms ({os.cpu_count()} cores: at most ~{1000 * (os.cpu_count() or 1) / total_ms:,.0f} recipients/s)"
+        return Figures(
+            redis=redis_mode,
+            accepted_ms=accepted_ms,
+            materialize_s=materialize_s,
+            sent_rate=rate_between(samples, "sent", args.recipients),
+            delivered_rate=rate_between(samples, "delivered", args.recipients),
+            delivered=final["delivered"],
+            elapsed_s=samples[-1][0] - samples[0][0],
+            latencies=latencies,
+            cpu_ms={name: 1000 * used / max(1, final["delivered"]) for name, used in spent.items()},
         )
     finally:
         stack.stop()
+
+
+def print_one(figures: Figures, args: argparse.Namespace) -> None:
+    n = args.recipients
+    latencies = figures.latencies
+    print()
+    print(f"recipients               {n:,}   Redis {figures.redis}")
+    print(
+        f"web processes            {args.web_workers}   workers {args.workers}   durable={'no' if args.unsafe else 'yes'}"
+    )
+    print(f"accepted (202) in        {figures.accepted_ms:.1f} ms")
+    print(
+        f"materialized             {figures.materialize_s * 1000:.0f} ms after acceptance "
+        f"({n / figures.materialize_s:,.0f} rows/s incl. queue hop)"
+    )
+    print(f"sent rate (10-90 %)      {figures.sent_rate:,.0f} recipients/s")
+    print(f"delivered rate (10-90 %) {figures.delivered_rate:,.0f} recipients/s")
+    print(f"delivered                {figures.delivered:,} of {n:,} in {figures.elapsed_s:.1f} s")
+    print(
+        f"accept→delivered p50     {percentile(latencies, 0.5):.2f} s   p99 {percentile(latencies, 0.99):.2f} s"
+        f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s"
+    )
+    total_ms = figures.cpu_total_ms
+    print(
+        "CPU per recipient        "
+        + ", ".join(
+            f"{name} {ms:.2f}" for name, ms in sorted(figures.cpu_ms.items(), key=lambda kv: -kv[1])
+        )
+        + f"  = {total_ms:.2f} ms ({os.cpu_count()} cores: at most ~{1000 * (os.cpu_count() or 1) / total_ms:,.0f} recipients/s)"
+    )
+
+
+def print_side_by_side(results: list[Figures], args: argparse.Namespace) -> None:
+    """One column per run (in the order they ran), then the medians per Redis."""
+
+    def row(label: str, values: list[str]) -> None:
+        print(f"| {label} | " + " | ".join(values) + " |")
+
+    print()
+    print(
+        f"{args.recipients:,} recipients, {args.web_workers} web process(es), {args.workers} worker(s), "
+        f"durable={'no' if args.unsafe else 'yes'}, {os.cpu_count()} cores shared by everything"
+    )
+    print()
+    row("", [f"{f.redis} (run {i + 1})" for i, f in enumerate(results)])
+    row("---", ["---"] * len(results))
+    row("202 ms", [f"{f.accepted_ms:.0f}" for f in results])
+    row("materialized ms", [f"{1000 * f.materialize_s:.0f}" for f in results])
+    row("sent/s (10-90 %)", [f"{f.sent_rate:,.0f}" for f in results])
+    row("delivered/s (10-90 %)", [f"{f.delivered_rate:,.0f}" for f in results])
+    row("delivered", [f"{f.delivered:,} in {f.elapsed_s:.1f} s" for f in results])
+    row(
+        "accept→delivered p50 / p99 s",
+        [
+            f"{percentile(f.latencies, 0.5):.1f} / {percentile(f.latencies, 0.99):.1f}"
+            for f in results
+        ],
+    )
+    names = sorted(
+        {name for f in results for name in f.cpu_ms}, key=lambda n: -results[0].cpu_ms.get(n, 0)
+    )
+    for name in names:
+        row(f"CPU ms/recipient: {name}", [f"{f.cpu_ms.get(name, 0.0):.3f}" for f in results])
+    row("**CPU ms/recipient, total**", [f"**{f.cpu_total_ms:.2f}**" for f in results])
+    modes = list(dict.fromkeys(f.redis for f in results))
+    if len(modes) != 2:
+        return
+    medians = {
+        mode: (
+            statistics.median(f.delivered_rate for f in results if f.redis == mode),
+            statistics.median(f.cpu_total_ms for f in results if f.redis == mode),
+            statistics.median(f.cpu_ms.get("redis", 0.0) for f in results if f.redis == mode),
+        )
+        for mode in modes
+    }
+    a, b = ("standalone", "cluster") if set(modes) == {"standalone", "cluster"} else modes
+    print()
+    print(
+        f"median over runs, {b} ÷ {a}: delivered/s {medians[b][0] / medians[a][0]:.2f}x, "
+        f"CPU per recipient {medians[b][1] / medians[a][1]:.2f}x "
+        f"(Redis alone {medians[b][2] / max(1e-9, medians[a][2]):.2f}x)"
+    )
+
+
+async def run_all(args: argparse.Namespace) -> None:
+    results: list[Figures] = []
+    for round_ in range(args.rounds):
+        # Alternate the order: whatever else the machine does falls on both.
+        order = args.redis if round_ % 2 == 0 else list(reversed(args.redis))
+        for mode in order:
+            results.append(await run(args, mode))
+            print_one(results[-1], args)
+    if len(results) > 1:
+        print_side_by_side(results, args)
 
 
 def main() -> None:
@@ -310,7 +427,23 @@ def main() -> None:
     parser.add_argument(
         "--unsafe", action="store_true", help="Postgres without fsync (faster, not durable)"
     )
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument(
+        "--redis",
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+        default=["standalone"],
+        help="standalone, cluster, or both (standalone,cluster): one fresh stack each",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the runs, alternating their order"
+    )
+    args = parser.parse_args()
+    for mode in args.redis:
+        if mode not in ("standalone", "cluster"):
+            parser.error(f"--redis takes standalone and/or cluster, not {mode!r}")
+    # ``timeout`` and job control stop a bench with SIGTERM: as an interrupt, the
+    # finally blocks still stop every server the bench started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    asyncio.run(run_all(args))
 
 
 if __name__ == "__main__":

@@ -43,12 +43,10 @@ from deploy.embedded import (
     POLL_INTERVAL,
     PORT_ATTEMPTS,
     START_TIMEOUT,
-    STOP_TIMEOUT,
     EmbeddedServerError,
     free_port,
-    pid_alive,
     port_clash,
-    read_pid,
+    stop_stale,
     terminate,
 )
 from deploy.embedded_redis import _valkey_executable
@@ -586,14 +584,4 @@ class EmbeddedRedisCluster:
         if not self.cluster_dir.is_dir():
             return
         for pid_path in self.cluster_dir.glob("node-*/valkey.pid"):
-            pid = read_pid(pid_path)
-            if pid is None or not pid_alive(pid, "valkey-server"):
-                continue
-            logger.warning("stopping Valkey cluster node (pid %d) left running", pid)
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while pid_alive(pid, "valkey-server"):
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    break
-                time.sleep(POLL_INTERVAL)
+            stop_stale(pid_path, "valkey-server", "Valkey cluster node")

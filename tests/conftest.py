@@ -101,9 +101,35 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@contextlib.contextmanager
+def running_stack(
+    tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]
+) -> Iterator[Stack]:
+    """A whole stack as the suite runs one (its own embedded stores unless ``env``
+    names others, web and simulator on free ports, fsync off, children logging to
+    ``<data dir>/logs``), ready on entry and stopped on exit."""
+    web_port, sim_port = free_ports(2)
+    data_dir = tmp_path_factory.mktemp(name)
+    stack = Stack(
+        data_dir,
+        http_port=web_port,
+        sim_port=sim_port,
+        env=env,
+        fast_unsafe=True,
+        quiet=True,
+        log_dir=data_dir / "logs",
+    )
+    try:
+        stack.start_stores()
+        stack.start_processes()
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    web_port, sim_port = free_ports(2)
     env = dict(os.environ)
     # Tracing off, as by default (tests/storage/process/test_tracing.py runs its own
     # stack with it on).
@@ -145,23 +171,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "KOINONIA_METRICS_TOKEN": METRICS_TOKEN,
         }
     )
-    data_dir = tmp_path_factory.mktemp("koinonia")
-    stack = Stack(
-        data_dir,
-        http_port=web_port,
-        sim_port=sim_port,
-        env=env,
-        fast_unsafe=True,
-        quiet=True,
-        log_dir=data_dir / "logs",
-    )
-    try:
-        stack.start_stores()
-        stack.start_processes()
-        stack.wait_ready()
+    with running_stack(tmp_path_factory, "koinonia", env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,9 @@ import pytest
 from redis.crc import key_slot
 
 from deploy.embedded_redis_cluster import ClusterNode, EmbeddedRedisCluster
-from deploy.stack import Stack, free_ports
+from deploy.stack import Stack
 from storage.process.settings import RedisSettings
+from tests.conftest import running_stack
 
 
 def slot_of(key: str | bytes) -> int:
@@ -179,26 +180,10 @@ def cluster_stack(
     workers would text them. Tests sign up churches on it as on the session stack
     (``Church(f"http://127.0.0.1:{cluster_stack.http_port}")``).
     """
-    web_port, sim_port = free_ports(2)
     env = dict(stack.base_env)
     for name in ("DATABASE_URL", "DATABASE_SESSION_URL", "REDIS_URL", "DATABASE_REPLICA_URLS"):
         env.pop(name, None)
     env.pop("KOINONIA_DEV_REDIS_CLUSTER", None)
     env["REDIS_CLUSTER_NODES"] = redis_cluster.cluster_nodes
-    data_dir = tmp_path_factory.mktemp("koinonia-cluster")
-    cluster_stack = Stack(
-        data_dir,
-        http_port=web_port,
-        sim_port=sim_port,
-        env=env,
-        fast_unsafe=True,
-        quiet=True,
-        log_dir=data_dir / "logs",
-    )
-    try:
-        cluster_stack.start_stores()
-        cluster_stack.start_processes()
-        cluster_stack.wait_ready()
+    with running_stack(tmp_path_factory, "koinonia-cluster", env) as cluster_stack:
         yield cluster_stack
-    finally:
-        cluster_stack.stop()

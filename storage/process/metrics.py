@@ -791,6 +791,10 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
 
+    def close(self) -> None:
+        """Release the socket of a server never started."""
+        self._server.server_close()
+
 
 def serve_metrics(
     settings: Settings, process: str, registry: CollectorRegistry
@@ -804,7 +808,7 @@ def serve_metrics(
     if port == "off":
         return None
     try:
-        server = MetricsServer(config.host, int(port), registry, token=config.token)
+        server = _bind_metrics(settings, int(port), registry)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
@@ -821,6 +825,29 @@ def serve_metrics(
         extra={"process_type": process, "url": f"http://{server.address}/metrics"},
     )
     return server
+
+
+def _bind_metrics(settings: Settings, port: int, registry: CollectorRegistry) -> MetricsServer:
+    """The metrics server on ``port``; for 0, on a free port that is not one of the
+    deployment's own ports. Those (``KOINONIA_HTTP_PORT``, ``KOINONIA_SIM_PORT``) are
+    often chosen free a moment before the web or the simulator binds them, and the
+    kernel may hand the same number to a ``bind(0)`` in between (a web node failed to
+    start on its own metrics port so)."""
+    config = settings.metrics
+    if port != 0:
+        return MetricsServer(config.host, port, registry, token=config.token)
+    avoid = {settings.http.port, settings.simulator.port}
+    refused: list[MetricsServer] = []
+    try:
+        while True:
+            # Keeping a refused one bound until the end makes the kernel pick another.
+            server = MetricsServer(config.host, 0, registry, token=config.token)
+            if int(server.address.rsplit(":", 1)[1]) not in avoid or len(refused) >= 5:
+                return server
+            refused.append(server)
+    finally:
+        for other in refused:
+            other.close()
 
 
 def with_metrics_port(settings: Settings, process: str, port: str | None) -> Settings:

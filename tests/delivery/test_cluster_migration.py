@@ -165,10 +165,13 @@ def cluster_church(cluster_stack: Stack) -> Iterator[Church]:
 
 @pytest.fixture
 def slow_receipts(cluster_stack: Stack) -> Iterator[str]:
-    """Receipts 200-400 ms after each send, so a ``message:<id>`` subscription made
-    right after the 202 is in place before any status event."""
+    """Receipts 3-4 s after each send, so a ``message:<id>`` subscription made right
+    after the 202 is in place before any ``delivered`` status: the subscription's
+    head read waits out the migration (its keys may be split between the nodes), a
+    second or two, more on a loaded machine. Without ``since`` a subscription gets
+    only what comes after it."""
     sim = f"http://127.0.0.1:{cluster_stack.sim_port}"
-    httpx.post(f"{sim}/_sim/config", json={"latency_ms": [200, 400]}).raise_for_status()
+    httpx.post(f"{sim}/_sim/config", json={"latency_ms": [3000, 4000]}).raise_for_status()
     yield sim
     httpx.post(f"{sim}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from redis.exceptions import RedisError
 
-from realtime.hub import Hub, HubEvent
+from realtime.hub import Hub
 from realtime.typing_indicator import publish_typing
 from storage.domain.events import ConversationTyping, ConversationTypingEvent
 from storage.process.settings import RedisSettings
@@ -37,28 +37,14 @@ from tests.realtime.test_endpoints import (
     sse_events,
 )
 from tests.realtime.test_endpoints import client as ws_client
+from tests.realtime.test_hub import Recorder
 from tests.redis_cluster_support import RedisClusterHandle, slot_of
 
 pytestmark = pytest.mark.anyio
 
 
-class Recorder:
-    """A hub sink that records what it is given."""
-
-    def __init__(self) -> None:
-        self.events: list[HubEvent] = []
-        self._changed = asyncio.Event()
-
-    def deliver(self, event: HubEvent) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def wait_for(self, count: int, within: float = 10.0) -> list[HubEvent]:
-        with anyio.fail_after(within):
-            while len(self.events) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.events
+class OffsetRecorder(Recorder):
+    """A ``Recorder`` that also waits for the offsets of stored events."""
 
     async def wait_for_offsets(self, offsets: set[str], within: float) -> None:
         with anyio.fail_after(within):
@@ -114,7 +100,7 @@ async def test_events_and_typing_reach_the_sinks(
     assert publisher.publish_command == ("SPUBLISH" if backend.cluster else "PUBLISH")
     conversation = uuid.uuid4()
     channel = f"conversation:{conversation}"
-    recorders = {name: Recorder() for name in ("inbox", "dashboard", channel)}
+    recorders = {name: OffsetRecorder() for name in ("inbox", "dashboard", channel)}
     for name, recorder in recorders.items():
         await node.subscribe(church_id, name, recorder)
     published: dict[str, list[str]] = {name: [] for name in recorders}
@@ -136,7 +122,7 @@ async def test_a_node_subscribes_only_the_channels_of_its_churches(
 ) -> None:
     ours, other = uuid.uuid4(), uuid.uuid4()
     names = ["inbox", "dashboard", *(f"message:{uuid.uuid4()}" for _ in range(20))]
-    recorder = Recorder()
+    recorder = OffsetRecorder()
     for name in names:
         await node.subscribe(ours, name, recorder)
     await publish(node.publisher, other, "inbox")
@@ -211,7 +197,7 @@ async def test_failover_of_the_churchs_master_mid_stream_loses_nothing_kept(
     name = key_names.channel_pubsub(church_id, "inbox")
     killed = None
     try:
-        recorder = Recorder()
+        recorder = OffsetRecorder()
         await hub.subscribe(church_id, "inbox", recorder)
         acked: list[str] = []
         errors: list[BaseException] = []
@@ -255,7 +241,7 @@ async def test_a_slot_moved_under_traffic_is_followed_to_its_new_master(
     await hub.start()
     name = key_names.channel_pubsub(church_id, "inbox")
     try:
-        recorder = Recorder()
+        recorder = OffsetRecorder()
         await hub.subscribe(church_id, "inbox", recorder)
         acked: list[str] = []
         errors: list[BaseException] = []

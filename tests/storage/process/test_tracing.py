@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from api.tracing import TracingMiddleware
 from delivery.receipts import ReceiptSpans
-from deploy.stack import Stack, free_ports
+from deploy.stack import Stack
 from storage.domain.statuses import RecipientStatus
 from storage.pg.messages import SendText
 from storage.pg.recipients import ProviderStatus
@@ -49,7 +49,7 @@ from storage.process import tracing
 from storage.process.logs import JsonFormatter
 from storage.process.tracing_otel import Active
 from storage.redis.queue import MaterializeJob, SendBatch, encode_entry, send_decoder
-from tests.conftest import Church, unique_phone, wait_until
+from tests.conftest import Church, running_stack, unique_phone, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -411,7 +411,6 @@ def collector() -> Iterator[Collector]:
 
 @pytest.fixture(scope="module")
 def traced_stack(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Stack]:
-    web_port, sim_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(
         {
@@ -425,23 +424,8 @@ def traced_stack(tmp_path_factory: pytest.TempPathFactory, collector: Collector)
             "KOINONIA_SCHEDULER_INTERVAL_S": "1",
         }
     )
-    data_dir = tmp_path_factory.mktemp("traced")
-    stack = Stack(
-        data_dir,
-        http_port=web_port,
-        sim_port=sim_port,
-        env=env,
-        fast_unsafe=True,
-        quiet=True,
-        log_dir=data_dir / "logs",
-    )
-    try:
-        stack.start_stores()
-        stack.start_processes()
-        stack.wait_ready()
+    with running_stack(tmp_path_factory, "traced", env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.mark.slow
