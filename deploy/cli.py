@@ -494,6 +494,83 @@ def cmd_dead_letters(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(main()))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Create a demo church with months of back-dated history (storage/pg/demo.py):
+    progress on stderr, ``{"church_id", "email", "password", "api_key"}`` on stdout.
+    Only Postgres: the church is new, so no cache in Redis can hold anything of it."""
+    import secrets
+
+    import msgspec
+    from psycopg import AsyncConnection
+
+    from api.sessions import hash_password
+    from storage.domain.errors import Conflict
+    from storage.domain.phones import PhoneVault
+    from storage.pg.demo import MAX_MEMBERS, MAX_MONTHS, DemoProgress, create_demo
+
+    if not 1 <= args.members <= MAX_MEMBERS:
+        sys.exit(f"koinonia: --members must be 1 to {MAX_MEMBERS}")
+    if not 1 <= args.months <= MAX_MONTHS:
+        sys.exit(f"koinonia: --months must be 1 to {MAX_MONTHS}")
+    settings = _operator_settings(redis=False)
+    if not settings.security.phone_key or not settings.security.lookup_key:
+        sys.exit(
+            "koinonia: KOINONIA_PHONE_KEY and KOINONIA_LOOKUP_KEY are required "
+            "(the ones the stack runs with; `koinonia dev` keeps its own beside stack.json)"
+        )
+    vault = PhoneVault(settings.security.phone_key, settings.security.lookup_key)
+    email = f"demo-{secrets.token_hex(4)}@example.org"
+    password = secrets.token_urlsafe(12)
+    shown: dict[str, float] = {}
+
+    def show(p: DemoProgress) -> None:
+        # Every phase once, and then at most once a second.
+        if p.elapsed_s - shown.get(p.phase, -1.0) < 1.0:
+            return
+        shown[p.phase] = p.elapsed_s
+        rate = p.rows / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        print(
+            f"demo: {p.phase}: {p.rows} rows, {rate:.0f} rows/s, {p.elapsed_s:.1f} s",
+            file=sys.stderr,
+        )
+
+    async def main() -> dict[str, str]:
+        password_hash = await hash_password(settings.security, password)
+        # Direct when DATABASE_SESSION_URL is set (one long transaction and DDL for the
+        # back-dated partitions); through PgBouncer works as well.
+        url = settings.database.session_url or settings.database.url
+        async with await AsyncConnection.connect(url, autocommit=True) as conn:
+            demo = await create_demo(
+                conn,
+                vault,
+                email=email,
+                password_hash=password_hash,
+                number_prefix=settings.provider.number_pool_prefix,
+                members=args.members,
+                months=args.months,
+                seed=args.seed,
+                on_progress=show,
+            )
+        print(
+            f"demo: {demo.members} members, {demo.groups} groups, {demo.broadcasts} broadcasts "
+            f"({demo.recipients} recipients), {demo.conversations} conversations "
+            f"({demo.conversation_messages} texts) since {demo.since:%Y-%m-%d}",
+            file=sys.stderr,
+        )
+        return {
+            "church_id": str(demo.church_id),
+            "email": email,
+            "password": password,
+            "api_key": demo.api_key,
+        }
+
+    try:
+        created = asyncio.run(main())
+    except Conflict as exc:
+        sys.exit(f"koinonia: {exc}")
+    print(msgspec.json.encode(created).decode())
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack, say
 
@@ -566,6 +643,12 @@ def main(argv: list[str] | None = None) -> None:
     dead_requeue.add_argument("entry", nargs="?", default=None, help="a dead-letter id")
     dead_requeue.add_argument("--all", action="store_true", help="every entry (of --church-id)")
     dead_requeue.add_argument("--church-id", default=None, help="only this church's entries")
+    demo = sub.add_parser(
+        "demo", help="create a demo church with back-dated history; prints its login as JSON"
+    )
+    demo.add_argument("--members", type=int, default=300, help="how many members (300)")
+    demo.add_argument("--months", type=int, default=30, help="months of history (30)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the content (1)")
     args = parser.parse_args(argv)
     handlers = {
         "dev": cmd_dev,
@@ -577,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
         "outbox": cmd_outbox,
         "import-members": cmd_import_members,
         "dead-letters": cmd_dead_letters,
+        "demo": cmd_demo,
     }
     handlers[args.command](args)
 

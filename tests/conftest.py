@@ -34,7 +34,11 @@ from storage.domain.receipt_refs import ReceiptRefs
 from storage.process.settings import Settings
 from storage.redis.connection import seed_nodes
 
-pytest_plugins = ["tests.replica_support", "tests.redis_cluster_support"]
+pytest_plugins = [
+    "tests.replica_support",
+    "tests.redis_cluster_support",
+    "tests.object_store_support",
+]
 
 _OWN_BASETEMP = "_koinonia_own_basetemp"
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote as url_unquote
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -235,6 +238,107 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
         return self.retry_schedule_s[attempt - 1] * self.retry_scale
 
 
+OBJECT_STORE_URL_HELP = "file:///absolute/path or s3://bucket/prefix"
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+"""S3's bucket naming rules (lowercase letters, digits, dots, hyphens; 3-63)."""
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
+"""A segment of an s3:// prefix, as of any object key (storage/objects/keys.py)."""
+
+
+class ObjectStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where archives and media live (docs/operations.md "Object store")."""
+
+    url: str = ""
+    """KOINONIA_OBJECT_STORE_URL: ``file:///absolute/path`` (default: ``objects/``
+    under the data folder, made absolute at start-up) or ``s3://bucket/prefix``."""
+    aws_access_key_id: str = ""
+    """AWS_ACCESS_KEY_ID (s3:// only); empty: obstore's own lookup (instance role)."""
+    aws_secret_access_key: str = ""
+    """AWS_SECRET_ACCESS_KEY"""
+    aws_session_token: str = ""
+    """AWS_SESSION_TOKEN: for temporary credentials."""
+    aws_region: str = ""
+    """AWS_DEFAULT_REGION (or AWS_REGION); empty: us-east-1."""
+    aws_endpoint_url: str = ""
+    """AWS_ENDPOINT_URL: any S3-compatible store (MinIO, R2, ...); http:// allowed."""
+    timeout_s: float = 30.0
+    """KOINONIA_OBJECT_STORE_TIMEOUT_S (s3://): one request's longest time, and the
+    longest an operation keeps retrying failed ones (at most 3 retries; obstore's
+    defaults, 10 retries for up to 3 minutes, are too long behind an HTTP request)."""
+
+    @property
+    def scheme(self) -> str:
+        """``file`` or ``s3``."""
+        return self.url.partition("://")[0]
+
+    @property
+    def path(self) -> str:
+        """file://: the absolute folder."""
+        return url_unquote(self.url.partition("://")[2])
+
+    @property
+    def bucket(self) -> str:
+        """s3://: the bucket."""
+        return self.url.partition("://")[2].partition("/")[0]
+
+    @property
+    def prefix(self) -> str:
+        """s3://: the key prefix every object goes under (no slashes around it)."""
+        return self.url.partition("://")[2].partition("/")[2].strip("/")
+
+
+def object_store_url(raw: str, data_dir: Path) -> str:
+    """KOINONIA_OBJECT_STORE_URL checked and normalised: ``file:///abs/path`` or
+    ``s3://bucket`` / ``s3://bucket/prefix``. ValueError saying what is wrong."""
+    variable = "KOINONIA_OBJECT_STORE_URL"
+    text = raw.strip()
+    if not text:
+        return (data_dir.resolve() / "objects").as_uri()
+    parts = urlsplit(text)
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"{variable} takes no query or fragment ({OBJECT_STORE_URL_HELP}): {raw!r}"
+        )
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"{variable}: file:// takes no host (three slashes: file:///path): {raw!r}"
+            )
+        folder = url_unquote(parts.path)
+        if not folder.startswith("/") or ".." in folder.split("/"):
+            raise ValueError(f"{variable}: the folder must be an absolute path without ..: {raw!r}")
+        return Path(folder).as_uri()
+    if parts.scheme == "s3":
+        if parts.username or parts.password or parts.port is not None:
+            raise ValueError(
+                f"{variable}: s3:// takes a bucket, not credentials or a port (use the AWS_*"
+                f" variables, AWS_ENDPOINT_URL for another server): {raw!r}"
+            )
+        bucket = parts.hostname or ""
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise ValueError(f"{variable}: {bucket!r} is not a valid S3 bucket name: {raw!r}")
+        prefix = parts.path.strip("/")
+        if prefix and not all(_PREFIX_SEGMENT.fullmatch(p) for p in prefix.split("/")):
+            raise ValueError(
+                f"{variable}: the prefix {prefix!r} must be /-separated segments of letters,"
+                f" digits, . _ = - (each starting alphanumeric): {raw!r}"
+            )
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    raise ValueError(f"{variable} must be {OBJECT_STORE_URL_HELP}, not {raw!r}")
+
+
+def endpoint_url(raw: str) -> str:
+    """AWS_ENDPOINT_URL checked: empty, or an http(s) URL with a host."""
+    text = raw.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"AWS_ENDPOINT_URL must be an http:// or https:// URL, not {raw!r}")
+    return text.rstrip("/")
+
+
 METRICS_PROCESSES = ("web", "worker", "scheduler")
 """The process types that serve ``/metrics`` (the simulator serves none)."""
 
@@ -306,6 +410,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     mail: MailSettings = MailSettings()
     webhooks: WebhookSettings = WebhookSettings()
     metrics: MetricsSettings = MetricsSettings()
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
+    """Read with the rest; ``url`` is never empty after from_env (the default is filled in)."""
 
     @property
     def public_url(self) -> str:
@@ -344,8 +450,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         origins = tuple(
             o.strip() for o in s("KOINONIA_ALLOWED_ORIGINS", "").split(",") if o.strip()
         )
+        data_dir = Path(s("KOINONIA_DATA_DIR", ".koinonia"))
         return cls(
-            data_dir=Path(s("KOINONIA_DATA_DIR", ".koinonia")),
+            data_dir=data_dir,
             environment=s("KOINONIA_ENV", "production"),
             log_level=s("KOINONIA_LOG_LEVEL", "INFO"),
             database=DatabaseSettings(
@@ -464,5 +571,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 token=s("KOINONIA_METRICS_TOKEN", ""),
                 sample_s=f("KOINONIA_METRICS_SAMPLE_S", 5.0),
                 address_file=s("KOINONIA_METRICS_ADDRESS_FILE", ""),
+            ),
+            object_store=ObjectStoreSettings(
+                url=object_store_url(s("KOINONIA_OBJECT_STORE_URL", ""), data_dir),
+                aws_access_key_id=s("AWS_ACCESS_KEY_ID", ""),
+                aws_secret_access_key=s("AWS_SECRET_ACCESS_KEY", ""),
+                aws_session_token=s("AWS_SESSION_TOKEN", ""),
+                aws_region=s("AWS_DEFAULT_REGION", "") or s("AWS_REGION", ""),
+                aws_endpoint_url=endpoint_url(s("AWS_ENDPOINT_URL", "")),
+                timeout_s=f("KOINONIA_OBJECT_STORE_TIMEOUT_S", 30.0),
             ),
         )
