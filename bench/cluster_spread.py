@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import statistics
@@ -44,10 +45,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fairness import signup  # noqa: E402
+from pipeline import seed_members  # noqa: E402
 
 from deploy.embedded_redis_cluster import ClusterNode, EmbeddedRedisCluster  # noqa: E402
 from deploy.stack import Stack, free_ports  # noqa: E402
-from storage.domain.ids import uuid7  # noqa: E402
 from storage.domain.phones import PhoneVault  # noqa: E402
 from storage.process.settings import Settings  # noqa: E402
 from storage.redis import key_names  # noqa: E402
@@ -55,36 +56,6 @@ from storage.redis import key_names  # noqa: E402
 
 def say(text: str) -> None:
     print(f"[spread] {text}", file=sys.stderr, flush=True)
-
-
-def seed_church(
-    url: str, vault: PhoneVault, church_id: uuid.UUID, group_id: uuid.UUID, first: int, n: int
-) -> None:
-    """``n`` members in one group; phones ``first`` .. ``first + n`` (distinct across
-    churches, so that no two churches text the same number)."""
-    with psycopg.connect(url) as conn:
-        ids = [uuid7() for _ in range(n)]
-        with conn.cursor().copy(
-            "COPY member (church_id, id, first_name, last_name, phone_cipher, phone_hash) FROM STDIN"
-        ) as copy:
-            for i, member_id in enumerate(ids):
-                phone = f"+1201{first + i:07d}"
-                copy.write_row(
-                    (
-                        church_id,
-                        member_id,
-                        f"Member{i}",
-                        "Spread",
-                        vault.encrypt(church_id, phone),
-                        vault.lookup_hash(phone),
-                    )
-                )
-        with conn.cursor().copy(
-            "COPY group_membership (church_id, group_id, member_id) FROM STDIN"
-        ) as copy:
-            for member_id in ids:
-                copy.write_row((church_id, group_id, member_id))
-        conn.commit()
 
 
 @dataclass
@@ -188,13 +159,16 @@ async def run(args: argparse.Namespace) -> None:
             ) as api:
                 group = (await api.post("/v1/groups", json={"name": "All"})).json()["data"]["id"]
             await asyncio.to_thread(
-                seed_church,
-                stack.env["DATABASE_URL"],
-                vault,
-                church_id,
-                uuid.UUID(group),
-                2_000_000 + c * args.members,
-                args.members,
+                functools.partial(
+                    seed_members,
+                    stack.env["DATABASE_URL"],
+                    vault,
+                    church_id,
+                    uuid.UUID(group),
+                    args.members,
+                    first=2_000_000 + c * args.members,
+                    last_name="Spread",
+                )
             )
             churches.append((church_id, key, group))
             masters[master_of_key(cluster, masters, key_names.church_tag(church_id))].churches += 1

@@ -48,8 +48,18 @@ def say(text: str) -> None:
 
 
 def seed_members(
-    url: str, vault: PhoneVault, church_id: uuid.UUID, group_id: uuid.UUID, n: int
+    url: str,
+    vault: PhoneVault,
+    church_id: uuid.UUID,
+    group_id: uuid.UUID,
+    n: int,
+    *,
+    first: int = 2000000,
+    last_name: str = "Bench",
 ) -> None:
+    """``n`` members in one group through COPY; phones ``+1201`` + ``first`` ..
+    ``first + n`` (give churches of one run distinct ranges, so no two text the same
+    number)."""
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
         with conn.cursor().copy(
@@ -57,7 +67,7 @@ def seed_members(
         ) as copy:
             ids = []
             for i in range(n):
-                phone = f"+1201{2000000 + i:07d}"
+                phone = f"+1201{first + i:07d}"
                 member_id = uuid7()
                 ids.append(member_id)
                 copy.write_row(
@@ -65,7 +75,7 @@ def seed_members(
                         church_id,
                         member_id,
                         f"Member{i}",
-                        "Bench",
+                        last_name,
                         vault.encrypt(church_id, phone),
                         vault.lookup_hash(phone),
                     )
