@@ -3,7 +3,7 @@ Postgres, how small they get, what it saves, and how fast they read back.
 
 Starts the whole stack (embedded Postgres and Redis, fsync on unless ``--unsafe``),
 builds history with ``koinonia demo --members 2000 --months 36`` (the issue's size),
-then runs ``koinonia archive`` (default: every month before the current one minus 24)
+then runs ``koinonia archive --before`` the current month minus ``--keep-months`` (24)
 as an operator would, and reads the archived months back through the API. Prints:
 
 - archive: wall time, rows and rows/s (the command's whole run: writing, reading back
@@ -20,6 +20,7 @@ Prints numbers; asserts nothing.
 
     uv run python bench/archive.py
     uv run python bench/archive.py --members 300 --months 30 --warm 400
+    uv run python bench/archive.py --keep-months 12      # two thirds of the history out
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +160,10 @@ def run(args: argparse.Namespace) -> None:
         before_parts = partition_sizes(url)
         size_before = database_size(url)
 
-        report, archive_wall = koinonia(stack, "archive")
+        before = datetime.now(UTC).date().replace(day=1)
+        for _ in range(args.keep_months):
+            before = (before - timedelta(days=1)).replace(day=1)
+        report, archive_wall = koinonia(stack, "archive", "--before", f"{before:%Y-%m}")
         after_parts = partition_sizes(url)
         size_after = database_size(url)
         dropped = {name: v for name, v in before_parts.items() if name not in after_parts}
@@ -251,6 +256,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=2000)
     parser.add_argument("--months", type=int, default=36)
+    parser.add_argument(
+        "--keep-months",
+        type=int,
+        default=24,
+        help="months kept in the database: --before is the current month minus this (24)",
+    )
     parser.add_argument("--warm", type=int, default=600, help="warm reads to time (600)")
     parser.add_argument("--unsafe", action="store_true", help="Postgres with fsync off")
     run(parser.parse_args())
