@@ -23,6 +23,7 @@ from api.schemas import Request as RequestBody
 from api.validation import decode_body, page_params, path_id
 from storage.domain import merge_fields
 from storage.domain.envelope import FieldError
+from storage.domain.errors import NotFound
 from storage.domain.events import Counts
 from storage.domain.statuses import MessageStatus, RecipientStatus
 from storage.pg.churches import get_church
@@ -92,6 +93,8 @@ class BroadcastDetail(msgspec.Struct, frozen=True):
     created_at: datetime
     completed_at: datetime | None
     canceled_at: datetime | None
+    archived: bool
+    """Read from the archive: its month has left the database (``GET /v1/archive``)."""
 
 
 def _body_problems(text: str, field: str) -> list[FieldError]:
@@ -193,13 +196,21 @@ def _detail(message: Message, counts: Counts) -> BroadcastDetail:
         created_at=message.created_at,
         completed_at=message.completed_at,
         canceled_at=message.canceled_at,
+        archived=message.archived,
     )
 
 
 async def show_message(request: Request) -> Response:
+    """Live first; a message its month's partitions no longer hold, from the archive."""
     who = await principal(request, "read")
     message_id = path_id(request)
-    message = await read(request, get_message, who.church_id, message_id)
+    archive = services_of(request).archive
+    try:
+        message = await read(request, get_message, who.church_id, message_id)
+    except NotFound:
+        message = await read(request, archive.get_message, who.church_id, message_id)
+        counts = await read(request, archive.message_counts, who.church_id, message_id)
+        return ok(_detail(message, counts))
     counts = await read(request, message_counts, who.church_id, message_id)
     if sum(getattr(counts, s.value) for s in RecipientStatus) == 0 and message.status in (
         MessageStatus.SCHEDULED,
@@ -230,7 +241,21 @@ async def index_recipients(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in RecipientStatus}:
         raise invalid_query(FieldError("status", "must be a recipient status"))
-    await read(request, get_message, who.church_id, message_id)
+    try:
+        await read(request, get_message, who.church_id, message_id)
+    except NotFound:
+        archive = services_of(request).archive
+        await read(request, archive.get_message, who.church_id, message_id)
+        page = await read(
+            request,
+            archive.list_recipients,
+            who.church_id,
+            message_id,
+            limit=limit,
+            cursor=cursor,
+            status=status,
+        )
+        return ok(page.items, next_cursor=page.next_cursor)
     page = await read(
         request,
         list_recipients,
@@ -244,18 +269,20 @@ async def index_recipients(request: Request) -> Response:
 
 
 async def index_messages(request: Request) -> Response:
-    """``?status=``, ``?since=`` (inclusive), ``?until=`` (exclusive) filter the list."""
+    """``?status=``, ``?since=`` (inclusive), ``?until=`` (exclusive) filter the list;
+    ``?include_archived=true`` continues it into archived months."""
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in MessageStatus}:
         raise invalid_query(FieldError("status", "must be a message status"))
+    archived = request.query_params.get("include_archived", "false")
+    if archived not in ("true", "false"):
+        raise invalid_query(FieldError("include_archived", "must be true or false"))
     where = MessageFilter(
         status=status, since=query_time(request, "since"), until=query_time(request, "until")
     )
-    return await paged(
-        request,
-        list_messages,
-        where=where,
-    )
+    if archived == "true":
+        return await paged(request, services_of(request).archive.list_messages, where=where)
+    return await paged(request, list_messages, where=where)
 
 
 MessageStatusName = Literal["scheduled", "queued", "sending", "completed", "canceled"]
@@ -308,6 +335,11 @@ def message_operations() -> list[Operation]:
                 QueryParam("status", MessageStatusName, "only messages in this status"),
                 QueryParam("since", datetime, "accepted at or after (inclusive)"),
                 QueryParam("until", datetime, "accepted before (exclusive)"),
+                QueryParam(
+                    "include_archived",
+                    bool,
+                    "also list archived months, after the live ones (default false)",
+                ),
             ),
         ),
         Operation(

@@ -21,7 +21,6 @@ from storage.pg.conversations import (
     ConversationMessage,
     accept_reply,
     get_conversation,
-    list_conversation_messages,
     list_conversations,
     update_conversation,
 )
@@ -38,10 +37,11 @@ async def show_conversation(request: Request) -> Response:
 
 
 async def index_thread(request: Request) -> Response:
+    """Live messages first, then the archived months', newest first."""
     conversation_id = path_id(request)
     return await paged(
         request,
-        list_conversation_messages,
+        services_of(request).archive.list_conversation_messages,
         conversation_id,
     )
 

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute
 
 from api.accounts import account_operations
 from api.api_keys import api_key_operations
+from api.archive import archive_operations
 from api.audience import audience_operations
 from api.audit_log import audit_operations
 from api.broadcasts import broadcast_operations
@@ -31,6 +32,7 @@ from api.operations_stats import operations_stats_operations
 from api.webhook_endpoints import webhook_endpoint_operations
 from storage.domain.envelope import FieldError
 from storage.domain.errors import Conflict, InvalidInput, NotFound
+from storage.objects import ObjectStoreError
 from storage.responses import fail
 
 log = logging.getLogger("koinonia.api")
@@ -46,6 +48,7 @@ def operations() -> list[Operation]:
         *audit_operations(),
         *audience_operations(),
         *broadcast_operations(),
+        *archive_operations(),
         *inbox_operations(),
         *webhook_endpoint_operations(),
         *church_operations(),
@@ -114,6 +117,18 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _objects_unavailable(request: Request, exc: Exception) -> Response:
+    # An archived read whose file the object store did not give: the store is down
+    # or unreachable, like a database outage, so the same answer. The live months
+    # do not depend on it and keep answering.
+    log.warning("object store unavailable", extra={"error": str(exc)})
+    return fail(
+        "unavailable",
+        "the archive's object store is not answering; try again shortly",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return fail("internal_error", "internal error")
@@ -130,6 +145,7 @@ def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitabl
         psycopg.InterfaceError: _unavailable,
         RedisConnectionError: _unavailable,
         RedisTimeoutError: _unavailable,
+        ObjectStoreError: _objects_unavailable,
         HTTPException: _http,
         Exception: _unexpected,
     }

@@ -21,6 +21,10 @@
 - completion: every ``sending`` message whose recipients are all final completes,
   with one ``message.completed``, decided from Postgres (the progress counters in
   Redis are a fast path that may have been lost);
+- archive: once a day at ``KOINONIA_ARCHIVE_HOUR_UTC``, never at start-up, months
+  older than ``KOINONIA_ARCHIVE_AFTER_MONTHS`` move to the object store
+  (storage/archive/archiver.py), in a task of its own so the other jobs keep their
+  pace; off when that setting is 0;
 - provider-event pruning: the dedupe record of a provider webhook is kept a
   week (providers stop retrying within a day or two), then deleted in small
   batches. It is not message data. Postgres is the truth, so an
@@ -34,7 +38,8 @@ lookups are one span per message and round in that trace (storage/process/tracin
 Any number of schedulers may run: the three sending jobs claim rows with ``SKIP
 LOCKED`` (two schedulers take different rows, never the same one); each other
 job takes a transaction-scoped advisory lock with ``pg_try_advisory_xact_lock``
-and skips its turn when another holds it. No job deletes or drops message data.
+and skips its turn when another holds it (the archive's lock is a session's, held
+for the run). Only the archive drops message data, after its files are verified.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from delivery.progress import ProgressTracker
 from delivery.provider import Provider
 from delivery.receipts import ReceiptSpans
 from delivery.telnyx import TelnyxProvider
+from storage.archive.archiver import Archiver, ArchiveReport, months_kept_before
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import (
     UNCONFIRMED,
@@ -98,9 +106,36 @@ _RECURRING_PER_TICK = 200
 _RELEASE_BATCH = 5000
 
 
+def next_archive_at(after: datetime, hour_utc: int) -> datetime:
+    """The first ``hour_utc``:00 UTC strictly after ``after``."""
+    at = after.astimezone(UTC).replace(hour=hour_utc, minute=0, second=0, microsecond=0)
+    return at if at > after else at + timedelta(days=1)
+
+
+def archive_due(now: datetime, since: datetime, hour_utc: int) -> bool:
+    """Whether the daily archive is due at ``now``, the last run (or the scheduler's
+    start) having been at ``since``: a scheduler started at 03:20 waits for the next
+    day's 03:00, never runs at start-up."""
+    return now >= next_archive_at(since, hour_utc)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Scheduler:
-    def __init__(self, services: Services, provider: Provider | None = None) -> None:
+    def __init__(
+        self,
+        services: Services,
+        provider: Provider | None = None,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
         self.services = services
+        self.clock = clock
+        """What the archive's daily run reads the time from (a test's own clock)."""
+        self._archive_since = clock()
+        self._archive_task: asyncio.Task[ArchiveReport | None] | None = None
         self.settings = services.settings.delivery
         settings = services.settings.provider
         self.provider = provider or TelnyxProvider(
@@ -133,6 +168,12 @@ class Scheduler:
                 log.exception("scheduler tick failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.scheduler_interval_s)
+        if self._archive_task is not None:
+            # Stopped mid-run, the archive resumes on the next day's run (or a
+            # `koinonia archive`): nothing is lost.
+            self._archive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._archive_task
         await self.progress.aclose()
         await self.provider.aclose()
         log.info("scheduler stopped")
@@ -168,6 +209,43 @@ class Scheduler:
                     log.exception("scheduler job failed")
         with log_context(job="prune_provider_events"):
             await self.prune_provider_events()
+        with log_context(job="archive"):
+            self.maybe_archive()
+
+    def maybe_archive(self) -> bool:
+        """Start the daily archive in a task of its own when it is due (and not
+        running); returns whether it started."""
+        settings = self.services.settings.archive
+        if settings.after_months == 0:
+            return False
+        if self._archive_task is not None and not self._archive_task.done():
+            return False
+        now = self.clock()
+        if not archive_due(now, self._archive_since, settings.hour_utc):
+            return False
+        self._archive_since = now
+        self._archive_task = asyncio.create_task(self.archive(now))
+        return True
+
+    async def archive(self, now: datetime) -> ArchiveReport | None:
+        """One archive run of the months before ``after_months`` ago; None when another
+        run (another scheduler, a `koinonia archive`) holds the lock: it does the work."""
+        settings = self.services.settings
+        before = months_kept_before(now.date(), settings.archive.after_months)
+        archiver = Archiver.for_url(
+            settings.database.session_url or settings.database.url, self.services.objects
+        )
+        with log_context(job="archive"):
+            try:
+                report = await archiver.run(before, wait=False)
+            except Exception:
+                log.exception("archive failed")
+                return None
+            if report is None:
+                log.info("archive skipped: another run holds the lock")
+            else:
+                log.info("archive done", extra=msgspec.structs.asdict(report))
+            return report
 
     async def start_scheduled(self, now: datetime | None = None) -> int:
         """Start every scheduled message whose ``send_at`` has come; returns how many."""

@@ -27,6 +27,9 @@ SELECT create_reference_table('staff_email_lookup');
 -- An API key names its prefix, not its church; one row per live key, written when a
 -- key is created, rotated or revoked.
 SELECT create_reference_table('api_key_lookup');
+-- Archived months span every church (a partition holds all churches' rows of one
+-- month): one row per month archived, written by `koinonia archive`.
+SELECT create_reference_table('archive_month');
 
 -- The tenant itself -----------------------------------------------------------------
 
@@ -61,3 +64,5 @@ SELECT create_distributed_table('webhook_attempt', 'church_id', colocate_with =>
 -- dedupe (two rows per text) and the event log (a row per changing transaction).
 SELECT create_distributed_table('provider_event', 'church_id', colocate_with => 'church');
 SELECT create_distributed_table('event_log', 'church_id', colocate_with => 'church');
+SELECT create_distributed_table('archive_file', 'church_id', colocate_with => 'church');
+SELECT create_distributed_table('archive_erasure', 'church_id', colocate_with => 'church');

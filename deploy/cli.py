@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -571,6 +572,92 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(msgspec.json.encode(created).decode())
 
 
+def _archive_before(raw: str | None, today: date, months_kept: int) -> date:
+    """``--before YYYY-MM`` checked, or the default: the current month minus the months
+    kept. Exits 2 (as argparse does) for a bad or too recent month."""
+    from storage.archive.archiver import add_months, latest_before, months_kept_before
+
+    latest = latest_before(today)
+    if raw is None:
+        return months_kept_before(today, months_kept)
+    try:
+        year, month = raw.split("-")
+        if len(year) != 4 or len(month) != 2:
+            raise ValueError(raw)
+        before = date(int(year), int(month), 1)
+    except ValueError:
+        print(
+            f"koinonia: --before must be a month as YYYY-MM (e.g. {latest:%Y-%m}), not {raw!r}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if before > latest:
+        print(
+            f"koinonia: --before must be {latest:%Y-%m} or earlier: the current month and "
+            f"the previous one ({add_months(latest, 1):%Y-%m}, {latest:%Y-%m}) are never "
+            f"archived; {raw} would archive {add_months(before, -1):%Y-%m}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return before
+
+
+def cmd_archive(args: argparse.Namespace) -> None:
+    """Move whole months before ``--before`` to the object store (storage/archive/
+    archiver.py): progress on stderr, the report as one JSON object on stdout."""
+    from datetime import UTC, datetime
+
+    import msgspec
+    import psycopg
+
+    from storage.archive.archiver import ArchiveProgress, Archiver
+    from storage.archive.format import ArchiveError
+    from storage.objects import ObjectStoreError, open_object_store
+
+    today = datetime.now(UTC).date()
+    # A bad --before is refused before anything is opened.
+    before = _archive_before(args.before, today, 0) if args.before is not None else None
+    settings = _operator_settings(redis=False)
+    if before is None:
+        before = _archive_before(None, today, settings.archive.months_kept)
+    store = open_object_store(settings)
+    shown: dict[str, float] = {}
+
+    def show(p: ArchiveProgress) -> None:
+        # Each phase at most once a second; every month's end always.
+        if p.phase != "month" and p.elapsed_s - shown.get(p.phase, -1.0) < 1.0:
+            return
+        shown[p.phase] = p.elapsed_s
+        what = {
+            "file": f"writing {p.month}, church {p.church} of {p.churches}",
+            "month": f"{p.month} archived ({p.churches} churches), partitions dropped",
+            "compact": f"rewriting files without erased texts, church {p.church} of {p.churches}",
+        }[p.phase]
+        print(
+            f"archive: {what}: {p.rows} rows, {p.bytes} bytes, {p.rows_per_s:.0f} rows/s, "
+            f"{p.elapsed_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def waiting() -> None:
+        print("archive: waiting for another run", file=sys.stderr, flush=True)
+
+    # Direct when DATABASE_SESSION_URL is set: the run's lock is a session's, and it
+    # drops partitions.
+    archiver = Archiver.for_url(settings.database.session_url or settings.database.url, store, show)
+    print(f"archive: months before {before:%Y-%m} to {store.url}", file=sys.stderr, flush=True)
+    try:
+        report = asyncio.run(archiver.run(before, wait=True, on_wait=waiting))
+    except (ArchiveError, ObjectStoreError) as exc:
+        sys.exit(f"koinonia: archive: {exc}")
+    except psycopg.Error as exc:
+        sys.exit(f"koinonia: archive: database: {exc}")
+    if report is None:  # only without waiting
+        sys.exit("koinonia: archive: another run holds the lock")
+    print(msgspec.json.encode(report).decode())
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack, say
 
@@ -649,6 +736,16 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--members", type=int, default=300, help="how many members (300)")
     demo.add_argument("--months", type=int, default=30, help="months of history (30)")
     demo.add_argument("--seed", type=int, default=1, help="seed of the content (1)")
+    archive = sub.add_parser(
+        "archive", help="move old months to the object store; prints a JSON summary"
+    )
+    archive.add_argument(
+        "--before",
+        default=None,
+        metavar="YYYY-MM",
+        help="archive every month before this one (default: the current month minus "
+        "KOINONIA_ARCHIVE_AFTER_MONTHS, 24 when 0); the previous month at the latest",
+    )
     args = parser.parse_args(argv)
     handlers = {
         "dev": cmd_dev,
@@ -661,6 +758,7 @@ def main(argv: list[str] | None = None) -> None:
         "import-members": cmd_import_members,
         "dead-letters": cmd_dead_letters,
         "demo": cmd_demo,
+        "archive": cmd_archive,
     }
     handlers[args.command](args)
 

@@ -170,6 +170,9 @@ class Stack:
         )
         env.setdefault("KOINONIA_SIM_WEBHOOK_URL", env["KOINONIA_PUBLIC_URL"] + INBOUND_PATH)
         env.setdefault("KOINONIA_SIM_STATE_FILE", str(self.data_dir / "simulator-state.msgpack"))
+        # The stack's objects under its own data folder, not under whatever folder each
+        # child starts in (what KOINONIA_OBJECT_STORE_URL's default would resolve to).
+        env.setdefault("KOINONIA_OBJECT_STORE_URL", (self.data_dir.resolve() / "objects").as_uri())
         env.setdefault("KOINONIA_ALLOWED_ORIGINS", f"http://localhost:{self.http_port}")
         if self.metrics_port is not None:
             for kind in METRICS_KINDS:

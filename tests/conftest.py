@@ -38,6 +38,7 @@ pytest_plugins = [
     "tests.replica_support",
     "tests.redis_cluster_support",
     "tests.object_store_support",
+    "tests.archive_support",
 ]
 
 _OWN_BASETEMP = "_koinonia_own_basetemp"

@@ -51,6 +51,9 @@ class ConversationMessage(msgspec.Struct, frozen=True):
     status: str
     provider_message_id: str | None
     created_at: datetime
+    archived: bool = False
+    """Read from the archive (storage/archive/reader.py): its month has left the
+    database."""
 
 
 _CONV = "id, member_id, status, unread_count, assignee_id, last_message_at, created_at"

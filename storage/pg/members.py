@@ -31,6 +31,7 @@ from storage.domain.events import (
 )
 from storage.domain.ids import uuid7
 from storage.domain.phones import PhoneVault
+from storage.pg.archive_index import record_erasure
 from storage.pg.database import Conn
 from storage.pg.event_log import append
 from storage.pg.freshness import stale_ok
@@ -345,6 +346,7 @@ async def erase_member(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID) -
             "AND m.conversation_id = c.id",
         ):
             await conn.execute(sql, (church_id, member_id))
+        await record_erasure(conn, church_id, member_id)
 
 
 # The data-subject export ----------------------------------------------------------

@@ -59,6 +59,9 @@ class Message(msgspec.Struct, frozen=True):
     template_id: uuid.UUID | None = None
     recurring_id: uuid.UUID | None = None
     canceled_at: datetime | None = None
+    archived: bool = False
+    """Read from the archive (storage/archive/reader.py): its month has left the
+    database."""
 
 
 _COLS = (

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
+from storage.archive.reader import ArchiveReader
 from storage.domain.phones import PhoneVault
 from storage.domain.receipt_refs import ReceiptRefs
+from storage.objects import ObjectStore, open_object_store
 from storage.pg.churches import plan_loader
 from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
 from storage.pg.database import Pool, open_pool
@@ -43,6 +45,11 @@ class Services(msgspec.Struct, kw_only=True):
     replicas: ReplicaSet
     """Where a read runs (a replica or the primary) and what a write must record for
     read-your-writes; inert without DATABASE_REPLICA_URLS."""
+    objects: ObjectStore
+    """Archive files and (later) media (KOINONIA_OBJECT_STORE_URL)."""
+    archive: ArchiveReader
+    """Archived months read through the live endpoints, with this process's cache of
+    recently read files (KOINONIA_ARCHIVE_CACHE_MB)."""
     metrics: Metrics | None = None
     """This process's metrics; None when its metrics port is ``off`` (then nothing is
     measured: every instrumentation site tests for None)."""
@@ -72,6 +79,7 @@ class Services(msgspec.Struct, kw_only=True):
             on_lag=(lambda name, s: measured.replica_lag.labels(name).set(s)) if measured else None,
         )
         cache = Cache(redis)
+        objects = open_object_store(settings)
         sampler = None
         if metrics is not None:
             sampler = Sampler(metrics, settings, pool, redis, cache)
@@ -89,6 +97,8 @@ class Services(msgspec.Struct, kw_only=True):
             cache=cache,
             relay=relay,
             replicas=replicas,
+            objects=objects,
+            archive=ArchiveReader(objects, settings.archive.cache_mb * 1024 * 1024),
             metrics=metrics,
             sampler=sampler,
         )

@@ -343,6 +343,45 @@ METRICS_PROCESSES = ("web", "worker", "scheduler")
 """The process types that serve ``/metrics`` (the simulator serves none)."""
 
 
+class ArchiveSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Moving old months to the object store (docs/operations.md "Archive")."""
+
+    after_months: int = 24
+    """KOINONIA_ARCHIVE_AFTER_MONTHS: months kept in the database; 0 turns off the
+    scheduler's daily run (``koinonia archive`` then defaults to 24). 1 and below
+    (except 0) are refused: the current and the previous month are never archived."""
+    hour_utc: int = 3
+    """KOINONIA_ARCHIVE_HOUR_UTC: the hour (0-23, UTC) of the scheduler's daily run."""
+    cache_mb: int = 64
+    """KOINONIA_ARCHIVE_CACHE_MB: recently read archive files kept in each web
+    process, least recently used dropped first."""
+
+    @property
+    def months_kept(self) -> int:
+        """What ``koinonia archive`` keeps by default: the setting, or 24 when 0."""
+        return self.after_months or 24
+
+
+def archive_after_months(raw: str) -> int:
+    variable = "KOINONIA_ARCHIVE_AFTER_MONTHS"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{variable} must be a whole number of months, not {raw!r}") from None
+    if value != 0 and value < 2:
+        raise ValueError(
+            f"{variable} must be 2 or more (the current and the previous month are never "
+            f"archived), or 0 to turn off the daily run; not {raw!r}"
+        )
+    return value
+
+
+def archive_hour(raw: str) -> int:
+    if not raw.strip().isdigit() or not 0 <= int(raw) <= 23:
+        raise ValueError(f"KOINONIA_ARCHIVE_HOUR_UTC must be an hour from 0 to 23, not {raw!r}")
+    return int(raw)
+
+
 class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Prometheus ``/metrics``, one port per process type (docs/operations.md "Metrics")."""
 
@@ -412,6 +451,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics: MetricsSettings = MetricsSettings()
     object_store: ObjectStoreSettings = ObjectStoreSettings()
     """Read with the rest; ``url`` is never empty after from_env (the default is filled in)."""
+    archive: ArchiveSettings = ArchiveSettings()
 
     @property
     def public_url(self) -> str:
@@ -580,5 +620,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 aws_region=s("AWS_DEFAULT_REGION", "") or s("AWS_REGION", ""),
                 aws_endpoint_url=endpoint_url(s("AWS_ENDPOINT_URL", "")),
                 timeout_s=f("KOINONIA_OBJECT_STORE_TIMEOUT_S", 30.0),
+            ),
+            archive=ArchiveSettings(
+                after_months=archive_after_months(s("KOINONIA_ARCHIVE_AFTER_MONTHS", "24")),
+                hour_utc=archive_hour(s("KOINONIA_ARCHIVE_HOUR_UTC", "3")),
+                cache_mb=i("KOINONIA_ARCHIVE_CACHE_MB", 64),
             ),
         )

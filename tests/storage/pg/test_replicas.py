@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import Stack
+from storage.archive.reader import ArchiveReader
 from storage.domain.events import MemberChanged, MemberCreatedEvent
 from storage.pg import event_log
 from storage.pg.database import Conn, open_pool
@@ -286,9 +287,20 @@ STALE_OK = {
     "recurring_schedules": {"list_recurring", "list_occurrences"},
     "templates": {"list_templates"},
     "webhook_endpoints": {"list_endpoints", "list_attempts"},
+    "archive_index": {"archived_file", "archived_files", "archived_months", "erased_conversations"},
 }
 """The reads the API serves from replicas: lists, analytics, exports, history,
 message and conversation reads."""
+
+ARCHIVE_READS = {
+    "get_message",
+    "message_counts",
+    "list_recipients",
+    "list_messages",
+    "list_conversation_messages",
+}
+"""``ArchiveReader`` methods (storage/archive/reader.py) the API routes through
+``read``: archived history, served where the live reads they continue are."""
 
 FRESH_LISTS = {"list_api_keys", "list_staff", "list_invitations"}
 """Lists the API reads through ``read`` that stay on the primary: who holds a key or
@@ -322,6 +334,8 @@ def test_the_api_reads_that_replicas_serve_are_marked() -> None:
         loaded = importlib.import_module(f"storage.pg.{module}")
         for name in names:
             assert is_stale_ok(getattr(loaded, name)), f"storage.pg.{module}.{name}"
+    for name in ARCHIVE_READS:
+        assert is_stale_ok(getattr(ArchiveReader, name)), f"ArchiveReader.{name}"
 
 
 def test_every_read_the_api_routes_is_decided() -> None:
@@ -329,6 +343,7 @@ def test_every_read_the_api_routes_is_decided() -> None:
     ``church_listing`` is either marked or named fresh here on purpose."""
     marked = {name for names in STALE_OK.values() for name in names}
     routed: set[str] = set()
+    archive_routed: set[str] = set()
     for path in sorted((ROOT / "api").glob("*.py")):
         if path.name == "listing.py":  # the helpers themselves
             continue
@@ -342,9 +357,13 @@ def test_every_read_the_api_routes_is_decided() -> None:
                 target = args[0]
             else:
                 continue
+            if isinstance(target, ast.Attribute) and target.attr in ARCHIVE_READS:
+                archive_routed.add(target.attr)  # ``services.archive.<read>``
+                continue
             assert isinstance(target, ast.Name), f"{path.name}:{node.lineno}: pass the function"
             routed.add(target.id)
     assert routed, "no routed reads found in api/"
+    assert archive_routed == ARCHIVE_READS, ARCHIVE_READS ^ archive_routed
     assert routed <= marked | FRESH_LISTS, routed - marked - FRESH_LISTS
     assert not FRESH_LISTS & marked
 
