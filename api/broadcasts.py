@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -40,7 +39,6 @@ from storage.pg.messages import (
     list_messages,
     message_counts,
 )
-from storage.pg.pagination import Page
 from storage.pg.recipients import Recipient, list_recipients
 from storage.pg.templates import get_template
 from storage.process import tracing
@@ -243,16 +241,24 @@ async def index_recipients(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in {s.value for s in RecipientStatus}:
         raise invalid_query(FieldError("status", "must be a recipient status"))
-    lister: Callable[..., Awaitable[Page[Recipient]]] = list_recipients
     try:
         await read(request, get_message, who.church_id, message_id)
     except NotFound:
         archive = services_of(request).archive
         await read(request, archive.get_message, who.church_id, message_id)
-        lister = archive.list_recipients
+        page = await read(
+            request,
+            archive.list_recipients,
+            who.church_id,
+            message_id,
+            limit=limit,
+            cursor=cursor,
+            status=status,
+        )
+        return ok(page.items, next_cursor=page.next_cursor)
     page = await read(
         request,
-        lister,
+        list_recipients,
         who.church_id,
         message_id,
         limit=limit,

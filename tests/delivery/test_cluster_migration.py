@@ -165,13 +165,14 @@ def cluster_church(cluster_stack: Stack) -> Iterator[Church]:
 
 @pytest.fixture
 def slow_receipts(cluster_stack: Stack) -> Iterator[str]:
-    """Receipts 3-4 s after each send, so a ``message:<id>`` subscription made right
+    """Receipts 6-7 s after each send, so a ``message:<id>`` subscription made right
     after the 202 is in place before any ``delivered`` status: the subscription's
     head read waits out the migration (its keys may be split between the nodes), a
-    second or two, more on a loaded machine. Without ``since`` a subscription gets
-    only what comes after it."""
+    second or two, more on a loaded machine (3-4 s was not enough once, with the
+    suite and five other test runs on two cores: the follower saw no status at all).
+    Without ``since`` a subscription gets only what comes after it."""
     sim = f"http://127.0.0.1:{cluster_stack.sim_port}"
-    httpx.post(f"{sim}/_sim/config", json={"latency_ms": [3000, 4000]}).raise_for_status()
+    httpx.post(f"{sim}/_sim/config", json={"latency_ms": [6000, 7000]}).raise_for_status()
     yield sim
     httpx.post(f"{sim}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
 
