@@ -13,14 +13,13 @@ from starlette.responses import Response
 
 from api.auth import principal
 from api.branches import Deleted
-from api.errors import invalid_body
 from api.listing import church_listing, services_of
 from api.operation import Operation, audit_target
 from api.schemas import Body as MessageBody
 from api.schemas import Name
 from api.schemas import Request as RequestBody
+from api.templates import check_body
 from api.validation import decode_body, path_id
-from storage.domain.envelope import FieldError
 from storage.pg.canned_replies import (
     CannedReply,
     create_canned_reply,
@@ -28,7 +27,6 @@ from storage.pg.canned_replies import (
     list_canned_replies,
     update_canned_reply,
 )
-from storage.pg.templates import body_problems
 from storage.responses import ok
 
 
@@ -42,19 +40,10 @@ class CannedReplyUpdate(RequestBody, frozen=True):
     body: MessageBody | None = None
 
 
-def _check_body(body: str | None) -> None:
-    """Every merge-field problem at once (the store stops at the first)."""
-    if body is None:
-        return
-    problems = body_problems(body)
-    if problems:
-        raise invalid_body(*(FieldError(p.field, p.message) for p in problems))
-
-
 async def post_canned_reply(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, CannedReplyCreate)
-    _check_body(body.body)
+    check_body(body.body)
     async with services_of(request).pool.connection() as conn:
         canned = await create_canned_reply(conn, who.church_id, name=body.name, body=body.body)
     audit_target(request, canned.id)
@@ -65,7 +54,7 @@ async def patch_canned_reply(request: Request) -> Response:
     who = await principal(request, "write")
     canned_reply_id = path_id(request)
     body = await decode_body(request, CannedReplyUpdate)
-    _check_body(body.body)
+    check_body(body.body)
     async with services_of(request).pool.connection() as conn:
         canned = await update_canned_reply(
             conn, who.church_id, canned_reply_id, name=body.name, body=body.body
