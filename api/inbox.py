@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.auth import principal
-from api.errors import invalid_query
+from api.errors import invalid_body, invalid_query
 from api.listing import paged, read, services_of
 from api.operation import Operation, QueryParam
-from api.schemas import ConversationPatch, ReplyRequest
+from api.schemas import Body, ConversationPatch
+from api.schemas import Request as RequestBody
 from api.validation import decode_body, path_id
 from storage.domain.envelope import FieldError
+from storage.pg.conversation_search import search_conversations
 from storage.pg.conversations import (
     Conversation,
     ConversationFilter,
     ConversationMessage,
     accept_reply,
+    add_note,
     get_conversation,
     list_conversations,
     update_conversation,
@@ -46,11 +50,31 @@ async def index_thread(request: Request) -> Response:
     )
 
 
+class ReplyCreate(RequestBody, frozen=True):
+    """The text: ``body``, or a canned reply filled for the member; exactly one."""
+
+    body: Body | msgspec.UnsetType = msgspec.UNSET
+    canned_reply_id: uuid.UUID | msgspec.UnsetType = msgspec.UNSET
+
+
+class NoteCreate(RequestBody, frozen=True):
+    body: Body
+
+
 async def post_reply(request: Request) -> Response:
     """Commit the reply (``409 opted_out`` for a member who opted out), then enqueue it."""
     who = await principal(request, "write")
     conversation_id = path_id(request)
-    body = await decode_body(request, ReplyRequest)
+    body = await decode_body(request, ReplyCreate)
+    text = None if isinstance(body.body, msgspec.UnsetType) else body.body
+    canned = None if isinstance(body.canned_reply_id, msgspec.UnsetType) else body.canned_reply_id
+    if (text is None) == (canned is None):
+        raise invalid_body(
+            *(
+                FieldError(field, "give exactly one of body and canned_reply_id")
+                for field in ("body", "canned_reply_id")
+            )
+        )
     services = services_of(request)
     delivery = services.settings.delivery
     async with services.pool.connection() as conn:
@@ -58,13 +82,26 @@ async def post_reply(request: Request) -> Response:
             conn,
             who.church_id,
             conversation_id,
-            body=body.body,
+            body=text,
+            canned_reply_id=canned,
             sent_by=who.user_id,
             max_attempts=delivery.max_attempts,
             traceparent=tracing.current_traceparent(),
         )
     await hand_over(services.redis, [accepted.batch], delivery.shards)
     return ok(accepted.message, status=202)
+
+
+async def post_note(request: Request) -> Response:
+    """Keep a note in the thread; its author is the staff user (None for an API key)."""
+    who = await principal(request, "write")
+    conversation_id = path_id(request)
+    body = await decode_body(request, NoteCreate)
+    async with services_of(request).pool.connection() as conn:
+        note = await add_note(
+            conn, who.church_id, conversation_id, body=body.body, author_id=who.user_id
+        )
+    return ok(note, status=201)
 
 
 async def patch_conversation(request: Request) -> Response:
@@ -89,9 +126,13 @@ async def mark_read(request: Request) -> Response:
     return ok(conversation)
 
 
-def _conversation_filter(request: Request) -> ConversationFilter:
+def _conversation_filter(request: Request) -> tuple[ConversationFilter, str | None]:
+    """The list's filters, and the search words ``q`` (None: no search)."""
     query = request.query_params
     problems: list[FieldError] = []
+    q = query.get("q")
+    if q is not None and (not q.strip() or len(q) > 200 or "\x00" in q):
+        problems.append(FieldError("q", "must be 1 to 200 characters, not all blank, no NUL"))
     status = query.get("status")
     if status is not None and status not in ("open", "closed"):
         problems.append(FieldError("status", "must be open or closed"))
@@ -114,17 +155,16 @@ def _conversation_filter(request: Request) -> ConversationFilter:
             problems.append(FieldError("assignee_id", "must be a UUID"))
     if problems:
         raise invalid_query(*problems)
-    return ConversationFilter(status=status, unread=unread, assignee_id=assignee)
+    return ConversationFilter(status=status, unread=unread, assignee_id=assignee), q
 
 
 async def index_conversations(request: Request) -> Response:
-    """``?status=open|closed``, ``?unread=true|false``, ``?assignee_id=`` filter the list."""
-    where = _conversation_filter(request)
-    return await paged(
-        request,
-        list_conversations,
-        where=where,
-    )
+    """``?status=open|closed``, ``?unread=true|false``, ``?assignee_id=`` filter the list;
+    ``?q=`` searches it (storage/pg/conversation_search.py), with the same filters."""
+    where, q = _conversation_filter(request)
+    if q is None:
+        return await paged(request, list_conversations, where=where)
+    return await paged(request, search_conversations, services_of(request).vault, q=q, where=where)
 
 
 def inbox_operations() -> list[Operation]:
@@ -132,6 +172,13 @@ def inbox_operations() -> list[Operation]:
         QueryParam("status", Literal["open", "closed"], "only open or only closed"),
         QueryParam("unread", bool, "only conversations with (or without) unread messages"),
         QueryParam("assignee_id", uuid.UUID, "only conversations assigned to this staff user"),
+        QueryParam(
+            "q",
+            Annotated[str, msgspec.Meta(min_length=1, max_length=200)],
+            "search: the member's name or one live message holding every word (a word "
+            "matches words it begins; words with digits match whole words), or the "
+            "member's full phone number (E.164 or national)",
+        ),
     )
     return [
         Operation(
@@ -182,7 +229,7 @@ def inbox_operations() -> list[Operation]:
             "/v1/conversations/{id}/messages",
             index_thread,
             "conversation.messages",
-            "The thread, newest first",
+            "The thread (texts and notes), newest first",
             "inbox",
             response=list[ConversationMessage],
             listing=True,
@@ -195,15 +242,41 @@ def inbox_operations() -> list[Operation]:
             "Reply to the member (sent asynchronously)",
             "inbox",
             scope="write",
-            body=ReplyRequest,
+            body=ReplyCreate,
             response=ConversationMessage,
             status=202,
             errors=("opted_out", "conflict"),
             description=(
                 "Committed before the answer, then sent by the delivery worker like every "
                 "text (consent checked again when it is sent). A member who opted out "
-                "answers `409 opted_out`; an erased member `409 conflict`."
+                "answers `409 opted_out`; an erased member `409 conflict`. The text is "
+                "`body`, or `canned_reply_id`: the church's canned reply with its merge "
+                "fields filled for the member (another church's is `404`); exactly one."
             ),
-            examples={"reply": {"body": "Thanks! See you Sunday."}},
+            examples={
+                "reply": {"body": "Thanks! See you Sunday."},
+                "canned": {"canned_reply_id": "01930000-0000-7000-8000-000000000000"},
+            },
+        ),
+        Operation(
+            "POST",
+            "/v1/conversations/{id}/notes",
+            post_note,
+            "conversation.note",
+            "Keep a note for the church in the thread (never texted to the member)",
+            "inbox",
+            scope="write",
+            body=NoteCreate,
+            response=ConversationMessage,
+            status=201,
+            errors=("conflict",),
+            description=(
+                'Listed in the thread with `direction: "note"` and `author_id` (the staff '
+                "user; null when an API key wrote it). Never texted, never unread: the "
+                "conversation's status, unread count and last activity stay as they were. "
+                'Publishes `conversation.message.created` with `direction: "note"`. An '
+                "erased member's conversation answers `409 conflict`."
+            ),
+            examples={"note": {"body": "Called her back; she'll come on Sunday."}},
         ),
     ]

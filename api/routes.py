@@ -20,15 +20,18 @@ from api.archive import archive_operations
 from api.audience import audience_operations
 from api.audit_log import audit_operations
 from api.broadcasts import broadcast_operations
+from api.canned_replies import canned_reply_operations
 from api.church import church_operations
 from api.dead_letters import dead_letter_operations
 from api.errors import ApiError
 from api.guard import guarded
 from api.health import health_operations
 from api.inbox import inbox_operations
+from api.keywords import keyword_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
 from api.operations_stats import operations_stats_operations
+from api.presence import presence_operations
 from api.webhook_endpoints import webhook_endpoint_operations
 from storage.domain.envelope import FieldError
 from storage.domain.errors import Conflict, InvalidInput, NotFound
@@ -50,6 +53,9 @@ def operations() -> list[Operation]:
         *broadcast_operations(),
         *archive_operations(),
         *inbox_operations(),
+        *canned_reply_operations(),
+        *presence_operations(),
+        *keyword_operations(),
         *webhook_endpoint_operations(),
         *church_operations(),
         *dead_letter_operations(),

@@ -82,10 +82,6 @@ class TargetRequest(Request, frozen=True):
         return None
 
 
-class ReplyRequest(Request, frozen=True):
-    body: Body
-
-
 class ConversationPatch(Request, frozen=True):
     status: Literal["open", "closed"] | None = None
     assignee_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET

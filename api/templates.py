@@ -41,7 +41,9 @@ class TemplateUpdate(RequestBody, frozen=True):
     body: MessageBody | None = None
 
 
-def _check_body(body: str | None) -> None:
+def check_body(body: str | None) -> None:
+    """Every merge-field problem of a named text at once (the store stops at the
+    first); canned replies check theirs with it too."""
     if body is None:
         return
     problems = body_problems(body)
@@ -52,7 +54,7 @@ def _check_body(body: str | None) -> None:
 async def post_template(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, TemplateCreate)
-    _check_body(body.body)
+    check_body(body.body)
     async with services_of(request).pool.connection() as conn:
         template = await create_template(conn, who.church_id, name=body.name, body=body.body)
     audit_target(request, template.id)
@@ -70,7 +72,7 @@ async def patch_template(request: Request) -> Response:
     who = await principal(request, "write")
     template_id = path_id(request)
     body = await decode_body(request, TemplateUpdate)
-    _check_body(body.body)
+    check_body(body.body)
     async with services_of(request).pool.connection() as conn:
         template = await update_template(
             conn, who.church_id, template_id, name=body.name, body=body.body

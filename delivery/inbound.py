@@ -11,6 +11,13 @@ and acts in the same transaction: consent, webhook event, audit row. Its answer,
 if any, is accepted in that transaction as a one-recipient message
 (storage/pg/conversations.py ``accept_reply``) and enqueued after the commit: the
 one send pipeline every text takes. The conversation keeps its unread count.
+
+A text that is none of those but names one of the church's group keywords
+(storage/pg/group_keywords.py: the word, or ``JOIN <word>``) adds its sender to the
+group in that same transaction, and its answer takes the same path, checked for
+consent like any text (only the HELP and START answers are exempt). The dedupe record
+is written in that transaction too, so a redelivered webhook joins and answers
+nothing twice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -37,6 +45,8 @@ from storage.domain.statuses import UNCONFIRMED, RecipientStatus, from_telnyx
 from storage.pg.churches import church_by_number
 from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
 from storage.pg.database import Conn
+from storage.pg.group_keywords import JoinOutcome, apply_group_keyword
+from storage.pg.groups import CACHE_TOPIC as GROUPS
 from storage.pg.keywords import Kind, apply_keyword
 from storage.pg.members import create_inbound_member, member_by_phone_hash
 from storage.pg.provider_events import NO_CHURCH, record_provider_event
@@ -213,18 +223,23 @@ class InboundHandler:
                 conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
             )
             reply: AcceptedReply | None = None
-            outcome = await apply_keyword(conn, church.id, member_id, payload.text or "")
-            if outcome is not None and outcome.reply is not None:
+            text = payload.text or ""
+            outcome = await apply_keyword(conn, church.id, member_id, text)
+            joined: JoinOutcome | None = None
+            if outcome is None:
+                joined = await apply_group_keyword(conn, church.id, member_id, text)
+            answer = outcome.reply if outcome is not None else joined.reply if joined else None
+            if answer is not None:
                 # HELP answers and START confirmations go whatever the opt-in state
                 # (carriers require them); the worker checks consent for anything else.
                 reply = await accept_reply(
                     conn,
                     church.id,
                     conversation.id,
-                    body=outcome.reply,
+                    body=answer,
                     sent_by=None,
                     kind=ReplyKind.ANSWER,
-                    consent_exempt=outcome.kind in (Kind.HELP, Kind.OPT_IN),
+                    consent_exempt=outcome is not None and outcome.kind in (Kind.HELP, Kind.OPT_IN),
                     max_attempts=self.services.settings.delivery.max_attempts,
                     traceparent=tracing.current_traceparent(),
                 )
@@ -237,10 +252,30 @@ class InboundHandler:
                     "replied": reply is not None,
                 },
             )
+        if joined is not None:
+            log.info(
+                "group keyword",
+                extra={
+                    "keyword_id": str(joined.keyword_id),
+                    "joined": joined.joined,
+                    "changed": joined.opted_in,
+                    "replied": reply is not None,
+                },
+            )
         self.services.relay.kick()
         if reply is not None:
             settings = self.services.settings.delivery
             await hand_over(self.services.redis, [reply.batch], settings.shards)
+        if joined is not None and joined.joined:
+            await self._groups_changed(church.id)
+
+    async def _groups_changed(self, church_id: uuid.UUID) -> None:
+        """Bump the cached group counts. Redis down leaves them stale until their entry
+        expires, which must not fail a webhook whose change has committed."""
+        try:
+            await self.services.cache.invalidate(church_id, GROUPS)
+        except RedisError as exc:
+            log.warning("group cache not invalidated", extra={"error": type(exc).__name__})
 
     async def _dedupe_only(self, data: _Data, church_id: uuid.UUID) -> None:
         async with self.services.pool.connection() as conn:

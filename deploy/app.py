@@ -20,6 +20,7 @@ from delivery.inbound import InboundHandler, inbound_routes
 from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from realtime.hub import Hub
+from realtime.presence import Presence
 from realtime.routes import realtime_routes
 from realtime.websocket import Sessions
 from storage.process import tracing
@@ -27,6 +28,7 @@ from storage.process.logs import configure_logging
 from storage.process.metrics import Metrics
 from storage.process.services import Services
 from storage.process.settings import Settings
+from storage.redis.presence import PresenceStore
 
 GC_GEN0_THRESHOLD = 10_000
 
@@ -50,6 +52,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             max_per_church=settings.realtime.max_connections_per_church,
         )
         app.state.inbound = InboundHandler(services, progress, receipts)
+        app.state.presence = Presence(
+            PresenceStore(services.publisher),
+            heartbeat_s=settings.realtime.presence_heartbeat_s,
+            ttl_s=settings.realtime.presence_ttl_s,
+        )
         # Everything made at start-up (modules, routes, schemas) lives as long as the
         # process: moved out of the collector's generations, and young collections
         # made rarer. The REST profile spent 13 % of a web process in the collector.
@@ -60,6 +67,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             yield
         finally:
             await receipts.stop()
+            await app.state.presence.stop()
             await hub.stop()
             await progress.aclose()
             await services.close()

@@ -66,3 +66,5 @@ SELECT create_distributed_table('provider_event', 'church_id', colocate_with => 
 SELECT create_distributed_table('event_log', 'church_id', colocate_with => 'church');
 SELECT create_distributed_table('archive_file', 'church_id', colocate_with => 'church');
 SELECT create_distributed_table('archive_erasure', 'church_id', colocate_with => 'church');
+SELECT create_distributed_table('group_keyword', 'church_id', colocate_with => 'church');
+SELECT create_distributed_table('canned_reply', 'church_id', colocate_with => 'church');

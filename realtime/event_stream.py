@@ -14,6 +14,9 @@ the client to go away.
 
 A stream whose credentials are revoked or whose session expires meanwhile just
 ends (``realtime.revocation``); reconnecting with them answers 401.
+
+A staff session's stream counts as the user being online for as long as it is
+open (``realtime.presence``); an SSE client cannot send ``viewing`` frames.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from realtime.errors import ChannelError, HubStopped
 from realtime.handshake import authenticate, header, lifetime, send_error
 from realtime.history import Replay, position, recover
 from realtime.hub import Hub, HubEvent
+from realtime.presence import Presence, presence_of
 from storage.domain.envelope import FieldError
 from storage.domain.events import frame_bytes
 from storage.pg.credentials import Principal
@@ -113,7 +117,9 @@ class EventStreamEndpoint:
         if token is None:
             token = next((value for key, value in query if key == "last_event_id"), None)
         resume = None if token is None else (decode_token(token) or {})
-        stream = _Stream(receive, send, services, state.hub, principal, self.limits)
+        stream = _Stream(
+            receive, send, services, state.hub, principal, self.limits, presence_of(state)
+        )
         hub: Hub = state.hub
         revocations = hub.revocations
         revocations.pool = getattr(services, "pool", None)
@@ -135,8 +141,10 @@ class _Stream:
         hub: Hub,
         principal: Principal,
         limits: Limits,
+        presence: Presence,
     ) -> None:
         self.receive = receive
+        self.presence = presence
         self.send = send
         self.services = services
         self.hub = hub
@@ -167,6 +175,7 @@ class _Stream:
         subscriptions = [self.conn.open(name) for name in names]
         watcher: asyncio.Task[None] | None = None
         counted = False
+        present = False
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
@@ -180,6 +189,9 @@ class _Stream:
             if self.measured is not None:
                 self.measured.connections.inc()
                 counted = True
+            # Present from the moment the stream answers until it ends (staff online).
+            self.presence.open(church_id, self.conn.id, self.principal.user_id)
+            present = True
             watcher = asyncio.create_task(self._watch_disconnect())
             await self._open(names, replays, resume)
             for subscription, replay in zip(subscriptions, replays, strict=True):
@@ -188,6 +200,8 @@ class _Stream:
         finally:
             for subscription in subscriptions:
                 self.hub.unsubscribe(church_id, subscription.channel, subscription)
+            if present:
+                self.presence.close(church_id, self.conn.id)
             if counted and self.measured is not None:
                 self.measured.connections.dec()
             if watcher is not None:

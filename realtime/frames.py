@@ -1,7 +1,7 @@
 """WebSocket frames (docs/protocol.md "Realtime over WebSocket"), as msgspec tagged unions.
 
 Client frames are decoded by one module-level decoder into
-``ClientFrame = Subscribe | Unsubscribe | Ping | Typing`` and dispatched with
+``ClientFrame = Subscribe | Unsubscribe | Ping | Typing | Viewing`` and dispatched with
 ``match``; unknown types and unknown fields are rejected (the endpoint answers
 ``bad_frame``). Server frames other than ``event`` are encoded here; ``event``
 frames arrive already encoded from Redis and are never re-encoded.
@@ -49,7 +49,13 @@ class Typing(_ClientFrame, tag="typing", frozen=True, kw_only=True):
     conversation_id: uuid.UUID
 
 
-ClientFrame = Subscribe | Unsubscribe | Ping | Typing
+class Viewing(_ClientFrame, tag="viewing", frozen=True, kw_only=True):
+    conversation_id: uuid.UUID | None
+    """The conversation the connection now views; null when it left it. Required:
+    a frame without it is malformed, not a way to leave."""
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping | Typing | Viewing
 
 _client_decoder: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)
 

@@ -18,6 +18,12 @@ conversation, more dropped silently); a conversation that is not the church's,
 or does not exist, answers ``forbidden``, and so does any typing frame from an
 API key, which has no user to name.
 
+Who is here (``realtime.presence``): a connection of a staff session counts its
+user online from the moment it is accepted until it ends; its ``viewing`` frame
+(``{"conversation_id": <id> | null}``) names the one conversation it views,
+authorized like typing (``forbidden`` for API keys and for a conversation that is
+not the church's, the view unchanged). Leaving is a null, or closing.
+
 Subscribing is race-free: the subscription is registered with the hub first
 (it holds live events), then history is read and replayed, then ``subscribed``
 is queued and the held events newer than the replay are released.
@@ -56,6 +62,7 @@ from realtime.frames import (
     Typing,
     Unsubscribe,
     Unsubscribed,
+    Viewing,
     Welcome,
     decode_client,
     encode_text,
@@ -63,6 +70,7 @@ from realtime.frames import (
 from realtime.handshake import authenticate, lifetime, refuse_websocket
 from realtime.history import recover
 from realtime.hub import Hub, HubEvent
+from realtime.presence import Presence, presence_of
 from realtime.protocol import WIRE
 from realtime.typing_indicator import TypingGate, publish_typing
 from storage.domain.events import frame_bytes
@@ -167,6 +175,7 @@ class _Session:
         "ended",
         "hub",
         "loop",
+        "presence",
         "principal",
         "receive",
         "send",
@@ -200,6 +209,8 @@ class _Session:
         self.typing: TypingGate | None = None
         # The node's open sessions, once this one is counted among them.
         self.sessions: Sessions | None = None
+        # Who is here: set once the connection is open (and so to be closed there).
+        self.presence: Presence | None = None
 
     async def serve(self, scope: Scope) -> None:
         """The whole connection: handshake, then client frames until it ends. The
@@ -227,6 +238,8 @@ class _Session:
                 hub.unsubscribe(church_id, subscription.channel, subscription)
             conn.subscriptions.clear()
             hub.revocations.unwatch(principal, conn)
+            if self.presence is not None:
+                self.presence.close(church_id, conn.id)
             if self.sessions is not None:
                 self.sessions.discard(self)
             if self.sender is not None:
@@ -265,6 +278,8 @@ class _Session:
         revocations.watch(principal, self.conn, expires_in=expires_in)
         if (measured := _measured(services)) is not None:
             measured.connections.inc()
+        self.presence = presence = presence_of(state)
+        presence.open(principal.church_id, self.conn.id, principal.user_id)
         return True
 
     # -- sending ---------------------------------------------------------------
@@ -372,6 +387,8 @@ class _Session:
                 self._reply(Pong(id=frame.id))
             case Typing():
                 return self._typing(frame)
+            case Viewing():
+                return self._viewing(frame)
         return None
 
     async def _subscribe(self, frame: Subscribe) -> None:
@@ -448,6 +465,22 @@ class _Session:
             await publish_typing(
                 self.services.publisher, principal.church_id, conversation_id, principal.user_id
             )
+
+    async def _viewing(self, frame: Viewing) -> None:
+        principal, conversation_id = self.principal, frame.conversation_id
+        if principal.user_id is None:
+            self._reply(Error(code="forbidden", message="only staff sessions view conversations"))
+            return
+        if conversation_id is not None:
+            name = f"conversation:{conversation_id}"
+            ref = ChannelRef(kind="conversation", id=conversation_id, name=name)
+            try:
+                await channels.authorize(self.services, principal, ref)
+            except ChannelError as exc:
+                self._reply(Error(code=exc.code, message=exc.message))
+                return
+        if self.presence is not None and self.conn.close_code is None:
+            self.presence.view(principal.church_id, self.conn.id, conversation_id)
 
     def _unsubscribe(self, frame: Unsubscribe) -> None:
         try:

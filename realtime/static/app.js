@@ -147,6 +147,7 @@ export class Realtime {
     this.ready = false; // welcomed: frames may be sent
     this.attempt = 0;
     this.nextId = 1;
+    this.viewingId = null; // the conversation this page shows, told again on each connection
     this.onState = onState || (() => {});
     this.connect();
   }
@@ -163,6 +164,13 @@ export class Realtime {
 
   typing(conversationId) {
     this.send({ type: "typing", conversation_id: conversationId });
+  }
+
+  // Who views what ends with the connection on the server, so it is kept here
+  // and said again after every reconnect.
+  viewing(conversationId) {
+    this.viewingId = conversationId;
+    this.send({ type: "viewing", conversation_id: conversationId });
   }
 
   connect() {
@@ -194,6 +202,7 @@ export class Realtime {
         this.ready = true;
         this.onState("live");
         for (const channel of this.channels.keys()) this.sendSubscribe(channel);
+        if (this.viewingId) this.send({ type: "viewing", conversation_id: this.viewingId });
         break;
       case "subscribed": {
         this.pending.delete(frame.id);

@@ -1,20 +1,34 @@
-// The live inbox: conversation list with unread counts, one thread at a time,
-// a reply box and a typing indicator.
+// The live inbox: conversation list with unread counts, search and assignees,
+// one thread at a time with its notes, a composer (reply or note, canned
+// replies after `/`), who else views or answers it, and the member's contact
+// panel.
 //
 // The list follows the `inbox` channel; the open thread follows
 // `conversation:<id>`. Each channel's onReset loads its state from REST, and
 // every event handler is idempotent (state is keyed by id), so a replayed or
-// duplicated event changes nothing.
+// duplicated event changes nothing. Viewers and presence are realtime only
+// (never replayed), so they are read again from GET /v1/presence whenever the
+// connection comes back.
 
 import { $, api, formatTime, Realtime, request, showConnection, signedIn } from "./app.js";
 
 const TYPING_SHOWN_MS = 4000; // how long "typing…" stays after the last signal
 const TYPING_EVERY_MS = 2000; // at most one typing frame per this interval
 const THREAD_PAGE = 100;
+const SEARCH_AFTER_MS = 250; // search once typing pauses this long
 
-const conversations = new Map(); // id -> {id, member_id, status, unread_count, last_message_at}
+const conversations = new Map(); // id -> {id, member_id, status, unread_count, assignee_id, last_message_at}
 const rows = new Map(); // conversation id -> <li>
 const names = new Map(); // member id -> Promise<string>
+const staff = new Map(); // user id -> display name
+const viewers = new Map(); // conversation id -> [user id]
+const online = new Set(); // user ids of staff online
+const search = {
+  q: null, // the words searched, null when the list is the live inbox
+  found: new Map(), // id -> conversation, in the server's order
+  timer: 0,
+  seq: 0, // answers to older searches are dropped
+};
 const thread = {
   id: null, // the open conversation
   messages: new Map(), // message id -> message
@@ -23,20 +37,107 @@ const thread = {
   typingSentAt: 0,
   markingRead: false,
   readAgain: false,
+  othersTyping: new Map(), // user id -> when their last typing signal came
+  collisionTimer: 0,
+  refreshTimer: 0,
 };
+const composer = {
+  mode: "reply", // or "note"
+  canned: null, // the canned reply chosen, sent by id (filled server-side)
+  cannedList: null, // Promise of the church's canned replies, read once
+  matches: [],
+  active: 0,
+};
+let groupNames = null; // Promise<Map group id -> name>
+let staffReadAt = 0; // when the staff list was last read
 
 const me = await signedIn();
-const realtime = new Realtime({ onState: showConnection });
-realtime.subscribe("inbox", { onReset: loadConversations, onEvent: inboxEvent });
+const realtime = new Realtime({
+  onState: (state) => {
+    showConnection(state);
+    if (state === "live") loadPresence();
+  },
+});
+realtime.subscribe("inbox", { onReset: loadInbox, onEvent: inboxEvent });
 wireThread();
+wireSearch();
+wireComposer();
+loadStaff();
+
+// -- staff and presence -----------------------------------------------------------
+
+async function loadStaff() {
+  staffReadAt = Date.now();
+  try {
+    const users = await api("GET", "/v1/staff?limit=200");
+    for (const user of users) staff.set(user.id, user.name || user.email);
+  } catch (err) {
+    console.warn("staff list unavailable:", err.message);
+  }
+  if (!staff.has(me.user.id)) staff.set(me.user.id, me.user.name || me.user.email);
+  renderList();
+  renderAssignees();
+  renderViewers();
+}
+
+// A colleague who joined after the page loaded is not yet known: read the list
+// again, at most every 30 s.
+function staffName(userId) {
+  if (!staff.has(userId) && Date.now() - staffReadAt > 30000) loadStaff();
+  return staff.get(userId) || "A colleague";
+}
+
+function listOfNames(userIds) {
+  const named = userIds.map(staffName);
+  if (named.length <= 1) return named.join("");
+  return `${named.slice(0, -1).join(", ")} and ${named[named.length - 1]}`;
+}
+
+async function loadPresence() {
+  try {
+    const snapshot = await api("GET", "/v1/presence");
+    online.clear();
+    for (const user of snapshot.online) online.add(user);
+    viewers.clear();
+    for (const [id, users] of Object.entries(snapshot.viewers)) viewers.set(id, users);
+    renderList();
+    renderViewers();
+    renderAssignees();
+  } catch (err) {
+    console.warn("presence unavailable:", err.message);
+  }
+}
+
+function viewersSeen(data) {
+  const users = [...new Set(data.viewers.map((viewer) => viewer.user_id))];
+  if (users.length) viewers.set(data.conversation_id, users);
+  else viewers.delete(data.conversation_id);
+  const row = rows.get(data.conversation_id);
+  const conversation = known(data.conversation_id);
+  if (row && conversation) fillRow(row, conversation);
+  if (data.conversation_id === thread.id) renderViewers();
+}
+
+function othersViewing(conversationId) {
+  return (viewers.get(conversationId) || []).filter((user) => user !== me.user.id);
+}
+
+function renderViewers() {
+  const line = $("#viewers");
+  const others = thread.id ? othersViewing(thread.id) : [];
+  line.hidden = others.length === 0;
+  line.textContent = others.length === 0 ? ""
+    : `${listOfNames(others)} ${others.length === 1 ? "is" : "are"} viewing`;
+}
 
 // -- the conversation list ------------------------------------------------------
 
-async function loadConversations() {
+async function loadInbox() {
   const items = await api("GET", "/v1/conversations?limit=200");
   conversations.clear();
   for (const item of items) conversations.set(item.id, pick(item, item.id));
   renderList();
+  if (thread.id) renderThreadHead();
 }
 
 function pick(source, id) {
@@ -45,29 +146,46 @@ function pick(source, id) {
     member_id: source.member_id,
     status: source.status,
     unread_count: source.unread_count,
+    assignee_id: source.assignee_id || null,
     last_message_at: source.last_message_at,
   };
+}
+
+function known(id) {
+  return conversations.get(id) || search.found.get(id);
 }
 
 function inboxEvent(event) {
   const data = event.data;
   switch (event.type) {
     case "conversation.created":
-    case "conversation.updated":
-      conversations.set(data.conversation_id, pick(data, data.conversation_id));
+    case "conversation.updated": {
+      const conversation = pick(data, data.conversation_id);
+      conversations.set(data.conversation_id, conversation);
+      if (search.found.has(data.conversation_id)) search.found.set(data.conversation_id, conversation);
       renderList();
       if (data.conversation_id === thread.id) renderThreadHead();
       break;
+    }
     case "conversation.message.created": {
-      const known = conversations.get(data.conversation_id);
-      if (known && data.created_at > known.last_message_at) {
-        known.last_message_at = data.created_at;
+      if (data.direction === "note") break; // staff's own words, not activity of the member
+      const conversation = conversations.get(data.conversation_id);
+      if (conversation && data.created_at > conversation.last_message_at) {
+        conversation.last_message_at = data.created_at;
         renderList();
       }
       break;
     }
     case "conversation.typing":
       typingSeen(data);
+      break;
+    case "conversation.viewers":
+      viewersSeen(data);
+      break;
+    case "staff.presence":
+      if (data.status === "online") online.add(data.user_id);
+      else online.delete(data.user_id);
+      renderAssignees();
       break;
   }
 }
@@ -82,18 +200,26 @@ function memberName(memberId) {
   return names.get(memberId);
 }
 
+function byActivity(a, b) {
+  return a.last_message_at < b.last_message_at ? 1 : a.last_message_at > b.last_message_at ? -1 : 0;
+}
+
 function renderList() {
   const list = $("#conversations");
-  const sorted = [...conversations.values()].sort((a, b) =>
-    a.last_message_at < b.last_message_at ? 1 : a.last_message_at > b.last_message_at ? -1 : 0);
-  $("#no-conversations").hidden = sorted.length > 0;
-  for (const conversation of sorted) {
+  // Search results keep the server's order; the live inbox is most recent first.
+  const shown = search.q === null
+    ? [...conversations.values()].sort(byActivity)
+    : [...search.found.keys()].map((id) => conversations.get(id) || search.found.get(id));
+  $("#no-conversations").hidden = shown.length > 0 || search.q !== null;
+  const ids = new Set();
+  for (const conversation of shown) {
+    ids.add(conversation.id);
     const row = rows.get(conversation.id) || newRow(conversation);
     fillRow(row, conversation);
     list.appendChild(row); // moves existing rows into order
   }
   for (const [id, row] of rows) {
-    if (!conversations.has(id)) {
+    if (!ids.has(id)) {
       row.remove();
       rows.delete(id);
     }
@@ -112,7 +238,14 @@ function newRow(conversation) {
   const time = document.createElement("time");
   const badge = document.createElement("span");
   badge.className = "badge";
-  button.append(name, time, badge);
+  const meta = document.createElement("span");
+  meta.className = "row-meta";
+  const assignee = document.createElement("span");
+  assignee.className = "assignee";
+  const watching = document.createElement("span");
+  watching.className = "watching";
+  meta.append(assignee, watching);
+  button.append(name, time, badge, meta);
   button.addEventListener("click", () => openThread(conversation.id));
   row.append(button);
   rows.set(conversation.id, row);
@@ -122,6 +255,7 @@ function newRow(conversation) {
 function fillRow(row, conversation) {
   row.dataset.unread = String(conversation.unread_count);
   row.dataset.status = conversation.status;
+  row.dataset.assignee = conversation.assignee_id || "";
   row.classList.toggle("current", conversation.id === thread.id);
   const time = row.querySelector("time");
   time.dateTime = conversation.last_message_at;
@@ -130,6 +264,57 @@ function fillRow(row, conversation) {
   badge.textContent = String(conversation.unread_count);
   badge.hidden = conversation.unread_count === 0;
   badge.setAttribute("aria-label", `${conversation.unread_count} unread`);
+  const assignee = row.querySelector(".assignee");
+  assignee.hidden = !conversation.assignee_id;
+  assignee.textContent = conversation.assignee_id
+    ? `Assigned to ${conversation.assignee_id === me.user.id ? "me" : staffName(conversation.assignee_id)}`
+    : "";
+  const others = othersViewing(conversation.id);
+  const watching = row.querySelector(".watching");
+  watching.hidden = others.length === 0;
+  watching.textContent = others.length ? `${listOfNames(others)} viewing` : "";
+}
+
+// -- search -------------------------------------------------------------------------
+
+function wireSearch() {
+  const box = $("#search-box");
+  $("#search").addEventListener("submit", (submit) => {
+    submit.preventDefault();
+    clearTimeout(search.timer);
+    runSearch(box.value);
+  });
+  box.addEventListener("input", () => {
+    clearTimeout(search.timer);
+    search.timer = setTimeout(() => runSearch(box.value), SEARCH_AFTER_MS);
+  });
+}
+
+async function runSearch(text) {
+  const q = text.trim();
+  const seq = ++search.seq;
+  const status = $("#search-status");
+  if (!q) {
+    search.q = null;
+    search.found.clear();
+    status.hidden = true;
+    renderList();
+    return;
+  }
+  try {
+    const found = await api("GET", `/v1/conversations?limit=50&q=${encodeURIComponent(q)}`);
+    if (seq !== search.seq) return;
+    search.q = q;
+    search.found = new Map(found.map((item) => [item.id, pick(item, item.id)]));
+    status.textContent = found.length === 0 ? `No conversations match “${q}”.`
+      : `${found.length} ${found.length === 1 ? "conversation matches" : "conversations match"} “${q}”.`;
+    status.hidden = false;
+    renderList();
+  } catch (err) {
+    if (seq !== search.seq) return;
+    status.textContent = `Search failed: ${err.message}`;
+    status.hidden = false;
+  }
 }
 
 // -- the open thread ------------------------------------------------------------
@@ -140,18 +325,25 @@ function openThread(id) {
   thread.id = id;
   thread.messages.clear();
   thread.older = null;
+  thread.othersTyping.clear();
   hideTyping();
+  renderCollision();
+  chooseCanned(null);
+  closePicker();
   $("#no-thread").hidden = true;
   $("#thread").hidden = false;
   $("#messages").replaceChildren();
   $("#reply-error").hidden = true;
   renderThreadHead();
+  renderViewers();
   renderList();
-  const conversation = conversations.get(id);
+  const conversation = known(id);
   $("#thread-title").textContent = "…";
   memberName(conversation.member_id).then((text) => {
     if (thread.id === id) $("#thread-title").textContent = text;
   });
+  loadContact(id, conversation.member_id);
+  realtime.viewing(id);
   realtime.subscribe(`conversation:${id}`, {
     onReset: () => loadThread(id),
     onEvent: (event) => threadEvent(id, event),
@@ -180,20 +372,44 @@ async function loadOlder() {
   renderMessages({ keepScroll: true });
 }
 
+// The event of a colleague's note does not say who wrote it: the newest page
+// of the thread, read again, does.
+function refreshSoon(id) {
+  clearTimeout(thread.refreshTimer);
+  thread.refreshTimer = setTimeout(async () => {
+    try {
+      const page = await request("GET", `/v1/conversations/${id}/messages?limit=${THREAD_PAGE}`);
+      if (thread.id !== id) return;
+      for (const message of page.data) thread.messages.set(message.id, message);
+      renderMessages();
+    } catch (err) {
+      console.warn("thread refresh failed:", err.message);
+    }
+  }, 200);
+}
+
 function threadEvent(id, event) {
   if (thread.id !== id) return;
   const data = event.data;
   switch (event.type) {
     case "conversation.message.created":
       if (!thread.messages.has(data.message_id)) {
+        const note = data.direction === "note";
         thread.messages.set(data.message_id, {
           id: data.message_id,
           direction: data.direction,
           body: data.body,
-          status: data.direction === "inbound" ? "received" : "queued",
+          status: data.direction === "inbound" ? "received" : note ? "saved" : "queued",
           created_at: data.created_at,
+          author_id: null,
         });
-        if (data.direction === "inbound") hideTyping();
+        if (data.direction === "inbound") {
+          hideTyping();
+          // STOP, START and keywords arrive as texts: the contact's state may have changed.
+          const conversation = known(id);
+          if (conversation) loadContact(id, conversation.member_id);
+        }
+        if (note) refreshSoon(id);
         renderMessages();
       }
       break;
@@ -213,15 +429,57 @@ function threadEvent(id, event) {
     case "conversation.typing":
       typingSeen(data);
       break;
+    case "conversation.viewers":
+      viewersSeen(data);
+      break;
   }
 }
 
 function renderThreadHead() {
-  const conversation = conversations.get(thread.id);
+  const conversation = known(thread.id);
   if (!conversation) return;
   $("#thread-status").textContent = conversation.status;
   $("#thread-status").dataset.status = conversation.status;
   $("#toggle-status").textContent = conversation.status === "open" ? "Close" : "Reopen";
+  renderAssignees();
+}
+
+// The assignee picker: unassigned, me, then each colleague (online ones marked).
+function renderAssignees() {
+  const select = $("#assignee");
+  const conversation = thread.id ? known(thread.id) : null;
+  const current = (conversation && conversation.assignee_id) || "";
+  const options = [["", "Nobody"], [me.user.id, `Me (${staffName(me.user.id)})`]];
+  const colleagues = [...staff.keys()].filter((id) => id !== me.user.id)
+    .sort((a, b) => staffName(a).localeCompare(staffName(b)));
+  for (const id of colleagues) options.push([id, staffName(id) + (online.has(id) ? " · online" : "")]);
+  if (current && !staff.has(current)) options.push([current, "A colleague"]);
+  select.replaceChildren(...options.map(([value, label]) => {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = label;
+    return option;
+  }));
+  select.value = current;
+  select.disabled = !conversation;
+}
+
+async function assign() {
+  const id = thread.id;
+  const select = $("#assignee");
+  const assignee = select.value || null;
+  select.disabled = true;
+  try {
+    const updated = await api("PATCH", `/v1/conversations/${id}`, { assignee_id: assignee });
+    conversations.set(id, pick(updated, id));
+    if (search.found.has(id)) search.found.set(id, pick(updated, id));
+    renderList();
+  } catch (err) {
+    $("#reply-error").textContent = `Not assigned: ${err.message}`;
+    $("#reply-error").hidden = false;
+  } finally {
+    if (thread.id === id) renderThreadHead();
+  }
 }
 
 function renderMessages({ keepScroll = false } = {}) {
@@ -239,6 +497,18 @@ function messageItem(message) {
   item.dataset.messageId = message.id;
   item.dataset.direction = message.direction;
   item.dataset.status = message.status;
+  if (message.direction === "note") {
+    // A note is for colleagues only: labelled, with its author, never "sent".
+    const label = document.createElement("p");
+    label.className = "note-label";
+    const strong = document.createElement("strong");
+    strong.textContent = "Note";
+    const author = document.createElement("span");
+    author.className = "author";
+    author.textContent = message.author_id ? staffName(message.author_id) : "";
+    label.append(strong, " ", author);
+    item.append(label);
+  }
   const body = document.createElement("p");
   body.className = "body";
   body.textContent = message.body;
@@ -276,7 +546,61 @@ async function markRead() {
   }
 }
 
-// -- replying, typing, closing ------------------------------------------------
+// -- the contact panel ----------------------------------------------------------
+
+const SOURCES = {
+  keyword: "by keyword",
+  staff: "by staff",
+  api: "through the API",
+  import: "by import",
+  inbound: "texted in first",
+};
+
+function loadGroups() {
+  if (!groupNames) {
+    groupNames = api("GET", "/v1/groups?limit=200").then(
+      (groups) => new Map(groups.map((group) => [group.id, group.name])),
+      (err) => {
+        groupNames = null;
+        throw err;
+      },
+    );
+  }
+  return groupNames;
+}
+
+async function loadContact(conversationId, memberId) {
+  $("#contact").hidden = false;
+  try {
+    const member = await api("GET", `/v1/members/${memberId}`);
+    let groups = await loadGroups();
+    if (member.group_ids.some((id) => !groups.has(id))) {
+      groupNames = null; // a group made since the page loaded
+      groups = await loadGroups();
+    }
+    if (thread.id !== conversationId) return;
+    $("#contact-name").textContent = `${member.first_name} ${member.last_name}`.trim() || "—";
+    $("#contact-phone").textContent = member.phone;
+    const optin = $("#contact-optin");
+    optin.dataset.optedIn = String(member.opted_in);
+    const when = new Date(member.opt_changed_at).toLocaleString([], {
+      year: "numeric", month: "short", day: "numeric", hour: "numeric", minute: "2-digit",
+    });
+    optin.textContent = `${member.opted_in ? "Opted in" : "Opted out"} · `
+      + `${SOURCES[member.opt_source] || member.opt_source} · ${when}`;
+    const list = $("#contact-groups");
+    list.replaceChildren(...member.group_ids.map((id) => {
+      const item = document.createElement("li");
+      item.textContent = groups.get(id) || "A group";
+      return item;
+    }));
+    $("#contact-no-groups").hidden = member.group_ids.length > 0;
+  } catch (err) {
+    if (thread.id === conversationId) $("#contact-name").textContent = `Unavailable: ${err.message}`;
+  }
+}
+
+// -- replying, notes, typing, closing ----------------------------------------------
 
 function wireThread() {
   const form = $("#reply");
@@ -286,6 +610,7 @@ function wireThread() {
     sendReply();
   });
   box.addEventListener("keydown", (key) => {
+    if (!$("#canned").hidden && pickerKey(key)) return;
     if (key.key === "Enter" && !key.shiftKey && !key.isComposing) {
       key.preventDefault();
       sendReply();
@@ -293,34 +618,76 @@ function wireThread() {
   });
   box.addEventListener("input", () => {
     const now = Date.now();
-    if (thread.id && box.value && now - thread.typingSentAt >= TYPING_EVERY_MS) {
+    if (box.value && composer.canned) chooseCanned(null); // typing replaces the canned reply
+    if (composer.mode === "reply" && thread.id && box.value
+        && now - thread.typingSentAt >= TYPING_EVERY_MS) {
       thread.typingSentAt = now;
       realtime.typing(thread.id);
     }
+    updatePicker();
+    renderCollision();
   });
   $("#toggle-status").addEventListener("click", toggleStatus);
   $("#older").addEventListener("click", loadOlder);
+  $("#assignee").addEventListener("change", assign);
+}
+
+function wireComposer() {
+  for (const radio of document.querySelectorAll("#reply input[name=mode]")) {
+    radio.addEventListener("change", () => {
+      if (radio.checked) setMode(radio.value);
+    });
+  }
+  $("#canned-clear").addEventListener("click", () => {
+    chooseCanned(null);
+    $("#reply-body").focus();
+  });
+}
+
+function setMode(mode) {
+  composer.mode = mode;
+  const form = $("#reply");
+  form.dataset.mode = mode;
+  const box = $("#reply-body");
+  const note = mode === "note";
+  $("#reply-label").textContent = note ? "Note" : "Reply";
+  box.placeholder = note
+    ? "Write a note for colleagues… (never texted)"
+    : "Write a reply… (Enter sends, Shift+Enter for a new line, / for canned replies)";
+  $("#reply button[type=submit]").textContent = note ? "Add note" : "Send";
+  if (note) {
+    chooseCanned(null);
+    closePicker();
+  }
+  renderCollision();
+  box.focus();
 }
 
 async function sendReply() {
   const box = $("#reply-body");
-  const button = $("#reply button");
+  const button = $("#reply button[type=submit]");
   const error = $("#reply-error");
   const body = box.value.trim();
   const id = thread.id;
-  if (!body || !id || button.disabled) return;
+  const canned = composer.mode === "reply" ? composer.canned : null;
+  if ((!body && !canned) || !id || button.disabled) return;
+  const [path, payload] = composer.mode === "note"
+    ? [`/v1/conversations/${id}/notes`, { body }]
+    : [`/v1/conversations/${id}/messages`, canned ? { canned_reply_id: canned.id } : { body }];
   button.disabled = true;
   error.hidden = true;
   try {
-    const message = await api("POST", `/v1/conversations/${id}/messages`, { body });
+    const message = await api("POST", path, payload);
     box.value = "";
+    chooseCanned(null);
     thread.typingSentAt = 0;
-    if (thread.id === id && !thread.messages.has(message.id)) {
-      thread.messages.set(message.id, message);
+    renderCollision();
+    if (thread.id === id) {
+      thread.messages.set(message.id, { ...thread.messages.get(message.id), ...message });
       renderMessages();
     }
   } catch (err) {
-    error.textContent = `Not sent: ${err.message}`;
+    error.textContent = `${composer.mode === "note" ? "Note not saved" : "Not sent"}: ${err.message}`;
     error.hidden = false;
   } finally {
     button.disabled = false;
@@ -330,12 +697,13 @@ async function sendReply() {
 
 async function toggleStatus() {
   const id = thread.id;
-  const conversation = conversations.get(id);
+  const conversation = known(id);
   if (!conversation) return;
   const status = conversation.status === "open" ? "closed" : "open";
   try {
     const updated = await api("PATCH", `/v1/conversations/${id}`, { status });
     conversations.set(id, pick(updated, id));
+    if (search.found.has(id)) search.found.set(id, pick(updated, id));
     renderList();
     renderThreadHead();
   } catch (err) {
@@ -349,12 +717,156 @@ function typingSeen(data) {
   if (data.conversation_id !== thread.id) return;
   const own = data.user_id === me.user.id && Date.now() - thread.typingSentAt < 1000;
   if (own) return;
-  $("#typing").hidden = false;
+  const typing = $("#typing");
+  typing.textContent = `${data.user_id === me.user.id ? "Someone" : staffName(data.user_id)} is typing…`;
+  typing.hidden = false;
   clearTimeout(thread.typingTimer);
   thread.typingTimer = setTimeout(hideTyping, TYPING_SHOWN_MS);
+  if (data.user_id !== me.user.id) {
+    thread.othersTyping.set(data.user_id, Date.now());
+    renderCollision();
+  }
 }
 
 function hideTyping() {
   clearTimeout(thread.typingTimer);
   $("#typing").hidden = true;
+}
+
+// Two people answering the same member at once: warn while this user has a
+// reply under way and a colleague has typed in the same thread recently.
+function renderCollision() {
+  clearTimeout(thread.collisionTimer);
+  const now = Date.now();
+  for (const [user, at] of thread.othersTyping) {
+    if (now - at >= TYPING_SHOWN_MS) thread.othersTyping.delete(user);
+  }
+  const replying = composer.mode === "reply"
+    && ($("#reply-body").value.trim() !== "" || composer.canned !== null);
+  const others = [...thread.othersTyping.keys()];
+  const warning = $("#collision");
+  const show = replying && others.length > 0;
+  warning.hidden = !show;
+  warning.textContent = show ? `${listOfNames(others)} ${others.length === 1 ? "is" : "are"} also replying` : "";
+  if (others.length) {
+    const next = Math.min(...others.map((user) => thread.othersTyping.get(user))) + TYPING_SHOWN_MS;
+    thread.collisionTimer = setTimeout(renderCollision, Math.max(50, next - now));
+  }
+}
+
+// -- the canned-reply picker (`/` at the start of the reply box) ---------------------
+
+function cannedReplies() {
+  if (!composer.cannedList) {
+    composer.cannedList = api("GET", "/v1/canned-replies?limit=200").catch((err) => {
+      composer.cannedList = null;
+      throw err;
+    });
+  }
+  return composer.cannedList;
+}
+
+async function updatePicker() {
+  const box = $("#reply-body");
+  if (composer.mode !== "reply" || !box.value.startsWith("/")) {
+    closePicker();
+    return;
+  }
+  let all;
+  try {
+    all = await cannedReplies();
+  } catch (err) {
+    $("#reply-error").textContent = `Canned replies unavailable: ${err.message}`;
+    $("#reply-error").hidden = false;
+    return;
+  }
+  if (!box.value.startsWith("/")) return; // changed while the list loaded
+  const words = box.value.slice(1).trim().toLowerCase();
+  composer.matches = all.filter((canned) =>
+    canned.name.toLowerCase().includes(words) || canned.body.toLowerCase().includes(words));
+  composer.active = 0;
+  renderPicker();
+}
+
+function renderPicker() {
+  const picker = $("#canned");
+  const box = $("#reply-body");
+  if (composer.matches.length === 0) {
+    const empty = document.createElement("li");
+    empty.className = "muted";
+    empty.textContent = "No canned reply matches.";
+    picker.replaceChildren(empty);
+    box.removeAttribute("aria-activedescendant");
+  } else {
+    picker.replaceChildren(...composer.matches.map((canned, index) => {
+      const option = document.createElement("li");
+      option.id = `canned-${index}`;
+      option.setAttribute("role", "option");
+      option.setAttribute("aria-selected", String(index === composer.active));
+      option.dataset.cannedReplyId = canned.id;
+      const name = document.createElement("strong");
+      name.textContent = canned.name;
+      const body = document.createElement("span");
+      body.className = "muted";
+      body.textContent = canned.body;
+      option.append(name, " ", body);
+      // mousedown, not click: the box keeps its focus.
+      option.addEventListener("mousedown", (down) => {
+        down.preventDefault();
+        chooseCanned(canned);
+      });
+      return option;
+    }));
+    box.setAttribute("aria-activedescendant", `canned-${composer.active}`);
+  }
+  picker.hidden = false;
+}
+
+function closePicker() {
+  composer.matches = [];
+  $("#canned").hidden = true;
+  const box = $("#reply-body");
+  box.removeAttribute("aria-activedescendant");
+}
+
+// Keys the open picker takes; true when the key was used.
+function pickerKey(key) {
+  const count = composer.matches.length;
+  switch (key.key) {
+    case "ArrowDown":
+    case "ArrowUp":
+      if (!count) return false;
+      key.preventDefault();
+      composer.active = (composer.active + (key.key === "ArrowDown" ? 1 : count - 1)) % count;
+      renderPicker();
+      return true;
+    case "Enter":
+      if (!count || key.shiftKey) return false;
+      key.preventDefault();
+      chooseCanned(composer.matches[composer.active]);
+      return true;
+    case "Escape":
+      key.preventDefault();
+      closePicker();
+      return true;
+  }
+  return false;
+}
+
+// Choose (or with null, drop) the canned reply the next Send texts; it is sent
+// by id so that its merge fields are filled for the member by the server.
+function chooseCanned(canned) {
+  composer.canned = canned;
+  const box = $("#reply-body");
+  const chosen = $("#canned-chosen");
+  box.required = !canned;
+  if (canned) {
+    box.value = "";
+    closePicker();
+    chosen.querySelector(".name").textContent = canned.name;
+    chosen.querySelector(".body").textContent = canned.body;
+    box.focus();
+    renderCollision();
+  }
+  chosen.hidden = !canned;
 }

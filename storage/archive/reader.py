@@ -211,6 +211,7 @@ def _thread_message(row: ArchivedConversationMessage, erased: bool) -> Conversat
         status=row.status,
         provider_message_id=row.provider_message_id,
         created_at=row.created_at,
+        author_id=row.author_id,
         archived=True,
     )
 

@@ -82,6 +82,8 @@ class ArchivedConversationMessage(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     provider_message_id: str | None = None
     sent_by: uuid.UUID | None = None
+    author_id: uuid.UUID | None = None
+    """A note's author (migration 0014); files written before it read None."""
 
 
 ArchivedRow = ArchivedMessage | ArchivedRecipient | ArchivedConversationMessage

@@ -95,6 +95,29 @@ class MemberChanged(Base, frozen=True):
     member_id: uuid.UUID
 
 
+class MemberJoinedGroup(Base, frozen=True):
+    member_id: uuid.UUID
+    group_id: uuid.UUID
+    source: str
+    """What added them: ``keyword`` (a group keyword texted in)."""
+
+
+class Viewer(Base, frozen=True):
+    user_id: uuid.UUID
+    since: datetime
+
+
+class ConversationViewers(Base, frozen=True):
+    conversation_id: uuid.UUID
+    viewers: list[Viewer]
+
+
+class StaffPresence(Base, frozen=True):
+    user_id: uuid.UUID
+    status: str
+    """``online`` or ``offline``."""
+
+
 class MemberOptChanged(Base, frozen=True):
     member_id: uuid.UUID
     source: str
@@ -183,6 +206,18 @@ class ConversationTypingEvent(Event[ConversationTyping], frozen=True, tag="conve
     subscribable: ClassVar[bool] = False
 
 
+class ConversationViewersEvent(Event[ConversationViewers], frozen=True, tag="conversation.viewers"):
+    """Realtime only: pub/sub, never logged, stored or sent to webhooks."""
+
+    subscribable: ClassVar[bool] = False
+
+
+class StaffPresenceEvent(Event[StaffPresence], frozen=True, tag="staff.presence"):
+    """Realtime only: pub/sub, never logged, stored or sent to webhooks."""
+
+    subscribable: ClassVar[bool] = False
+
+
 class MemberCreatedEvent(Event[MemberChanged], frozen=True, tag="member.created"):
     pass
 
@@ -196,6 +231,10 @@ class MemberOptedOutEvent(Event[MemberOptChanged], frozen=True, tag="member.opte
 
 
 class MemberOptedInEvent(Event[MemberOptChanged], frozen=True, tag="member.opted_in"):
+    pass
+
+
+class MemberJoinedGroupEvent(Event[MemberJoinedGroup], frozen=True, tag="member.joined_group"):
     pass
 
 
@@ -223,10 +262,13 @@ AnyEvent = (
     | ConversationMessageCreatedEvent
     | ConversationMessageStatusEvent
     | ConversationTypingEvent
+    | ConversationViewersEvent
+    | StaffPresenceEvent
     | MemberCreatedEvent
     | MemberUpdatedEvent
     | MemberOptedOutEvent
     | MemberOptedInEvent
+    | MemberJoinedGroupEvent
     | WebhookEndpointDisabledEvent
     | WebhookEndpointTestEvent
 )
@@ -244,7 +286,8 @@ EVENT_KINDS: tuple[type[Event[Any]], ...] = get_args(AnyEvent)
 EVENT_TYPES: tuple[str, ...] = tuple(tag_of(k) for k in EVENT_KINDS)
 """Every event type, in the union's order."""
 WEBHOOK_EVENT_TYPES = frozenset(tag_of(k) for k in EVENT_KINDS if k.subscribable)
-"""What integrators can subscribe to (typing is realtime only, the test on request)."""
+"""What integrators can subscribe to (typing, viewers and presence are realtime only,
+the test on request)."""
 
 
 _encoder = msgspec.json.Encoder()

@@ -2,7 +2,9 @@
 
 Inbound texts are stored here as they arrive. Outbound ones (staff replies, our
 automatic answers) are accepted here as messages of one recipient and sent by the
-delivery worker exactly as a broadcast's recipients are (``accept_reply``).
+delivery worker exactly as a broadcast's recipients are (``accept_reply``). Notes
+(``add_note``) are staff's words about the conversation, kept in its thread and
+never texted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import msgspec
 from psycopg.types.json import Jsonb
 
+from storage.domain import merge_fields
 from storage.domain.errors import Conflict, InvalidInput, NotFound, OptedOut
 from storage.domain.events import (
     ConversationChanged,
@@ -25,9 +28,11 @@ from storage.domain.events import (
 )
 from storage.domain.ids import created_at_of, uuid7
 from storage.domain.segments import count_segments
+from storage.pg.canned_replies import get_canned_reply
 from storage.pg.database import Conn
 from storage.pg.event_log import append
 from storage.pg.freshness import stale_ok
+from storage.pg.messages import merge_values
 from storage.pg.pagination import Page, decode_cursor, page_of
 from storage.pg.recipients import recipient_id
 from storage.redis.queue import SendBatch
@@ -51,18 +56,21 @@ class ConversationMessage(msgspec.Struct, frozen=True):
     status: str
     provider_message_id: str | None
     created_at: datetime
+    author_id: uuid.UUID | None = None
+    """Who wrote a note: the staff user, or None when an API key did (and for texts)."""
     archived: bool = False
     """Read from the archive (storage/archive/reader.py): its month has left the
     database."""
 
 
 _CONV = "id, member_id, status, unread_count, assignee_id, last_message_at, created_at"
-_MSG = "id, conversation_id, direction, body, status, provider_message_id, created_at"
+_C_CONV = ", ".join(f"c.{column}" for column in _CONV.split(", "))
+_MSG = "id, conversation_id, direction, body, status, provider_message_id, created_at, author_id"
 # An outbound text's status lives on its recipient row (same id as its message):
 # the thread reads it there, so there is one truth and nothing to keep in step.
 _THREAD = (
     "cm.id, cm.conversation_id, cm.direction, cm.body, coalesce(r.status, cm.status), "
-    "coalesce(r.provider_message_id, cm.provider_message_id), cm.created_at"
+    "coalesce(r.provider_message_id, cm.provider_message_id), cm.created_at, cm.author_id"
 )
 _THREAD_JOIN = (
     "LEFT JOIN message_recipient r ON cm.direction = 'outbound' "
@@ -132,7 +140,8 @@ async def accept_reply(
     church_id: uuid.UUID,
     conversation_id: uuid.UUID,
     *,
-    body: str,
+    body: str | None = None,
+    canned_reply_id: uuid.UUID | None = None,
     sent_by: uuid.UUID | None,
     kind: ReplyKind = ReplyKind.REPLY,
     consent_exempt: bool = False,
@@ -147,10 +156,14 @@ async def accept_reply(
     out, unless ``consent_exempt``) and again when it is sent, like every text.
     ``traceparent``: the accepting request's trace context, stored on the message and
     carried by its batch (storage/process/tracing.py); empty when tracing is off.
+
+    The text is ``body``, or the church's canned reply ``canned_reply_id`` filled for
+    the member (``NotFound`` for another church's): exactly one of the two.
     """
+    if (body is None) == (canned_reply_id is None):
+        raise InvalidInput("body", "give either body or canned_reply_id")
     message_id = uuid7()
     created_at = created_at_of(message_id)
-    info = count_segments(body)
     async with conn.transaction():
         cur = await conn.execute(
             "SELECT c.member_id, m.opted_in, m.deleted_at IS NOT NULL, ch.phone_number "
@@ -162,10 +175,17 @@ async def accept_reply(
         if found is None:
             raise NotFound("conversation")
         member_id, opted_in, erased, from_number = found
+        text = (
+            body
+            if canned_reply_id is None
+            else await _filled(conn, church_id, canned_reply_id, member_id)
+        )
+        assert text is not None  # one of the two, checked above
         if erased:
             raise Conflict("the member was erased: there is no number to text", field="id")
         if not opted_in and not consent_exempt:
             raise OptedOut()
+        info = count_segments(text)
         read = ", unread_count = 0" if kind is ReplyKind.REPLY else ""
         cur = await conn.execute(
             f"UPDATE conversation SET last_message_at = %s{read} "
@@ -178,7 +198,7 @@ async def accept_reply(
             "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
             "direction, body, status, sent_by) VALUES (%s, %s, %s, %s, 'outbound', %s, 'queued', "
             f"%s) RETURNING {_MSG}",
-            (church_id, message_id, created_at, conversation_id, body, sent_by),
+            (church_id, message_id, created_at, conversation_id, text, sent_by),
         )
         mrow = await cur.fetchone()
         assert mrow is not None
@@ -191,7 +211,7 @@ async def accept_reply(
                 church_id,
                 message_id,
                 created_at,
-                body,
+                text,
                 Jsonb({"member_ids": [str(member_id)]}),
                 info.segments,
                 info.encoding,
@@ -225,6 +245,61 @@ async def accept_reply(
         traceparent=traceparent,
     )
     return AcceptedReply(conversation=conversation, message=message, batch=batch)
+
+
+async def _filled(
+    conn: Conn, church_id: uuid.UUID, canned_reply_id: uuid.UUID, member_id: uuid.UUID
+) -> str:
+    """The canned reply's body with the member's merge fields, as the worker fills a
+    broadcast's (storage/domain/merge_fields.py): filled here, so the thread shows the
+    very text the member gets."""
+    canned = await get_canned_reply(conn, church_id, canned_reply_id)
+    values = await merge_values(conn, church_id, [member_id])
+    text = merge_fields.render(canned.body, values.get(member_id, {}))
+    if not text:
+        raise InvalidInput("canned_reply_id", "fills to an empty text for this member")
+    return text
+
+
+async def add_note(
+    conn: Conn,
+    church_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    *,
+    body: str,
+    author_id: uuid.UUID | None,
+) -> ConversationMessage:
+    """Keep a note in the thread: never texted, and the conversation stays as it was
+    (not reopened, unread count and last activity unchanged: no one wrote to the
+    church). An erased member's conversation takes no notes (``Conflict``): erasure
+    blanked its text, and a note is text about that member."""
+    message_id = uuid7()
+    created_at = created_at_of(message_id)
+    async with conn.transaction():
+        cur = await conn.execute(
+            f"SELECT {_C_CONV}, m.deleted_at IS NOT NULL FROM conversation c "
+            "JOIN member m ON m.church_id = c.church_id AND m.id = c.member_id "
+            "WHERE c.church_id = %s AND c.id = %s",
+            (church_id, conversation_id),
+        )
+        found = await cur.fetchone()
+        if found is None:
+            raise NotFound("conversation")
+        if found[7]:
+            raise Conflict("the member was erased: their conversation takes no notes", field="id")
+        cur = await conn.execute(
+            "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
+            "direction, body, status, author_id) VALUES (%s, %s, %s, %s, 'note', %s, 'saved', %s) "
+            f"RETURNING {_MSG}",
+            (church_id, message_id, created_at, conversation_id, body, author_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        conversation, note = Conversation(*found[:7]), ConversationMessage(*row)
+        await append(
+            conn, [(church_id, channels_of(conversation_id), posted_event(conversation, note))]
+        )
+    return note
 
 
 def changed_event(

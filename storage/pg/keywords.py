@@ -27,6 +27,9 @@ The caller accepts the reply as a one-recipient message in the same transaction
 (storage/pg/conversations.py ``accept_reply``) and enqueues it after the commit, on
 the pipeline every text takes. HELP answers and START confirmations are the two
 kinds sent whatever the opt-in state (``consent_exempt``), as carriers allow.
+
+A church's own keywords that join groups (storage/pg/group_keywords.py) may never be
+one of these words, and are looked for only in a text that is none of them.
 """
 
 from __future__ import annotations

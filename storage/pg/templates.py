@@ -13,15 +13,15 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from psycopg import errors
 
 from storage.domain import merge_fields
-from storage.domain.errors import Conflict, InvalidInput, NotFound
-from storage.domain.ids import uuid7
 from storage.domain.segments import count_segments
 from storage.pg.database import Conn
 from storage.pg.freshness import stale_ok
-from storage.pg.pagination import Page, id_page
+from storage.pg.named_texts import NamedTexts, body_problems
+from storage.pg.pagination import Page
+
+__all__ = ["body_problems"]  # re-exported: the API checks bodies with it
 
 
 class Template(msgspec.Struct, frozen=True):
@@ -34,10 +34,6 @@ class Template(msgspec.Struct, frozen=True):
     encoding: str
     created_at: datetime
     updated_at: datetime
-
-
-_COLS = "id, name, body, created_at, updated_at"
-_TAKEN = "a template with this name already exists"
 
 
 def _template(row: tuple[Any, ...]) -> Template:
@@ -55,63 +51,23 @@ def _template(row: tuple[Any, ...]) -> Template:
     )
 
 
-def body_problems(body: str) -> list[InvalidInput]:
-    """Each problem with the merge fields of ``body``, as a ``body`` field error."""
-    return [InvalidInput("body", p) for p in merge_fields.problems(body)]
-
-
-def _clean(name: str) -> str:
-    cleaned = name.strip()
-    if not cleaned:
-        raise InvalidInput("name", "must not be blank")
-    return cleaned
-
-
-def _check(body: str) -> None:
-    found = body_problems(body)
-    if found:
-        raise found[0]
+_TEMPLATES = NamedTexts("message_template", "template", _template)
 
 
 async def create_template(conn: Conn, church_id: uuid.UUID, *, name: str, body: str) -> Template:
-    _check(body)
-    try:
-        cur = await conn.execute(
-            "INSERT INTO message_template (church_id, id, name, body) VALUES (%s, %s, %s, %s) "
-            f"RETURNING {_COLS}",
-            (church_id, uuid7(), _clean(name), body),
-        )
-    except errors.UniqueViolation as exc:
-        raise Conflict(_TAKEN, field="name") from exc
-    row = await cur.fetchone()
-    assert row is not None
-    return _template(row)
+    return await _TEMPLATES.create(conn, church_id, name=name, body=body)
 
 
 async def get_template(conn: Conn, church_id: uuid.UUID, template_id: uuid.UUID) -> Template:
     """The church's template, or NotFound (another church's id included)."""
-    cur = await conn.execute(
-        f"SELECT {_COLS} FROM message_template WHERE church_id = %s AND id = %s",
-        (church_id, template_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("template")
-    return _template(row)
+    return await _TEMPLATES.get(conn, church_id, template_id)
 
 
 @stale_ok
 async def list_templates(
     conn: Conn, church_id: uuid.UUID, *, limit: int, cursor: str | None
 ) -> Page[Template]:
-    return await id_page(
-        conn,
-        f"SELECT {_COLS} FROM message_template",
-        church_id,
-        limit=limit,
-        cursor=cursor,
-        row=lambda *r: _template(r),
-    )
+    return await _TEMPLATES.page(conn, church_id, limit=limit, cursor=cursor)
 
 
 async def update_template(
@@ -122,29 +78,9 @@ async def update_template(
     name: str | None = None,
     body: str | None = None,
 ) -> Template:
-    if body is not None:
-        _check(body)
-    try:
-        cur = await conn.execute(
-            "UPDATE message_template SET name = coalesce(%s, name), body = coalesce(%s, body), "
-            f"updated_at = now() WHERE church_id = %s AND id = %s RETURNING {_COLS}",
-            (_clean(name) if name is not None else None, body, church_id, template_id),
-        )
-    except errors.UniqueViolation as exc:
-        raise Conflict(_TAKEN, field="name") from exc
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("template")
-    return _template(row)
+    return await _TEMPLATES.update(conn, church_id, template_id, name=name, body=body)
 
 
 async def delete_template(conn: Conn, church_id: uuid.UUID, template_id: uuid.UUID) -> Template:
     """Delete a template; broadcasts sent from it keep their own copy of the body."""
-    cur = await conn.execute(
-        f"DELETE FROM message_template WHERE church_id = %s AND id = %s RETURNING {_COLS}",
-        (church_id, template_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise NotFound("template")
-    return _template(row)
+    return await _TEMPLATES.delete(conn, church_id, template_id)

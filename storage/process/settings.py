@@ -79,6 +79,28 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_WS_MAX_CONNECTIONS: WebSocket connections one web process holds."""
     max_connections_per_church: int = 2_000
     """KOINONIA_WS_MAX_PER_CHURCH: per church and web process; more close with 4029."""
+    presence_heartbeat_s: float = 15.0
+    """KOINONIA_PRESENCE_HEARTBEAT_S: how often each web node rewrites its staff
+    connections (who is online, who views what) in Redis."""
+    presence_ttl_s: float = 40.0
+    """KOINONIA_PRESENCE_TTL_S: how long a connection's entry outlives its node's last
+    write; a node that dies drops out within TTL + heartbeat (60 s at most)."""
+
+
+def presence_intervals(heartbeat_s: float, ttl_s: float) -> dict[str, float]:
+    """The two presence intervals, checked: a dead node must drop out within 60 s
+    (docs/protocol.md "The inbox"), and a live one must write before its entries
+    expire."""
+    if not 0 < heartbeat_s < ttl_s:
+        raise ValueError(
+            "KOINONIA_PRESENCE_HEARTBEAT_S must be above 0 and below KOINONIA_PRESENCE_TTL_S"
+        )
+    if ttl_s + heartbeat_s > 60:
+        raise ValueError(
+            "KOINONIA_PRESENCE_TTL_S + KOINONIA_PRESENCE_HEARTBEAT_S must be at most 60 s: "
+            "a dead node's staff must go offline within a minute"
+        )
+    return {"presence_heartbeat_s": heartbeat_s, "presence_ttl_s": ttl_s}
 
 
 class SecuritySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -526,6 +548,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             realtime=RealtimeSettings(
                 max_connections=i("KOINONIA_WS_MAX_CONNECTIONS", 20_000),
                 max_connections_per_church=i("KOINONIA_WS_MAX_PER_CHURCH", 2_000),
+                **presence_intervals(
+                    f("KOINONIA_PRESENCE_HEARTBEAT_S", 15.0), f("KOINONIA_PRESENCE_TTL_S", 40.0)
+                ),
             ),
             security=SecuritySettings(
                 phone_key=key("KOINONIA_PHONE_KEY"),

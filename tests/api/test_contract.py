@@ -79,6 +79,16 @@ def other_resources(
         ("/v1/branches", "branches", {"name": "B's branch"}),
         ("/v1/templates", "templates", {"name": "B's template", "body": "Hi {{first_name}}"}),
         (
+            "/v1/canned-replies",
+            "canned-replies",
+            {"name": "B's reply", "body": "Hi {{first_name}}"},
+        ),
+        (
+            "/v1/keywords",
+            "keywords",
+            {"keyword": "BJOIN", "group_id": group, "reply": "B's welcome"},
+        ),
+        (
             "/v1/recurring-messages",
             "recurring-messages",
             {

@@ -32,6 +32,8 @@ _TABLES = (
     "message",
     "conversation",
     "conversation_message",
+    "canned_reply",
+    "group_keyword",
     "webhook_endpoint",
     "audit_log",
     "staff_invitation",

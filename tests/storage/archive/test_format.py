@@ -93,6 +93,7 @@ def thread_message(conversation_id: uuid.UUID, n: int, **over: Any) -> dict[str,
         "status": "received",
         "provider_message_id": None,
         "sent_by": None,
+        "author_id": None,
     }
     row.update(over)
     return row
