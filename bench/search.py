@@ -50,13 +50,7 @@ from storage.domain.phones import PhoneVault  # noqa: E402
 from storage.pg.conversation_search import search_conversations  # noqa: E402
 from storage.pg.conversations import ConversationFilter  # noqa: E402
 from storage.pg.database import connection_kwargs  # noqa: E402
-from storage.pg.partitions import (  # noqa: E402
-    FILLFACTOR,
-    PARTITIONED_TABLES,
-    month_start,
-    next_month,
-    partition_name,
-)
+from storage.pg.partitions import MONTHS_AHEAD, ensure_partitions, month_start  # noqa: E402
 from storage.process.settings import DatabaseSettings  # noqa: E402
 
 MARKER = "bench-search.json"
@@ -231,27 +225,16 @@ def _accumulate(weights: list[float]) -> Iterator[float]:
         yield total
 
 
-def _partitions(conn: psycopg.Connection, first: date, last: date) -> None:
-    month = month_start(first)
-    while month <= last:
-        for table in PARTITIONED_TABLES:
-            name = partition_name(table, month)
-            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
-            if row and row[0]:
-                continue
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({}) "
-                    "WITH (fillfactor = {})"
-                ).format(
-                    sql.Identifier(name),
-                    sql.Identifier(table),
-                    sql.Literal(f"{month.isoformat()} 00:00:00+00"),
-                    sql.Literal(f"{next_month(month).isoformat()} 00:00:00+00"),
-                    sql.Literal(FILLFACTOR.get(table, 100)),
-                )
-            )
-        month = next_month(month)
+def _partitions(url: str, first: date, last: date) -> None:
+    """Every month's partitions from ``first`` to ``last`` (and the usual months
+    ahead), made by the code migrations and the scheduler use."""
+    ahead = (last.year - first.year) * 12 + last.month - first.month + MONTHS_AHEAD
+
+    async def make() -> None:
+        async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
+            await ensure_partitions(conn, today=first, ahead=ahead)
+
+    asyncio.run(make())
 
 
 def seed_church(
@@ -362,8 +345,8 @@ def seed(url: str, vault: PhoneVault, args: argparse.Namespace) -> dict[str, obj
     start_ms = int(datetime(first.year, first.month, 1, tzinfo=UTC).timestamp() * 1000) + DAY_MS
     end_ms = time.time_ns() // 1_000_000 - 3_600_000
     vocab = vocabulary(rng)
+    _partitions(url, first, today)
     with psycopg.connect(url) as conn:
-        _partitions(conn, first, today)
         # Built once after the load (as the migration defines it) rather than row by row.
         row = conn.execute(
             "SELECT pg_get_indexdef('conversation_message_search'::regclass)"

@@ -441,6 +441,18 @@ class _Session:
         )
         subscription.go_live(replay.epoch, replay.position)
 
+    async def _may_see(self, conversation_id: uuid.UUID) -> bool:
+        """Whether the connection's church owns the conversation (its channel may be
+        read); else a ``forbidden`` error frame, and False."""
+        name = f"conversation:{conversation_id}"
+        ref = ChannelRef(kind="conversation", id=conversation_id, name=name)
+        try:
+            await channels.authorize(self.services, self.principal, ref)
+        except ChannelError as exc:
+            self._reply(Error(code=exc.code, message=exc.message))
+            return False
+        return True
+
     async def _typing(self, frame: Typing) -> None:
         principal, conversation_id = self.principal, frame.conversation_id
         if principal.user_id is None:
@@ -452,14 +464,8 @@ class _Session:
         now = self.loop.time()
         if not gate.due(conversation_id, now):
             return  # the indicator is already showing
-        if not gate.known(conversation_id):
-            name = f"conversation:{conversation_id}"
-            ref = ChannelRef(kind="conversation", id=conversation_id, name=name)
-            try:
-                await channels.authorize(self.services, principal, ref)
-            except ChannelError as exc:
-                self._reply(Error(code=exc.code, message=exc.message))
-                return
+        if not gate.known(conversation_id) and not await self._may_see(conversation_id):
+            return
         gate.sent(conversation_id, now)
         with contextlib.suppress(RedisError, OSError):  # an indicator lost is harmless
             await publish_typing(
@@ -471,14 +477,8 @@ class _Session:
         if principal.user_id is None:
             self._reply(Error(code="forbidden", message="only staff sessions view conversations"))
             return
-        if conversation_id is not None:
-            name = f"conversation:{conversation_id}"
-            ref = ChannelRef(kind="conversation", id=conversation_id, name=name)
-            try:
-                await channels.authorize(self.services, principal, ref)
-            except ChannelError as exc:
-                self._reply(Error(code=exc.code, message=exc.message))
-                return
+        if conversation_id is not None and not await self._may_see(conversation_id):
+            return
         if self.presence is not None and self.conn.close_code is None:
             self.presence.view(principal.church_id, self.conn.id, conversation_id)
 

@@ -311,6 +311,27 @@ def wait_until(check: Callable[[], bool], seconds: float = 30.0, what: str = "co
         time.sleep(0.05)
 
 
+def texted_in(
+    church: Church, sim_url: str, phone: str | None = None, **member: Any
+) -> tuple[str, str]:
+    """A member (``member`` fields) who texted the church "Hi" through the simulator:
+    (member id, conversation id), once the conversation is in the inbox."""
+    phone = phone or unique_phone()
+    member_id = church.member(phone, **member)
+    httpx.post(
+        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
+    ).raise_for_status()
+    found: list[str] = []
+
+    def arrived() -> bool:
+        answer = church.api.get("/v1/conversations", params={"limit": 200})
+        found[:] = [c["id"] for c in answer.json()["data"] if c["member_id"] == member_id]
+        return bool(found)
+
+    wait_until(arrived, 10, "the member's text reached the inbox")
+    return member_id, found[0]
+
+
 def receipt_ref(stack: Stack, church_id: object, message_id: object, recipient_id: object) -> str:
     """The callback reference the worker gives the provider for a recipient (our MAC
     included), as the stack's own key makes it."""

@@ -74,7 +74,7 @@ def prefix_query(lexemes: list[str]) -> str | None:
 
 
 def without_compounds(lexemes: list[str]) -> list[str]:
-    """Drop a hyphenated word whose parts are words too: the parser gives "pick-me"
+    """Leave out a hyphenated word whose parts are words too: the parser gives "pick-me"
     as "pick-me", "pick" and "me", and "pick me up" holds no "pick-me"."""
     present = set(lexemes)
     return [

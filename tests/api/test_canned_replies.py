@@ -15,7 +15,7 @@ import httpx
 import psycopg
 
 from deploy.stack import Stack
-from tests.conftest import Church, texts_sent, unique_phone, wait_until
+from tests.conftest import Church, texted_in, texts_sent, unique_phone, wait_until
 
 WELCOME = "Hi {{first_name}}, welcome to {{ church_name }}!"
 
@@ -34,22 +34,6 @@ def _stored(stack: Stack, church: Church) -> list[tuple[Any, ...]]:
             "SELECT id, name, body, updated_at FROM canned_reply WHERE church_id = %s ORDER BY id",
             (uuid.UUID(church.id),),
         ).fetchall()
-
-
-def _conversation(church: Church, sim_url: str, phone: str, **member: Any) -> str:
-    member_id = church.member(phone, **member)
-    httpx.post(
-        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
-    ).raise_for_status()
-    found: list[str] = []
-
-    def arrived() -> bool:
-        answer = church.api.get("/v1/conversations", params={"limit": 200})
-        found[:] = [c["id"] for c in answer.json()["data"] if c["member_id"] == member_id]
-        return bool(found)
-
-    wait_until(arrived, 10, "the member's text reached the inbox")
-    return found[0]
 
 
 def _outbound(church: Church, conversation_id: str) -> list[dict[str, Any]]:
@@ -140,7 +124,7 @@ def test_another_churchs_canned_reply_is_not_found(
         assert _errors(answer)[:2] == (404, "not_found")
     assert church.api.get("/v1/canned-replies").json()["data"] == []
     phone = unique_phone()
-    conversation_id = _conversation(church, sim_url, phone)
+    _, conversation_id = texted_in(church, sim_url, phone)
     reply = church.api.post(
         f"/v1/conversations/{conversation_id}/messages", json={"canned_reply_id": theirs["id"]}
     )
@@ -154,7 +138,7 @@ def test_another_churchs_canned_reply_is_not_found(
 def test_a_reply_from_a_canned_reply_is_filled_for_the_member(church: Church, sim_url: str) -> None:
     canned = _canned(church, "Welcome")
     phone = unique_phone()
-    conversation_id = _conversation(church, sim_url, phone, first_name="Lydia")
+    _, conversation_id = texted_in(church, sim_url, phone, first_name="Lydia")
     path = f"/v1/conversations/{conversation_id}/messages"
     for body in ({}, {"body": "Hi", "canned_reply_id": canned["id"]}):
         answer = church.api.post(path, json=body)

@@ -21,24 +21,7 @@ from deploy.stack import Stack
 from storage.archive.format import read_key, write_month
 from storage.archive.reader import _thread_message
 from storage.archive.schema import ArchivedConversationMessage
-from tests.conftest import Church, texts_sent, unique_phone, wait_until
-
-
-def _conversation(church: Church, sim_url: str, phone: str) -> tuple[str, str]:
-    """A member who texted in once: (member id, conversation id)."""
-    member_id = church.member(phone)
-    httpx.post(
-        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
-    ).raise_for_status()
-    found: list[str] = []
-
-    def arrived() -> bool:
-        answer = church.api.get("/v1/conversations", params={"limit": 200})
-        found[:] = [c["id"] for c in answer.json()["data"] if c["member_id"] == member_id]
-        return bool(found)
-
-    wait_until(arrived, 10, "the member's text reached the inbox")
-    return member_id, found[0]
+from tests.conftest import Church, texted_in, texts_sent, unique_phone, wait_until
 
 
 def _thread(church: Church, conversation_id: str) -> list[dict[str, Any]]:
@@ -67,7 +50,7 @@ def test_a_note_is_listed_published_and_never_texted_nor_unread(
     church: Church, stack: Stack, base_url: str, sim_url: str
 ) -> None:
     phone = unique_phone()
-    _, conversation_id = _conversation(church, sim_url, phone)
+    _, conversation_id = texted_in(church, sim_url, phone)
     before = church.api.get(f"/v1/conversations/{conversation_id}").json()["data"]
     assert before["unread_count"] == 1
     channel = {"channel": f"conversation:{conversation_id}"}
@@ -122,7 +105,7 @@ def test_a_note_is_listed_published_and_never_texted_nor_unread(
 def test_a_note_needs_no_consent_does_not_reopen_and_is_erased_with_the_member(
     church: Church, sim_url: str
 ) -> None:
-    member_id, conversation_id = _conversation(church, sim_url, unique_phone())
+    member_id, conversation_id = texted_in(church, sim_url, unique_phone())
     closed = church.api.patch(f"/v1/conversations/{conversation_id}", json={"status": "closed"})
     assert closed.status_code == 200, closed.text
     # Never texted, so consent does not come into it.
@@ -150,7 +133,7 @@ def test_a_note_needs_no_consent_does_not_reopen_and_is_erased_with_the_member(
 def test_bad_notes_and_another_churchs_conversation_write_nothing(
     church: Church, other_church: Church, stack: Stack, sim_url: str
 ) -> None:
-    _, conversation_id = _conversation(church, sim_url, unique_phone())
+    _, conversation_id = texted_in(church, sim_url, unique_phone())
     path = f"/v1/conversations/{conversation_id}/notes"
     for body, field in (
         ({}, "body"),

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from deploy.stack import Stack
-from tests.conftest import Church, texts_sent, unique_phone
+from tests.conftest import Church, texted_in, texts_sent, unique_phone
 from tests.conftest import wait_until as _wait
 
 
@@ -35,23 +35,6 @@ def outage(sim_url: str) -> Iterator[Callable[[bool], None]]:
         yield switch
     finally:
         switch(False)
-
-
-def _conversation(church: Church, sim_url: str, phone: str) -> tuple[str, str]:
-    """A member who texted in: (member id, conversation id)."""
-    member_id = church.member(phone)
-    httpx.post(
-        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
-    ).raise_for_status()
-    found: list[str] = []
-
-    def arrived() -> bool:
-        answer = church.api.get("/v1/conversations", params={"limit": 200})
-        found[:] = [c["id"] for c in answer.json()["data"] if c["member_id"] == member_id]
-        return bool(found)
-
-    _wait(arrived, 10, "the member's text reached the inbox")
-    return member_id, found[0]
 
 
 def _reply(church: Church, conversation_id: str, body: str) -> httpx.Response:
@@ -93,7 +76,7 @@ def test_a_reply_to_an_opted_out_member_is_refused_and_never_texted(
     church: Church, other_church: Church, sim_url: str
 ) -> None:
     phone = unique_phone()
-    member_id, conversation_id = _conversation(church, sim_url, phone)
+    member_id, conversation_id = texted_in(church, sim_url, phone)
     assert church.api.post(f"/v1/members/{member_id}/opt-out").status_code == 200
     answer = _reply(church, conversation_id, "Are you coming Sunday?")
     assert answer.status_code == 409, answer.text
@@ -114,7 +97,7 @@ def test_opted_out_between_acceptance_and_sending_ends_skipped(
     """The send-time check: the reply waits out an outage, the member opts out
     meanwhile, and the retry finds them opted out."""
     phone = unique_phone()
-    member_id, conversation_id = _conversation(church, sim_url, phone)
+    member_id, conversation_id = texted_in(church, sim_url, phone)
     outage(True)
     answer = _reply(church, conversation_id, "See you at 10")
     assert answer.status_code == 202, answer.text
@@ -132,7 +115,7 @@ def test_help_and_start_answers_go_whatever_the_opt_in_state(church: Church, sim
     """Staff opted the member out: a staff reply is refused, but the answer to HELP is
     one of the two texts carriers allow to anyone, and goes."""
     phone = unique_phone()
-    member_id, conversation_id = _conversation(church, sim_url, phone)
+    member_id, conversation_id = texted_in(church, sim_url, phone)
     assert church.api.post(f"/v1/members/{member_id}/opt-out").status_code == 200
     assert _reply(church, conversation_id, "Hello?").status_code == 409
     httpx.post(
@@ -152,7 +135,7 @@ def test_a_reply_survives_an_outage_and_an_empty_redis(
     """Accepted during a provider outage, its retry lives only in Redis, Redis forgets
     everything: the reconciler finds the reply in Postgres and it is texted once."""
     phone = unique_phone()
-    _, conversation_id = _conversation(church, sim_url, phone)
+    _, conversation_id = texted_in(church, sim_url, phone)
     outage(True)
     try:
         answer = _reply(church, conversation_id, "Still coming?")
@@ -177,7 +160,7 @@ def test_replies_in_flight_when_the_worker_is_killed_are_texted_once(
     """kill -9 with replies claimed, retrying and queued: the next worker takes over
     the stalled entries (XAUTOCLAIM) and each member gets exactly one text."""
     phones = [unique_phone() for _ in range(12)]
-    conversations = [_conversation(church, sim_url, p)[1] for p in phones]
+    conversations = [texted_in(church, sim_url, p)[1] for p in phones]
     outage(True)
     try:
         ids = []
@@ -209,11 +192,11 @@ def test_a_reply_that_uses_every_attempt_is_dead_lettered_and_requeued(
     threshold), its last one dead-letters it as kind ``reply``, and requeueing it
     texts the member once."""
     warm_phone = unique_phone()
-    _, warm = _conversation(church, sim_url, warm_phone)
+    _, warm = texted_in(church, sim_url, warm_phone)
     first = _reply(church, warm, "warm-up").json()["data"]["id"]
     _wait(lambda: _status_of(church, warm, first) == "delivered", 15, "warm-up delivered")
     phone = unique_phone()
-    _, conversation_id = _conversation(church, sim_url, phone)
+    _, conversation_id = texted_in(church, sim_url, phone)
     outage(True)
     answer = _reply(church, conversation_id, "Prayer meeting tonight")
     message_id = answer.json()["data"]["id"]

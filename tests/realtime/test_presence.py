@@ -34,7 +34,7 @@ from storage.redis.connection import Redis
 from storage.redis.presence import Connection, PresenceStore, presence_key, timestamp
 from storage.redis.publisher import EventPublisher
 from tests.api.staff_support import join, sql
-from tests.conftest import Church, unique_phone, wait_until
+from tests.conftest import Church, texted_in, wait_until
 from tests.realtime.conftest import REDIS_KINDS
 
 pytestmark = pytest.mark.anyio
@@ -179,23 +179,6 @@ async def test_a_node_that_dies_takes_its_staff_offline(
 # -- the assembled stack -------------------------------------------------------------
 
 
-def _conversation(church: Church, sim_url: str) -> str:
-    phone = unique_phone()
-    member_id = church.member(phone)
-    httpx.post(
-        f"{sim_url}/_sim/inbound", json={"from": phone, "to": church.phone_number, "text": "Hi"}
-    ).raise_for_status()
-    found: list[str] = []
-
-    def arrived() -> bool:
-        answer = church.api.get("/v1/conversations", params={"limit": 200})
-        found[:] = [c["id"] for c in answer.json()["data"] if c["member_id"] == member_id]
-        return bool(found)
-
-    wait_until(arrived, 10, "the member's text reached the inbox")
-    return found[0]
-
-
 def _ws(base_url: str) -> str:
     return base_url.replace("http://", "ws://") + "/v1/realtime"
 
@@ -267,8 +250,8 @@ async def test_viewers_and_presence_across_sessions(
         "/v1/webhook-endpoints", json={"url": "http://127.0.0.1:9/hook", "events": ["*"]}
     )
     assert hooked.status_code == 201, hooked.text
-    conversation = await asyncio.to_thread(_conversation, church, any_sim_url)
-    foreign = await asyncio.to_thread(_conversation, other_church, any_sim_url)
+    _, conversation = await asyncio.to_thread(texted_in, church, any_sim_url)
+    _, foreign = await asyncio.to_thread(texted_in, other_church, any_sim_url)
     staff, staff_user = await asyncio.to_thread(join, church, any_stack, base_url, "staff")
     owner, other = church.user_id, staff_user["id"]
     try:

@@ -286,6 +286,9 @@ STALE_OK = {
     "branches": {"list_branches"},
     "recurring_schedules": {"list_recurring", "list_occurrences"},
     "templates": {"list_templates"},
+    "canned_replies": {"list_canned_replies"},
+    "group_keywords": {"list_keywords"},
+    "conversation_search": {"search_conversations"},
     "webhook_endpoints": {"list_endpoints", "list_attempts"},
     "archive_index": {"archived_file", "archived_files", "archived_months", "erased_conversations"},
 }
