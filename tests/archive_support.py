@@ -114,4 +114,25 @@ def archive_s3_stack(tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3) 
     env["KOINONIA_ARCHIVE_CACHE_MB"] = "0"
     env.update(moto_s3.env(f"s3://{moto_s3.new_bucket('koinonia-archive')}/archive-stack"))
     with running_stack(tmp_path_factory, "archive-s3", env) as stack:
+        _S3_STACKS.append(stack)
         yield stack
+
+
+_S3_STACKS: list[Stack] = []
+
+
+def uses_archive_s3_stack(item: pytest.Item) -> bool:
+    """Takes the s3 stack: as a fixture, or through ``history[s3]`` of
+    tests/api/test_archive_reads.py (``request.getfixturevalue``)."""
+    callspec = getattr(item, "callspec", None)
+    through_history = callspec is not None and callspec.params.get("history") == "s3"
+    return through_history or "archive_s3_stack" in getattr(item, "fixturenames", ())
+
+
+def stop_archive_s3_stack() -> None:
+    """Stop the s3 stack once its last user has run (tests/conftest.py
+    ``pytest_runtest_teardown``) rather than at the session's end: idle, its scheduler,
+    worker and relays still poll, and the cluster tests that run last are timing
+    sensitive. ``Stack.stop`` is idempotent, so the fixture's own stop is harmless."""
+    while _S3_STACKS:
+        _S3_STACKS.pop().stop()

@@ -82,6 +82,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     flush it between tests) come before the stack on the cluster starts: flushing it
     under a running worker would race the worker's own writes."""
     items.sort(key=_extra_servers)
+    from tests.archive_support import uses_archive_s3_stack
+
+    users = [i.nodeid for i in items if uses_archive_s3_stack(i)]
+    _LAST_S3_USER[:] = users[-1:]
+
+
+_LAST_S3_USER: list[str] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _LAST_S3_USER and item.nodeid == _LAST_S3_USER[0]:
+        from tests.archive_support import stop_archive_s3_stack
+
+        stop_archive_s3_stack()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
