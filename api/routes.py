@@ -24,10 +24,12 @@ from api.canned_replies import canned_reply_operations
 from api.church import church_operations
 from api.dead_letters import dead_letter_operations
 from api.errors import ApiError
+from api.estimates import estimate_operations
 from api.guard import guarded
 from api.health import health_operations
 from api.inbox import inbox_operations
 from api.keywords import keyword_operations
+from api.media import media_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
 from api.operations_stats import operations_stats_operations
@@ -50,8 +52,10 @@ def operations() -> list[Operation]:
         *api_key_operations(),
         *audit_operations(),
         *audience_operations(),
+        *estimate_operations(),
         *broadcast_operations(),
         *archive_operations(),
+        *media_operations(),
         *inbox_operations(),
         *canned_reply_operations(),
         *presence_operations(),

@@ -68,3 +68,4 @@ SELECT create_distributed_table('archive_file', 'church_id', colocate_with => 'c
 SELECT create_distributed_table('archive_erasure', 'church_id', colocate_with => 'church');
 SELECT create_distributed_table('group_keyword', 'church_id', colocate_with => 'church');
 SELECT create_distributed_table('canned_reply', 'church_id', colocate_with => 'church');
+SELECT create_distributed_table('media', 'church_id', colocate_with => 'church');

@@ -71,6 +71,15 @@ class ConversationChanged(Base, frozen=True):
     last_message_at: datetime
 
 
+class MediaItem(Base, frozen=True):
+    """One MMS file as clients see it; ``url`` opens it for the church's staff and keys."""
+
+    id: uuid.UUID
+    content_type: str
+    size: int
+    url: str
+
+
 class ConversationMessageCreated(Base, frozen=True):
     conversation_id: uuid.UUID
     message_id: uuid.UUID
@@ -78,6 +87,7 @@ class ConversationMessageCreated(Base, frozen=True):
     direction: str
     body: str
     created_at: datetime
+    media: list[MediaItem] = []
 
 
 class ConversationMessageStatus(Base, frozen=True):

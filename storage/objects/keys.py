@@ -51,3 +51,9 @@ def validate_prefix(prefix: str) -> str:
     if prefix:
         validate_key(prefix.removesuffix("/"))
     return prefix
+
+
+def media_key(church_id: object, media_id: object, extension: str) -> str:
+    """Where one media file lives: ``media/<church>/<media>.<ext>`` (the extension
+    only helps a person browsing the bucket; the type is in the media row)."""
+    return validate_key(f"media/{church_id}/{media_id}.{extension}")

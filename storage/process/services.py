@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from storage.archive.reader import ArchiveReader
+from storage.domain.media_links import MediaLinks
 from storage.domain.phones import PhoneVault
 from storage.domain.receipt_refs import ReceiptRefs
 from storage.objects import ObjectStore, open_object_store
@@ -36,6 +37,7 @@ class Services(msgspec.Struct, kw_only=True):
     publisher: EventPublisher
     vault: PhoneVault
     refs: ReceiptRefs
+    media_links: MediaLinks
     scripts: ScriptRunner
     limiter: RateLimiter
     church_limits: ChurchLimits
@@ -91,6 +93,7 @@ class Services(msgspec.Struct, kw_only=True):
             publisher=publisher,
             vault=PhoneVault(settings.security.phone_key, settings.security.lookup_key),
             refs=ReceiptRefs(settings.security.lookup_key),
+            media_links=MediaLinks(settings.security.lookup_key),
             scripts=scripts,
             limiter=RateLimiter(scripts),
             church_limits=ChurchLimits(plan_loader(pool), settings.limits.plans),

@@ -163,6 +163,11 @@ class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_account: float = 1000.0
     """KOINONIA_SEND_RATE_PER_ACCOUNT: texts per second over the whole provider
     account (every number); 0 means no limit of ours."""
+    mms_rate_per_account: float = 15.0
+    """KOINONIA_MMS_RATE_PER_ACCOUNT: MMS (texts with media) per second over the whole
+    provider account, on top of the texts' own limits (Telnyx's default is 15)."""
+    media_link_ttl_s: int = 3600
+    """KOINONIA_MEDIA_LINK_TTL_S: how long a media link given to the provider works."""
     rate_burst_s: float = 1.0
     """KOINONIA_SEND_BURST_S: a bucket holds this many seconds of its rate."""
     throttle_hold_s: float = 1.0
@@ -580,6 +585,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 church_quantum=i("KOINONIA_QUEUE_QUANTUM", 1),
                 rate_per_number=f("KOINONIA_SEND_RATE_PER_NUMBER", 0.0),
                 rate_per_account=f("KOINONIA_SEND_RATE_PER_ACCOUNT", 1000.0),
+                mms_rate_per_account=f("KOINONIA_MMS_RATE_PER_ACCOUNT", 15.0),
+                media_link_ttl_s=i("KOINONIA_MEDIA_LINK_TTL_S", 3600),
                 rate_burst_s=f("KOINONIA_SEND_BURST_S", 1.0),
                 throttle_hold_s=f("KOINONIA_THROTTLE_HOLD_S", 1.0),
                 circuit_failures=i("KOINONIA_CIRCUIT_FAILURES", 10),
