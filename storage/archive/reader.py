@@ -36,7 +36,7 @@ from storage.archive.schema import (
     Table,
 )
 from storage.domain.errors import NotFound
-from storage.domain.events import Counts
+from storage.domain.events import Counts, MediaItem
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import ALL_STATUSES
 from storage.objects.port import ObjectStore
@@ -212,6 +212,7 @@ def _thread_message(row: ArchivedConversationMessage, erased: bool) -> Conversat
         provider_message_id=row.provider_message_id,
         created_at=row.created_at,
         author_id=row.author_id,
+        media=[] if erased else msgspec.convert(row.media or [], list[MediaItem]),
         archived=True,
     )
 

@@ -45,3 +45,9 @@ class MediaLinks:
             signature.encode(), self._mac(church_id, media_id, expires).encode()
         )
         return good and now < expires
+
+
+def content_url(public_url: str, media_id: uuid.UUID) -> str:
+    """Where the church's staff and keys open a file (``GET /v1/media/{id}/content``,
+    authenticated like every ``/v1`` read)."""
+    return f"{public_url.rstrip('/')}/v1/media/{media_id}/content"

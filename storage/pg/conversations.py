@@ -25,6 +25,7 @@ from storage.domain.events import (
     ConversationMessageCreated,
     ConversationMessageCreatedEvent,
     ConversationUpdatedEvent,
+    MediaItem,
 )
 from storage.domain.ids import created_at_of, uuid7
 from storage.domain.segments import count_segments
@@ -58,6 +59,8 @@ class ConversationMessage(msgspec.Struct, frozen=True):
     created_at: datetime
     author_id: uuid.UUID | None = None
     """Who wrote a note: the staff user, or None when an API key did (and for texts)."""
+    media: list[MediaItem] = []
+    """MMS files, as stored when the message was (their ``url`` included)."""
     archived: bool = False
     """Read from the archive (storage/archive/reader.py): its month has left the
     database."""
@@ -65,17 +68,33 @@ class ConversationMessage(msgspec.Struct, frozen=True):
 
 _CONV = "id, member_id, status, unread_count, assignee_id, last_message_at, created_at"
 _C_CONV = ", ".join(f"c.{column}" for column in _CONV.split(", "))
-_MSG = "id, conversation_id, direction, body, status, provider_message_id, created_at, author_id"
+_MSG = (
+    "id, conversation_id, direction, body, status, provider_message_id, created_at, author_id, "
+    "media"
+)
 # An outbound text's status lives on its recipient row (same id as its message):
 # the thread reads it there, so there is one truth and nothing to keep in step.
 _THREAD = (
     "cm.id, cm.conversation_id, cm.direction, cm.body, coalesce(r.status, cm.status), "
-    "coalesce(r.provider_message_id, cm.provider_message_id), cm.created_at, cm.author_id"
+    "coalesce(r.provider_message_id, cm.provider_message_id), cm.created_at, cm.author_id, "
+    "cm.media"
 )
 _THREAD_JOIN = (
     "LEFT JOIN message_recipient r ON cm.direction = 'outbound' "
     "AND r.church_id = cm.church_id AND r.message_id = cm.id AND r.created_at = cm.created_at"
 )
+
+
+def _message(row: tuple[Any, ...]) -> ConversationMessage:
+    media = msgspec.convert(row[8], list[MediaItem]) if row[8] else []
+    cid, conversation_id, direction, body, status, provider_id, created_at, author = row[:8]
+    return ConversationMessage(
+        cid, conversation_id, direction, body, status, provider_id, created_at, author, media
+    )
+
+
+def media_json(media: list[MediaItem]) -> Jsonb:
+    return Jsonb(msgspec.to_builtins(media))
 
 
 async def record_inbound(
@@ -85,6 +104,7 @@ async def record_inbound(
     *,
     body: str,
     provider_message_id: str,
+    media: list[MediaItem] | None = None,
 ) -> tuple[Conversation, ConversationMessage, bool]:
     """Upsert the member's conversation (reopened, one more unread) and store the
     inbound message; returns (conversation, message, conversation was created)."""
@@ -103,14 +123,22 @@ async def record_inbound(
     conversation = Conversation(*row[:7])
     cur = await conn.execute(
         "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
-        "direction, body, status, provider_message_id) "
-        "VALUES (%s, %s, %s, %s, 'inbound', %s, 'received', %s) "
+        "direction, body, status, provider_message_id, media) "
+        "VALUES (%s, %s, %s, %s, 'inbound', %s, 'received', %s, %s) "
         f"RETURNING {_MSG}",
-        (church_id, message_id, created_at, conversation.id, body, provider_message_id),
+        (
+            church_id,
+            message_id,
+            created_at,
+            conversation.id,
+            body,
+            provider_message_id,
+            media_json(media or []),
+        ),
     )
     mrow = await cur.fetchone()
     assert mrow is not None
-    message, created = ConversationMessage(*mrow), bool(row[7])
+    message, created = _message(mrow), bool(row[7])
     await append(
         conn,
         [
@@ -230,7 +258,7 @@ async def accept_reply(
             "status, segments) VALUES (%s, %s, %s, %s, %s, 'queued', %s)",
             (church_id, message_id, recipient, created_at, member_id, info.segments),
         )
-        conversation, message = Conversation(*row), ConversationMessage(*mrow)
+        conversation, message = Conversation(*row), _message(mrow)
         await append(
             conn, [(church_id, channels_of(conversation_id), posted_event(conversation, message))]
         )
@@ -295,7 +323,7 @@ async def add_note(
         )
         row = await cur.fetchone()
         assert row is not None
-        conversation, note = Conversation(*found[:7]), ConversationMessage(*row)
+        conversation, note = Conversation(*found[:7]), _message(row)
         await append(
             conn, [(church_id, channels_of(conversation_id), posted_event(conversation, note))]
         )
@@ -341,6 +369,7 @@ def posted(conversation: Conversation, message: ConversationMessage) -> Conversa
         direction=message.direction,
         body=message.body,
         created_at=message.created_at,
+        media=message.media,
     )
 
 
@@ -460,5 +489,5 @@ async def list_conversation_messages(
         "ORDER BY cm.created_at DESC, cm.id DESC LIMIT %s",
         params,
     )
-    rows = [ConversationMessage(*r) for r in await cur.fetchall()]
+    rows = [_message(r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
