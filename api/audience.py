@@ -44,6 +44,7 @@ from storage.pg.groups import (
     remove_member,
     update_group,
 )
+from storage.pg.member_messages import MemberMessage, list_member_messages
 from storage.pg.members import (
     Member,
     MemberExport,
@@ -395,6 +396,17 @@ async def opt_in_member(request: Request) -> Response:
     return await _set_opt(request, True)
 
 
+async def index_member_messages(request: Request) -> Response:
+    """The broadcasts the member received, newest first (the inbox's contact panel)."""
+    who = await principal(request, "read")
+    member_id = path_id(request)
+    limit, cursor = page_params(request)
+    page = await read(
+        request, list_member_messages, who.church_id, member_id, limit=limit, cursor=cursor
+    )
+    return ok(page.items, next_cursor=page.next_cursor)
+
+
 async def export_member_data(request: Request) -> Response:
     who = await principal(request, "read")
     member_id = path_id(request)
@@ -581,6 +593,22 @@ def _member_operations() -> list[Operation]:
             "members",
             scope="write",
             response=Member,
+        ),
+        Operation(
+            "GET",
+            "/v1/members/{id}/messages",
+            index_member_messages,
+            "member.messages",
+            "The broadcasts a member received, newest first, with their status",
+            "members",
+            response=list[MemberMessage],
+            listing=True,
+            description=(
+                "Each broadcast's `body` is its text as written (merge fields un-rendered) "
+                "and `status` is this member's recipient status. Staff replies and "
+                "automatic answers are in the member's conversation, not here; archived "
+                "months are not listed."
+            ),
         ),
         Operation(
             "GET",

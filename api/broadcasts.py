@@ -16,10 +16,11 @@ from api.analytics import analytics_operations, query_time
 from api.auth import principal
 from api.errors import invalid_body, invalid_query
 from api.listing import paged, read, services_of
+from api.media import MediaBody, MediaIds, media_problems
 from api.operation import Operation, QueryParam, audit_target
 from api.recurring import recurring_operations
-from api.schemas import Body, TargetRequest
 from api.schemas import Request as RequestBody
+from api.schemas import TargetRequest
 from api.validation import decode_body, page_params, path_id
 from storage.domain import merge_fields
 from storage.domain.envelope import FieldError
@@ -50,14 +51,17 @@ ANALYTICS = "analytics"
 
 
 class BroadcastRequest(RequestBody, frozen=True):
-    """Give exactly one of ``body`` and ``template_id``; ``send_at`` schedules it."""
+    """Give exactly one of ``body`` and ``template_id`` (with ``media_ids``, neither or
+    an empty ``body`` is an MMS of files alone); ``send_at`` schedules it."""
 
     target: TargetRequest
-    body: Body | None = None
+    body: MediaBody | None = None
     template_id: uuid.UUID | None = None
     """Send a template's current text (copied into the message at acceptance)."""
     send_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
     """RFC 3339 with a zone, in the future and at most 365 days ahead."""
+    media_ids: MediaIds | None = None
+    """Files from ``POST /v1/media`` sent with the text (MMS), in this order."""
 
 
 class BroadcastAccepted(msgspec.Struct, frozen=True):
@@ -73,6 +77,8 @@ class BroadcastAccepted(msgspec.Struct, frozen=True):
     send_at: datetime | None
     template_id: uuid.UUID | None
     created_at: datetime
+    media_ids: list[uuid.UUID]
+    """The message's files (``GET /v1/media/{id}``); empty for an SMS."""
 
 
 class BroadcastDetail(msgspec.Struct, frozen=True):
@@ -95,6 +101,8 @@ class BroadcastDetail(msgspec.Struct, frozen=True):
     canceled_at: datetime | None
     archived: bool
     """Read from the archive: its month has left the database (``GET /v1/archive``)."""
+    media_ids: list[uuid.UUID]
+    """The message's files (``GET /v1/media/{id}``); empty for an SMS."""
 
 
 def _body_problems(text: str, field: str) -> list[FieldError]:
@@ -106,12 +114,16 @@ def _request_problems(body: BroadcastRequest, now: datetime) -> list[FieldError]
     target = body.target.problem()
     if target:
         problems.append(FieldError("target", target))
+    problems += media_problems(body.media_ids)
     if body.body is None and body.template_id is None:
-        problems.append(FieldError("body", "is required"))
+        if not body.media_ids:
+            problems.append(FieldError("body", "is required"))
     elif body.body is not None and body.template_id is not None:
         problems.append(FieldError("body", "give exactly one of body or template_id"))
     elif body.body is not None:
         problems += _body_problems(body.body, "body")
+        if not body.body and not body.media_ids:
+            problems.append(FieldError("body", "must not be empty (unless media_ids are given)"))
     if body.send_at is not None:
         if body.send_at <= now:
             problems.append(FieldError("send_at", "must be in the future"))
@@ -138,7 +150,7 @@ async def post_message(request: Request) -> Response:
             problems = _body_problems(text, "template_id")
             if problems:
                 raise invalid_body(*problems)
-        assert text is not None
+        text = text or ""
         # The request's trace context (empty with tracing off): stored on the message for
         # its receipts, and carried by the materialize job to the worker.
         traceparent = tracing.current_traceparent()
@@ -152,6 +164,7 @@ async def post_message(request: Request) -> Response:
             send_at=body.send_at,
             template_id=body.template_id,
             traceparent=traceparent,
+            media_ids=body.media_ids,
         )
     audit_target(request, message.id)
     # Committed: from here on nothing can lose the message. If Redis is down the
@@ -173,6 +186,7 @@ async def post_message(request: Request) -> Response:
             send_at=message.send_at,
             template_id=message.template_id,
             created_at=message.created_at,
+            media_ids=message.media_ids,
         ),
         status=202,
     )
@@ -197,6 +211,7 @@ def _detail(message: Message, counts: Counts) -> BroadcastDetail:
         completed_at=message.completed_at,
         canceled_at=message.canceled_at,
         archived=message.archived,
+        media_ids=message.media_ids,
     )
 
 
@@ -306,6 +321,9 @@ def message_operations() -> list[Operation]:
             status=202,
             errors=("not_found",),
             description=(
+                "`media_ids` (at most 10, from `POST /v1/media`) make it an MMS; `body` may "
+                "then be empty. An unknown id, or another church's, is `404` and nothing is "
+                "accepted. "
                 "The audience is the target's members when the message is accepted; "
                 "members who opt out before it is sent are skipped. Merge fields "
                 "(`{{first_name}}`, `{{last_name}}`, `{{full_name}}`, `{{church_name}}`) "
@@ -320,6 +338,11 @@ def message_operations() -> list[Operation]:
                     "send_at": "2030-01-05T14:00:00Z",
                 },
                 "template": {"template_id": "<template id>", "target": {"all": True}},
+                "mms": {
+                    "body": "This week's flyer",
+                    "media_ids": ["<media id>"],
+                    "target": {"all": True},
+                },
             },
         ),
         Operation(

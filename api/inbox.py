@@ -12,6 +12,7 @@ from starlette.responses import Response
 from api.auth import principal
 from api.errors import invalid_body, invalid_query
 from api.listing import paged, read, services_of
+from api.media import MediaBody, MediaIds, media_problems
 from api.operation import Operation, QueryParam
 from api.schemas import Body, ConversationPatch
 from api.schemas import Request as RequestBody
@@ -51,10 +52,13 @@ async def index_thread(request: Request) -> Response:
 
 
 class ReplyCreate(RequestBody, frozen=True):
-    """The text: ``body``, or a canned reply filled for the member; exactly one."""
+    """The text: ``body``, or a canned reply filled for the member; exactly one, or
+    neither (or an empty ``body``) with ``media_ids``."""
 
-    body: Body | msgspec.UnsetType = msgspec.UNSET
+    body: MediaBody | msgspec.UnsetType = msgspec.UNSET
     canned_reply_id: uuid.UUID | msgspec.UnsetType = msgspec.UNSET
+    media_ids: MediaIds | msgspec.UnsetType = msgspec.UNSET
+    """Files from ``POST /v1/media`` sent with the text (MMS), in this order."""
 
 
 class NoteCreate(RequestBody, frozen=True):
@@ -68,13 +72,20 @@ async def post_reply(request: Request) -> Response:
     body = await decode_body(request, ReplyCreate)
     text = None if isinstance(body.body, msgspec.UnsetType) else body.body
     canned = None if isinstance(body.canned_reply_id, msgspec.UnsetType) else body.canned_reply_id
-    if (text is None) == (canned is None):
-        raise invalid_body(
-            *(
-                FieldError(field, "give exactly one of body and canned_reply_id")
-                for field in ("body", "canned_reply_id")
-            )
-        )
+    media_ids = [] if isinstance(body.media_ids, msgspec.UnsetType) else body.media_ids
+    problems = media_problems(media_ids)
+    neither = text is None and canned is None
+    if (text is not None and canned is not None) or (neither and not media_ids):
+        problems += [
+            FieldError(field, "give exactly one of body and canned_reply_id")
+            for field in ("body", "canned_reply_id")
+        ]
+    elif text == "" and not media_ids:
+        problems.append(FieldError("body", "must not be empty (unless media_ids are given)"))
+    if problems:
+        raise invalid_body(*problems)
+    if neither:
+        text = ""
     services = services_of(request)
     delivery = services.settings.delivery
     async with services.pool.connection() as conn:
@@ -87,6 +98,8 @@ async def post_reply(request: Request) -> Response:
             sent_by=who.user_id,
             max_attempts=delivery.max_attempts,
             traceparent=tracing.current_traceparent(),
+            media_ids=media_ids,
+            public_url=services.settings.public_url,
         )
     await hand_over(services.redis, [accepted.batch], delivery.shards)
     return ok(accepted.message, status=202)
@@ -251,11 +264,15 @@ def inbox_operations() -> list[Operation]:
                 "text (consent checked again when it is sent). A member who opted out "
                 "answers `409 opted_out`; an erased member `409 conflict`. The text is "
                 "`body`, or `canned_reply_id`: the church's canned reply with its merge "
-                "fields filled for the member (another church's is `404`); exactly one."
+                "fields filled for the member (another church's is `404`); exactly one. "
+                "`media_ids` (at most 10, from `POST /v1/media`) make it an MMS and `body` "
+                "may then be empty or absent; the thread lists the files as `media`. An "
+                "unknown id, or another church's, is `404` and nothing is written."
             ),
             examples={
                 "reply": {"body": "Thanks! See you Sunday."},
                 "canned": {"canned_reply_id": "01930000-0000-7000-8000-000000000000"},
+                "mms": {"body": "The flyer", "media_ids": ["01930000-0000-7000-8000-000000000001"]},
             },
         ),
         Operation(

@@ -13,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.media import MAX_UPLOAD_BYTES, MEDIA_PATH
 from storage.domain.envelope import error_bytes, request_id_var
 from storage.pg.member_import import IMPORT_PATH, MAX_IMPORT_BYTES
 from storage.process.metrics import Metrics
@@ -56,7 +57,14 @@ class RequestContext:
         status = 0
         try:
             # CSV imports stream up to their own, larger limit (storage/pg/member_import.py).
-            limit = MAX_IMPORT_BYTES if scope["path"] == IMPORT_PATH else self.max_body_bytes
+            path = scope["path"]
+            limit = (
+                MAX_IMPORT_BYTES
+                if path == IMPORT_PATH
+                else MAX_UPLOAD_BYTES
+                if path == MEDIA_PATH
+                else self.max_body_bytes
+            )
             if scope["type"] == "http" and declared > limit:
                 status = 413
                 await _refuse(send, rid, 413, "payload_too_large", "request body too large")

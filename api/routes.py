@@ -128,13 +128,13 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
 
 
 async def _objects_unavailable(request: Request, exc: Exception) -> Response:
-    # An archived read whose file the object store did not give: the store is down
-    # or unreachable, like a database outage, so the same answer. The live months
-    # do not depend on it and keep answering.
+    # An archived read or a media file the object store did not give: the store is
+    # down or unreachable, like a database outage, so the same answer. The live
+    # months and text-only sends do not depend on it and keep answering.
     log.warning("object store unavailable", extra={"error": str(exc)})
     return fail(
         "unavailable",
-        "the archive's object store is not answering; try again shortly",
+        "the object store is not answering; try again shortly",
         headers={"Retry-After": "2"},
     )
 

@@ -18,17 +18,38 @@ group in that same transaction, and its answer takes the same path, checked for
 consent like any text (only the HELP and START answers are exempt). The dedupe record
 is written in that transaction too, so a redelivered webhook joins and answers
 nothing twice.
+
+An inbound MMS lists files at the provider's links, which expire: each is copied
+into our object store (storage/media/library.py ``keep``) and listed on the
+conversation message, hence in ``conversation.message.created``. The copies are
+fetched before any transaction (no connection is held across the network), after a
+rolled-back probe of the dedupe record, so a redelivered webhook fetches nothing;
+they are kept (object, then row) inside the one transaction, after the dedupe
+record, so a redelivery that races the first delivery waits on that record and
+keeps no second copy. What happens to a file that cannot be had:
+
+- the provider's link failed for a moment (a connection error, a timeout, a 5xx
+  or 429): ``503`` before anything is written, so the provider redelivers and
+  nothing is lost; on the provider's third attempt (``meta.attempt``, the last to
+  the primary URL) the text is kept without that file, rather than risk losing
+  the text with it;
+- it never will be had (any other 4xx, as an expired link answers), or it is a
+  type carriers do not take (judged by content), larger than 1 MiB, or past the
+  tenth: the text is kept, the file skipped and logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from datetime import datetime
 from typing import Any
 
+import httpx
 import msgspec
+import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -40,8 +61,12 @@ from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.telnyx_signatures import load_public_key, verify_telnyx
 from storage.domain.errors import InvalidInput
+from storage.domain.events import MediaItem
+from storage.domain.media_links import content_url
+from storage.domain.media_types import MAX_MEDIA_BYTES, MAX_MEDIA_PER_MESSAGE
 from storage.domain.phones import normalize
 from storage.domain.statuses import UNCONFIRMED, RecipientStatus, from_telnyx
+from storage.media import library
 from storage.pg.churches import church_by_number
 from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
 from storage.pg.database import Conn
@@ -68,6 +93,12 @@ class _Error(msgspec.Struct):
     code: str | int | None = None
 
 
+class _Media(msgspec.Struct):
+    url: str
+    content_type: str | None = None
+    size: int | None = None
+
+
 class _Payload(msgspec.Struct):
     id: str
     to: list[_Party] = []
@@ -78,6 +109,7 @@ class _Payload(msgspec.Struct):
     sent_at: str | None = None
     """When the carrier took the text (ISO 8601): the start of a delivered
     receipt's latency."""
+    media: list[_Media] = []
 
 
 class _Data(msgspec.Struct):
@@ -94,6 +126,77 @@ class TelnyxWebhook(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(TelnyxWebhook)
+
+
+MEDIA_FETCH_TIMEOUT_S = 5.0
+"""Each provider link gets this long; the files of one text are fetched at once."""
+LAST_PRIMARY_ATTEMPT = 3
+"""Telnyx tries a webhook URL three times (then the failover URL): from this attempt on,
+a file that failed for a moment is given up and the text kept without it."""
+
+
+class MediaUnavailable(Exception):
+    """A provider link failed in a way a later attempt may not (the provider should
+    redeliver)."""
+
+
+class _Skipped(Exception):
+    """A file that will never be kept: its reason is logged, the text kept."""
+
+
+async def _fetch(client: httpx.AsyncClient, url: str) -> bytes:
+    """One file from the provider, at most MAX_MEDIA_BYTES; ``_Skipped`` when it never
+    will be had, ``MediaUnavailable`` when it may be later."""
+    if not url.startswith(("https://", "http://")):
+        raise _Skipped("not an http(s) link")
+    try:
+        async with client.stream("GET", url) as response:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise MediaUnavailable(f"HTTP {status}")
+            if not 200 <= status < 300:
+                raise _Skipped(f"HTTP {status}")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > MAX_MEDIA_BYTES:
+                    raise _Skipped(f"larger than {MAX_MEDIA_BYTES} bytes")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise MediaUnavailable(type(exc).__name__) from exc
+
+
+async def fetch_media(links: list[_Media], *, give_up_on_failures: bool) -> list[bytes]:
+    """The files of an inbound MMS that can be kept, in the provider's order, each
+    judged by content (``library.check``); skipped ones are logged. ``MediaUnavailable``
+    when one failed for a moment, unless ``give_up_on_failures``."""
+    if len(links) > MAX_MEDIA_PER_MESSAGE:
+        log.warning(
+            "inbound media skipped",
+            extra={"reason": f"past file {MAX_MEDIA_PER_MESSAGE}", "count": len(links)},
+        )
+    kept_links = links[:MAX_MEDIA_PER_MESSAGE]
+    timeout = httpx.Timeout(MEDIA_FETCH_TIMEOUT_S)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        results = await asyncio.gather(
+            *(_fetch(client, link.url) for link in kept_links), return_exceptions=True
+        )
+    files: list[bytes] = []
+    for result in results:
+        if isinstance(result, MediaUnavailable) and not give_up_on_failures:
+            raise result
+        if isinstance(result, BaseException):
+            if not isinstance(result, (MediaUnavailable, _Skipped)):
+                raise result
+            log.warning("inbound media skipped", extra={"reason": str(result)})
+            continue
+        try:
+            library.check(result)
+        except (library.UnsupportedMedia, library.MediaTooLarge) as exc:
+            log.warning("inbound media skipped", extra={"reason": str(exc)})
+            continue
+        files.append(result)
+    return files
 
 
 def _epoch(stamp: str | None) -> float | None:
@@ -156,7 +259,13 @@ class InboundHandler:
                 log.warning("receipt refused", extra={"reason": exc.message})
                 return fail("validation_error", f"receipt refused: {exc.field} {exc.message}")
         elif data.event_type == "message.received":
-            await self._received(data)
+            try:
+                await self._received(data, _attempt(hook.meta))
+            except MediaUnavailable as exc:
+                log.warning(
+                    "inbound media unavailable; asking for redelivery", extra={"reason": str(exc)}
+                )
+                return fail("unavailable", "a media file could not be fetched; retry later")
         return ok({"received": True})
 
     async def _status(self, data: _Data, ref: str | None) -> None:
@@ -196,12 +305,18 @@ class InboundHandler:
         if not applied:
             raise InvalidInput("payload.id", "is not the provider message id of that recipient")
 
-    async def _received(self, data: _Data) -> None:
+    async def _received(self, data: _Data, attempt: int) -> None:
         payload = data.payload
         if payload.from_ is None or not payload.to:
             await self._dedupe_only(data, NO_CHURCH)
             return
+        files: list[bytes] = []
+        if payload.media and await self._worth_fetching(data):
+            files = await fetch_media(
+                payload.media, give_up_on_failures=attempt >= LAST_PRIMARY_ATTEMPT
+            )
         vault = self.services.vault
+        settings = self.services.settings
         async with self.services.pool.connection() as conn, conn.transaction():
             # The church first: the dedupe record is keyed by it.
             church = await church_by_number(conn, payload.to[0].phone_number)
@@ -210,6 +325,13 @@ class InboundHandler:
             if church is None:
                 log.info("inbound text to an unknown number")
                 return
+            media: list[MediaItem] = []
+            for file in files:
+                kept = await library.keep(
+                    self.services.objects, conn, church.id, file, source="inbound"
+                )
+                url = content_url(settings.public_url, kept.id)
+                media.append(MediaItem(kept.id, kept.content_type, kept.size, url))
             try:
                 phone = normalize(payload.from_.phone_number, church.country)
             except Exception:
@@ -220,7 +342,12 @@ class InboundHandler:
             else:
                 member_id = found[0]
             conversation, _, _ = await record_inbound(
-                conn, church.id, member_id, body=payload.text or "", provider_message_id=payload.id
+                conn,
+                church.id,
+                member_id,
+                body=payload.text or "",
+                provider_message_id=payload.id,
+                media=media,
             )
             reply: AcceptedReply | None = None
             text = payload.text or ""
@@ -264,8 +391,7 @@ class InboundHandler:
             )
         self.services.relay.kick()
         if reply is not None:
-            settings = self.services.settings.delivery
-            await hand_over(self.services.redis, [reply.batch], settings.shards)
+            await hand_over(self.services.redis, [reply.batch], settings.delivery.shards)
         if joined is not None and joined.joined:
             await self._groups_changed(church.id)
 
@@ -277,9 +403,27 @@ class InboundHandler:
         except RedisError as exc:
             log.warning("group cache not invalidated", extra={"error": type(exc).__name__})
 
+    async def _worth_fetching(self, data: _Data) -> bool:
+        """Whether an MMS is new to a church of ours, probed by writing its dedupe
+        record and rolling that back: a redelivered webhook then fetches nothing. (The
+        transaction that keeps the files writes the record for real.)"""
+        new = False
+        async with self.services.pool.connection() as conn, conn.transaction():
+            church = await church_by_number(conn, data.payload.to[0].phone_number)
+            if church is not None:
+                new = await _first_time(conn, church.id, data)
+            raise psycopg.Rollback()  # ends this transaction only, rolled back
+        return new
+
     async def _dedupe_only(self, data: _Data, church_id: uuid.UUID) -> None:
         async with self.services.pool.connection() as conn:
             await _first_time(conn, church_id, data)
+
+
+def _attempt(meta: dict[str, Any] | None) -> int:
+    """Which delivery of this webhook the provider says it is (1 when it does not say)."""
+    attempt = (meta or {}).get("attempt")
+    return attempt if isinstance(attempt, int) else 1
 
 
 async def _first_time(conn: Conn, church_id: uuid.UUID, data: _Data) -> bool:

@@ -20,6 +20,9 @@ class SendRequest(msgspec.Struct, frozen=True):
     webhook_url: str | None
     idempotency_key: str
     """Stable for every attempt at one recipient, so a repeat never texts twice."""
+    media_urls: list[str] = []
+    """MMS files as absolute, expiring links the provider fetches without our
+    credentials (storage/domain/media_links.py); empty for an SMS."""
 
 
 class SendResult(msgspec.Struct, frozen=True):

@@ -8,9 +8,28 @@ unchanged, and keeps all its state in process memory (never the app's Redis):
   answers replayed); then ``message.sent`` and ``message.finalized`` webhooks,
   signed with Ed25519 like Telnyx's, to the send's ``webhook_url`` or the
   configured default.
+- ``media_urls`` on a send are fetched as a carrier does, before the answer (Telnyx
+  "fetches the media at send time"): GET, at most 1 MiB each, within 5 s, redirects
+  followed (``delivery.simulator_webhooks.fetch_media``). A file that cannot be
+  fetched (an error status, a timeout, an empty or oversized body) does not refuse
+  the send: Telnyx documents an unreachable media URL as "MMS sent but recipient
+  receives SMS only", so the send is accepted and goes out, its outcome unchanged,
+  and the file shows as ``size: null`` (and ``media_sizes[i]: null`` below).
+  Fetched files carry ``content_type`` (as declared; sniffed from the bytes when
+  declared as ``application/octet-stream`` or not at all, as Telnyx does),
+  ``sha256`` and ``size`` in the ``message.sent`` / ``message.finalized`` payloads
+  and ``GET /v2/messages/{id}``; the send's own answer, rebuilt byte for byte on an
+  idempotent replay, lists the URLs only.
+- ``GET /_sim/messages?to=<E.164>``: every send accepted for that destination (SMS
+  and MMS, replays not repeated), oldest first, as
+  ``[{"from","to","text","media_urls","media_sizes"}]``; the newest 50 per destination.
 - ``POST /_sim/inbound``: a member's reply, delivered as a signed
   ``message.received`` webhook; STOP / START keywords block and unblock later
-  sends between the two numbers (Telnyx error 40300).
+  sends between the two numbers (Telnyx error 40300). With ``"media":
+  [{"content_type","data_base64"}]`` it is an MMS: the simulator serves each file
+  at ``GET /_sim/media/{token}`` for an hour (then 404, as a provider's links
+  expire) and the payload lists ``media: [{"url","content_type","size",
+  "hash_sha256"}]`` with ``type: "MMS"``.
 - ``GET /_sim/stats``, ``POST /_sim/reset``, ``GET|POST /_sim/config``,
   ``GET /_sim/public-key``: the control API the tests and benchmarks drive.
 
@@ -45,16 +64,26 @@ from starlette.routing import Route
 
 from delivery.simulator_state import (
     IDEMPOTENCY_KEY,
+    AcceptedSend,
     ConfigPatch,
     SentMessage,
     SimulatorState,
     StoredSend,
 )
-from delivery.simulator_webhooks import Signer, WebhookDispatcher, WebhookJob, decode_seed
+from delivery.simulator_webhooks import (
+    Signer,
+    WebhookDispatcher,
+    WebhookJob,
+    decode_seed,
+    fetch_media,
+)
 from delivery.simulator_wire import (
+    MAX_INBOUND_FILE_BYTES,
+    MAX_MEDIA_URLS,
     ErrorBody,
     EventPlan,
     InboundRequest,
+    Media,
     Message,
     MessageResponse,
     SendRequest,
@@ -63,6 +92,7 @@ from delivery.simulator_wire import (
     inbound_message,
     is_e164,
     outbound_message,
+    validate_inbound,
     validate_send,
 )
 from storage.process.settings import SimulatorSettings
@@ -84,6 +114,8 @@ WEBHOOK_CONNECTIONS: Final = 128
 WEBHOOK_TIMEOUT_S: Final = 10.0
 # On shutdown, queued webhooks get this long to go out; the rest are kept in the state file.
 SHUTDOWN_DRAIN_S: Final = 5.0
+# The body of /_sim/inbound: ten of the largest files a member may send, in base64.
+MAX_INBOUND_BODY_BYTES: Final = MAX_MEDIA_URLS * (MAX_INBOUND_FILE_BYTES * 4 // 3 + 1024) + 65_536
 
 
 def new_signing_seed() -> str:
@@ -133,6 +165,16 @@ class ResetBody(msgspec.Struct, frozen=True):
     reset: bool = True
 
 
+async def _read_capped(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it passes ``limit`` bytes (read no further)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_encoder.encode(body), status, headers, media_type="application/json")
 
@@ -176,6 +218,8 @@ class Simulator:
         self.signer = Signer(decode_seed(settings.signing_seed or new_signing_seed()))
         self.state = SimulatorState()
         self.dispatcher = WebhookDispatcher(self.signer, self.state.stats, workers=WEBHOOK_SENDERS)
+        # The lifespan's pooled client, shared by webhook delivery and media fetches.
+        self._session: aiohttp.ClientSession | None = None
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -295,6 +339,9 @@ class Simulator:
         if (answer := self._check_repeat(send)) is not None:
             answer.headers.update(rate_headers)
             return answer
+        # Before the last repeat check: fetching waits, and a retry with the same key
+        # may commit meanwhile.
+        media = await self._fetch_media(req.media_urls)
         if send.webhook_url:
             # Waiting for room in the webhook queue is the simulator's backpressure; another
             # request with the same key may have committed meanwhile, so check again after.
@@ -312,15 +359,52 @@ class Simulator:
             )
             state.idempotency.remember(key, stored)
         state.stats.count_send(to)
+        sizes = tuple(m.size for m in media)
+        state.accepted.remember(AcceptedSend(send.sender, to, text, req.media_urls, sizes))
+        # What the carrier fetched shows from the first receipt on; the answer itself
+        # lists the URLs only, as its idempotent replay will.
+        fetched = msgspec.structs.replace(message, media=media) if media else message
         plans, latency = state.plan(), state.latency_s()
         final = next(p.status for p in plans if p.event_type == "message.finalized")
-        state.sent.remember(SentMessage(message, final, time.time() + latency))
+        state.sent.remember(SentMessage(fetched, final, time.time() + latency))
         if send.webhook_url and state.rng.random() < state.config.drop_webhooks:
             self.dispatcher.release()  # the callbacks are lost; the lookup still knows
         elif send.webhook_url:
-            job = WebhookJob(message, plans, send.webhook_url, req.webhook_failover_url)
+            job = WebhookJob(fetched, plans, send.webhook_url, req.webhook_failover_url)
             self.dispatcher.submit(job, latency)
         return _json(MessageResponse(message), headers=rate_headers)
+
+    async def _fetch_media(self, urls: tuple[str, ...]) -> tuple[Media, ...]:
+        if not urls:
+            return ()
+        if self._session is None:
+            raise RuntimeError("the simulator fetches media only while it runs")
+        return await fetch_media(self._session, urls)
+
+    async def messages(self, request: Request) -> Response:
+        """``GET /_sim/messages?to=``: what was accepted for one destination."""
+        to = request.query_params.get("to", "")
+        if not is_e164(to):
+            failure = error(
+                422,
+                "10016",
+                "Phone number must be in +E.164 format",
+                "'to' must be a +E.164 formatted phone number.",
+                "/to",
+            )
+            return _error_response(failure)
+        # The list itself, as docs/protocol.md shows it (a control route, not Telnyx's API).
+        return _json(self.state.accepted.for_destination(to))
+
+    async def media(self, request: Request) -> Response:
+        """``GET /_sim/media/{token}``: a file a member sent, until its link expires."""
+        found = self.state.inbound_media.get(request.path_params["token"], time.time())
+        if found is None:
+            failure = error(
+                404, "10005", "Resource not found", "The media does not exist or has expired."
+            )
+            return _error_response(failure)
+        return Response(found.data, media_type=found.content_type)
 
     async def get_message(self, request: Request) -> Response:
         """``GET /v2/messages/{id}``: the message with its recipient's current status."""
@@ -336,20 +420,16 @@ class Simulator:
         return _json(MessageResponse(found))
 
     async def inbound(self, request: Request) -> Response:
+        raw = await _read_capped(request, MAX_INBOUND_BODY_BYTES)
+        if raw is None:
+            failure = error(413, "10015", "Bad Request", "The request body is too large.")
+            return _error_response(failure)
         try:
             try:
-                req = _inbound_decoder.decode(await request.body())
+                req = _inbound_decoder.decode(raw)
             except msgspec.DecodeError as exc:
                 raise _decode_error(exc) from exc
-            for field, number in (("from", req.from_), ("to", req.to)):
-                if not is_e164(number):
-                    raise error(
-                        422,
-                        "10016",
-                        "Phone number must be in +E.164 format",
-                        f"'{field}' must be a +E.164 formatted phone number.",
-                        f"/{field}",
-                    )
+            files = validate_inbound(req)
             url = self.settings.default_webhook_url
             if not url:
                 raise error(
@@ -362,8 +442,12 @@ class Simulator:
             return _error_response(exc)
 
         self.state.record_inbound(req)
+        served = self.state.inbound_media.serve(
+            f"{str(request.base_url).rstrip('/')}/_sim/media", req.media, files, time.time()
+        )
         await self.dispatcher.reserve()
-        message = inbound_message(req, url, self.state.identity, datetime.now(UTC))
+        now = datetime.now(UTC)
+        message = inbound_message(req, url, self.state.identity, now, served)
         duplicate = self.state.rng.random() < self.state.config.duplicate_webhooks
         plan = EventPlan(
             str(uuid.uuid4()),
@@ -415,6 +499,7 @@ class Simulator:
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             anyio.create_task_group() as tg,
         ):
+            self._session = session
             await tg.start(self.dispatcher.run, session)
             await self._restore()
             try:
@@ -482,6 +567,8 @@ def create_simulator_app(settings: SimulatorSettings) -> Starlette:
             Route("/v2/messages", sim.send_message, methods=["POST"]),
             Route("/v2/messages/{id}", sim.get_message, methods=["GET"]),
             Route("/_sim/inbound", sim.inbound, methods=["POST"]),
+            Route("/_sim/messages", sim.messages, methods=["GET"]),
+            Route("/_sim/media/{token}", sim.media, methods=["GET"]),
             Route("/_sim/stats", sim.stats, methods=["GET"]),
             Route("/_sim/reset", sim.reset, methods=["POST"]),
             Route("/_sim/config", sim.config, methods=["GET", "POST"]),

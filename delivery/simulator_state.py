@@ -7,10 +7,12 @@ sockets or sleeps; ``delivery.simulator`` pumps this from its HTTP routes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
-from collections import OrderedDict
+import secrets
+from collections import OrderedDict, deque
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -20,7 +22,9 @@ from delivery.simulator_wire import (
     FAILURES,
     EventPlan,
     Identity,
+    InboundFile,
     InboundRequest,
+    Media,
     Message,
     Outcome,
     RecipientStatus,
@@ -239,6 +243,119 @@ def pick_outcome(outcomes: Outcomes, rng: random.Random) -> Outcome:
     return rng.choices(names, weights)[0]
 
 
+# -- what was accepted, for GET /_sim/messages -------------------------------------------------
+
+
+class AcceptedSend(msgspec.Struct, frozen=True):
+    """One accepted send as ``GET /_sim/messages`` lists it. ``media_sizes[i]`` is the
+    size of the file fetched from ``media_urls[i]``, or ``None`` when that fetch failed
+    (the text still went out, as Telnyx sends it without the file)."""
+
+    from_: str = msgspec.field(name="from")
+    to: str
+    text: str
+    media_urls: tuple[str, ...]
+    media_sizes: tuple[int | None, ...]
+
+
+class AcceptedLog:
+    """The newest ``per_destination`` accepted sends of each destination, oldest first.
+
+    Destinations are kept in the order they were last written to, so when more than
+    ``max_sends`` sends are held the destination written to longest ago goes first:
+    a benchmark's 20,000 recipients fit, a week of them does not grow without limit.
+    """
+
+    def __init__(self, per_destination: int = 50, max_sends: int = 200_000) -> None:
+        self.per_destination = per_destination
+        self.max_sends = max_sends
+        self._by_destination: OrderedDict[str, deque[AcceptedSend]] = OrderedDict()
+        self._count = 0
+
+    def remember(self, send: AcceptedSend) -> None:
+        kept = self._by_destination.get(send.to)
+        if kept is None:
+            kept = self._by_destination[send.to] = deque(maxlen=self.per_destination)
+        else:
+            self._by_destination.move_to_end(send.to)
+        if len(kept) == self.per_destination:
+            self._count -= 1
+        kept.append(send)
+        self._count += 1
+        while self._count > self.max_sends:
+            _, dropped = self._by_destination.popitem(last=False)
+            self._count -= len(dropped)
+
+    def for_destination(self, to: str) -> list[AcceptedSend]:
+        return list(self._by_destination.get(to, ()))
+
+    def clear(self) -> None:
+        self._by_destination.clear()
+        self._count = 0
+
+
+# -- files members send, served at /_sim/media/{token} ------------------------------------------
+
+INBOUND_MEDIA_TTL_S: Final = 3600.0
+"""How long the simulator serves a member's file: a provider's links to received media are
+short-lived, which is why the app copies each file into its own store at once."""
+
+
+class ServedFile(msgspec.Struct, frozen=True):
+    content_type: str
+    data: bytes
+    expires_at: float
+
+
+class InboundMediaStore:
+    """Files of inbound MMS by unguessable token until they expire (``ttl_s``), holding at
+    most ``max_bytes`` (the oldest go first). Insertion order is expiry order."""
+
+    def __init__(self, ttl_s: float = INBOUND_MEDIA_TTL_S, max_bytes: int = 64 << 20) -> None:
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._files: dict[str, ServedFile] = {}
+        self._bytes = 0
+
+    def _expire(self, now: float) -> None:
+        files = self._files
+        while files:
+            oldest = next(iter(files))
+            if files[oldest].expires_at > now and self._bytes <= self.max_bytes:
+                return
+            self._bytes -= len(files.pop(oldest).data)
+
+    def add(self, token: str, content_type: str, data: bytes, now: float) -> None:
+        self._files[token] = ServedFile(content_type, data, now + self.ttl_s)
+        self._bytes += len(data)
+        self._expire(now)
+
+    def serve(
+        self, base_url: str, files: tuple[InboundFile, ...], data: list[bytes], now: float
+    ) -> tuple[Media, ...]:
+        """Keep a member's files under fresh tokens; their entries for ``message.received``
+        (``base_url``/token, in Telnyx's inbound shape)."""
+        served = []
+        for file, content in zip(files, data, strict=True):
+            token = secrets.token_urlsafe(24)
+            self.add(token, file.content_type, content, now)
+            served.append(
+                Media(
+                    url=f"{base_url}/{token}",
+                    content_type=file.content_type,
+                    sha256=UNSET,
+                    size=len(content),
+                    hash_sha256=hashlib.sha256(content).hexdigest(),
+                )
+            )
+        return tuple(served)
+
+    def get(self, token: str, now: float) -> ServedFile | None:
+        self._expire(now)
+        found = self._files.get(token)
+        return found if found is not None and found.expires_at > now else None
+
+
 # -- the whole state --------------------------------------------------------------------------
 
 
@@ -294,6 +411,8 @@ class SimulatorState:
         self.rng = rng or random.Random()
         self._bucket: TokenBucket | None = None
         self.sent = SentMessages()
+        self.accepted = AcceptedLog()
+        self.inbound_media = InboundMediaStore()
 
     def configure(self, patch: ConfigPatch) -> SimConfig:
         updated = apply_patch(self.config, patch)
@@ -309,6 +428,7 @@ class SimulatorState:
         self.stats.clear()
         self.idempotency.clear()
         self.blocks.clear()
+        self.accepted.clear()
         self._bucket = None
 
     def admit(self, now: float) -> RateDecision | None:
@@ -321,7 +441,7 @@ class SimulatorState:
         return self._bucket.take(now)
 
     def record_inbound(self, req: InboundRequest) -> None:
-        match keyword(req.text):
+        match keyword(req.text or ""):
             case "stop":
                 self.blocks.add((req.to, req.from_))
             case "start":

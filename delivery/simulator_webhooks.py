@@ -25,12 +25,16 @@ growing.
 
 Signatures follow Telnyx: Ed25519 over ``f"{telnyx-timestamp}|{raw body}"``,
 base64 in ``telnyx-signature-ed25519``.
+
+The same pooled session fetches a send's ``media_urls`` (``fetch_media``): the other
+request the simulator, as a carrier, makes of the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import heapq
 import itertools
 import logging
@@ -51,10 +55,12 @@ from delivery.simulator_wire import (
     EventData,
     EventMeta,
     EventPlan,
+    Media,
     Message,
     WebhookEnvelope,
     render_event,
 )
+from storage.domain.media_types import MAX_MEDIA_BYTES, sniff
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,50 @@ def decode_seed(seed_b64: str) -> bytes:
     if len(seed) != 32:
         raise ValueError("an Ed25519 signing seed must be base64 of exactly 32 bytes")
     return seed
+
+
+# A send's media are fetched before it is answered, all at once: this bounds the wait, and
+# stays under the 10 s the app's Telnyx client waits for an answer.
+MEDIA_FETCH_TIMEOUT_S: Final = 5.0
+MEDIA_MAX_REDIRECTS: Final = 3
+
+
+class _FetchFailed(Exception):
+    pass
+
+
+async def fetch_media(session: aiohttp.ClientSession, urls: tuple[str, ...]) -> tuple[Media, ...]:
+    """Every file of a send, fetched at once, in ``urls`` order."""
+    return tuple(await asyncio.gather(*(_fetch_one(session, url) for url in urls)))
+
+
+async def _fetch_one(session: aiohttp.ClientSession, url: str) -> Media:
+    """One file as a carrier fetches it; ``size`` None when it could not be had."""
+    timeout = aiohttp.ClientTimeout(total=MEDIA_FETCH_TIMEOUT_S)
+    data = bytearray()
+    try:
+        async with session.get(url, timeout=timeout, max_redirects=MEDIA_MAX_REDIRECTS) as response:
+            if not 200 <= response.status < 300:
+                raise _FetchFailed(f"HTTP {response.status}")
+            async for chunk in response.content.iter_chunked(65_536):
+                data += chunk
+                if len(data) > MAX_MEDIA_BYTES:
+                    raise _FetchFailed(f"larger than {MAX_MEDIA_BYTES} bytes")
+            declared = response.headers.get("content-type", "")
+    except (aiohttp.ClientError, TimeoutError, _FetchFailed) as exc:
+        reason = str(exc) if isinstance(exc, _FetchFailed) else type(exc).__name__
+        logger.warning("media fetch failed; sent without it: %s (%s)", url[:200], reason)
+        return Media(url=url)
+    if not data:
+        logger.warning("media fetch failed; sent without it: %s (empty)", url[:200])
+        return Media(url=url)
+    # Telnyx takes the declared type, and guesses from the bytes when it is octet-stream.
+    content_type = declared.partition(";")[0].strip().lower()
+    if content_type in ("", "application/octet-stream"):
+        content_type = sniff(bytes(data)) or "application/octet-stream"
+    return Media(
+        url=url, content_type=content_type, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
 
 
 class Signer:

@@ -13,17 +13,27 @@ response.
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from storage.domain.segments import Encoding, count_segments
 
 # -- Telnyx wire shapes ---------------------------------------------------------------------
+
+MAX_MEDIA_URLS: Final = 10
+"""Telnyx takes up to 10 media URLs per MMS (and carriers deliver up to 10 files)."""
+MAX_URL_LENGTH: Final = 2000
+"""Telnyx error 10003: "URLs can be a maximum of 2000 characters"."""
+MAX_INBOUND_FILE_BYTES: Final = 5 << 20
+"""What a member may send through /_sim/inbound: more than carriers pass on (1 MiB), so
+the app's own limit can be tested."""
 
 LineType = Literal["Wireline", "Wireless", "VoWiFi", "VoIP", "Pre-Paid Wireless", ""]
 RecipientStatus = Literal[
@@ -72,10 +82,16 @@ class Recipient(msgspec.Struct, frozen=True):
 
 
 class Media(msgspec.Struct, frozen=True):
+    """One entry of a message's ``media``. Telnyx names the hash ``sha256`` on outbound
+    records and ``hash_sha256`` on inbound ones; the name a record does not use stays
+    ``UNSET`` and is left out of the JSON. (One struct, not two: a union of structs
+    could not be decoded back from the state file.)"""
+
     url: str
     content_type: str | None = None
-    sha256: str | None = None
+    sha256: str | UnsetType | None = None
     size: int | None = None
+    hash_sha256: str | UnsetType = UNSET
 
 
 class Cost(msgspec.Struct, frozen=True):
@@ -156,12 +172,21 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     send_at: str | None = None
 
 
+class InboundFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One file a member sends with ``POST /_sim/inbound``; the simulator serves it."""
+
+    content_type: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    data_base64: str
+
+
 class InboundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``POST /_sim/inbound``: a member's reply to a church number."""
+    """Body of ``POST /_sim/inbound``: a member's reply to a church number, with files
+    (an MMS) or without (an SMS); ``text`` may be left out only when there are files."""
 
     from_: str = msgspec.field(name="from")
     to: str
-    text: str
+    text: str | None = None
+    media: Annotated[tuple[InboundFile, ...], msgspec.Meta(max_length=MAX_MEDIA_URLS)] = ()
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -269,7 +294,52 @@ def validate_send(req: SendRequest) -> tuple[str, str, str]:
             raise error(
                 400, "10003", "Invalid URL", f"'{name}' must be an http(s) URL.", f"/{name}"
             )
+    if len(req.media_urls) > MAX_MEDIA_URLS:
+        raise bad_request(f"'media_urls' may hold at most {MAX_MEDIA_URLS} URLs.", "/media_urls")
+    for index, url in enumerate(req.media_urls):
+        if not url.startswith(("http://", "https://")) or len(url) > MAX_URL_LENGTH:
+            raise error(
+                400,
+                "10003",
+                "Invalid URL",
+                f"media URLs must be absolute http(s) URLs of at most {MAX_URL_LENGTH} characters.",
+                f"/media_urls/{index}",
+            )
     return sender, req.to, text
+
+
+def validate_inbound(req: InboundRequest) -> list[bytes]:
+    """The files of a member's text, decoded, or the ``SimulatorError`` naming what is
+    wrong with it."""
+    for field, number in (("from", req.from_), ("to", req.to)):
+        if not is_e164(number):
+            raise error(
+                422,
+                "10016",
+                "Phone number must be in +E.164 format",
+                f"'{field}' must be a +E.164 formatted phone number.",
+                f"/{field}",
+            )
+    if req.text is None and not req.media:
+        raise error(
+            422,
+            "10004",
+            "Missing required parameter",
+            "'text' is required unless 'media' is given.",
+            "/text",
+        )
+    files = []
+    for index, file in enumerate(req.media):
+        try:
+            data = base64.b64decode(file.data_base64, validate=True)
+        except ValueError as exc:
+            raise bad_request("'data_base64' is not base64.", f"/media/{index}") from exc
+        if not data or len(data) > MAX_INBOUND_FILE_BYTES:
+            raise bad_request(
+                f"a file must hold 1 to {MAX_INBOUND_FILE_BYTES} bytes.", f"/media/{index}"
+            )
+        files.append(data)
+    return files
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -315,20 +385,28 @@ def outbound_message(
 
 
 def inbound_message(
-    req: InboundRequest, webhook_url: str, identity: Identity, now: datetime
+    req: InboundRequest,
+    webhook_url: str,
+    identity: Identity,
+    now: datetime,
+    media: tuple[Media, ...] = (),
 ) -> Message:
-    encoding, parts = segment(req.text)
+    """The ``message.received`` payload of a member's text; ``media`` are the links the
+    simulator serves the member's files at, which makes it an MMS."""
+    text = req.text or ""
+    encoding, parts = segment(text)
+    parts = 1 if media else parts  # an MMS is one message whatever its length
     return Message(
         direction="inbound",
         id=str(uuid.uuid4()),
-        type="SMS",
+        type="MMS" if media else "SMS",
         messaging_profile_id=identity.messaging_profile_id,
         organization_id=identity.organization_id,
         from_=Sender(req.from_, *MEMBER_CARRIER),
         to=(Recipient(req.to, "webhook_delivered", "TELNYX LLC", "VoIP"),),
-        text=req.text,
+        text=text,
         subject=None,
-        media=(),
+        media=media,
         webhook_url=webhook_url,
         webhook_failover_url=None,
         encoding=encoding,

@@ -232,6 +232,11 @@ class TelnyxProvider:
             "to": request.to,
             "text": request.text,
         }
+        if request.media_urls:
+            body["media_urls"] = request.media_urls
+            if not request.text:
+                # Telnyx wants a text to be non-empty when given; an MMS may have none.
+                del body["text"]
         if request.webhook_url:
             body["webhook_url"] = request.webhook_url
             body["use_profile_webhooks"] = False

@@ -16,7 +16,8 @@ entries pending; the next worker to lease that church takes them over
 
 Admission (delivery/throttle.py, delivery/breaker.py): before recipients are
 claimed, tokens are taken from the provider account's and the sending number's
-buckets through the circuit, in one Redis call. A short wait is slept in place; a
+buckets (and the account's MMS bucket for a text with media) through the circuit,
+in one Redis call per hash tag. A short wait is slept in place; a
 long one, an open circuit, or a ``429`` hands the recipients back to the church's
 delayed set at the same attempt. Failures of one send (an isolated 5xx, a bad
 answer) retry with exponential backoff and jitter at the next attempt; after
@@ -417,11 +418,15 @@ class Worker:
         budget = time.monotonic() + max(
             self.settings.throttle_hold_s, self.settings.claim_idle_ms / 4000
         )
+        # Read once per message and process (cached): whether the texts carry media
+        # decides whether they also need the account's MMS tokens.
+        text = await self.progress.texts.get(batch.church_id, batch.message_id)
+        mms = text is not None and bool(text.media_ids)
         while remaining:
             if self._stopping.is_set():
                 await self._hand_back(batch, remaining, 0.0)
                 break
-            admission = await self.throttle.admit(batch.from_number, len(remaining))
+            admission = await self.throttle.admit(batch.from_number, len(remaining), mms)
             self.breaker.observe(admission)
             if not admission.granted:
                 if (
@@ -439,7 +444,7 @@ class Worker:
                 await self._sleep(admission.wait_s)
                 continue
             chunk, remaining = remaining[: admission.granted], remaining[admission.granted :]
-            outcome = await self._send_chunk(batch, chunk)
+            outcome = await self._send_chunk(batch, chunk, mms)
             sent += outcome.successes
             counted += await self._settle(batch, outcome, admission.probe)
         if counted:
@@ -498,7 +503,9 @@ class Worker:
             await self._hand_back(batch, outcome.throttled, wait, ACCOUNT)
         return counted
 
-    async def _send_chunk(self, batch: SendBatch, recipient_ids: list[uuid.UUID]) -> Outcome:
+    async def _send_chunk(
+        self, batch: SendBatch, recipient_ids: list[uuid.UUID], mms: bool = False
+    ) -> Outcome:
         async with self.services.pool.connection() as conn:
             text = await self.progress.texts.get(batch.church_id, batch.message_id, conn)
             # Consent is checked here, when it is sent, for every text of every kind.
@@ -524,9 +531,10 @@ class Worker:
             self._measure.skipped(sum(1 for c in changes if c.status == RecipientStatus.SKIPPED))
         unused = len(recipient_ids) - len(targets)
         if unused:
-            await self.throttle.refund(batch.from_number, unused)
+            await self.throttle.refund(batch.from_number, unused, mms)
         if not targets:
             return Outcome()
+        media_urls = self._media_urls(batch, text.media_ids if text is not None else [])
         callback = webhook_url(self.services.settings.public_url, "")
         make_ref = self.services.refs.make
         decrypt = self.services.vault.decrypt
@@ -537,6 +545,7 @@ class Worker:
                 text=merge_fields.render(body, values.get(t.member_id, {})) if personal else body,
                 webhook_url=callback + make_ref(batch.church_id, batch.message_id, t.id),
                 idempotency_key=f"rcpt-{t.id}",
+                media_urls=media_urls,
             )
             for t in targets
         ]
@@ -545,6 +554,16 @@ class Worker:
             if span is not None:
                 span.set_attributes(_send_attributes(results))
         return await self._record(batch, targets, results)
+
+    def _media_urls(self, batch: SendBatch, media_ids: list[uuid.UUID]) -> list[str]:
+        """Links the provider fetches the files from, made now: a text handed back or
+        retried hours later gets links that work when it goes, never stale ones."""
+        if not media_ids:
+            return []
+        expires = int(time.time()) + self.settings.media_link_ttl_s
+        public_url = self.services.settings.public_url
+        make = self.services.media_links.make
+        return [make(public_url, batch.church_id, m, expires) for m in media_ids]
 
     async def _record(
         self, batch: SendBatch, targets: list[SendTarget], results: list[SendResult]

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from api.media import media_link_routes
 from api.middleware import RequestContext
 from api.routes import api_routes, exception_handlers
 from api.tracing import TracingMiddleware
@@ -77,7 +78,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
     # its access log line and a 500 answered by RequestContext included.
     traced = [Middleware(TracingMiddleware)] if tracing.enabled() else []
     return Starlette(
-        routes=[*api_routes(), *realtime_routes(), *inbound_routes()],
+        routes=[*api_routes(), *media_link_routes(), *realtime_routes(), *inbound_routes()],
         middleware=[
             *traced,
             Middleware(RequestContext, max_body_bytes=settings.http.max_body_bytes),

@@ -1,7 +1,7 @@
 // The live inbox: conversation list with unread counts, search and assignees,
-// one thread at a time with its notes, a composer (reply or note, canned
-// replies after `/`), who else views or answers it, and the member's contact
-// panel.
+// one thread at a time with its notes and pictures, a composer (reply or note,
+// canned replies after `/`, files attached, pasted or dropped), who else views
+// or answers it, and the member's contact panel with the broadcasts they got.
 //
 // The list follows the `inbox` channel; the open thread follows
 // `conversation:<id>`. Each channel's onReset loads its state from REST, and
@@ -10,12 +10,27 @@
 // (never replayed), so they are read again from GET /v1/presence whenever the
 // connection comes back.
 
-import { $, api, formatTime, Realtime, request, showConnection, signedIn } from "./app.js";
+import { $, api, ApiError, formatTime, Realtime, request, showConnection, signedIn } from "./app.js";
 
 const TYPING_SHOWN_MS = 4000; // how long "typing…" stays after the last signal
 const TYPING_EVERY_MS = 2000; // at most one typing frame per this interval
 const THREAD_PAGE = 100;
 const SEARCH_AFTER_MS = 250; // search once typing pauses this long
+const RECEIVED_PAGE = 10; // broadcasts shown in the contact panel, and per "More"
+const MAX_FILES = 10; // files per text (the server's limit, MAX_MEDIA_PER_MESSAGE)
+// The server judges every file (type by content, size: 413 above 1 MiB) and its
+// answer is what the page shows; only a file far beyond any carrier's limit is
+// refused here, so the browser does not send megabytes to be turned away.
+const MAX_UPLOAD_BYTES = 8 * 1024 * 1024;
+const TYPE_NAMES = {
+  "image/jpeg": "JPEG",
+  "image/png": "PNG",
+  "image/gif": "GIF",
+  "video/mp4": "MP4 video",
+  "audio/mpeg": "MP3 audio",
+  "text/vcard": "vCard",
+  "application/pdf": "PDF",
+};
 
 const conversations = new Map(); // id -> {id, member_id, status, unread_count, assignee_id, last_message_at}
 const rows = new Map(); // conversation id -> <li>
@@ -47,7 +62,16 @@ const composer = {
   cannedList: null, // Promise of the church's canned replies, read once
   matches: [],
   active: 0,
+  files: [], // attachments of the reply: {key, file, name, size, media, upload}
+  fileSeq: 0,
 };
+const received = {
+  memberId: null, // whose broadcasts the contact panel lists
+  items: [],
+  cursor: null, // of the next page, if any
+  seq: 0, // answers for an earlier member are dropped
+};
+const mediaNodes = new Map(); // "message id/media id" -> element: re-rendering keeps pictures loaded
 let groupNames = null; // Promise<Map group id -> name>
 let staffReadAt = 0; // when the staff list was last read
 
@@ -62,6 +86,8 @@ realtime.subscribe("inbox", { onReset: loadInbox, onEvent: inboxEvent });
 wireThread();
 wireSearch();
 wireComposer();
+wireAttachments();
+wireMedia();
 loadStaff();
 
 // -- staff and presence -----------------------------------------------------------
@@ -326,10 +352,12 @@ function openThread(id) {
   thread.messages.clear();
   thread.older = null;
   thread.othersTyping.clear();
+  mediaNodes.clear();
   hideTyping();
   renderCollision();
   chooseCanned(null);
   closePicker();
+  clearFiles(); // files chosen for one member never go to another
   $("#no-thread").hidden = true;
   $("#thread").hidden = false;
   $("#messages").replaceChildren();
@@ -392,13 +420,19 @@ function threadEvent(id, event) {
   if (thread.id !== id) return;
   const data = event.data;
   switch (event.type) {
-    case "conversation.message.created":
-      if (!thread.messages.has(data.message_id)) {
+    case "conversation.message.created": {
+      const shown = thread.messages.get(data.message_id);
+      if (shown && !(shown.media || []).length && (data.media || []).length) {
+        shown.media = data.media; // the POST's answer was drawn first
+        renderMessages();
+      }
+      if (!shown) {
         const note = data.direction === "note";
         thread.messages.set(data.message_id, {
           id: data.message_id,
           direction: data.direction,
           body: data.body,
+          media: data.media || [],
           status: data.direction === "inbound" ? "received" : note ? "saved" : "queued",
           created_at: data.created_at,
           author_id: null,
@@ -413,6 +447,7 @@ function threadEvent(id, event) {
         renderMessages();
       }
       break;
+    }
     case "conversation.message.status": {
       const message = thread.messages.get(data.message_id);
       if (message) {
@@ -509,17 +544,109 @@ function messageItem(message) {
     label.append(strong, " ", author);
     item.append(label);
   }
-  const body = document.createElement("p");
-  body.className = "body";
-  body.textContent = message.body;
+  const media = message.media || [];
+  if (message.body || !media.length) {
+    const body = document.createElement("p");
+    body.className = "body";
+    body.textContent = message.body;
+    item.append(body);
+  }
+  if (media.length) {
+    const files = document.createElement("div");
+    files.className = "media";
+    files.append(...media.map((file) => mediaNode(message.id, file)));
+    item.append(files);
+  }
   const meta = document.createElement("small");
   const time = document.createElement("time");
   time.dateTime = message.created_at;
   time.textContent = formatTime(message.created_at);
   meta.append(time);
   if (message.direction === "outbound") meta.append(` · ${message.status}`);
-  item.append(body, meta);
+  item.append(meta);
   return item;
+}
+
+// -- media in the thread ------------------------------------------------------------
+
+// A file's address on this page's origin. The server gives absolute URLs (its
+// public address); the session cookie that opens them goes only to this origin.
+function mediaSrc(item) {
+  try {
+    const url = new URL(item.url, location.href);
+    return url.origin === location.origin ? url.href : url.pathname + url.search;
+  } catch {
+    return `/v1/media/${encodeURIComponent(item.id)}/content`;
+  }
+}
+
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(bytes < 10240 ? 1 : 0)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
+}
+
+function typeName(contentType) {
+  return TYPE_NAMES[contentType] || contentType || "File";
+}
+
+// A picture as a thumbnail that opens full size; any other file as a chip with
+// its type and size that opens (or downloads) it.
+function mediaNode(messageId, item) {
+  // By message too: a file sent twice is drawn in both messages.
+  const key = `${messageId}/${item.id}`;
+  if (mediaNodes.has(key)) return mediaNodes.get(key);
+  const src = mediaSrc(item);
+  const link = document.createElement("a");
+  link.href = src;
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.dataset.mediaId = item.id;
+  link.dataset.contentType = item.content_type;
+  const described = `${typeName(item.content_type)}, ${formatSize(item.size)}`;
+  if (item.content_type.startsWith("image/")) {
+    link.className = "media-thumb";
+    link.title = `${described}: open full size`;
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = `Picture (${described})`;
+    img.loading = "lazy";
+    link.append(img);
+    link.addEventListener("click", (click) => {
+      if (click.ctrlKey || click.metaKey || click.shiftKey || click.button !== 0) return;
+      click.preventDefault();
+      showPicture(src, img.alt);
+    });
+  } else {
+    link.className = "file-chip";
+    const kind = document.createElement("strong");
+    kind.textContent = typeName(item.content_type);
+    const size = document.createElement("span");
+    size.className = "file-size";
+    size.textContent = formatSize(item.size);
+    link.append(kind, " ", size);
+    link.title = `Open the ${described} file`;
+  }
+  mediaNodes.set(key, link);
+  return link;
+}
+
+function wireMedia() {
+  const viewer = $("#media-viewer");
+  // A click on the backdrop (the dialog itself, outside its content) closes it.
+  viewer.addEventListener("click", (click) => {
+    if (click.target === viewer) viewer.close();
+  });
+  viewer.addEventListener("close", () => viewer.querySelector("img").removeAttribute("src"));
+}
+
+function showPicture(src, alt) {
+  const viewer = $("#media-viewer");
+  const img = viewer.querySelector("img");
+  img.src = src;
+  img.alt = alt;
+  viewer.querySelector("a.open").href = src;
+  if (!viewer.open) viewer.showModal();
 }
 
 // Read what is on screen: once the thread is loaded, and again whenever more
@@ -571,6 +698,7 @@ function loadGroups() {
 
 async function loadContact(conversationId, memberId) {
   $("#contact").hidden = false;
+  loadReceived(conversationId, memberId);
   try {
     const member = await api("GET", `/v1/members/${memberId}`);
     let groups = await loadGroups();
@@ -598,6 +726,273 @@ async function loadContact(conversationId, memberId) {
   } catch (err) {
     if (thread.id === conversationId) $("#contact-name").textContent = `Unavailable: ${err.message}`;
   }
+}
+
+// The broadcasts the member received, newest first: the latest page, then "More".
+// Each is the text as it was written (merge fields not filled in).
+
+const STATUS_NAMES = {
+  queued: "Queued",
+  sending: "Sending",
+  sent: "Sent",
+  delivered: "Delivered",
+  failed: "Failed",
+  undelivered: "Undelivered",
+  skipped: "Skipped (opted out)",
+};
+
+async function loadReceived(conversationId, memberId) {
+  const seq = ++received.seq;
+  if (received.memberId !== memberId) {
+    received.memberId = memberId;
+    received.items = [];
+    received.cursor = null;
+    renderReceived(false);
+  }
+  // Read again (a text came in): as many as "More" had shown.
+  const limit = Math.min(200, Math.max(RECEIVED_PAGE, received.items.length));
+  try {
+    const page = await request("GET", `/v1/members/${memberId}/messages?limit=${limit}`);
+    if (seq !== received.seq || thread.id !== conversationId) return;
+    received.items = page.data;
+    received.cursor = page.meta.next_cursor || null;
+    $("#received-error").hidden = true;
+    renderReceived(true);
+  } catch (err) {
+    if (seq !== received.seq || thread.id !== conversationId) return;
+    $("#received-error").textContent = `Unavailable: ${err.message}`;
+    $("#received-error").hidden = false;
+  }
+}
+
+async function moreReceived() {
+  const { seq, memberId, cursor } = received;
+  if (!cursor) return;
+  const button = $("#received-more");
+  button.disabled = true;
+  try {
+    const page = await request(
+      "GET",
+      `/v1/members/${memberId}/messages?limit=${RECEIVED_PAGE}&cursor=${encodeURIComponent(cursor)}`,
+    );
+    if (seq !== received.seq) return;
+    const shown = new Set(received.items.map((item) => item.message_id));
+    received.items.push(...page.data.filter((item) => !shown.has(item.message_id)));
+    received.cursor = page.meta.next_cursor || null;
+    renderReceived(true);
+  } catch (err) {
+    if (seq !== received.seq) return;
+    $("#received-error").textContent = `More unavailable: ${err.message}`;
+    $("#received-error").hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderReceived(loaded) {
+  $("#received").replaceChildren(...received.items.map(receivedItem));
+  $("#received-none").hidden = !loaded || received.items.length > 0;
+  $("#received-more").hidden = !received.cursor;
+}
+
+function receivedItem(item) {
+  const entry = document.createElement("li");
+  entry.dataset.messageId = item.message_id;
+  entry.dataset.status = item.status;
+  const body = document.createElement("p");
+  body.className = "received-body";
+  body.textContent = item.body;
+  body.title = item.body;
+  const meta = document.createElement("p");
+  meta.className = "received-meta";
+  const chip = document.createElement("span");
+  chip.className = "status-chip";
+  chip.dataset.status = item.status;
+  chip.textContent = STATUS_NAMES[item.status] || item.status;
+  if (item.error_code) chip.title = `Provider error ${item.error_code}`;
+  const time = document.createElement("time");
+  time.dateTime = item.created_at;
+  const at = new Date(item.created_at);
+  const thisYear = at.getFullYear() === new Date().getFullYear();
+  time.textContent = at.toLocaleDateString([], {
+    month: "short", day: "numeric", year: thisYear ? undefined : "numeric",
+  });
+  time.title = at.toLocaleString();
+  meta.append(chip, " ", time);
+  entry.append(body, meta);
+  return entry;
+}
+
+// -- attachments: chosen, pasted or dropped; uploaded at once ----------------------
+
+function wireAttachments() {
+  const input = $("#attach-input");
+  input.addEventListener("change", () => {
+    attachFiles([...input.files]);
+    input.value = ""; // the same file may be chosen again after a removal
+  });
+  $("#reply-body").addEventListener("paste", (paste) => {
+    const files = [...((paste.clipboardData && paste.clipboardData.files) || [])];
+    if (!files.length || composer.mode !== "reply") return;
+    paste.preventDefault();
+    attachFiles(files);
+  });
+  const zone = document.querySelector(".thread");
+  const carriesFiles = (drag) => drag.dataTransfer && [...drag.dataTransfer.types].includes("Files");
+  zone.addEventListener("dragover", (drag) => {
+    if (!carriesFiles(drag) || !thread.id || composer.mode !== "reply") return;
+    drag.preventDefault();
+    drag.dataTransfer.dropEffect = "copy";
+    zone.classList.add("dropping");
+  });
+  zone.addEventListener("dragleave", (drag) => {
+    if (!zone.contains(drag.relatedTarget)) zone.classList.remove("dropping");
+  });
+  zone.addEventListener("drop", (drop) => {
+    zone.classList.remove("dropping");
+    if (!carriesFiles(drop)) return;
+    drop.preventDefault();
+    if (thread.id && composer.mode === "reply") attachFiles([...drop.dataTransfer.files]);
+  });
+  // A file dropped anywhere else would replace the page with it.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (drag) => {
+      if (carriesFiles(drag) && !zone.contains(drag.target)) drag.preventDefault();
+    });
+  }
+}
+
+function attachFiles(files) {
+  const problems = [];
+  for (const file of files) {
+    const name = file.name || "pasted file";
+    if (composer.files.length >= MAX_FILES) {
+      problems.push(`At most ${MAX_FILES} files go with one text.`);
+      break;
+    }
+    if (file.size > MAX_UPLOAD_BYTES) {
+      problems.push(`“${name}” not attached: ${formatSize(file.size)} is far beyond the 1 MB a carrier takes.`);
+      continue;
+    }
+    const entry = {
+      key: ++composer.fileSeq,
+      file,
+      name,
+      size: file.size,
+      media: null, // the server's {id, content_type, size, url} once kept
+      upload: null,
+    };
+    composer.files.push(entry);
+    entry.upload = uploadFile(entry);
+  }
+  showReplyError(problems.join(" "));
+  renderFiles();
+}
+
+function csrfToken() {
+  const found = document.cookie.match(/(?:^|;\s*)koinonia_csrf=([^;]*)/);
+  return found ? decodeURIComponent(found[1]) : "";
+}
+
+// POST /v1/media (multipart, field `file`). Never rejects: a refused file is
+// taken off the list and the server's reason (415, 413...) is shown.
+async function uploadFile(entry) {
+  const form = new FormData();
+  form.append("file", entry.file, entry.name);
+  try {
+    let answer;
+    try {
+      answer = await fetch("/v1/media", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { Accept: "application/json", "X-CSRF-Token": csrfToken() },
+        body: form,
+      });
+    } catch {
+      throw new ApiError(0, "network", "cannot reach the server");
+    }
+    const envelope = await answer.json().catch(() => null);
+    if (!answer.ok || !envelope || envelope.success === false) {
+      const error = (envelope && envelope.error) || {};
+      throw new ApiError(answer.status, error.code || `http_${answer.status}`,
+        error.message || answer.statusText);
+    }
+    entry.media = envelope.data;
+  } catch (err) {
+    if (!composer.files.includes(entry)) return; // removed meanwhile
+    dropFile(entry);
+    showReplyError(`“${entry.name}” not attached: ${err.message}`);
+    return;
+  }
+  if (composer.files.includes(entry)) renderFiles();
+}
+
+function dropFile(entry) {
+  composer.files = composer.files.filter((other) => other !== entry);
+  renderFiles();
+}
+
+function clearFiles() {
+  composer.files = [];
+  renderFiles();
+}
+
+function renderFiles() {
+  const list = $("#pending-files");
+  list.replaceChildren(...composer.files.map(fileItem));
+  list.hidden = composer.files.length === 0;
+  updateRequired();
+}
+
+function fileItem(entry) {
+  const item = document.createElement("li");
+  item.className = "pending-file";
+  item.dataset.state = entry.media ? "ready" : "uploading";
+  const type = entry.media ? entry.media.content_type : entry.file.type;
+  // The preview is the kept file, as the member will get it: the page's policy
+  // loads pictures from this origin only (no blob: or data: URLs).
+  if (entry.media && type.startsWith("image/")) {
+    const img = document.createElement("img");
+    img.src = mediaSrc(entry.media);
+    img.alt = "";
+    item.append(img);
+  } else {
+    const kind = document.createElement("span");
+    kind.className = "file-kind";
+    kind.textContent = (TYPE_NAMES[type] || "File").split(" ")[0];
+    item.append(kind);
+  }
+  const text = document.createElement("span");
+  text.className = "file-text";
+  const name = document.createElement("span");
+  name.className = "file-name";
+  name.textContent = entry.name;
+  const size = document.createElement("span");
+  size.className = "file-size";
+  size.textContent = entry.media ? formatSize(entry.media.size) : `${formatSize(entry.size)} · uploading…`;
+  text.append(name, size);
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "file-remove";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", `Remove ${entry.name}`);
+  remove.addEventListener("click", () => {
+    dropFile(entry);
+    $("#reply-body").focus();
+  });
+  item.append(text, remove);
+  return item;
+}
+
+// The text box may stay empty when a canned reply or a file is what is sent.
+function updateRequired() {
+  $("#reply-body").required = !composer.canned && composer.files.length === 0;
+}
+
+function showReplyError(text) {
+  const error = $("#reply-error");
+  error.textContent = text;
+  error.hidden = !text;
 }
 
 // -- replying, notes, typing, closing ----------------------------------------------
@@ -629,6 +1024,7 @@ function wireThread() {
   });
   $("#toggle-status").addEventListener("click", toggleStatus);
   $("#older").addEventListener("click", loadOlder);
+  $("#received-more").addEventListener("click", moreReceived);
   $("#assignee").addEventListener("change", assign);
 }
 
@@ -669,21 +1065,37 @@ async function sendReply() {
   const error = $("#reply-error");
   const body = box.value.trim();
   const id = thread.id;
-  const canned = composer.mode === "reply" ? composer.canned : null;
-  if ((!body && !canned) || !id || button.disabled) return;
-  const [path, payload] = composer.mode === "note"
-    ? [`/v1/conversations/${id}/notes`, { body }]
-    : [`/v1/conversations/${id}/messages`, canned ? { canned_reply_id: canned.id } : { body }];
+  const reply = composer.mode === "reply";
+  const canned = reply ? composer.canned : null;
+  if ((!body && !canned && !(reply && composer.files.length)) || !id || button.disabled) return;
   button.disabled = true;
   error.hidden = true;
+  let files = [];
+  if (reply && composer.files.length) {
+    // Files still uploading go with the text once kept; refused ones have left the list.
+    await Promise.all(composer.files.map((entry) => entry.upload));
+    files = composer.files.filter((entry) => entry.media);
+    if (thread.id !== id || (!body && !canned && !files.length)) {
+      button.disabled = false;
+      return;
+    }
+  }
+  const text = canned ? { canned_reply_id: canned.id } : body ? { body } : {};
+  const [path, payload] = reply
+    ? [`/v1/conversations/${id}/messages`,
+      files.length ? { ...text, media_ids: files.map((entry) => entry.media.id) } : text]
+    : [`/v1/conversations/${id}/notes`, { body }];
   try {
     const message = await api("POST", path, payload);
     box.value = "";
     chooseCanned(null);
+    if (files.length) clearFiles();
     thread.typingSentAt = 0;
     renderCollision();
     if (thread.id === id) {
-      thread.messages.set(message.id, { ...thread.messages.get(message.id), ...message });
+      const sent = { ...thread.messages.get(message.id), ...message };
+      if (!(sent.media || []).length && files.length) sent.media = files.map((entry) => entry.media);
+      thread.messages.set(message.id, sent);
       renderMessages();
     }
   } catch (err) {
@@ -859,7 +1271,7 @@ function chooseCanned(canned) {
   composer.canned = canned;
   const box = $("#reply-body");
   const chosen = $("#canned-chosen");
-  box.required = !canned;
+  updateRequired();
   if (canned) {
     box.value = "";
     closePicker();

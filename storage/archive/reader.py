@@ -183,6 +183,7 @@ def _message(row: ArchivedMessage) -> Message:
         template_id=row.template_id,
         recurring_id=row.recurring_id,
         canceled_at=row.canceled_at,
+        media_ids=row.media_ids or [],
         archived=True,
     )
 

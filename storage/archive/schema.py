@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal, get_args, get_type_hints
+from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
 Table = Literal["message", "message_recipient", "conversation_message"]
-Kind = Literal["uuid", "text", "timestamptz", "int", "bool", "jsonb"]
+Kind = Literal["uuid", "uuid[]", "text", "timestamptz", "int", "bool", "jsonb"]
 
 SCHEMA_VERSION: Final = 1
 TABLES: Final[tuple[Table, ...]] = ("message", "message_recipient", "conversation_message")
@@ -54,6 +54,8 @@ class ArchivedMessage(msgspec.Struct, frozen=True, kw_only=True):
     conversation_id: uuid.UUID | None = None
     consent_exempt: bool
     traceparent: str | None = None
+    media_ids: list[uuid.UUID] | None = None
+    """MMS files (migration 0017); files written before it read None (none)."""
 
 
 class ArchivedRecipient(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,9 +127,13 @@ def _columns(row_type: type[ArchivedRow]) -> tuple[Column, ...]:
         args = [a for a in get_args(hint) if a is not type(None)] if hint is not Any else []
         nullable = type(None) in get_args(hint)
         base = args[0] if nullable else hint
-        if get_args(base) and base is not Any:  # Annotated[datetime, ...]
-            base = get_args(base)[0]
-        out.append(Column(name, "jsonb" if base is Any else _KINDS[base], nullable))
+        if get_origin(base) is list:  # uuid[]
+            kind: Kind = "uuid[]"
+        else:
+            if get_args(base) and base is not Any:  # Annotated[datetime, ...]
+                base = get_args(base)[0]
+            kind = "jsonb" if base is Any else _KINDS[base]
+        out.append(Column(name, kind, nullable))
     return tuple(out)
 
 

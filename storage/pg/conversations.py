@@ -28,11 +28,13 @@ from storage.domain.events import (
     MediaItem,
 )
 from storage.domain.ids import created_at_of, uuid7
+from storage.domain.media_links import content_url
 from storage.domain.segments import count_segments
 from storage.pg.canned_replies import get_canned_reply
 from storage.pg.database import Conn
 from storage.pg.event_log import append
 from storage.pg.freshness import stale_ok
+from storage.pg.media import media_by_ids
 from storage.pg.messages import merge_values
 from storage.pg.pagination import Page, decode_cursor, page_of
 from storage.pg.recipients import recipient_id
@@ -175,6 +177,8 @@ async def accept_reply(
     consent_exempt: bool = False,
     max_attempts: int = 5,
     traceparent: str = "",
+    media_ids: list[uuid.UUID] | None = None,
+    public_url: str = "",
 ) -> AcceptedReply:
     """Commit one text to the conversation's member, on the broadcasts' pipeline.
 
@@ -186,7 +190,11 @@ async def accept_reply(
     carried by its batch (storage/process/tracing.py); empty when tracing is off.
 
     The text is ``body``, or the church's canned reply ``canned_reply_id`` filled for
-    the member (``NotFound`` for another church's): exactly one of the two.
+    the member (``NotFound`` for another church's): exactly one of the two; with
+    ``media_ids`` (the church's files, ``NotFound`` for any other) ``body`` may be
+    empty. The thread shows the files as ``media`` with their staff links
+    (``content_url`` under ``public_url``); the message row keeps their ids, which
+    the worker turns into the provider's links when it sends.
     """
     if (body is None) == (canned_reply_id is None):
         raise InvalidInput("body", "give either body or canned_reply_id")
@@ -213,6 +221,13 @@ async def accept_reply(
             raise Conflict("the member was erased: there is no number to text", field="id")
         if not opted_in and not consent_exempt:
             raise OptedOut()
+        files = await media_by_ids(conn, church_id, media_ids or [])
+        media = [
+            MediaItem(
+                id=f.id, content_type=f.content_type, size=f.size, url=content_url(public_url, f.id)
+            )
+            for f in files
+        ]
         info = count_segments(text)
         read = ", unread_count = 0" if kind is ReplyKind.REPLY else ""
         cur = await conn.execute(
@@ -224,17 +239,17 @@ async def accept_reply(
         assert row is not None
         cur = await conn.execute(
             "INSERT INTO conversation_message (church_id, id, created_at, conversation_id, "
-            "direction, body, status, sent_by) VALUES (%s, %s, %s, %s, 'outbound', %s, 'queued', "
-            f"%s) RETURNING {_MSG}",
-            (church_id, message_id, created_at, conversation_id, text, sent_by),
+            "direction, body, status, sent_by, media) VALUES (%s, %s, %s, %s, 'outbound', %s, "
+            f"'queued', %s, %s) RETURNING {_MSG}",
+            (church_id, message_id, created_at, conversation_id, text, sent_by, media_json(media)),
         )
         mrow = await cur.fetchone()
         assert mrow is not None
         await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
             "recipient_count, segments, encoding, from_number, created_by, materialized_at, "
-            "kind, conversation_id, consent_exempt, traceparent) "
-            "VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "kind, conversation_id, consent_exempt, traceparent, media_ids) "
+            "VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 church_id,
                 message_id,
@@ -250,6 +265,7 @@ async def accept_reply(
                 conversation_id,
                 consent_exempt,
                 traceparent or None,
+                [f.id for f in files],
             ),
         )
         recipient = recipient_id(message_id, 1)

@@ -15,6 +15,7 @@ import msgspec
 
 from storage.domain.errors import NotFound
 from storage.pg.database import Conn
+from storage.pg.freshness import stale_ok
 
 
 class Media(msgspec.Struct, frozen=True):
@@ -62,6 +63,7 @@ async def insert_media(
     return _media(row)
 
 
+@stale_ok
 async def get_media(conn: Conn, church_id: uuid.UUID, media_id: uuid.UUID) -> Media:
     """The church's file, or NotFound (another church's id included)."""
     cur = await conn.execute(

@@ -32,6 +32,7 @@ from storage.pg.database import Conn, Pool
 from storage.pg.event_log import append
 from storage.pg.freshness import stale_ok
 from storage.pg.groups import existing_ids
+from storage.pg.media import media_by_ids
 from storage.pg.pagination import Page, decode_cursor, page_of
 from storage.redis.connection import Redis
 from storage.redis.queue import MaterializeJob, enqueue_materialize
@@ -59,6 +60,8 @@ class Message(msgspec.Struct, frozen=True):
     template_id: uuid.UUID | None = None
     recurring_id: uuid.UUID | None = None
     canceled_at: datetime | None = None
+    media_ids: list[uuid.UUID] = []
+    """MMS files (storage/pg/media.py), in the order the provider gets them."""
     archived: bool = False
     """Read from the archive (storage/archive/reader.py): its month has left the
     database."""
@@ -66,7 +69,7 @@ class Message(msgspec.Struct, frozen=True):
 
 _COLS = (
     "id, body, target, status, recipient_count, segments, encoding, from_number, "
-    "send_at, created_at, completed_at, template_id, recurring_id, canceled_at"
+    "send_at, created_at, completed_at, template_id, recurring_id, canceled_at, media_ids"
 )
 
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
@@ -154,6 +157,7 @@ async def accept_message(
     template_id: uuid.UUID | None = None,
     recurring_id: uuid.UUID | None = None,
     traceparent: str = "",
+    media_ids: list[uuid.UUID] | None = None,
 ) -> Message:
     """Commit the message and its resolved target; recipients follow from a worker.
 
@@ -163,6 +167,8 @@ async def accept_message(
     merge fields that is the un-rendered template, an estimate of each recipient's.
     ``traceparent``: the accepting request's trace context (storage/process/tracing.py),
     stored so that the broadcast's receipts join its trace; empty stores NULL.
+    ``media_ids``: the church's files sent with it (``NotFound`` for any other id),
+    checked in the same transaction as the row that names them.
     """
     message_id = uuid7()
     accepted_at = created_at_of(message_id)
@@ -175,6 +181,7 @@ async def accept_message(
             found = await existing_ids(conn, church_id, table, ids)
             if found != set(ids):
                 raise NotFound({"member_group": "group", "member": "member"}.get(table, "branch"))
+        await media_by_ids(conn, church_id, media_ids or [])
         await conn.execute(AUDIENCE_PLAN)
         sql, params = audience_params(target, church_id, accepted_at)
         cur = await conn.execute(f"SELECT count(*) FROM ({sql}) a", params)
@@ -183,8 +190,8 @@ async def accept_message(
         cur = await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
             "recipient_count, segments, encoding, from_number, created_by, send_at, "
-            "template_id, recurring_id, traceparent) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "template_id, recurring_id, traceparent, media_ids) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             f"RETURNING {_COLS}",
             (
                 church_id,
@@ -202,6 +209,7 @@ async def accept_message(
                 template_id,
                 recurring_id,
                 traceparent or None,
+                list(media_ids or []),
             ),
         )
         out = await cur.fetchone()
@@ -440,6 +448,8 @@ class SendText(msgspec.Struct, frozen=True):
     scheduled: bool = False
     """Scheduled or recurring: its recipients wait for a send time or quiet hours by
     design (not measured by ``koinonia_accept_to_sent_seconds``)."""
+    media_ids: list[uuid.UUID] = []
+    """MMS files, in order: each recipient's send carries a fresh link to each."""
 
 
 class SendTexts:
@@ -461,7 +471,7 @@ class SendTexts:
             return self._known[message_id]
         query = (
             "SELECT body, consent_exempt, conversation_id, coalesce(traceparent, ''), "
-            "send_at IS NOT NULL OR recurring_id IS NOT NULL "
+            "send_at IS NOT NULL OR recurring_id IS NOT NULL, media_ids "
             "FROM message "
             "WHERE church_id = %s AND id = %s AND created_at = %s"
         )
@@ -472,7 +482,16 @@ class SendTexts:
             async with self._pool.connection() as own:
                 row = await (await own.execute(query, params)).fetchone()
         text = (
-            SendText(row[0], bool(row[1]), row[2], row[3], scheduled=bool(row[4])) if row else None
+            SendText(
+                row[0],
+                bool(row[1]),
+                row[2],
+                row[3],
+                scheduled=bool(row[4]),
+                media_ids=list(row[5] or []),
+            )
+            if row
+            else None
         )
         self._known[message_id] = text
         if len(self._known) > self._size:

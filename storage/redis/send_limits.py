@@ -1,7 +1,8 @@
 """Sending limits and the provider circuit, shared by every worker through Redis.
 
-One provider account (the Telnyx API key) has a token bucket of its own and one
-per sending number, and one circuit breaker. The account's bucket and circuit
+One provider account (the Telnyx API key) has a token bucket of its own, one for
+its MMS (texts with media ask it too: ``KOINONIA_MMS_RATE_PER_ACCOUNT``) and one
+per sending number, and one circuit breaker. The account's buckets and circuit
 carry the account's hash tag (one provider account is one key by nature); each
 number's bucket carries a tag of its own, so the numbers spread over a Redis
 Cluster's masters. An admission is therefore two single-slot scripts, in this
@@ -9,8 +10,9 @@ order:
 
 1. the number's bucket (``send_take``): as many tokens as it can give, at most
    what was asked, or none and the wait;
-2. only when the number gave some: the circuit and the account's bucket
-   (``send_admit``), asked for what the number gave; whatever the account did
+2. only when the number gave some: the circuit and the account's bucket, with
+   its MMS bucket for a text with media (``send_admit``, one script: same tag),
+   asked for what the number gave; whatever the account did
    not grant goes back to the number's bucket (``send_refund``).
 
 Number first because throttling by number is the common wait (a long code sends

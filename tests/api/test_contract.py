@@ -71,6 +71,8 @@ def other_resources(
     ids: dict[str, str] = {"groups": group, "members": member, "member_id": member}
     ids["messages"] = message
     ids["api-keys"] = b.session.get("/v1/api-keys").json()["data"][0]["id"]
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+    ids["media"] = b.api.post("/v1/media", files={"file": ("a.png", png)}).json()["data"]["id"]
     ids["staff"] = b.user_id
     ids["webhook-endpoints"] = b.api.post(
         "/v1/webhook-endpoints", json={"url": "https://b.example/hook", "events": ["*"]}

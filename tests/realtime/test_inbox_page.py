@@ -2,7 +2,8 @@
 (two browser contexts: the owner and Ana, an agent): who views a conversation,
 the warning when both start answering it, notes drawn apart from texts and never
 texted, the canned-reply picker (``/``) with merge fields filled by the server,
-the contact panel, search, and assignment.
+pictures texted in and attached to a reply (MMS), the contact panel with the
+broadcasts received, search, and assignment.
 
 One browser, one church and the two signed-in tabs serve the whole module; the
 tests run in order on that shared state.
@@ -10,15 +11,18 @@ tests run in order on that shared state.
 
 from __future__ import annotations
 
+import base64
 import re
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Page, WebSocketRoute, expect
+from playwright.sync_api import FilePayload, Page, WebSocketRoute, expect
 
 from deploy.stack import Stack
 from tests.api.staff_support import join
@@ -31,6 +35,10 @@ pytestmark = pytest.mark.slow
 PASSWORD = "correct horse battery"
 
 expect.set_options(timeout=15_000)
+
+BROADCASTS = 11
+"""Texts Grace got before the pages opened: the choir's broadcasts, for her contact panel
+(one more than its first page)."""
 
 
 @dataclass
@@ -79,6 +87,23 @@ def text_in(sim_url: str, member_phone: str, church_phone: str, text: str) -> No
     assert answer.status_code < 300, answer.text
 
 
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A real PNG of one colour (what a browser decodes and the server sniffs)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
 def row_of(page: Page, name: str) -> Any:
     return page.locator("#conversations li").filter(has=page.locator(".name", has_text=name))
 
@@ -95,6 +120,11 @@ def inbox(stack: Stack, base_url: str, sim_url: str) -> Iterator[Inbox]:
     choir = church.group("Choir")
     phone = unique_phone()
     church.member(phone, [choir], first_name="Grace", last_name="Hopper")
+    sent = [church.broadcast(choir, f"Rehearsal note {n}") for n in range(1, BROADCASTS)]
+    sent.append(church.broadcast(choir, "Choir robes on Sunday, {{first_name}}!"))
+    for broadcast in sent:
+        counts = church.counts_when(broadcast, lambda c: c["delivered"] == 1)
+        assert counts["delivered"] == 1, counts
     text_in(sim_url, phone, church.phone_number, "Is choir practice on tonight?")
     church.conversations_when(1)
     with chromium() as browser:
@@ -180,7 +210,7 @@ def test_a_note_is_drawn_apart_with_its_author_and_never_texted(inbox: Inbox) ->
     expect(owner.locator("#messages li[data-direction=outbound]")).to_have_count(0)
     # Give a wrongly texted note the time a text takes to reach the simulator.
     time.sleep(1)
-    assert texts_sent(inbox.sim_url, [inbox.phone]) == [0]
+    assert texts_sent(inbox.sim_url, [inbox.phone]) == [BROADCASTS]
     owner.locator("#reply input[name=mode][value=reply]").check()
     expect(owner.locator("#reply")).to_have_attribute("data-mode", "reply")
 
@@ -211,9 +241,133 @@ def test_the_canned_reply_picker_sends_it_filled_for_the_member(inbox: Inbox) ->
         )
     expect(owner.locator("#canned-chosen")).to_be_hidden()
     deadline = time.monotonic() + 15
-    while texts_sent(inbox.sim_url, [inbox.phone]) != [1] and time.monotonic() < deadline:
+    while (
+        texts_sent(inbox.sim_url, [inbox.phone]) != [BROADCASTS + 1] and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
-    assert texts_sent(inbox.sim_url, [inbox.phone]) == [1]
+    assert texts_sent(inbox.sim_url, [inbox.phone]) == [BROADCASTS + 1]
+
+
+def test_a_picture_texted_in_shows_live_as_a_thumbnail_that_opens_full_size(
+    inbox: Inbox,
+) -> None:
+    picture = png(40, 30, (200, 40, 40))
+    sent = httpx.post(
+        f"{inbox.sim_url}/_sim/inbound",
+        json={
+            "from": inbox.phone,
+            "to": inbox.church.phone_number,
+            "text": "Our flyer",
+            "media": [
+                {"content_type": "image/png", "data_base64": base64.b64encode(picture).decode()}
+            ],
+        },
+    )
+    assert sent.status_code < 300, sent.text
+    for page in (inbox.owner.page, inbox.ana.page):
+        message = page.locator("#messages li[data-direction=inbound]").filter(has_text="Our flyer")
+        thumb = message.locator(".media-thumb img")
+        expect(thumb).to_have_count(1)
+        # Loaded through the staff session: the browser decoded the real picture.
+        expect(thumb).to_have_js_property("naturalWidth", 40)
+    page = inbox.owner.page
+    page.locator("#messages .media-thumb").last.click()
+    viewer = page.locator("#media-viewer")
+    expect(viewer).to_be_visible()
+    expect(viewer.locator("img")).to_have_js_property("naturalHeight", 30)
+    page.keyboard.press("Escape")
+    expect(viewer).to_be_hidden()
+
+
+def test_staff_attach_a_picture_and_the_member_gets_it_as_an_mms(inbox: Inbox) -> None:
+    owner, ana = inbox.owner.page, inbox.ana.page
+    picture = png(64, 48, (30, 90, 200))
+    owner.locator("#attach-input").set_input_files(
+        files=[FilePayload(name="event.png", mimeType="image/png", buffer=picture)]
+    )
+    pending = owner.locator("#pending-files li")
+    expect(pending).to_have_count(1)
+    expect(pending).to_have_attribute("data-state", "ready")
+    expect(pending.locator(".file-name")).to_have_text("event.png")
+    expect(pending.locator("img")).to_have_js_property("naturalWidth", 64)
+    owner.locator("#reply-body").fill("See you there")
+    owner.locator("#reply button[type=submit]").click()
+    expect(owner.locator("#pending-files")).to_be_hidden()
+    for page in (owner, ana):
+        message = page.locator("#messages li[data-direction=outbound]").filter(
+            has_text="See you there"
+        )
+        expect(message.locator(".media-thumb img")).to_have_js_property("naturalWidth", 64)
+    accepted: list[dict[str, Any]] = []
+
+    def fetched() -> bool:
+        answer = httpx.get(f"{inbox.sim_url}/_sim/messages", params={"to": inbox.phone})
+        listed = answer.json()
+        accepted[:] = [m for m in listed if m["text"] == "See you there"]
+        return bool(accepted)
+
+    deadline = time.monotonic() + 15
+    while not fetched() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert accepted, "the simulator never got the MMS"
+    (mms,) = accepted
+    assert len(mms["media_urls"]) == 1
+    assert mms["media_sizes"] == [len(picture)]
+
+
+def test_a_file_that_is_not_what_its_name_says_is_refused_with_the_servers_reason(
+    inbox: Inbox,
+) -> None:
+    page = inbox.owner.page
+    fake = b"Just a note, not a picture.\n"
+    expected = inbox.church.api.post("/v1/media", files={"file": ("notes.png", fake, "image/png")})
+    assert expected.status_code == 415, expected.text
+    reason = expected.json()["error"]["message"]
+    page.locator("#attach-input").set_input_files(
+        files=[FilePayload(name="notes.png", mimeType="image/png", buffer=fake)]
+    )
+    error = page.locator("#reply-error")
+    expect(error).to_be_visible()
+    expect(error).to_have_text(f"“notes.png” not attached: {reason}")
+    expect(page.locator("#pending-files")).to_be_hidden()
+    expect(page.locator("#reply-body")).to_have_attribute("required", "")
+
+    # Over the carriers' limit: the server's 413, in its words.
+    big = png(8, 8, (0, 0, 0)) + bytes(1_048_576)
+    expected = inbox.church.api.post("/v1/media", files={"file": ("big.png", big, "image/png")})
+    assert expected.status_code == 413, expected.text
+    reason = expected.json()["error"]["message"]
+    page.locator("#attach-input").set_input_files(
+        files=[FilePayload(name="big.png", mimeType="image/png", buffer=big)]
+    )
+    expect(error).to_have_text(f"“big.png” not attached: {reason}")
+    expect(page.locator("#pending-files")).to_be_hidden()
+
+
+def test_the_contact_panel_lists_the_broadcasts_received(inbox: Inbox) -> None:
+    page = inbox.ana.page
+    # Open the conversation again: the panel is read after the replies were sent.
+    row_of(page, "Linus Torvalds").locator("button").click()
+    expect(page.locator("#contact-name")).to_have_text("Linus Torvalds")
+    expect(page.locator("#received-none")).to_be_visible()
+    row_of(page, "Grace Hopper").locator("button").click()
+    received = page.locator("#received li")
+    expect(received).to_have_count(10)  # the first page
+    newest = received.first
+    expect(newest.locator(".received-body")).to_have_text(
+        "Choir robes on Sunday, {{first_name}}!"  # as written: merge fields unfilled
+    )
+    expect(newest.locator(".status-chip")).to_have_text("Delivered")
+    expect(newest.locator(".status-chip")).to_have_attribute("data-status", "delivered")
+    expect(newest.locator("time")).not_to_be_empty()
+    more = page.locator("#received-more")
+    more.click()
+    expect(received).to_have_count(BROADCASTS)
+    expect(received.last.locator(".received-body")).to_have_text("Rehearsal note 1")
+    expect(more).to_be_hidden()
+    # The replies she got (a canned reply, a picture) are in the thread, not listed here.
+    expect(page.locator("#messages li[data-direction=outbound]")).to_have_count(2)
+    expect(received.filter(has_text="See you there")).to_have_count(0)
 
 
 def test_the_contact_panel_shows_opt_in_and_groups(inbox: Inbox) -> None:

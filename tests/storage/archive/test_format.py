@@ -57,6 +57,7 @@ def message(n: int, **over: Any) -> dict[str, Any]:
         "conversation_id": None,
         "consent_exempt": False,
         "traceparent": None,
+        "media_ids": None,
     }
     row.update(over)
     return row
@@ -143,6 +144,7 @@ def test_every_column_type_round_trips_with_and_without_nulls() -> None:
         consent_exempt=True,
         traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         recipient_count=2_147_483_647,
+        media_ids=[uuid.uuid4(), uuid.uuid4()],
     )
     sparse = message(2, target=[], recipient_count=0)
     m_id = full["id"]

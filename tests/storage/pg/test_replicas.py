@@ -281,6 +281,8 @@ STALE_OK = {
     "recipients": {"list_recipients"},
     "conversations": {"list_conversations", "get_conversation", "list_conversation_messages"},
     "members": {"list_members", "export_member"},
+    "member_messages": {"list_member_messages"},
+    "media": {"get_media"},
     "groups": {"list_groups"},
     "audit": {"list_entries"},
     "branches": {"list_branches"},
