@@ -337,6 +337,13 @@ async def erase_member(conn: Conn, church_id: uuid.UUID, member_id: uuid.UUID) -
         for sql in (
             "DELETE FROM group_membership WHERE church_id = %s AND member_id = %s",
             "DELETE FROM member_opt_event WHERE church_id = %s AND member_id = %s",
+            # The files they texted in go with their texts: without its row a file is
+            # unreadable through the API (its object is left unreferenced).
+            "DELETE FROM media md USING conversation c, conversation_message cm, "
+            "jsonb_array_elements(cm.media) AS item "
+            "WHERE c.church_id = %s AND c.member_id = %s AND cm.church_id = c.church_id "
+            "AND cm.conversation_id = c.id AND cm.direction = 'inbound' "
+            "AND md.church_id = c.church_id AND md.id = (item->>'id')::uuid",
             "UPDATE conversation_message cm SET body = '', media = '[]' FROM conversation c "
             "WHERE c.church_id = %s AND c.member_id = %s AND cm.church_id = c.church_id "
             "AND cm.conversation_id = c.id",

@@ -118,6 +118,12 @@ def test_an_inbound_mms_lands_in_the_thread_and_opens_for_its_church_only(
             assert opened.status_code == 200, opened.text
             assert opened.content == data
         assert other_church.api.get(item["url"]).status_code == 404
+    # Erasing the member takes the files they texted in with their texts.
+    member_id = church.api.get(f"/v1/conversations/{conversation_id}").json()["data"]["member_id"]
+    assert church.api.delete(f"/v1/members/{member_id}").status_code in (200, 204)
+    assert _thread(church, conversation_id)[0]["media"] == []
+    for item in media:
+        assert church.api.get(item["url"]).status_code == 404
 
 
 def test_a_keyword_sent_with_a_picture_still_acts(church: Church, sim_url: str) -> None:
