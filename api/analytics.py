@@ -1,4 +1,5 @@
-"""Analytics: a church's summary over a time range, and one broadcast's outcome.
+"""Analytics: a church's summary over a time range, and one broadcast's outcome with
+its delivery over time (the dashboard's chart).
 
 Both are served cache-aside (topic ``analytics``): the summary for
 ``SUMMARY_TTL_S`` (accepting or canceling a broadcast invalidates it at once),
@@ -147,12 +148,17 @@ def analytics_operations() -> list[Operation]:
             "/v1/messages/{id}/analytics",
             show_message_analytics,
             "message.analytics",
-            "One broadcast's outcome: counts, delivery rate and times, failures, replies",
+            "One broadcast's outcome: counts, delivery rate and times, failures, replies, "
+            "delivery over time",
             "messages",
             response=MessageAnalytics,
             description=(
                 "Delivery rate = delivered / (sent + delivered + undelivered + failed). "
-                "Replies are inbound texts from its recipients within 48 hours of its start."
+                "Replies are inbound texts from its recipients within 48 hours of its start. "
+                "`timeline` counts recipients per bucket of `bucket_s` seconds (at most 120 "
+                "buckets, from its start to its last change) by each one's last change and "
+                "status now: `sent` (sent, delivered, undelivered), `delivered`, `failed` "
+                "(failed, undelivered); per bucket, not cumulative."
             ),
         ),
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
 from starlette.requests import Request
@@ -14,13 +14,12 @@ from starlette.responses import Response
 
 from api.analytics import analytics_operations, query_time
 from api.auth import principal
-from api.errors import invalid_body, invalid_query
+from api.broadcast_request import BroadcastRequest, check_request, request_text
+from api.errors import invalid_query
+from api.estimates import Estimate, estimate_of
 from api.listing import paged, read, services_of
-from api.media import MediaBody, MediaIds, media_problems
 from api.operation import Operation, QueryParam, audit_target
 from api.recurring import recurring_operations
-from api.schemas import Request as RequestBody
-from api.schemas import TargetRequest
 from api.validation import decode_body, page_params, path_id
 from storage.domain import merge_fields
 from storage.domain.envelope import FieldError
@@ -29,7 +28,6 @@ from storage.domain.events import Counts
 from storage.domain.statuses import MessageStatus, RecipientStatus
 from storage.pg.churches import get_church
 from storage.pg.messages import (
-    MAX_SCHEDULE_AHEAD,
     Message,
     MessageFilter,
     Target,
@@ -41,27 +39,12 @@ from storage.pg.messages import (
     message_counts,
 )
 from storage.pg.recipients import Recipient, list_recipients
-from storage.pg.templates import get_template
 from storage.process import tracing
 from storage.responses import ok
 
 log = logging.getLogger("koinonia.api.broadcasts")
 
 ANALYTICS = "analytics"
-
-
-class BroadcastRequest(RequestBody, frozen=True):
-    """Give exactly one of ``body`` and ``template_id`` (with ``media_ids``, neither or
-    an empty ``body`` is an MMS of files alone); ``send_at`` schedules it."""
-
-    target: TargetRequest
-    body: MediaBody | None = None
-    template_id: uuid.UUID | None = None
-    """Send a template's current text (copied into the message at acceptance)."""
-    send_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
-    """RFC 3339 with a zone, in the future and at most 365 days ahead."""
-    media_ids: MediaIds | None = None
-    """Files from ``POST /v1/media`` sent with the text (MMS), in this order."""
 
 
 class BroadcastAccepted(msgspec.Struct, frozen=True):
@@ -79,6 +62,9 @@ class BroadcastAccepted(msgspec.Struct, frozen=True):
     created_at: datetime
     media_ids: list[uuid.UUID]
     """The message's files (``GET /v1/media/{id}``); empty for an SMS."""
+    estimate: Estimate | None
+    """When the last recipient will have been handed to the provider (docs/protocol.md
+    "Send estimates"); null only when it could not be worked out just now."""
 
 
 class BroadcastDetail(msgspec.Struct, frozen=True):
@@ -103,54 +89,31 @@ class BroadcastDetail(msgspec.Struct, frozen=True):
     """Read from the archive: its month has left the database (``GET /v1/archive``)."""
     media_ids: list[uuid.UUID]
     """The message's files (``GET /v1/media/{id}``); empty for an SMS."""
+    estimate: Estimate | None
+    """As on the ``202``, worked out again from the recipients left."""
 
 
-def _body_problems(text: str, field: str) -> list[FieldError]:
-    return [FieldError(field, problem) for problem in merge_fields.problems(text)]
-
-
-def _request_problems(body: BroadcastRequest, now: datetime) -> list[FieldError]:
-    problems: list[FieldError] = []
-    target = body.target.problem()
-    if target:
-        problems.append(FieldError("target", target))
-    problems += media_problems(body.media_ids)
-    if body.body is None and body.template_id is None:
-        if not body.media_ids:
-            problems.append(FieldError("body", "is required"))
-    elif body.body is not None and body.template_id is not None:
-        problems.append(FieldError("body", "give exactly one of body or template_id"))
-    elif body.body is not None:
-        problems += _body_problems(body.body, "body")
-        if not body.body and not body.media_ids:
-            problems.append(FieldError("body", "must not be empty (unless media_ids are given)"))
-    if body.send_at is not None:
-        if body.send_at <= now:
-            problems.append(FieldError("send_at", "must be in the future"))
-        elif body.send_at > now + MAX_SCHEDULE_AHEAD:
-            problems.append(
-                FieldError("send_at", f"must be at most {MAX_SCHEDULE_AHEAD.days} days ahead")
-            )
-    return problems
+async def _estimate(request: Request, church_id: uuid.UUID, message: Message) -> Estimate | None:
+    """The message's estimate; None when the stores could not give it (the message
+    itself was read, or committed, and is answered all the same)."""
+    services = services_of(request)
+    try:
+        async with services.pool.connection() as conn:
+            return await estimate_of(services, conn, church_id, message)
+    except Exception:
+        log.warning("estimate not worked out", exc_info=True)
+        return None
 
 
 async def post_message(request: Request) -> Response:
     who = await principal(request, "write")
     body = await decode_body(request, BroadcastRequest)
-    problems = _request_problems(body, datetime.now(UTC))
-    if problems:
-        raise invalid_body(*problems)
+    check_request(body, datetime.now(UTC))
     services = services_of(request)
     async with services.pool.connection() as conn:
         church = await get_church(conn, who.church_id)
         assert church is not None
-        text = body.body
-        if body.template_id is not None:
-            text = (await get_template(conn, who.church_id, body.template_id)).body
-            problems = _body_problems(text, "template_id")
-            if problems:
-                raise invalid_body(*problems)
-        text = text or ""
+        text = await request_text(conn, who.church_id, body)
         # The request's trace context (empty with tracing off): stored on the message for
         # its receipts, and carried by the materialize job to the worker.
         traceparent = tracing.current_traceparent()
@@ -187,12 +150,13 @@ async def post_message(request: Request) -> Response:
             template_id=message.template_id,
             created_at=message.created_at,
             media_ids=message.media_ids,
+            estimate=await _estimate(request, who.church_id, message),
         ),
         status=202,
     )
 
 
-def _detail(message: Message, counts: Counts) -> BroadcastDetail:
+def _detail(message: Message, counts: Counts, estimate: Estimate | None) -> BroadcastDetail:
     return BroadcastDetail(
         id=message.id,
         body=message.body,
@@ -212,6 +176,7 @@ def _detail(message: Message, counts: Counts) -> BroadcastDetail:
         canceled_at=message.canceled_at,
         archived=message.archived,
         media_ids=message.media_ids,
+        estimate=estimate,
     )
 
 
@@ -225,7 +190,7 @@ async def show_message(request: Request) -> Response:
     except NotFound:
         message = await read(request, archive.get_message, who.church_id, message_id)
         counts = await read(request, archive.message_counts, who.church_id, message_id)
-        return ok(_detail(message, counts))
+        return ok(_detail(message, counts, await _estimate(request, who.church_id, message)))
     counts = await read(request, message_counts, who.church_id, message_id)
     if sum(getattr(counts, s.value) for s in RecipientStatus) == 0 and message.status in (
         MessageStatus.SCHEDULED,
@@ -233,7 +198,7 @@ async def show_message(request: Request) -> Response:
     ):
         # Not materialized yet: the whole audience is still waiting.
         counts = Counts(queued=message.recipient_count)
-    return ok(_detail(message, counts))
+    return ok(_detail(message, counts, await _estimate(request, who.church_id, message)))
 
 
 async def post_cancel(request: Request) -> Response:
@@ -246,7 +211,7 @@ async def post_cancel(request: Request) -> Response:
         await services.cache.invalidate(who.church_id, ANALYTICS)
     except Exception:
         log.exception("analytics invalidation failed")
-    return ok(_detail(message, Counts()))
+    return ok(_detail(message, Counts(), await _estimate(request, who.church_id, message)))
 
 
 async def index_recipients(request: Request) -> Response:

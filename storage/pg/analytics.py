@@ -20,11 +20,19 @@ Definitions:
 - *time to delivered* runs from the moment the message started (its
   ``send_at`` when scheduled, else its acceptance) to the delivery receipt;
 - a *reply* is an inbound text from one of the message's recipients within
-  ``REPLY_WINDOW`` after it started, whatever else they were sent meanwhile.
+  ``REPLY_WINDOW`` after it started, whatever else they were sent meanwhile;
+- the *timeline* counts, per bucket of ``bucket_s`` seconds from the message's start,
+  the recipients whose last change fell in it, by the status they have now: *sent*
+  every recipient handed to the carrier (sent, delivered, undelivered), *delivered*
+  and *failed* (failed, undelivered) the final ones among them. A recipient has one
+  time only (``updated_at``, its last change), so a delivered one counts as sent
+  when its receipt came, seconds after it went. Per bucket, not cumulative: over a
+  finished broadcast the buckets add up to its counts.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime, timedelta
 
@@ -73,6 +81,33 @@ class Percentiles(msgspec.Struct, frozen=True):
     p90: float
 
 
+class TimelinePoint(msgspec.Struct, frozen=True):
+    at: datetime
+    """The bucket's start."""
+    sent: int
+    delivered: int
+    failed: int
+
+
+class Timeline(msgspec.Struct, frozen=True):
+    bucket_s: int = 1
+    points: list[TimelinePoint] = []
+    """From the message's start to its last change, every bucket (zeros included)."""
+
+
+MAX_POINTS = 120
+BUCKETS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600)
+"""Bucket widths a timeline picks from: the narrowest giving at most ``MAX_POINTS``."""
+
+
+def bucket_for(span_s: float) -> int:
+    """The narrowest bucket (seconds) that covers ``span_s`` in at most ``MAX_POINTS``."""
+    for width in BUCKETS_S:
+        if span_s <= width * MAX_POINTS:
+            return width
+    return 86_400 * max(1, math.ceil(span_s / (86_400 * MAX_POINTS)))
+
+
 class MessageAnalytics(msgspec.Struct, frozen=True):
     message_id: uuid.UUID
     status: str
@@ -87,6 +122,8 @@ class MessageAnalytics(msgspec.Struct, frozen=True):
     """Inbound texts from its recipients within 48 hours of its start."""
     replying_members: int
     reply_window_ends_at: datetime
+    timeline: Timeline = Timeline()
+    """Delivery over time (see the module's definitions)."""
 
 
 def _rate(counts: Counts) -> float | None:
@@ -176,16 +213,20 @@ async def message_analytics(conn: Conn, church_id: uuid.UUID, message: Message) 
     one = "church_id = %s AND message_id = %s AND created_at = %s"
     keys = (church_id, message.id, created_at)
     cur = await conn.execute(
-        "SELECT status, count(*), coalesce(sum(segments), 0) FROM message_recipient "
-        f"WHERE {one} GROUP BY status",
+        "SELECT status, count(*), coalesce(sum(segments), 0), min(updated_at), max(updated_at) "
+        f"FROM message_recipient WHERE {one} GROUP BY status",
         keys,
     )
     by_status: dict[str, int] = {}
     segments = 0
-    for status, n, segs in await cur.fetchall():
+    span: tuple[datetime, datetime] | None = None
+    for status, n, segs, earliest, latest in await cur.fetchall():
         by_status[status] = int(n)
         if status in _BILLED:
             segments += int(segs)
+        if status in _ATTEMPTED:
+            span = (min(span[0], earliest), max(span[1], latest)) if span else (earliest, latest)
+    timeline = await _timeline(conn, keys, min(start, span[0]), span[1]) if span else Timeline()
     if not by_status and message.status in ("scheduled", "queued"):
         by_status = {"queued": message.recipient_count}
     counts = Counts(**{s.value: by_status.get(s.value, 0) for s in ALL_STATUSES})
@@ -224,4 +265,39 @@ async def message_analytics(conn: Conn, church_id: uuid.UUID, message: Message) 
         replies=int(replies[0]) if replies else 0,
         replying_members=int(replies[1]) if replies else 0,
         reply_window_ends_at=window_end,
+        timeline=timeline,
     )
+
+
+async def _timeline(
+    conn: Conn, keys: tuple[uuid.UUID, uuid.UUID, datetime], first: datetime, last: datetime
+) -> Timeline:
+    """The message's recipients per bucket from ``first`` (its start, or an earlier
+    change) to ``last`` (its latest change); one more scan of its own rows."""
+    # Whole seconds: the chart's labels read better, and the buckets stay aligned.
+    first = first.replace(microsecond=0)
+    width = bucket_for((last - first).total_seconds())
+    cur = await conn.execute(
+        "SELECT floor(extract(epoch FROM updated_at - %s) / %s)::int AS b, "
+        "count(*) FILTER (WHERE status IN ('sent', 'delivered', 'undelivered')), "
+        "count(*) FILTER (WHERE status = 'delivered'), "
+        "count(*) FILTER (WHERE status IN ('failed', 'undelivered')) "
+        "FROM message_recipient WHERE church_id = %s AND message_id = %s AND created_at = %s "
+        "AND status IN ('sent', 'delivered', 'undelivered', 'failed') GROUP BY 1",
+        (first, width, *keys),
+    )
+    found = {int(b): (int(s), int(d), int(f)) for b, s, d, f in await cur.fetchall()}
+    # The last bucket as Postgres placed the rows, not as Python rounds the span.
+    n = max([int((last - first).total_seconds() // width), *found]) + 1
+    points = []
+    for i in range(n):
+        sent, delivered, failed = found.get(i, (0, 0, 0))
+        points.append(
+            TimelinePoint(
+                at=first + timedelta(seconds=i * width),
+                sent=sent,
+                delivered=delivered,
+                failed=failed,
+            )
+        )
+    return Timeline(bucket_s=width, points=points)

@@ -233,11 +233,14 @@ async def test_master_killed_mid_broadcast_loses_no_text_and_no_status(
             assert time.monotonic() < deadline, (sent, counts_of(church, message_id))
             await asyncio.sleep(0.05)
         tag = key_names.church_tag(uuid.UUID(church.id))
+        # Measured at the kill, not after it: the call returns once a replica has been
+        # promoted, and sends whose Redis calls land on other shards go on meanwhile.
+        at_kill = await asyncio.to_thread(provider_texts, sim) - before
+        assert at_kill < AUDIENCE, "every text was sent before the kill: nothing tested"
         killed = await asyncio.to_thread(redis_cluster.kill_master_of, tag)
         promoted = time.monotonic()
         after_kill = await asyncio.to_thread(provider_texts, sim) - before
         dropped.set()
-        assert after_kill < AUDIENCE, "every text was sent before the kill: nothing tested"
 
         counts = await asyncio.to_thread(
             wait_counts, church, message_id, lambda c: final(c) == AUDIENCE, FINISH_S
