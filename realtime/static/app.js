@@ -7,10 +7,12 @@
 // writes.
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, details) {
     super(message);
     this.status = status;
     this.code = code;
+    // The envelope's field errors ([{field, message}]), for forms that show them.
+    this.details = Array.isArray(details) ? details : [];
   }
 }
 
@@ -20,10 +22,13 @@ function csrfToken() {
 }
 
 // One REST call. Resolves to the whole envelope ({data, meta}); rejects with an
-// ApiError carrying the envelope's error code.
+// ApiError carrying the envelope's error code and details. `body` is sent as
+// JSON, or as it is when it is FormData (a multipart upload: the browser sets
+// its boundary).
 export async function request(method, path, body) {
   const headers = { Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const multipart = body instanceof FormData;
+  if (body !== undefined && !multipart) headers["Content-Type"] = "application/json";
   if (method !== "GET") headers["X-CSRF-Token"] = csrfToken();
   let answer;
   try {
@@ -31,7 +36,7 @@ export async function request(method, path, body) {
       method,
       headers,
       credentials: "same-origin",
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || multipart ? body : JSON.stringify(body),
     });
   } catch (err) {
     throw new ApiError(0, "network", "cannot reach the server");
@@ -40,7 +45,7 @@ export async function request(method, path, body) {
   if (!answer.ok || !envelope || envelope.success === false) {
     const error = (envelope && envelope.error) || {};
     throw new ApiError(answer.status, error.code || "http_" + answer.status,
-      error.message || answer.statusText);
+      error.message || answer.statusText || "the request failed", error.details);
   }
   return envelope;
 }

@@ -31,49 +31,6 @@ const templates = new Map(); // id -> {id, name, body}
 const chosenMembers = new Map(); // id -> label
 const attachments = []; // {id, content_type, size, url, name}
 
-// ---------------------------------------------------------------- REST with details
-
-function csrfToken() {
-  const found = document.cookie.match(/(?:^|;\s*)koinonia_csrf=([^;]*)/);
-  return found ? decodeURIComponent(found[1]) : "";
-}
-
-// A failed call, with the envelope's field errors kept for display.
-class Refusal extends Error {
-  constructor(status, code, message, details) {
-    super(message);
-    this.status = status;
-    this.code = code;
-    this.details = Array.isArray(details) ? details : [];
-  }
-}
-
-// A write whose error details matter (app.js's api() keeps only the message).
-// `body` is JSON unless it is FormData (a multipart upload).
-async function call(method, path, body) {
-  const headers = { Accept: "application/json", "X-CSRF-Token": csrfToken() };
-  const multipart = body instanceof FormData;
-  if (body !== undefined && !multipart) headers["Content-Type"] = "application/json";
-  let answer;
-  try {
-    answer = await fetch(path, {
-      method,
-      headers,
-      credentials: "same-origin",
-      body: body === undefined || multipart ? body : JSON.stringify(body),
-    });
-  } catch (err) {
-    throw new Refusal(0, "network", "Cannot reach the server. Check the connection and try again.");
-  }
-  const envelope = await answer.json().catch(() => null);
-  if (!answer.ok || !envelope || envelope.success === false) {
-    const error = (envelope && envelope.error) || {};
-    throw new Refusal(answer.status, error.code || "http_" + answer.status,
-      error.message || answer.statusText || "The request failed.", error.details);
-  }
-  return envelope.data;
-}
-
 function showError(box, err) {
   const prefix = box.id;
   $(`#${prefix}-message`).textContent = err.message;
@@ -695,7 +652,7 @@ async function runEstimate(body) {
   const mine = ++estimateSeq;
   let answer;
   try {
-    answer = await call("POST", "/v1/messages/estimate", body);
+    answer = await api("POST", "/v1/messages/estimate", body);
   } catch (err) {
     if (mine !== estimateSeq) return;
     const estimate = $("#estimate");
@@ -743,7 +700,7 @@ async function attach(files) {
     const form = new FormData();
     form.append("file", file, file.name);
     try {
-      const media = await call("POST", "/v1/media", form);
+      const media = await api("POST", "/v1/media", form);
       attachments.push({ ...media, name: file.name });
     } catch (err) {
       problems.push(`${file.name}: ${err.message}`);
@@ -803,7 +760,7 @@ async function send() {
   const button = $("#send");
   button.disabled = true;
   try {
-    const accepted = await call("POST", "/v1/messages", request());
+    const accepted = await api("POST", "/v1/messages", request());
     merge(accepted.id, { ...accepted, body: $("#body").value });
     render();
     refreshSoon(accepted.id, true);
@@ -850,7 +807,7 @@ function setUpKeywords() {
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
     try {
-      const made = await call("POST", "/v1/keywords", {
+      const made = await api("POST", "/v1/keywords", {
         keyword: form.elements.keyword.value.trim(),
         group_id: form.elements.group_id.value,
         reply: form.elements.reply.value,
@@ -893,7 +850,7 @@ async function removeKeyword(keyword) {
   const box = $("#keyword-error");
   box.hidden = true;
   try {
-    await call("DELETE", `/v1/keywords/${keyword.id}`);
+    await api("DELETE", `/v1/keywords/${keyword.id}`);
     keywords = keywords.filter((k) => k.id !== keyword.id);
     renderKeywords();
   } catch (err) {

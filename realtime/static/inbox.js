@@ -10,7 +10,7 @@
 // (never replayed), so they are read again from GET /v1/presence whenever the
 // connection comes back.
 
-import { $, api, ApiError, formatTime, Realtime, request, showConnection, signedIn } from "./app.js";
+import { $, api, formatTime, Realtime, request, showConnection, signedIn } from "./app.js";
 
 const TYPING_SHOWN_MS = 4000; // how long "typing…" stays after the last signal
 const TYPING_EVERY_MS = 2000; // at most one typing frame per this interval
@@ -889,35 +889,13 @@ function attachFiles(files) {
   renderFiles();
 }
 
-function csrfToken() {
-  const found = document.cookie.match(/(?:^|;\s*)koinonia_csrf=([^;]*)/);
-  return found ? decodeURIComponent(found[1]) : "";
-}
-
 // POST /v1/media (multipart, field `file`). Never rejects: a refused file is
 // taken off the list and the server's reason (415, 413...) is shown.
 async function uploadFile(entry) {
   const form = new FormData();
   form.append("file", entry.file, entry.name);
   try {
-    let answer;
-    try {
-      answer = await fetch("/v1/media", {
-        method: "POST",
-        credentials: "same-origin",
-        headers: { Accept: "application/json", "X-CSRF-Token": csrfToken() },
-        body: form,
-      });
-    } catch {
-      throw new ApiError(0, "network", "cannot reach the server");
-    }
-    const envelope = await answer.json().catch(() => null);
-    if (!answer.ok || !envelope || envelope.success === false) {
-      const error = (envelope && envelope.error) || {};
-      throw new ApiError(answer.status, error.code || `http_${answer.status}`,
-        error.message || answer.statusText);
-    }
-    entry.media = envelope.data;
+    entry.media = await api("POST", "/v1/media", form);
   } catch (err) {
     if (!composer.files.includes(entry)) return; // removed meanwhile
     dropFile(entry);

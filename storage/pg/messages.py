@@ -145,6 +145,30 @@ def target_ids(target: Target) -> tuple[str, list[uuid.UUID]] | None:
     return None
 
 
+async def count_audience(
+    conn: Conn,
+    church_id: uuid.UUID,
+    target: Target,
+    at: datetime,
+    media_ids: list[uuid.UUID] | None = None,
+) -> int:
+    """How many members a broadcast to ``target`` accepted at ``at`` goes to; NotFound
+    when a group, member or branch it names, or then one of ``media_ids``, is not the
+    church's. Inside the caller's transaction (the audience plan is set locally)."""
+    named = target_ids(target)
+    if named is not None:
+        table, ids = named
+        found = await existing_ids(conn, church_id, table, ids)
+        if found != set(ids):
+            raise NotFound({"member_group": "group", "member": "member"}.get(table, "branch"))
+    await media_by_ids(conn, church_id, media_ids or [])
+    await conn.execute(AUDIENCE_PLAN)
+    sql, params = audience_params(target, church_id, at)
+    cur = await conn.execute(f"SELECT count(*) FROM ({sql}) a", params)
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def accept_message(
     conn: Conn,
     church_id: uuid.UUID,
@@ -172,21 +196,10 @@ async def accept_message(
     """
     message_id = uuid7()
     accepted_at = created_at_of(message_id)
-    named = target_ids(target)
     info = count_segments(body)
     status = MessageStatus.SCHEDULED if send_at is not None else MessageStatus.QUEUED
     async with conn.transaction():
-        if named is not None:
-            table, ids = named
-            found = await existing_ids(conn, church_id, table, ids)
-            if found != set(ids):
-                raise NotFound({"member_group": "group", "member": "member"}.get(table, "branch"))
-        await media_by_ids(conn, church_id, media_ids or [])
-        await conn.execute(AUDIENCE_PLAN)
-        sql, params = audience_params(target, church_id, accepted_at)
-        cur = await conn.execute(f"SELECT count(*) FROM ({sql}) a", params)
-        row = await cur.fetchone()
-        count = int(row[0]) if row else 0
+        count = await count_audience(conn, church_id, target, accepted_at, media_ids)
         cur = await conn.execute(
             "INSERT INTO message (church_id, id, created_at, body, target, status, "
             "recipient_count, segments, encoding, from_number, created_by, send_at, "

@@ -19,19 +19,10 @@ from typing import Any
 import msgspec
 from redis.exceptions import RedisError
 
-from storage.domain.errors import NotFound
 from storage.domain.estimate import Ahead
 from storage.domain.ids import created_at_of
 from storage.pg.database import Conn
-from storage.pg.groups import existing_ids
-from storage.pg.media import media_by_ids
-from storage.pg.messages import (
-    AUDIENCE_PLAN,
-    MAX_SCHEDULE_AHEAD,
-    Target,
-    audience_params,
-    target_ids,
-)
+from storage.pg.messages import MAX_SCHEDULE_AHEAD, Target, count_audience
 from storage.redis import key_names
 from storage.redis.connection import Redis
 
@@ -254,16 +245,5 @@ async def audience_count(
     as acceptance counts them (storage/pg/messages.py ``accept_message``), writing
     nothing; NotFound, in acceptance's order, when a group, member or branch it names,
     or then a file of ``media_ids``, is not the church's."""
-    named = target_ids(target)
     async with conn.transaction():
-        if named is not None:
-            table, ids = named
-            found = await existing_ids(conn, church_id, table, ids)
-            if found != set(ids):
-                raise NotFound({"member_group": "group", "member": "member"}.get(table, "branch"))
-        await media_by_ids(conn, church_id, media_ids or [])
-        await conn.execute(AUDIENCE_PLAN)
-        sql, params = audience_params(target, church_id, at)
-        cur = await conn.execute(f"SELECT count(*) FROM ({sql}) a", params)
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
+        return await count_audience(conn, church_id, target, at, media_ids)
