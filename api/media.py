@@ -265,7 +265,9 @@ async def media_link(request: Request) -> Response:
     signature = request.query_params.get("signature", "")
     services = services_of(request)
     if not (
-        expires_raw.isdigit()
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        expires_raw.isascii()
+        and expires_raw.isdigit()
         and len(expires_raw) <= 12
         and services.media_links.valid(
             church_id, media_id, int(expires_raw), signature, time.time()

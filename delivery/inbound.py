@@ -67,6 +67,7 @@ from storage.domain.media_types import MAX_MEDIA_BYTES, MAX_MEDIA_PER_MESSAGE
 from storage.domain.phones import normalize
 from storage.domain.statuses import UNCONFIRMED, RecipientStatus, from_telnyx
 from storage.media import library
+from storage.objects import ObjectStoreError
 from storage.pg.churches import church_by_number
 from storage.pg.conversations import AcceptedReply, ReplyKind, accept_reply, record_inbound
 from storage.pg.database import Conn
@@ -128,8 +129,10 @@ class TelnyxWebhook(msgspec.Struct):
 _decoder = msgspec.json.Decoder(TelnyxWebhook)
 
 
-MEDIA_FETCH_TIMEOUT_S = 5.0
-"""Each provider link gets this long; the files of one text are fetched at once."""
+MEDIA_FETCH_TIMEOUT_S = 1.5
+"""The files of one text are fetched at once, all within this long: the webhook is
+answered within 2 s (docs/protocol.md), and a file not had by then counts as failed
+for a moment (the provider redelivers)."""
 LAST_PRIMARY_ATTEMPT = 3
 """Telnyx tries a webhook URL three times (then the failover URL): from this attempt on,
 a file that failed for a moment is given up and the text kept without it."""
@@ -162,8 +165,15 @@ async def _fetch(client: httpx.AsyncClient, url: str) -> bytes:
                 if len(data) > MAX_MEDIA_BYTES:
                     raise _Skipped(f"larger than {MAX_MEDIA_BYTES} bytes")
             return bytes(data)
+    except (MediaUnavailable, _Skipped):
+        raise
     except httpx.HTTPError as exc:
         raise MediaUnavailable(type(exc).__name__) from exc
+    except Exception as exc:
+        # Not an httpx error (an invalid URL, a port out of range surfacing from the
+        # socket layer): a link no attempt will ever open. Skipped, so the text is
+        # kept rather than refused on every redelivery.
+        raise _Skipped(f"unusable link ({type(exc).__name__})") from exc
 
 
 async def fetch_media(links: list[_Media], *, give_up_on_failures: bool) -> list[bytes]:
@@ -178,9 +188,19 @@ async def fetch_media(links: list[_Media], *, give_up_on_failures: bool) -> list
     kept_links = links[:MAX_MEDIA_PER_MESSAGE]
     timeout = httpx.Timeout(MEDIA_FETCH_TIMEOUT_S)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
-        results = await asyncio.gather(
-            *(_fetch(client, link.url) for link in kept_links), return_exceptions=True
-        )
+        tasks = [asyncio.ensure_future(_fetch(client, link.url)) for link in kept_links]
+        # One budget for the whole text (httpx's timeout is per step: a server trickling
+        # bytes or redirecting would otherwise hold the webhook's answer).
+        _, late = await asyncio.wait(tasks, timeout=MEDIA_FETCH_TIMEOUT_S) if tasks else ((), ())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    results: list[bytes | BaseException] = [
+        MediaUnavailable(f"no answer within {MEDIA_FETCH_TIMEOUT_S} s")
+        if task in late
+        else (task.exception() or task.result())
+        for task in tasks
+    ]
     files: list[bytes] = []
     for result in results:
         if isinstance(result, MediaUnavailable) and not give_up_on_failures:
@@ -327,9 +347,19 @@ class InboundHandler:
                 return
             media: list[MediaItem] = []
             for file in files:
-                kept = await library.keep(
-                    self.services.objects, conn, church.id, file, source="inbound"
-                )
+                try:
+                    kept = await library.keep(
+                        self.services.objects, conn, church.id, file, source="inbound"
+                    )
+                except ObjectStoreError:
+                    # The provider's last try: the text is kept without the file rather
+                    # than lost with it (before that, the 503 asks for redelivery).
+                    if attempt < LAST_PRIMARY_ATTEMPT:
+                        raise
+                    log.warning(
+                        "inbound media skipped", extra={"reason": "object store unavailable"}
+                    )
+                    continue
                 url = content_url(settings.public_url, kept.id)
                 media.append(MediaItem(kept.id, kept.content_type, kept.size, url))
             try:

@@ -557,10 +557,17 @@ class Worker:
 
     def _media_urls(self, batch: SendBatch, media_ids: list[uuid.UUID]) -> list[str]:
         """Links the provider fetches the files from, made now: a text handed back or
-        retried hours later gets links that work when it goes, never stale ones."""
+        retried hours later gets links that work when it goes, never stale ones.
+
+        The expiry is on a grid of the link lifetime (valid between one and two
+        lifetimes from now), so the attempts at one recipient within a window send the
+        same body under the same Idempotency-Key: a retry after a timeout the provider
+        had in fact accepted is then answered as a replay, not refused as another
+        body."""
         if not media_ids:
             return []
-        expires = int(time.time()) + self.settings.media_link_ttl_s
+        ttl = max(1, self.settings.media_link_ttl_s)
+        expires = (int(time.time()) // ttl + 2) * ttl
         public_url = self.services.settings.public_url
         make = self.services.media_links.make
         return [make(public_url, batch.church_id, m, expires) for m in media_ids]

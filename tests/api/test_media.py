@@ -200,6 +200,8 @@ def test_the_providers_link_works_until_it_expires(church: Church, stack: Stack)
     assert expired.status_code == 403, expired.text
     assert expired.json()["error"]["code"] == "forbidden"
     longer = good.replace("expires=", "expires=9")
+    # A digit that is not ASCII ("²" passes str.isdigit) is refused, not a 500.
+    assert httpx.get(good.replace("expires=", "expires=%C2%B2")).status_code == 403
     tampered = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
     for bad in (longer, tampered, good.split("&signature=")[0]):
         answer = httpx.get(bad)

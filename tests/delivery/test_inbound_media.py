@@ -156,7 +156,7 @@ def test_a_keyword_sent_with_a_picture_still_acts(church: Church, sim_url: str) 
 
 class _Files(BaseHTTPRequestHandler):
     """``/ok.png``; ``/flaky.png`` (503 until ``flaky_failures`` run out); ``/down.png``
-    (always 503); anything else 404. Counts every request by path."""
+    (always 503); ``/slow.png`` (after 3 s); anything else 404. Counts every request by path."""
 
     hits: Counter[str]
     flaky_failures: list[int]
@@ -171,6 +171,9 @@ class _Files(BaseHTTPRequestHandler):
             self._answer(503, b"busy", "text/plain")
         elif name == "down.png":
             self._answer(503, b"busy", "text/plain")
+        elif name == "slow.png":
+            time.sleep(3)
+            self._answer(200, PNG, "image/png")
         else:
             self._answer(404, b"expired", "text/plain")
 
@@ -307,3 +310,22 @@ def test_links_that_fail_ask_for_redelivery_or_are_skipped(
     assert sorted(_inbound_media(church)) == [("Photos", 0), ("Photos", 1), ("Photos", 1)]
     assert len(_media_rows(stack, church)) == 2
     assert hits == {"flaky.png": 2, "down.png": 1, "expired.png": 1, "ok.png": 1}
+
+
+def test_a_slow_link_is_answered_in_time_and_a_malformed_one_skipped(
+    church: Church, stack: Stack, base_url: str
+) -> None:
+    phone = unique_phone()
+    with _file_server() as (files, _):
+        # Not had within the budget: 503 at once (the provider waits 2 s for an answer).
+        started = time.monotonic()
+        slow = _deliver(stack, base_url, church, phone, str(uuid.uuid4()), [f"{files}/slow.png"])
+        assert slow.status_code == 503, slow.text
+        assert time.monotonic() - started < 2.5
+        assert _media_rows(stack, church) == []
+    # A link no attempt will open (not a URL httpx can read): skipped, the text kept.
+    bad = _deliver(
+        stack, base_url, church, phone, str(uuid.uuid4()), ["http://127.0.0.1:abc/x.png"]
+    )
+    assert bad.status_code == 200, bad.text
+    assert _inbound_media(church) == [("Photos", 0)]

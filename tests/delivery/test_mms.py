@@ -46,7 +46,10 @@ def check_links(
     for url, size, item in zip(send["media_urls"], send["media_sizes"], files, strict=True):
         assert url.startswith(f"{public}/media/{church.id}/{item['id']}?expires="), url
         expires = int(url.split("expires=")[1].split("&")[0])
-        assert time.time() < expires <= time.time() + 3600 + 5
+        # On the lifetime's grid: between one and two lifetimes ahead (the same for
+        # every attempt within a window).
+        assert time.time() + 3600 - 5 <= expires <= time.time() + 2 * 3600 + 5
+        assert expires % 3600 == 0
         assert size == item["size"]
         fetched = httpx.get(url)
         assert fetched.status_code == 200
