@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -74,16 +75,41 @@ class EmbeddedServerError(RuntimeError):
         super().__init__(message)
 
 
+EPHEMERAL_RANGE = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
+PICK_BELOW_SPAN = 12_000
+"""How many ports under the kernel's ephemeral range ``free_port`` chooses from."""
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out on its own (Linux; 32768 elsewhere)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now.
 
-    The kernel picks it; another process may still take it before we bind,
-    which is why ``start()`` retries auto-chosen ports.
+    Chosen at random just below the kernel's ephemeral range: a port from that
+    range, once released, may be handed to any outgoing connection (a client of
+    Postgres, Redis or the provider) before the process it was meant for binds it,
+    while ports below it are only ever taken by an explicit bind. Another process
+    may still take it first, which is why ``start()`` retries auto-chosen ports.
     """
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - PICK_BELOW_SPAN), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def terminate(
