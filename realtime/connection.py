@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -23,6 +23,7 @@ from realtime.history import ZERO, Position
 from realtime.hub import HubEvent
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 
 _IDLE: deque[Any] = deque(maxlen=0)
 """The queue of every connection with nothing to send: a deque costs ~760 bytes
@@ -47,6 +48,12 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """Largest client frame (1009 above)."""
 
 
+class DirectWriter(Protocol[T_contra]):
+    def write_now(self, item: T_contra) -> bool:
+        """Write ``item`` to the client now if that needs no waiting (True), else
+        leave it to be queued (False). Called only while nothing is queued."""
+
+
 class Connection(Generic[T]):
     """One client's state. ``T`` is what the send queue holds: text frames for a
     WebSocket, ``HubEvent``s for SSE (whose ids are computed as they are sent)."""
@@ -58,6 +65,7 @@ class Connection(Generic[T]):
         "bad_frames",
         "close_code",
         "convert",
+        "direct",
         "id",
         "limits",
         "queue",
@@ -82,6 +90,9 @@ class Connection(Generic[T]):
         self._wake = wake
         # Frames waiting to be written; the shared empty _IDLE while there are none.
         self.queue: deque[T] = _IDLE
+        # Takes an item straight to the socket while the queue is _IDLE (no sender
+        # holds a frame, so nothing can be overtaken); None: always queue.
+        self.direct: DirectWriter[T] | None = None
         self.subscriptions: dict[str, Subscription[T]] = {}
         self.close_code: CloseCode | None = None
         self.bad_frames = 0
@@ -97,6 +108,9 @@ class Connection(Generic[T]):
             return
         queue = self.queue
         if queue is _IDLE:
+            direct = self.direct
+            if direct is not None and direct.write_now(item):
+                return
             queue = self.queue = deque()
         elif len(queue) >= self.limits.send_queue:
             self.close(CloseCode.SLOW_CONSUMER, drop=True)

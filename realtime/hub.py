@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -73,7 +74,7 @@ from realtime.revocation import Revocations
 from storage.domain.events import frame_bytes
 from storage.process.settings import RedisSettings
 from storage.redis import key_names
-from storage.redis.connection import Redis, open_pubsub_client
+from storage.redis.connection import PubSubParser, Redis, open_pubsub_client
 from storage.redis.publisher import EventPublisher
 
 log = logging.getLogger("koinonia.realtime.hub")
@@ -81,8 +82,9 @@ log = logging.getLogger("koinonia.realtime.hub")
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
 _IDLE_S = 15.0
-"""With no traffic for this long the reader sends PING; another silent period
-means the connection is dead even if TCP has not noticed."""
+"""With no traffic for about this long (``_Watchdog``: 7.5 to 15 s) the reader sends
+PING; another silent period means the connection is dead even if TCP has not
+noticed."""
 _SUBSCRIBE_CHUNK = 1000
 _REROUTE_MIN_INTERVAL_S = 0.2
 _MAX_HELD = 10_000
@@ -189,6 +191,43 @@ class _Link:
         self.reader: asyncio.Task[None] | None = None
         self.flusher: asyncio.Task[None] | None = None
         self.connections = 0
+
+
+class _Watchdog:
+    """Notices a pub/sub connection gone silent, without a timeout per read: every
+    ``_IDLE_S / 2`` it looks whether the reader heard anything since its last look.
+    After one silent period it sends PING (its reply is heard); after another it
+    cancels the reader, which takes the connection for dead even if TCP has not
+    noticed, and reconnects."""
+
+    __slots__ = ("_handle", "_hub", "_link", "_pinged", "_reader", "_seen", "fired", "heard")
+
+    def __init__(self, hub: Hub, link: _Link, reader: asyncio.Task[Any]) -> None:
+        self._hub = hub
+        self._link = link
+        self._reader = reader
+        self.heard = 0
+        """Replies the reader has read (it counts them)."""
+        self._seen = 0
+        self._pinged: asyncio.Task[None] | None = None
+        self.fired = False
+        """Set when the watchdog cancelled the reader."""
+        self._handle = asyncio.get_running_loop().call_later(_IDLE_S / 2, self._look)
+
+    def _look(self) -> None:
+        if self.heard != self._seen:
+            self._seen = self.heard
+            self._pinged = None
+        elif self._pinged is None:
+            self._pinged = asyncio.create_task(self._hub._send(self._link, "PING"))
+        else:
+            self.fired = True
+            self._reader.cancel()
+            return
+        self._handle = asyncio.get_running_loop().call_later(_IDLE_S / 2, self._look)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 class Sink(Protocol):
@@ -308,7 +347,12 @@ class Hub:
         caller connects first) connects it and subscribes its channels."""
         # The cluster client's own connection settings, but never a read timeout:
         # a subscription blocks reading for as long as the node lives.
-        kwargs = {**node.connection_kwargs, "socket_timeout": None, "health_check_interval": 0}
+        kwargs = {
+            **node.connection_kwargs,
+            "socket_timeout": None,
+            "health_check_interval": 0,
+            "parser_class": PubSubParser,
+        }
         link = self._links[node.name] = _Link(node.name, node.connection_class(**kwargs))
         if start_reader:
             link.reader = asyncio.create_task(
@@ -504,46 +548,53 @@ class Hub:
     async def _read(self, link: _Link) -> None:
         conn = link.conn
         mode = self._mode
-        pinged = False
         unyielded = 0
-        while True:
-            try:
-                reply = await conn.read_response(timeout=_IDLE_S, push_request=True)
-            except AskError as exc:
-                # SSUBSCRIBE sent to a node that does not own the slot (MOVED): the
-                # slot map is stale, and that slot's channels are subscribed nowhere.
-                log.info("pub/sub redirected (%s); refreshing the slot map", exc)
-                for name, ch in self._channels.items():
-                    if ch.link is link and key_slot(name) == exc.slot_id:
-                        ch.link = None
-                        link.inflight.pop(name, None)
-                self._schedule_reroute()
-                continue
-            except ResponseError as exc:
-                log.warning("pub/sub command failed: %s", exc)
-                continue
-            if reply is None:
-                if pinged:
-                    raise RedisConnectionError("pub/sub connection silent after PING")
-                pinged = True
-                await self._send(link, "PING")
-                continue
-            pinged = False
-            # RESP3 pushes come as a list subclass (hiredis PushNotification).
-            if isinstance(reply, list) and len(reply) >= 3:
-                kind = reply[0]
-                if kind == mode.message or kind == b"message":
-                    self._on_message(reply[1], reply[2])
-                    # Replies already buffered are parsed without yielding: after a
-                    # burst (a relay's backlog) let the senders write (see _SLICE).
-                    unyielded += 1
-                    if unyielded >= _SLICE:
-                        unyielded = 0
-                        await asyncio.sleep(0)
-                elif kind == mode.subscribed or kind == b"subscribe":
-                    self._on_subscribed(link, reply[1])
-                elif kind == mode.unsubscribed:
-                    self._on_unsubscribed(link, reply[1])
+        reader = asyncio.current_task()
+        assert reader is not None
+        watchdog = _Watchdog(self, link, reader)
+        try:
+            while True:
+                try:
+                    # No timeout per read (an ``asyncio.timeout`` entered and left per
+                    # message showed in node B's profile, bench/README.md
+                    # "bench/fanout.py"): the watchdog notices a silent connection.
+                    reply = await conn.read_response(timeout=math.inf, push_request=True)
+                except AskError as exc:
+                    # SSUBSCRIBE sent to a node that does not own the slot (MOVED): the
+                    # slot map is stale, and that slot's channels are subscribed nowhere.
+                    log.info("pub/sub redirected (%s); refreshing the slot map", exc)
+                    for name, ch in self._channels.items():
+                        if ch.link is link and key_slot(name) == exc.slot_id:
+                            ch.link = None
+                            link.inflight.pop(name, None)
+                    self._schedule_reroute()
+                    continue
+                except ResponseError as exc:
+                    log.warning("pub/sub command failed: %s", exc)
+                    continue
+                watchdog.heard += 1
+                # RESP3 pushes come as a list subclass (hiredis PushNotification).
+                if isinstance(reply, list) and len(reply) >= 3:
+                    kind = reply[0]
+                    if kind == mode.message or kind == b"message":
+                        self._on_message(reply[1], reply[2])
+                        # Replies already buffered are parsed without yielding: after a
+                        # burst (a relay's backlog) let the senders write (see _SLICE).
+                        unyielded += 1
+                        if unyielded >= _SLICE:
+                            unyielded = 0
+                            await asyncio.sleep(0)
+                    elif kind == mode.subscribed or kind == b"subscribe":
+                        self._on_subscribed(link, reply[1])
+                    elif kind == mode.unsubscribed:
+                        self._on_unsubscribed(link, reply[1])
+        except asyncio.CancelledError:
+            if not watchdog.fired:
+                raise
+            reader.uncancel()
+            raise RedisConnectionError("pub/sub connection silent after PING") from None
+        finally:
+            watchdog.stop()
 
     async def _send(self, link: _Link, *args: bytes | str) -> None:
         if not link.live:

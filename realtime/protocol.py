@@ -13,7 +13,13 @@ legacy ``websockets``). What each idle one still holds that it does not need:
   future only while the transport is paused;
 - the spent HTTP/1.1 upgrade machinery (an ``h11.Connection`` and a deque):
   once ``WSConnection.connection`` exists, wsproto only asks the handshake for
-  pending events, which a spent one never has; it is replaced by ``_SPENT``.
+  pending events, which a spent one never has; it is replaced by ``_SPENT``;
+- the established connection's deque of pending events, empty but for a peer
+  vanishing mid-close: ``_Pending`` keeps a list only while one waits.
+
+``write_now`` writes a frame built once per event (``wire_frame``) from the hub's
+delivery, without an ASGI send, while the transport accepts it
+(``realtime.websocket``).
 
 Everything else is uvicorn's code unchanged. The two objects are duck-typed
 stand-ins for exactly the methods uvicorn 0.54 calls on them (``put_nowait``,
@@ -118,6 +124,39 @@ class _SpentHandshake:
 
 _SPENT = _SpentHandshake()
 
+
+class _Pending:
+    """What wsproto's ``Connection`` uses of its ``deque`` of pending events (it
+    queues one only when the peer vanishes mid-close): a list only while one waits,
+    instead of a deque's ~760 bytes for every idle connection."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[Any] | None = None
+
+    def append(self, item: Any) -> None:
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+
+    def popleft(self) -> Any:
+        items = self._items
+        if not items:
+            raise IndexError("pop from an empty queue")
+        item = items.pop(0)
+        if not items:
+            self._items = None
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items or ())
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
 WIRE = "koinonia.wire"
 """Key of a ``websocket.send`` message carrying the frame already encoded for the
 wire (``wire_frame``, called once per event by the hub); other servers ignore it
@@ -161,6 +200,29 @@ class LeanWSProtocol(WSProtocol):
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Writable()  # type: ignore[assignment]
 
+    def write_now(self, wire: bytes) -> bool:
+        """Write a whole server message (``wire_frame``) at once, without an ASGI send,
+        if the transport takes it now: False when the send would have to wait (writes
+        paused, handshake not done) or go through wsproto, and the caller queues it.
+
+        The hub's delivery calls this for every connection of an event
+        (``realtime.websocket``): a coroutine and a task per wake-up cost more than the
+        write itself (bench/README.md "bench/fanout.py")."""
+        if (
+            self.writable.is_set()
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.response_started
+            and not self.config.ws_per_message_deflate
+        ):
+            # As in ``send``: a connection already closing drops the frame, as
+            # uvicorn's own send does; its receive side reports the disconnect.
+            transport = self.transport
+            if not transport.is_closing():
+                transport.write(wire)
+            return True
+        return False
+
     async def send(self, message: Any) -> None:
         wire = message.get(WIRE)
         if (
@@ -180,3 +242,6 @@ class LeanWSProtocol(WSProtocol):
         conn = self.conn
         if conn.connection is not None and not isinstance(conn.handshake, _SpentHandshake):
             conn.handshake = _SPENT  # type: ignore[assignment]
+            established = conn.connection
+            if not established._events:
+                established._events = _Pending()  # type: ignore[assignment]

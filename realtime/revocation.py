@@ -37,6 +37,7 @@ from typing import Protocol
 
 from storage.pg.credentials import (
     API_KEY_REVOKED,
+    ROLE_CHANGED,
     SESSION_REVOKED,
     USER_REVOKED,
     Principal,
@@ -53,6 +54,24 @@ REMEMBER_S = 90.0
 """How long a revocation is remembered for handshakes that raced it: more than a
 ticket's 30 s plus the time a handshake may take."""
 _RECHECK_CHUNK = 500
+
+
+class RevocationListener(Protocol):
+    def listening(self) -> None:
+        """From now on every message reaches ``forget`` (called on joining)."""
+
+    def forget(self, data: bytes | str) -> None: ...
+
+    def forget_all(self) -> None: ...
+
+
+class _Listeners(list[RevocationListener]):
+    """Tells a listener it is heard as it joins: a principal cache keeps nothing
+    until revocations reach it (storage/process/principal_cache.py)."""
+
+    def append(self, listener: RevocationListener) -> None:
+        super().append(listener)
+        listener.listening()
 
 
 class Revocable(Protocol):
@@ -83,6 +102,9 @@ class Revocations:
         self._timers: dict[Revocable, asyncio.TimerHandle] = {}
         # Revocation name → when it arrived, oldest first.
         self._recent: dict[str, float] = {}
+        self.listeners: list[RevocationListener] = _Listeners()
+        """Told of every revocation message (``forget``), and of every reconnection
+        (``forget_all``, from ``recheck``)."""
         self.pool: Pool | None = None
         """Postgres for ``recheck`` of API keys; set by the endpoints (the hub has none)."""
 
@@ -120,7 +142,11 @@ class Revocations:
 
     def revoke(self, data: bytes | str) -> int:
         """Apply one revocation message; returns how many connections it closed."""
+        for listener in self.listeners:
+            listener.forget(data)
         kind, words = parse_revocation(data)
+        if kind == ROLE_CHANGED:
+            return 0  # for the listeners' caches; connections stay open
         if kind == USER_REVOKED:
             names = [f"{kind} {' '.join(words)}"]
         elif kind:
@@ -153,6 +179,8 @@ class Revocations:
     async def recheck(self, redis: Redis) -> int:
         """After the pub/sub connection was lost: revoke the connections whose
         session or API key ended meanwhile. Returns how many were revoked."""
+        for listener in self.listeners:
+            listener.forget_all()
         sessions = [n for n in self._watching if n.startswith(SESSION_REVOKED + " ")]
         api_keys = [n for n in self._watching if n.startswith(API_KEY_REVOKED + " ")]
         gone: list[str] = []

@@ -8,6 +8,14 @@ socket, exists only while there is something to send (an idle connection holds
 no task of its own: memory per connection, see bench/connections.py). Nothing
 else is created per connection or per event.
 
+Served by the lean route (``realtime.routes.realtime_lean_routes``: uvicorn's
+``LeanWSProtocol`` sends straight to the socket, nothing wraps it), an event the
+hub delivers while the connection's queue is empty is written there and then,
+from the hub's reader (``_Session.write_now``): no task, no ASGI message. Only
+what cannot be written at once (the client reads slowly and the transport has
+paused writing) is queued, and everything after it queues behind it, so frames
+keep their order and the queue's limit still closes a slow consumer.
+
 Credentials: the connection is watched by the hub's ``Revocations`` for as long
 as it lives, and closes with 4001 when its session or API key is revoked (on
 any node) or its session's TTL runs out (``realtime.revocation``).
@@ -71,7 +79,7 @@ from realtime.handshake import authenticate, lifetime, refuse_websocket
 from realtime.history import recover
 from realtime.hub import Hub, HubEvent
 from realtime.presence import Presence, presence_of
-from realtime.protocol import WIRE
+from realtime.protocol import WIRE, LeanWSProtocol
 from realtime.typing_indicator import TypingGate, publish_typing
 from storage.domain.events import frame_bytes
 from storage.pg.credentials import Principal
@@ -93,6 +101,20 @@ def _measured(services: Services | None) -> RealtimeMetrics | None:
     """The WebSocket series of this process, None when it measures nothing."""
     metrics = getattr(services, "metrics", None)
     return metrics.realtime("websocket") if metrics is not None else None
+
+
+_SCOPE_KEPT = ("type", "path", "app")
+
+
+def _spend(scope: Scope) -> None:
+    """Empty the handshake's scope once the connection is accepted: the server, its
+    wrappers and this endpoint keep the dict for the connection's life, and nothing
+    reads it again on the lean route (no middleware ends with it), but its headers,
+    nested dicts and table were ~3 KB per idle connection (bench/connections.py).
+    ``clear`` gives the table back; popping keys would not."""
+    kept = {key: scope[key] for key in _SCOPE_KEPT if key in scope}
+    scope.clear()
+    scope.update(kept)
 
 
 def _finish(task: asyncio.Task[None]) -> None:
@@ -175,8 +197,10 @@ class _Session:
         "ended",
         "hub",
         "loop",
+        "measured",
         "presence",
         "principal",
+        "protocol",
         "receive",
         "send",
         "sender",
@@ -211,6 +235,11 @@ class _Session:
         self.sessions: Sessions | None = None
         # Who is here: set once the connection is open (and so to be closed there).
         self.presence: Presence | None = None
+        # This process's WebSocket series, None when it measures nothing.
+        self.measured: RealtimeMetrics | None = None
+        # uvicorn's protocol, when ``send`` is its own (the lean route: nothing wraps
+        # the frames): events are then written from the hub's delivery (``write_now``).
+        self.protocol: LeanWSProtocol | None = None
 
     async def serve(self, scope: Scope) -> None:
         """The whole connection: handshake, then client frames until it ends. The
@@ -227,6 +256,9 @@ class _Session:
                 work = self._on_message(message)
                 if work is not None:
                     await work
+                    # A finished coroutine still holds its frame: ~350 bytes kept by
+                    # every idle connection that last subscribed (bench/connections.py).
+                    work = None
             sender = self.sender
             if conn.close_code is not None and sender is not None and not sender.done():
                 with contextlib.suppress(Exception):  # the client may be gone already
@@ -244,7 +276,7 @@ class _Session:
                 self.sessions.discard(self)
             if self.sender is not None:
                 _finish(self.sender)
-            if (measured := _measured(self.services)) is not None:
+            if (measured := self.measured) is not None:
                 measured.connections.dec()
 
     async def _open(self, scope: Scope) -> bool:
@@ -266,6 +298,12 @@ class _Session:
             return False
         await send({"type": "websocket.accept"})
         self.services, self.principal = services, principal
+        self.measured = _measured(services)
+        protocol = getattr(send, "__self__", None)
+        if isinstance(protocol, LeanWSProtocol):
+            self.protocol = protocol
+            self.conn.direct = self
+            _spend(scope)
         self.hub = hub = state.hub
         self.sessions = sessions = getattr(state, "sessions", None)
         if sessions is not None and not sessions.add(self):
@@ -276,13 +314,29 @@ class _Session:
         revocations.pool = getattr(services, "pool", None)
         # Revoked in the moment since authenticating: closes at once.
         revocations.watch(principal, self.conn, expires_in=expires_in)
-        if (measured := _measured(services)) is not None:
+        if (measured := self.measured) is not None:
             measured.connections.inc()
         self.presence = presence = presence_of(state)
         presence.open(principal.church_id, self.conn.id, principal.user_id)
         return True
 
     # -- sending ---------------------------------------------------------------
+
+    def write_now(self, item: str | HubEvent) -> bool:
+        """An event written to the socket from the hub's delivery, while nothing is
+        queued (``Connection.direct``): most events of a live connection go out here,
+        with no task, coroutine or ASGI message; a paused transport (the client reads
+        slowly) refuses, and the event is queued behind which the sender waits, so
+        the queue's limit still closes a slow consumer (4008). Replies stay queued:
+        they are rare, and wsproto frames them."""
+        protocol = self.protocol
+        if protocol is None or self.ended or isinstance(item, str):
+            return False
+        if not protocol.write_now(item.wire):
+            return False
+        if (measured := self.measured) is not None:
+            measured.written(1, None if item.ephemeral else item.position)
+        return True
 
     def _wake(self) -> None:
         """The queue became non-empty or the connection is closing: start a sender
@@ -312,9 +366,7 @@ class _Session:
             # No await between the last check of the queue and returning: a frame
             # queued after it finds this task done and starts another.
             conn.release()
-            measured = (
-                _measured(getattr(self, "services", None)) if events or conn.close_code else None
-            )
+            measured = self.measured if events or conn.close_code else None
             if measured is not None:
                 measured.written(events, position)
             if conn.close_code is not None:
@@ -329,6 +381,10 @@ class _Session:
         finally:
             if self.drained is not None and not self.drained.done():
                 self.drained.set_result(None)
+            # A finished task still holds its coroutine and context (~750 bytes per
+            # idle connection); the next frame starts a new one.
+            if self.sender is asyncio.current_task():
+                self.sender = None
 
     def _reply(self, frame: ServerFrame) -> None:
         self.conn.push(encode_text(frame))
@@ -421,7 +477,7 @@ class _Session:
             hub.unsubscribe(church_id, name, subscription)
             self._reply(Error(id=frame.id, code="unavailable", message="try again shortly"))
             return
-        if since is not None and (measured := _measured(self.services)) is not None:
+        if since is not None and (measured := self.measured) is not None:
             measured.resumed(replay.recovered)
         if replay.entries:
             texts = (

@@ -23,9 +23,10 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from deploy.app import FrontDoor
 from realtime.connection import Limits
 from realtime.hub import Hub
-from realtime.routes import realtime_routes
+from realtime.routes import realtime_lean_routes, realtime_routes
 from realtime.websocket import Sessions
 from storage.domain.events import ConversationTyping, ConversationTypingEvent, frame_bytes
 from storage.pg.credentials import Principal
@@ -64,7 +65,7 @@ class StubServices:
 
 
 class Server:
-    def __init__(self, app: Starlette, port: int, services: StubServices) -> None:
+    def __init__(self, app: Starlette | FrontDoor, port: int, services: StubServices) -> None:
         self.app = app
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}/v1/realtime"
@@ -104,9 +105,15 @@ async def serving(
     *,
     limits: Limits | None = None,
     sessions: Sessions | None = None,
+    routed: bool = False,
     **options: Any,
 ) -> AsyncIterator[Server]:
-    """The realtime routes under uvicorn on loopback; ``options`` for uvicorn.Config."""
+    """The realtime routes under uvicorn on loopback; ``options`` for uvicorn.Config.
+
+    The WebSocket is served as ``koinonia web`` serves it, by the lean route ahead of
+    Starlette (``deploy.app.FrontDoor``: the hub writes events straight to the
+    socket); ``routed``: through Starlette's router instead, as with tracing on,
+    where every frame goes through the ASGI send and the sender task."""
     principal = Principal(church_id=church_id, kind="api_key", scopes=frozenset({"read", "write"}))
     services = StubServices(redis, principal)
 
@@ -121,10 +128,19 @@ async def serving(
         yield
         await hub.stop()
 
-    app = Starlette(routes=realtime_routes(limits), lifespan=lifespan)
+    starlette = Starlette(routes=realtime_routes(limits), lifespan=lifespan)
+    lean = [] if routed else realtime_lean_routes(limits)
+    app = FrontDoor(starlette, lean, max_body_bytes=1_000_000)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    options = {"ws_ping_interval": 25, "ws": WS_PROTOCOL, **options}
+    # As `koinonia web` (deploy/cli.py): no per-message compression, so the frames
+    # built once per event are written as they are.
+    options = {
+        "ws_ping_interval": 25,
+        "ws": WS_PROTOCOL,
+        "ws_per_message_deflate": False,
+        **options,
+    }
     config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
     uv = uvicorn.Server(config)
     task = asyncio.create_task(uv.serve(sockets=[sock]))
@@ -138,9 +154,11 @@ async def serving(
         await task
 
 
-@pytest.fixture
-async def server(redis_url: str, redis: Redis, church_id: uuid.UUID) -> AsyncIterator[Server]:
-    async with serving(redis_url, redis, church_id) as running:
+@pytest.fixture(params=["lean", "routed"])
+async def server(
+    redis_url: str, redis: Redis, church_id: uuid.UUID, request: pytest.FixtureRequest
+) -> AsyncIterator[Server]:
+    async with serving(redis_url, redis, church_id, routed=request.param == "routed") as running:
         yield running
 
 
@@ -180,6 +198,29 @@ async def test_websocket_without_credentials_is_refused_with_401(server: Server)
         body = json.loads(refused.value.response.body or b"{}")
         assert body["success"] is False
         assert body["error"]["code"] == "unauthorized"
+
+
+async def test_the_lean_route_keeps_the_request_id_of_the_connection(
+    redis_url: str, redis: Redis, church_id: uuid.UUID
+) -> None:
+    # What RequestContext gave a WebSocket: the client's sane X-Request-Id, else a new
+    # one, for everything the connection's task logs or answers (here: the refusal).
+    async with serving(redis_url, redis, church_id) as server:
+        for headers, expected in (
+            ({"X-Request-Id": "ws-test.1"}, "ws-test.1"),
+            ({"X-Request-Id": "not sane!"}, None),
+            ({}, None),
+        ):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(server.ws, additional_headers=headers):
+                    pass
+            body = json.loads(refused.value.response.body or b"{}")
+            request_id = body["meta"]["request_id"]
+            if expected is None:
+                assert len(request_id) == 32
+                assert int(request_id, 16) >= 0
+            else:
+                assert request_id == expected
 
 
 async def test_session_cookie_needs_an_allowed_origin(server: Server) -> None:

@@ -10,8 +10,10 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import struct
 import uuid
+from typing import Any
 
 import anyio
 import httpx
@@ -26,6 +28,7 @@ from storage.redis.connection import Redis
 from tests.realtime.test_endpoints import (
     API_KEY,
     AUTH,
+    Server,
     client,
     frames_until_closed,
     receive,
@@ -65,6 +68,19 @@ async def server_frames(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]
         elif length == 127:
             (length,) = struct.unpack("!Q", await reader.readexactly(8))
         frames.append((head[0] & 0x0F, await reader.readexactly(length)))
+
+
+def small_socket(server: Server) -> socket.socket:
+    """A client socket with a small receive buffer: a client that stops reading is
+    felt by the server within ~4 MB (its send buffer) instead of the tens of MB
+    loopback's autotuning would buffer (the hub then writes straight to the socket,
+    and only a full socket makes frames queue)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32_768)  # before connecting
+    host, port = server.http.removeprefix("http://").rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    return sock
 
 
 async def test_server_pings_and_closes_a_peer_that_stops_answering_with_1011(
@@ -156,7 +172,7 @@ async def test_a_consumer_that_cannot_keep_up_is_closed_with_4008(
     limits = Limits(send_queue=4)
     async with (
         serving(redis_url, redis, church_id, limits=limits) as server,
-        connect(server.ws, additional_headers=AUTH, max_queue=1) as ws,
+        connect(server.ws, additional_headers=AUTH, max_queue=1, sock=small_socket(server)) as ws,
     ):
         assert (await receive(ws))["type"] == "welcome"
         await ws.send('{"type":"subscribe","channel":"dashboard"}')
@@ -175,3 +191,56 @@ async def test_a_consumer_that_cannot_keep_up_is_closed_with_4008(
             frames = await frames_until_closed(ws)
         assert len(frames) < 399  # it was cut off, not served everything
         assert ws.close_code == 4008
+
+
+async def test_events_written_at_once_or_queued_behind_a_paused_transport_keep_order(
+    redis_url: str, redis: Redis, church_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the lean route the hub writes an event straight to the socket while nothing is
+    # queued; once the transport pauses (the client does not read), events queue and
+    # the sender writes them on resume. Both paths serve one stream: every event
+    # arrives, once, in offset order, and the connection stays open.
+    from realtime.protocol import LeanWSProtocol
+    from realtime.websocket import _Session
+
+    counts = {"direct": 0, "sender": 0}
+    write_now = LeanWSProtocol.write_now
+    send_loop = _Session._send_loop
+
+    def counted_write_now(self: LeanWSProtocol, wire: bytes) -> bool:
+        written = write_now(self, wire)
+        counts["direct"] += written
+        return written
+
+    def counted_send_loop(self: _Session) -> Any:
+        counts["sender"] += 1
+        return send_loop(self)
+
+    monkeypatch.setattr(LeanWSProtocol, "write_now", counted_write_now)
+    monkeypatch.setattr(_Session, "_send_loop", counted_send_loop)
+    count = 300
+    async with (
+        serving(redis_url, redis, church_id) as server,
+        connect(server.ws, additional_headers=AUTH, max_queue=1, sock=small_socket(server)) as ws,
+    ):
+        assert (await receive(ws))["type"] == "welcome"
+        await ws.send('{"type":"subscribe","channel":"dashboard"}')
+        assert (await receive(ws))["type"] == "subscribed"
+        await asyncio.sleep(0.05)  # the sender of the replies has finished
+        senders_before = counts["sender"]
+        name = key_names.channel_pubsub(church_id, "dashboard")
+        filler = "x" * 20_000  # 6 MB in all: far beyond the socket buffers
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(1, count + 1):
+                frame = f'{{"type":"event","channel":"dashboard","offset":"{i}-0","x":"{filler}"}}'
+                pipe.publish(name, f"message.progress\nbig\n{i}-0\n{frame}")
+            await pipe.execute()
+        offsets: list[str] = []
+        with anyio.fail_after(20):
+            while len(offsets) < count:
+                offsets.append((await receive(ws))["offset"])
+        assert offsets == [f"{i}-0" for i in range(1, count + 1)]
+        assert counts["direct"] > 0  # the first ones went straight out ...
+        assert counts["sender"] > senders_before  # ... the rest waited in the queue
+        await ws.send('{"type":"ping","id":"after"}')
+        assert await receive(ws) == {"type": "pong", "id": "after"}

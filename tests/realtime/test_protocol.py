@@ -48,3 +48,19 @@ async def test_writable_blocks_writers_only_while_paused() -> None:
     writable.set()
     with anyio.fail_after(1):
         assert await writers[1] is True
+
+
+def test_pending_is_the_fifo_wsproto_expects_of_its_deque() -> None:
+    from realtime.protocol import _Pending
+
+    pending = _Pending()
+    assert not pending
+    assert len(pending) == 0
+    pending.append("a")
+    pending.append("b")
+    assert pending
+    assert len(pending) == 2
+    assert [pending.popleft(), pending.popleft()] == ["a", "b"]
+    assert not pending
+    with pytest.raises(IndexError):
+        pending.popleft()
