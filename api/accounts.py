@@ -65,7 +65,8 @@ async def logout(request: Request) -> Response:
     await principal(request, "read")
     token = request.cookies.get(SESSION_COOKIE)
     if token:
-        await delete_session(services_of(request).redis, token)
+        services = services_of(request)
+        await delete_session(services.redis, token, local=services.principals.forget)
     response = ok(LoggedOut(logged_out=True))
     clear_session_cookies(response, services_of(request).settings.http)
     return response

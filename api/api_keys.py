@@ -66,7 +66,9 @@ async def rotate_key(request: Request) -> Response:
     who = await principal(request, "write")
     services = services_of(request)
     async with services.pool.connection() as conn:
-        key, secret = await rotate_api_key(services.redis, conn, who.church_id, path_id(request))
+        key, secret = await rotate_api_key(
+            services.redis, conn, who.church_id, path_id(request), local=services.principals.forget
+        )
     return _created(key, secret, 200)
 
 
@@ -74,7 +76,9 @@ async def delete_key(request: Request) -> Response:
     who = await principal(request, "write")
     services = services_of(request)
     async with services.pool.connection() as conn:
-        key = await revoke_api_key(services.redis, conn, who.church_id, path_id(request))
+        key = await revoke_api_key(
+            services.redis, conn, who.church_id, path_id(request), local=services.principals.forget
+        )
     return ok(key)
 
 

@@ -6,10 +6,11 @@ through unbuffered and WebSockets are untouched but for the request id.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +26,11 @@ EVENT_STREAM = "koinonia.event_stream"
 stays, so its duration is not observed."""
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Request ids made here: this process's random prefix and a counter, 32 hex digits
+# as uuid4().hex was; unique without a urandom call and a UUID per request (~1.5 %
+# of a list page's samples under py-spy).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -51,7 +57,11 @@ class RequestContext:
                 incoming = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
-        rid = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        rid = (
+            incoming
+            if incoming and _SANE_ID.match(incoming)
+            else f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+        )
         token = request_id_var.set(rid)
         started = time.perf_counter()
         status = 0

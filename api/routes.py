@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from api.accounts import account_operations
 from api.api_keys import api_key_operations
@@ -29,6 +30,7 @@ from api.guard import guarded
 from api.health import health_operations
 from api.inbox import inbox_operations
 from api.keywords import keyword_operations
+from api.lean import LeanEndpoint
 from api.media import media_operations
 from api.openapi import docs_routes
 from api.operation import Operation, routes_of
@@ -159,3 +161,18 @@ def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitabl
         HTTPException: _http,
         Exception: _unexpected,
     }
+
+
+LEAN = frozenset({("GET", "/v1/messages"), ("GET", "/v1/conversations")})
+"""The list pages clients poll: plain GETs served without the middleware stack and
+the router (api/lean.py: same answers, CORS and errors included)."""
+
+
+def api_lean_routes() -> list[tuple[str, str, ASGIApp]]:
+    """Hot REST paths served before the middleware stack (``deploy/app.py FrontDoor``)."""
+    handlers = exception_handlers()
+    return [
+        (op.method, op.path, LeanEndpoint(guarded(op), handlers))
+        for op in operations()
+        if (op.method, op.path) in LEAN
+    ]

@@ -208,7 +208,13 @@ async def update_staff(request: Request) -> Response:
                 conn, who.church_id, target, body.role, actor_role=role_of(who)
             )
     if previous != member.role:
-        await set_user_sessions_role(services.redis, who.church_id, member.id, member.role)
+        await set_user_sessions_role(
+            services.redis,
+            who.church_id,
+            member.id,
+            member.role,
+            local=services.principals.forget,
+        )
     audit_details(request, {"role": member.role, "previous_role": previous})
     return ok(member)
 
@@ -225,7 +231,9 @@ async def delete_staff(request: Request) -> Response:
                 actor_id=who.user_id,
                 actor_role=role_of(who),
             )
-    await delete_user_sessions(services.redis, who.church_id, member.id)
+    await delete_user_sessions(
+        services.redis, who.church_id, member.id, local=services.principals.forget
+    )
     audit_details(request, {"role": member.role})
     return ok(member)
 
@@ -340,7 +348,9 @@ async def confirm_reset(request: Request) -> Response:
     password_hash = await hash_password(services.settings.security, body.password)
     async with services.pool.connection() as conn:
         church_id, user_id = await confirm_password_reset(conn, body.token, password_hash)
-    ended = await delete_user_sessions(services.redis, church_id, user_id)
+    ended = await delete_user_sessions(
+        services.redis, church_id, user_id, local=services.principals.forget
+    )
     await _audit_public(request, church_id, user_id, "auth.password_reset.confirm", "auth")
     return ok(PasswordChanged(password_changed=True, sessions_ended=ended))
 
@@ -363,7 +373,11 @@ async def change_password(request: Request) -> Response:
     async with services.pool.connection() as conn:
         await set_password(conn, who.church_id, who.user_id, password_hash)
     ended = await delete_user_sessions(
-        services.redis, who.church_id, who.user_id, keep=request.cookies.get(SESSION_COOKIE)
+        services.redis,
+        who.church_id,
+        who.user_id,
+        keep=request.cookies.get(SESSION_COOKIE),
+        local=services.principals.forget,
     )
     return ok(PasswordChanged(password_changed=True, sessions_ended=ended))
 

@@ -34,6 +34,13 @@ metrics on, and loads them in turn at the same fixed rate, the order alternating
 each repetition so both meet the same background; it prints each run's web CPU
 per request, the medians, their spread and the on/off ratio.
 
+Unless ``--no-reference``, every max-throughput run is paired with the same run
+against ``bench/rest_reference.py``: a bare Starlette + psycopg app running each
+page's own SELECT (same church, same limit) and encoding the rows with msgspec, with
+no auth, limits or middleware, under the same uvicorn options, worker count and pool
+size, on the same Postgres. The two alternate (the order flips every run), and the
+ratio Koinonia / reference is printed next to req/s and web CPU per request.
+
 ``--replicas N`` starts N embedded streaming replicas (deploy/embedded_replica.py) and
 runs each web configuration twice: with the primary alone, then with
 ``DATABASE_REPLICA_URLS`` naming the replicas. Each Postgres is its own CPU group, and
@@ -318,6 +325,23 @@ class Row:
     note: str = ""
     reads: str = ""
     """With --replicas: ``primary`` (no replica given to web) or ``N replicas``."""
+    reference: Row | None = None
+    """The reference server's run paired with this one (same phase, endpoint, load)."""
+
+    def web_ms(self) -> float:
+        """Web CPU ms per request (% of one core / req/s x 10)."""
+        return self.cpu.get("web", 0.0) * 10 / max(1.0, self.rps)
+
+    def ratio_text(self) -> str:
+        """``ref 2,883 req/s, ratio 0.42; web CPU 1.25 / 0.48 ms, ratio 0.38``."""
+        ref = self.reference
+        if ref is None:
+            return ""
+        web, ref_web = self.web_ms(), ref.web_ms()
+        return (
+            f"ref {ref.rps:,.0f} req/s, ratio {self.rps / max(1.0, ref.rps):.2f}; "
+            f"web CPU {web:.2f} / {ref_web:.2f} ms, ratio {ref_web / max(1e-9, web):.2f}"
+        )
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[str, str, float]:
@@ -812,23 +836,63 @@ def store_pids(stack: Any) -> dict[str, list[int]]:
 def print_table(rows: list[Row], limited: bool) -> None:
     # The reads column only with --replicas: the default table stays as it was.
     reads = any(r.reads for r in rows)
+    refs = any(r.reference for r in rows)
     print()
     print(
         "| phase | endpoint | web procs | "
         + ("reads | " if reads else "")
         + "conns | target req/s | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU, % of one core (machine: 200) |"
+        + (
+            " reference req/s (ratio) | web CPU ms/req: Koinonia / reference (ratio) |"
+            if refs
+            else ""
+        )
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if reads else ""))
+    print(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if reads else "")
+        + ("---|---|" if refs else "")
+    )
     for r in rows:
         target = f"{r.target:,.0f}" if r.target else "max"
         note = f" — {r.note}" if r.note else ""
+        ref = r.reference
+        extra = ""
+        if refs:
+            extra = (
+                f" {ref.rps:,.0f} ({r.rps / max(1.0, ref.rps):.2f}) | "
+                f"{r.web_ms():.2f} / {ref.web_ms():.2f} ({ref.web_ms() / max(1e-9, r.web_ms()):.2f}) |"
+                if ref is not None
+                else " | |"
+            )
         print(
             f"| {r.phase} | {ENDPOINTS[r.endpoint]} | {r.workers} | "
             + (f"{r.reads} | " if reads else "")
             + f"{r.connections} | {target} | "
             f"{r.rps:,.0f} | {r.p50:.1f} | {r.p90:.1f} | {r.p99:.1f} | {r.max:.1f} | {r.errors} | "
-            f"{cpu_text(r.cpu)}{note} |"
+            f"{cpu_text(r.cpu)}{note} |{extra}"
         )
+    paired = [r for r in rows if r.reference is not None]
+    if paired:
+        import statistics
+
+        print()
+        print("Koinonia / reference (median over the paired max-throughput runs):")
+        for endpoint in ENDPOINTS:
+            for workers in sorted({r.workers for r in paired}):
+                mine = [r for r in paired if (r.endpoint, r.workers) == (endpoint, workers)]
+                if not mine:
+                    continue
+                rps = statistics.median(
+                    r.rps / max(1.0, r.reference.rps) for r in mine if r.reference
+                )
+                cpu = statistics.median(
+                    r.reference.web_ms() / max(1e-9, r.web_ms()) for r in mine if r.reference
+                )
+                print(
+                    f"- {ENDPOINTS[endpoint]} web={workers}: req/s ratio {rps:.2f}, "
+                    f"web CPU per request ratio (reference / Koinonia) {cpu:.2f} over {len(mine)} run(s)"
+                )
     if not limited:
         print(
             "\nnote: at least one endpoint answered without RateLimit-* headers (not charged to the limiter)"
@@ -985,6 +1049,67 @@ def print_replica_summary(rows: list[Row]) -> None:
             print(f"- {line}")
 
 
+def paired_run(
+    load: Load,
+    ref_load: Load | None,
+    endpoint: str,
+    workers: int,
+    connections: int,
+    args: argparse.Namespace,
+    rep: int,
+) -> Row:
+    """One max-throughput run of Koinonia, paired with the reference's when there is
+    one; who goes first alternates (``rep``), so both meet the same background."""
+    if ref_load is None:
+        return load.wrk_run(endpoint, workers, connections, args.duration)
+    if rep % 2 == 0:
+        row = load.wrk_run(endpoint, workers, connections, args.duration)
+        ref = ref_load.wrk_run(endpoint, workers, connections, args.duration)
+    else:
+        ref = ref_load.wrk_run(endpoint, workers, connections, args.duration)
+        row = load.wrk_run(endpoint, workers, connections, args.duration)
+    row.reference = ref
+    return row
+
+
+def start_reference(
+    env: dict[str, str], church_id: str, workers: int, port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """bench/rest_reference.py on ``port``, ready (GET /health) on return."""
+    import urllib.request
+
+    ref_env = {**env, "REFERENCE_CHURCH_ID": church_id}
+    out = log.open("ab")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "rest_reference.py"),
+         "--port", str(port), "--workers", str(workers)],
+        env=ref_env, stdout=out, stderr=out,
+    )  # fmt: skip
+    out.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the reference server exited ({process.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    stop_reference(process)
+    raise SystemExit(f"the reference server did not start; see {log}")
+
+
+def stop_reference(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def run(args: argparse.Namespace) -> None:
     from rest_seed import SeedPlan, load_or_seed
 
@@ -1057,20 +1182,39 @@ def run(args: argparse.Namespace) -> None:
                 wrk, base, seeded.api_key, groups, args.wrk_threads,
                 quiet=args.quiet, quiet_wait=args.quiet_wait, retries=args.retries,
             )  # fmt: skip
+            ref_load: Load | None = None
+            if not args.no_reference:
+                (ref_port,) = free_ports(1)
+                say(f"starting the reference server (bench/rest_reference.py) --workers {workers}")
+                reference = start_reference(
+                    web_env, seeded.church_id, workers, ref_port, data_dir / "reference.log"
+                )
+                ref_groups = {"web": [reference.pid], **store_pids(stack)}
+                ref_load = Load(
+                    wrk, f"http://127.0.0.1:{ref_port}", seeded.api_key, ref_groups,
+                    args.wrk_threads, quiet=args.quiet, quiet_wait=args.quiet_wait,
+                    retries=args.retries,
+                )  # fmt: skip
             for endpoint in ENDPOINTS:
                 load.wrk_run(endpoint, workers, max(args.connections), args.warmup, phase="warm-up")
+                if ref_load is not None:
+                    ref_load.wrk_run(
+                        endpoint, workers, max(args.connections), args.warmup, phase="warm-up"
+                    )
             say(f"warmed up ({args.warmup:.0f} s per endpoint)")
             for endpoint in ENDPOINTS:
                 best: Row | None = None
                 for connections in args.connections:
-                    row = load.wrk_run(endpoint, workers, connections, args.duration)
-                    row.reads = reads
-                    rows.append(row)
-                    say(
-                        f"max  {endpoint:13s} web={workers} c={connections:<4d} {row.rps:8,.0f} req/s  p99 {row.p99:6.1f} ms  errors {row.errors}  cpu {cpu_text(row.cpu)}"
-                    )
-                    if best is None or row.rps > best.rps:
-                        best = row
+                    for rep in range(args.reference_reps if ref_load is not None else 1):
+                        row = paired_run(load, ref_load, endpoint, workers, connections, args, rep)
+                        row.reads = reads
+                        rows.append(row)
+                        say(
+                            f"max  {endpoint:13s} web={workers} c={connections:<4d} {row.rps:8,.0f} req/s  p99 {row.p99:6.1f} ms  errors {row.errors}  cpu {cpu_text(row.cpu)}"
+                            + (f"  [{row.ratio_text()}]" if row.reference else "")
+                        )
+                        if best is None or row.rps > best.rps:
+                            best = row
                 assert best is not None
                 rate = best.rps / 2
                 row = load.paced_run(
@@ -1083,6 +1227,8 @@ def run(args: argparse.Namespace) -> None:
                 )
             if args.profile and workers == args.profile_workers:
                 profiles += profile_phase(load, groups, workers, args)
+            if ref_load is not None:
+                stop_reference(reference)
             stack.stop_process("web")
     finally:
         stack.stop()
@@ -1161,6 +1307,17 @@ def main() -> None:
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument(
         "--no-pin", action="store_true", help="profile without pinning web to a core of its own"
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="do not pair the max-throughput runs with bench/rest_reference.py",
+    )
+    parser.add_argument(
+        "--reference-reps",
+        type=int,
+        default=1,
+        help="paired Koinonia/reference runs per endpoint and connection count",
     )
     parser.add_argument(
         "--native",

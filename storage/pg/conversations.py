@@ -453,16 +453,15 @@ class ConversationFilter(msgspec.Struct, frozen=True):
     assignee_id: uuid.UUID | None = None
 
 
-@stale_ok
-async def list_conversations(
-    conn: Conn,
+def list_conversations_sql(
     church_id: uuid.UUID,
     *,
     limit: int,
     cursor: str | None,
     where: ConversationFilter | None = None,
-) -> Page[Conversation]:
-    """Most recent activity first."""
+) -> tuple[str, list[Any]]:
+    """The statement of ``list_conversations`` and its parameters (``bench/rest.py``'s
+    reference server runs the very same)."""
     params: list[Any] = [church_id]
     clauses = ["church_id = %s"]
     if cursor:
@@ -479,11 +478,25 @@ async def list_conversations(
             clauses.append("assignee_id = %s")
             params.append(where.assignee_id)
     params.append(limit + 1)
-    cur = await conn.execute(
+    sql = (
         f"SELECT {_CONV} FROM conversation WHERE {' AND '.join(clauses)} "
-        "ORDER BY last_message_at DESC, id DESC LIMIT %s",
-        params,
+        "ORDER BY last_message_at DESC, id DESC LIMIT %s"
     )
+    return sql, params
+
+
+@stale_ok
+async def list_conversations(
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    where: ConversationFilter | None = None,
+) -> Page[Conversation]:
+    """Most recent activity first."""
+    sql, params = list_conversations_sql(church_id, limit=limit, cursor=cursor, where=where)
+    cur = await conn.execute(sql, params)
     rows = [Conversation(*r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (r.last_message_at, r.id))
 

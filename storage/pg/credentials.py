@@ -17,7 +17,12 @@ on ``key_names.CREDENTIAL_REVOCATIONS``, so realtime connections that authentica
 with them, on any web node, close with 4001. A message is ASCII words:
 ``session <hash> [<hash> ...]``, ``user <church id> <user id>`` (every session
 of that user) or ``api_key <key id>``; ``parse_revocation`` reads one. A role
-change rewrites sessions in place and is not a revocation.
+change rewrites sessions in place and is not a revocation: it publishes
+``role <church id> <user id>`` on the same channel, which closes nothing but drops
+the user's principals that web processes cached (storage/process/principal_cache.py).
+
+Those functions take ``local``: the calling process's own cache, told before the
+function returns, so the process's next request does not wait for the message.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
@@ -78,6 +85,9 @@ class SessionRecord(msgspec.Struct, frozen=True):
     user_id: uuid.UUID
     role: str
     csrf: str
+    expires_at: float | None = None
+    """Unix time the session ends (its key's expiry): how long a process may cache
+    its principal. None in records written before it was kept."""
 
 
 _session_encoder = msgspec.msgpack.Encoder()
@@ -91,6 +101,11 @@ def _sha256(value: str) -> bytes:
 SESSION_REVOKED = "session"
 USER_REVOKED = "user"
 API_KEY_REVOKED = "api_key"
+ROLE_CHANGED = "role"
+"""Not a revocation: a user's role changed (cached principals of theirs are stale)."""
+
+Forget = Callable[[str], None]
+"""The calling process's principal cache (``PrincipalCache.forget``)."""
 
 
 def _revocation(kind: str, *names: object) -> str:
@@ -100,7 +115,12 @@ def _revocation(kind: str, *names: object) -> str:
 def parse_revocation(data: bytes | str) -> tuple[str, list[str]]:
     """(kind, names) of a revocation message; kind ``""`` when it is not one."""
     words = (data.decode("ascii", "replace") if isinstance(data, bytes) else data).split()
-    if len(words) < 2 or words[0] not in (SESSION_REVOKED, USER_REVOKED, API_KEY_REVOKED):
+    if len(words) < 2 or words[0] not in (
+        SESSION_REVOKED,
+        USER_REVOKED,
+        API_KEY_REVOKED,
+        ROLE_CHANGED,
+    ):
         return "", []
     return words[0], words[1:]
 
@@ -147,7 +167,12 @@ def _new_secret() -> tuple[str, str]:
 
 
 async def rotate_api_key(
-    redis: Redis, conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID
+    redis: Redis,
+    conn: Conn,
+    church_id: uuid.UUID,
+    key_id: uuid.UUID,
+    *,
+    local: Forget | None = None,
 ) -> tuple[ApiKey, str]:
     """A new secret (and prefix) for a live key; the old secret stops working at once."""
     prefix, secret = _new_secret()
@@ -168,16 +193,25 @@ async def rotate_api_key(
             "UPDATE api_key_lookup SET prefix = %s WHERE church_id = %s AND api_key_id = %s",
             (prefix, church_id, key_id),
         )
-    await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
+    await _forget_api_key(redis, bytes(row[0]).hex(), key_id, local)
     return ApiKey(*row[1:]), secret
 
 
-async def _forget_api_key(redis: Redis, secret_hash: str, key_id: uuid.UUID) -> None:
+async def _forget_api_key(
+    redis: Redis, secret_hash: str, key_id: uuid.UUID, local: Forget | None
+) -> None:
     """Drop a key's cached principal and tell every node to close its connections."""
     # Delete, then publish: separate calls (redis-py's cluster pipeline refuses
     # PUBLISH), in the order the pipeline had, and rare (a person's action).
     await redis.delete(key_names.api_key_auth(secret_hash))
-    await redis.publish(key_names.CREDENTIAL_REVOCATIONS, _revocation(API_KEY_REVOKED, key_id))
+    await _announce(redis, _revocation(API_KEY_REVOKED, key_id), local)
+
+
+async def _announce(redis: Redis, message: str, local: Forget | None) -> None:
+    """Tell this process's cache at once, then every node (this one again: harmless)."""
+    if local is not None:
+        local(message)
+    await redis.publish(key_names.CREDENTIAL_REVOCATIONS, message)
 
 
 async def list_api_keys(
@@ -194,7 +228,12 @@ async def list_api_keys(
 
 
 async def revoke_api_key(
-    redis: Redis, conn: Conn, church_id: uuid.UUID, key_id: uuid.UUID
+    redis: Redis,
+    conn: Conn,
+    church_id: uuid.UUID,
+    key_id: uuid.UUID,
+    *,
+    local: Forget | None = None,
 ) -> ApiKey:
     """Revoke a key of this church (idempotent: a revoked key stays revoked); it stops
     working on every node at once, its cached principal going with it."""
@@ -212,7 +251,7 @@ async def revoke_api_key(
             "DELETE FROM api_key_lookup WHERE church_id = %s AND api_key_id = %s",
             (church_id, key_id),
         )
-    await _forget_api_key(redis, bytes(row[0]).hex(), key_id)
+    await _forget_api_key(redis, bytes(row[0]).hex(), key_id, local)
     return ApiKey(*row[1:])
 
 
@@ -229,6 +268,12 @@ async def unrevoked_api_key_ids(conn: Conn, key_ids: list[str]) -> set[str]:
 API_KEY_CACHE_S = 60
 _principal_encoder = msgspec.msgpack.Encoder()
 _principal_decoder = msgspec.msgpack.Decoder(Principal)
+
+
+def api_key_digest(raw: str) -> bytes | None:
+    """The SHA-256 of a well-formed API key's secret (what it is cached under)."""
+    parsed = parse_api_key(raw)
+    return None if parsed is None else _sha256(parsed[1])
 
 
 async def principal_for_api_key(redis: Redis, pool: Pool, raw: str) -> Principal | None:
@@ -295,7 +340,9 @@ async def create_session(
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(24)
     token_hash = _sha256(token).hex()
-    record = SessionRecord(church_id=church_id, user_id=user_id, role=role, csrf=csrf)
+    record = SessionRecord(
+        church_id=church_id, user_id=user_id, role=role, csrf=csrf, expires_at=time.time() + ttl_s
+    )
     index = key_names.user_sessions(church_id, user_id)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(key_names.session(token_hash), _session_encoder.encode(record), ex=ttl_s)
@@ -310,19 +357,27 @@ def _decode_session(raw: bytes | str) -> SessionRecord:
 
 
 async def principal_for_session(redis: Redis, token: str) -> Principal | None:
-    raw = await redis.get(key_names.session(session_hash(token)))
+    found = await session_principal(redis, session_hash(token))
+    return None if found is None else found[0]
+
+
+async def session_principal(redis: Redis, token_hash: str) -> tuple[Principal, float | None] | None:
+    """The principal of the session stored under ``token_hash`` and the Unix time the
+    session ends (None when its record predates keeping it)."""
+    raw = await redis.get(key_names.session(token_hash))
     if raw is None:
         return None
     record = _decode_session(raw)
-    return Principal(
+    principal = Principal(
         church_id=record.church_id,
         kind="session",
         scopes=frozenset(ALL_SCOPES),
         user_id=record.user_id,
         role=record.role,
         csrf_token=record.csrf,
-        session_hash=session_hash(token),
+        session_hash=token_hash,
     )
+    return principal, record.expires_at
 
 
 def session_hash(token: str) -> str:
@@ -330,15 +385,14 @@ def session_hash(token: str) -> str:
     return _sha256(token).hex()
 
 
-async def delete_session(redis: Redis, token: str) -> None:
+async def delete_session(redis: Redis, token: str, *, local: Forget | None = None) -> None:
     token_hash = _sha256(token).hex()
     raw = await redis.getdel(key_names.session(token_hash))
     if raw is not None:
         record = _decode_session(raw)
         await redis.srem(key_names.user_sessions(record.church_id, record.user_id), token_hash)
         # Not in a pipeline: redis-py's cluster pipeline refuses PUBLISH.
-        revocation = _revocation(SESSION_REVOKED, token_hash)
-        await redis.publish(key_names.CREDENTIAL_REVOCATIONS, revocation)
+        await _announce(redis, _revocation(SESSION_REVOKED, token_hash), local)
 
 
 async def _user_session_hashes(redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID) -> list[str]:
@@ -347,7 +401,12 @@ async def _user_session_hashes(redis: Redis, church_id: uuid.UUID, user_id: uuid
 
 
 async def delete_user_sessions(
-    redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID, *, keep: str | None = None
+    redis: Redis,
+    church_id: uuid.UUID,
+    user_id: uuid.UUID,
+    *,
+    keep: str | None = None,
+    local: Forget | None = None,
 ) -> int:
     """End every session of a user (removal, password reset), or every one but the
     session whose token is ``keep`` (a password change keeps its own session).
@@ -371,12 +430,17 @@ async def delete_user_sessions(
         # The session keys (no tag) span slots: a plain pipeline, split per node
         # on a cluster; the publish after it, since that pipeline refuses PUBLISH.
         results = await pipe.execute()
-    await redis.publish(key_names.CREDENTIAL_REVOCATIONS, revocation)
+    await _announce(redis, revocation, local)
     return sum(int(n) for n in results[: len(doomed)])
 
 
 async def set_user_sessions_role(
-    redis: Redis, church_id: uuid.UUID, user_id: uuid.UUID, role: str
+    redis: Redis,
+    church_id: uuid.UUID,
+    user_id: uuid.UUID,
+    role: str,
+    *,
+    local: Forget | None = None,
 ) -> int:
     """Rewrite the role in every live session of a user, keeping each one's expiry,
     so a role change applies to the very next request. Returns how many changed."""
@@ -406,6 +470,8 @@ async def set_user_sessions_role(
         if gone:
             pipe.srem(index, *gone)
         await pipe.execute()
+    # After the rewrite: a process that caches principals reads the new role next.
+    await _announce(redis, _revocation(ROLE_CHANGED, church_id, user_id), local)
     return changed
 
 

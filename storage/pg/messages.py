@@ -81,6 +81,16 @@ def _message(row: tuple[Any, ...]) -> Message:
     return Message(row[0], row[1], target, *row[3:])
 
 
+_LIST_COLS = _COLS.replace("target,", "target::text,", 1)
+"""The page's columns with the target as JSON text, decoded by a typed decoder:
+py-spy showed jsonb → dict → ``msgspec.convert`` as ~7 % of a messages page."""
+_target_decoder = msgspec.json.Decoder(Target)
+
+
+def _listed_message(row: tuple[Any, ...]) -> Message:
+    return Message(row[0], row[1], _target_decoder.decode(row[2]), *row[3:])
+
+
 AUDIENCE_PLAN = "SET LOCAL enable_nestloop = off"
 """An audience is thousands of rows joined by church: hash joins are always right,
 while a nested loop planned on statistics that have not yet seen a fresh import
@@ -401,17 +411,11 @@ class MessageFilter(msgspec.Struct, frozen=True):
     """Created before (exclusive)."""
 
 
-@stale_ok
-async def list_messages(
-    conn: Conn,
-    church_id: uuid.UUID,
-    *,
-    limit: int,
-    cursor: str | None,
-    where: MessageFilter | None = None,
-) -> Page[Message]:
-    """Broadcasts, newest first (replies are listed in their conversations); a date
-    range prunes partitions."""
+def list_messages_sql(
+    church_id: uuid.UUID, *, limit: int, cursor: str | None, where: MessageFilter | None = None
+) -> tuple[str, list[Any]]:
+    """The statement of ``list_messages`` and its parameters (``bench/rest.py``'s
+    reference server runs the very same)."""
     clauses = ["church_id = %s", "kind = 'broadcast'"]
     params: list[Any] = [church_id]
     if cursor:
@@ -428,12 +432,27 @@ async def list_messages(
                 clauses.append(clause)
                 params.append(value)
     params.append(limit + 1)
-    cur = await conn.execute(
-        f"SELECT {_COLS} FROM message WHERE {' AND '.join(clauses)} "
-        "ORDER BY created_at DESC, id DESC LIMIT %s",
-        params,
+    sql = (
+        f"SELECT {_LIST_COLS} FROM message WHERE {' AND '.join(clauses)} "
+        "ORDER BY created_at DESC, id DESC LIMIT %s"
     )
-    rows = [_message(r) for r in await cur.fetchall()]
+    return sql, params
+
+
+@stale_ok
+async def list_messages(
+    conn: Conn,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    where: MessageFilter | None = None,
+) -> Page[Message]:
+    """Broadcasts, newest first (replies are listed in their conversations); a date
+    range prunes partitions."""
+    sql, params = list_messages_sql(church_id, limit=limit, cursor=cursor, where=where)
+    cur = await conn.execute(sql, params)
+    rows = [_listed_message(r) for r in await cur.fetchall()]
     return page_of(rows, limit, lambda r: (r.created_at, r.id))
 
 

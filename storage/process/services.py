@@ -6,6 +6,8 @@ Built once in the Starlette lifespan (or a worker's entry point) from the one
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from storage.archive.reader import ArchiveReader
@@ -14,11 +16,18 @@ from storage.domain.phones import PhoneVault
 from storage.domain.receipt_refs import ReceiptRefs
 from storage.objects import ObjectStore, open_object_store
 from storage.pg.churches import plan_loader
-from storage.pg.credentials import Principal, principal_for_api_key, principal_for_session
+from storage.pg.credentials import (
+    Principal,
+    api_key_digest,
+    principal_for_api_key,
+    session_hash,
+    session_principal,
+)
 from storage.pg.database import Pool, open_pool
 from storage.pg.event_log import EventRelay
 from storage.pg.replicas import ReplicaSet
 from storage.process.metrics import Metrics, Sampler
+from storage.process.principal_cache import PrincipalCache, api_key_entry, session_entry
 from storage.process.settings import Settings
 from storage.redis.cache import Cache
 from storage.redis.connection import Redis, open_redis
@@ -52,6 +61,9 @@ class Services(msgspec.Struct, kw_only=True):
     archive: ArchiveReader
     """Archived months read through the live endpoints, with this process's cache of
     recently read files (KOINONIA_ARCHIVE_CACHE_MB)."""
+    principals: PrincipalCache = msgspec.field(default_factory=PrincipalCache)
+    """Principals this process resolved lately, dropped by revocations. It keeps
+    nothing until a hub's revocation channel feeds it (web processes only)."""
     metrics: Metrics | None = None
     """This process's metrics; None when its metrics port is ``off`` (then nothing is
     measured: every instrumentation site tests for None)."""
@@ -102,6 +114,9 @@ class Services(msgspec.Struct, kw_only=True):
             replicas=replicas,
             objects=objects,
             archive=ArchiveReader(objects, settings.archive.cache_mb * 1024 * 1024),
+            principals=PrincipalCache(
+                ttl_s=settings.http.principal_cache_s, size=settings.http.principal_cache_size
+            ),
             metrics=metrics,
             sampler=sampler,
         )
@@ -118,12 +133,41 @@ class Services(msgspec.Struct, kw_only=True):
         self, authorization: str | None, session_token: str | None
     ) -> Principal | None:
         """The principal for a request's credentials: a Bearer API key wins over a
-        session cookie. None when neither is present and valid."""
+        session cookie. None when neither is present and valid.
+
+        From this process's cache when it has the principal (``principals``), which
+        spares the request a Redis round trip; failures are never cached."""
+        cache = self.principals
         if authorization:
             scheme, _, value = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
+            raw = value.strip()
+            if scheme.lower() != "bearer" or not raw:
                 return None
-            return await principal_for_api_key(self.redis, self.pool, value.strip())
+            digest = api_key_digest(raw)
+            if digest is None:
+                return None
+            key = api_key_entry(digest)
+            found = cache.get(key)
+            if found is not None:
+                return found
+            generation = cache.generation
+            principal = await principal_for_api_key(self.redis, self.pool, raw)
+            if principal is not None:
+                cache.put(key, principal, generation)
+            return principal
         if session_token:
-            return await principal_for_session(self.redis, session_token)
+            token_hash = session_hash(session_token)
+            key = session_entry(token_hash)
+            found = cache.get(key)
+            if found is not None:
+                return found
+            generation = cache.generation
+            stored = await session_principal(self.redis, token_hash)
+            if stored is None:
+                return None
+            principal, expires_at = stored
+            if expires_at is not None:
+                # Never past the session's own end (its key expires in Redis then).
+                cache.put(key, principal, generation, at_most_s=expires_at - time.time())
+            return principal
         return None

@@ -72,6 +72,12 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     """KOINONIA_SECURE_COOKIES: mark cookies Secure (set when served over TLS)."""
     session_ttl_s: int = 7 * 24 * 3600
     """KOINONIA_SESSION_TTL_S"""
+    principal_cache_s: float = 5.0
+    """KOINONIA_PRINCIPAL_CACHE_S: how long a web process keeps a principal it
+    resolved (0: not at all). Revocations drop entries at once; this bounds what a
+    revocation lost with the pub/sub connection could leave behind."""
+    principal_cache_size: int = 10_000
+    """KOINONIA_PRINCIPAL_CACHE_SIZE: principals kept per web process, oldest out first."""
 
 
 class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -549,6 +555,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 allowed_origins=origins,
                 secure_cookies=b("KOINONIA_SECURE_COOKIES", False),
                 session_ttl_s=i("KOINONIA_SESSION_TTL_S", 7 * 24 * 3600),
+                principal_cache_s=f("KOINONIA_PRINCIPAL_CACHE_S", 5.0),
+                principal_cache_size=i("KOINONIA_PRINCIPAL_CACHE_SIZE", 10_000),
             ),
             realtime=RealtimeSettings(
                 max_connections=i("KOINONIA_WS_MAX_CONNECTIONS", 20_000),
