@@ -9,6 +9,7 @@ asserts nothing.
     uv run python bench/pipeline.py                 # 20,000 recipients
     uv run python bench/pipeline.py --recipients 50000 --workers 2 --web-workers 2
     uv run python bench/pipeline.py --redis standalone,cluster --recipients 10000
+    uv run python bench/pipeline.py --recipients 5000 --profile /tmp/prof   # py-spy, as root
 
 ``--redis standalone,cluster`` runs the same broadcast on a standalone Redis and
 then on an embedded Redis Cluster (3 masters, 3 replicas, as
@@ -22,8 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,6 +151,49 @@ def stack_cpu(stack: Stack) -> dict[str, float]:
                 todo += children.get(pid, [])
         used[name] = total
     return used
+
+
+def start_profiles(stack: Stack, folder: str | None, label: str) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record`` (collapsed stacks, child processes included) on every Python
+    process of the stack, for the measured part of the run (``--profile``)."""
+    if not folder:
+        return []
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy on PATH (and the rights to attach: root)")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(process.pid),
+                "--subprocesses",
+                "--nonblocking",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "-o",
+                str(out / f"{label}-{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, process in stack.processes.items()
+    ]
+
+
+def stop_profiles(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        try:
+            profiler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -287,6 +333,7 @@ async def run(args: argparse.Namespace, redis_mode: str) -> Figures:
             # Warm the path once so the measured 202 is not a cold start.
             await api.get("/v1/messages?limit=1")
             say(f"posting the broadcast ({redis_mode} Redis)")
+            profilers = start_profiles(stack, args.profile, redis_mode)
             cpu_before = stack_cpu(stack)
             t0 = time.perf_counter()
             answer = await api.post(
@@ -297,6 +344,7 @@ async def run(args: argparse.Namespace, redis_mode: str) -> Figures:
             message_id = answer.json()["data"]["id"]
             samples = await follow(api, message_id, args.recipients, args.timeout)
             cpu_after = stack_cpu(stack)
+            stop_profiles(profilers)
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM materialized_at - created_at), created_at FROM message WHERE id = %s",
@@ -353,6 +401,8 @@ def print_one(figures: Figures, args: argparse.Namespace) -> None:
         f"   mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} s"
     )
     total_ms = figures.cpu_total_ms
+    # What else the shared machine was doing: rates move with it, CPU per recipient less.
+    print("load average (1/5/15)    " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(
         "CPU per recipient        "
         + ", ".join(
@@ -445,6 +495,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat the runs, alternating their order"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy record (collapsed stacks) every Python process of the stack while the "
+        "broadcast is sent: DIR/<redis>-<process>.txt",
     )
     args = parser.parse_args()
     for mode in args.redis:

@@ -61,7 +61,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from delivery.http11 import Http11Client
 from delivery.simulator_state import (
     IDEMPOTENCY_KEY,
     AcceptedSend,
@@ -106,9 +108,9 @@ _send_decoder: Final = msgspec.json.Decoder(SendRequest)
 _inbound_decoder: Final = msgspec.json.Decoder(InboundRequest)
 _patch_decoder: Final = msgspec.json.Decoder(ConfigPatch)
 
-# Webhook delivery: one pooled session (at most WEBHOOK_CONNECTIONS connections) shared by a
-# fixed pool of senders; each sender has one webhook in flight, so this is the concurrency a
-# receiver sees, like Telnyx delivering to one endpoint from many workers.
+# Webhook delivery: one keep-alive client (at most WEBHOOK_CONNECTIONS idle connections per
+# receiver) shared by a fixed pool of senders; each sender has one webhook in flight, so this
+# is the concurrency a receiver sees, like Telnyx delivering to one endpoint from many workers.
 WEBHOOK_SENDERS: Final = 96
 WEBHOOK_CONNECTIONS: Final = 128
 WEBHOOK_TIMEOUT_S: Final = 10.0
@@ -218,7 +220,7 @@ class Simulator:
         self.signer = Signer(decode_seed(settings.signing_seed or new_signing_seed()))
         self.state = SimulatorState()
         self.dispatcher = WebhookDispatcher(self.signer, self.state.stats, workers=WEBHOOK_SENDERS)
-        # The lifespan's pooled client, shared by webhook delivery and media fetches.
+        # The lifespan's aiohttp session, for media fetches (webhooks: delivery/http11.py).
         self._session: aiohttp.ClientSession | None = None
 
     def _authorized(self, request: Request) -> bool:
@@ -495,12 +497,13 @@ class Simulator:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=WEBHOOK_CONNECTIONS)
         timeout = aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
+        client = Http11Client(timeout_s=WEBHOOK_TIMEOUT_S, idle_per_origin=WEBHOOK_CONNECTIONS)
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             anyio.create_task_group() as tg,
         ):
             self._session = session
-            await tg.start(self.dispatcher.run, session)
+            await tg.start(self.dispatcher.run, client)
             await self._restore()
             try:
                 yield
@@ -511,6 +514,7 @@ class Simulator:
                     self.dispatcher.hurry()
                     await self.dispatcher.drain(SHUTDOWN_DRAIN_S)
                     self._keep(self.dispatcher.unfinished())
+                    await client.aclose()
                 tg.cancel_scope.cancel()
 
     def _keep(self, pending: list[WebhookJob]) -> None:
@@ -559,10 +563,31 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error_response(failure)
 
 
+class _SimulatorApp(Starlette):
+    """Sends (``POST /v2/messages``, one per text) straight to their handler: py-spy
+    under bench/pipeline.py put Starlette's middleware and router at ~7 % of the
+    simulator's CPU around a handler that needs neither (it answers every error
+    itself; what it raises is a 500 either way)."""
+
+    simulator: Simulator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/v2/messages"
+            and scope["method"] == "POST"
+        ):
+            scope["app"] = self
+            response = await self.simulator.send_message(Request(scope, receive))
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_simulator_app(settings: SimulatorSettings) -> Starlette:
     """The simulator as an ASGI app; webhook senders run in its lifespan."""
     sim = Simulator(settings)
-    app = Starlette(
+    app = _SimulatorApp(
         routes=[
             Route("/v2/messages", sim.send_message, methods=["POST"]),
             Route("/v2/messages/{id}", sim.get_message, methods=["GET"]),
@@ -578,5 +603,5 @@ def create_simulator_app(settings: SimulatorSettings) -> Starlette:
         lifespan=sim.lifespan,
     )
     # For in-process callers (the dev runner, tests) that want the state without HTTP.
-    app.state.simulator = sim
+    app.state.simulator = app.simulator = sim
     return app

@@ -1,15 +1,16 @@
 """Signed webhook delivery for the provider simulator.
 
 Sends are answered at once; their webhooks are queued here and delivered by a
-fixed pool of sender tasks sharing one pooled HTTP client session, so a burst
+fixed pool of sender tasks sharing one keep-alive HTTP client, so a burst
 of thousands of sends per second never spawns a task per webhook.
 
-The client is aiohttp's, not httpx's: httpcore's pool re-examines every pooled
-connection for every request in flight (encode/httpcore#1035) and, without
-``sniffio`` installed, retries a failing ``import sniffio`` several times per
-request. On a 2-core box one httpx client spent ~1.8 ms of CPU per webhook at
-8 concurrent requests (~5 ms at 100) and delivered ~200 webhooks/s; aiohttp
-spent ~0.12 ms and the simulator delivered ~2,500 webhooks/s to the same receiver.
+The client is delivery/http11.py's, neither httpx's nor aiohttp's: httpcore's pool
+re-examines every pooled connection for every request in flight
+(encode/httpcore#1035) and, without ``sniffio`` installed, retries a failing
+``import sniffio`` several times per request (on a 2-core box ~1.8 ms of CPU per
+webhook at 8 concurrent requests); aiohttp spent ~0.12 ms, still a third of the
+simulator's CPU under bench/pipeline.py (py-spy, issue 18). The lean client writes
+the request itself and parses the answer with httptools.
 
     route ──reserve()──► slot ──submit(job, delay)──► heap (latency) ──► ready queue
                                                                             │
@@ -26,8 +27,9 @@ growing.
 Signatures follow Telnyx: Ed25519 over ``f"{telnyx-timestamp}|{raw body}"``,
 base64 in ``telnyx-signature-ed25519``.
 
-The same pooled session fetches a send's ``media_urls`` (``fetch_media``): the other
-request the simulator, as a carrier, makes of the app.
+An aiohttp session fetches a send's ``media_urls`` (``fetch_media``): the other
+request the simulator, as a carrier, makes of the app (redirects followed, bodies
+streamed: rare, so not worth a lean path).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ import msgspec
 from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from httptools import HttpParserError
 
+from delivery.http11 import Closed, Http11Client
 from delivery.simulator_state import Stats
 from delivery.simulator_wire import (
     EventData,
@@ -127,13 +131,17 @@ class Signer:
         self.public_key_b64 = base64.b64encode(raw).decode()
 
     def headers(self, body: bytes, timestamp: int) -> dict[str, str]:
+        return dict(self.header_list(body, timestamp))
+
+    def header_list(self, body: bytes, timestamp: int) -> list[tuple[str, str]]:
+        """``headers`` as the lean client takes them."""
         stamp = str(timestamp)
         signature = self._key.sign(stamp.encode() + b"|" + body)
-        return {
-            "content-type": "application/json",
-            "telnyx-signature-ed25519": base64.b64encode(signature).decode(),
-            "telnyx-timestamp": stamp,
-        }
+        return [
+            ("content-type", "application/json"),
+            ("telnyx-signature-ed25519", base64.b64encode(signature).decode()),
+            ("telnyx-timestamp", stamp),
+        ]
 
 
 class WebhookJob(msgspec.Struct, frozen=True):
@@ -212,7 +220,7 @@ class WebhookDispatcher:
 
     async def run(
         self,
-        session: aiohttp.ClientSession,
+        client: Http11Client,
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -220,7 +228,7 @@ class WebhookDispatcher:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._release_due)
             for _ in range(self.workers):
-                tg.start_soon(self._work, session)
+                tg.start_soon(self._work, client)
             task_status.started()
 
     def hurry(self) -> None:
@@ -250,27 +258,25 @@ class WebhookDispatcher:
             with anyio.move_on_after(delayed[0][0] - now if delayed else None):
                 await self._wakeup.wait()
 
-    async def _work(self, session: aiohttp.ClientSession) -> None:
+    async def _work(self, client: Http11Client) -> None:
         while True:
             job = await self._ready.get()
             try:
-                await self._deliver_job(session, job)
+                await self._deliver_job(client, job)
             except Exception:
                 logger.exception("simulator webhook job for message %s crashed", job.message.id)
             finally:
                 self._unfinished.pop(id(job), None)
                 self.release()
 
-    async def _deliver_job(self, session: aiohttp.ClientSession, job: WebhookJob) -> None:
+    async def _deliver_job(self, client: Http11Client, job: WebhookJob) -> None:
         sent_at = datetime.now(UTC)
         for plan in job.plans:
             data = render_event(job.message, plan, sent_at)
             for _ in range(2 if plan.duplicate else 1):
-                await self._deliver_event(session, data, job)
+                await self._deliver_event(client, data, job)
 
-    async def _deliver_event(
-        self, session: aiohttp.ClientSession, data: EventData, job: WebhookJob
-    ) -> bool:
+    async def _deliver_event(self, client: Http11Client, data: EventData, job: WebhookJob) -> bool:
         targets = [job.url]
         if job.failover_url and job.failover_url != job.url:
             targets.append(job.failover_url)
@@ -281,12 +287,10 @@ class WebhookDispatcher:
                 attempt += 1
                 envelope = WebhookEnvelope(data, EventMeta(attempt, target))
                 body = _encoder.encode(envelope)
-                headers = self.signer.headers(body, int(time.time()))
+                headers = self.signer.header_list(body, int(time.time()))
                 try:
-                    async with session.post(target, data=body, headers=headers) as response:
-                        await response.read()
-                        status = response.status
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, _ = await client.post(target, body, headers)
+                except (OSError, Closed, HttpParserError, TimeoutError, ValueError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                 else:
                     if 200 <= status < 300:
