@@ -157,7 +157,7 @@ def history(request: pytest.FixtureRequest) -> History:
     stack: Stack = request.getfixturevalue(
         "stack" if request.param == "file" else "archive_s3_stack"
     )
-    made = run_koinonia(stack, "demo", "--members", "20", "--months", str(MONTHS), "--seed", "5")
+    made = run_koinonia(stack, "demo", "--members", "60", "--months", str(MONTHS), "--seed", "5")
     assert made.returncode == 0, made.stderr
     login = json.loads(made.stdout)
     api = httpx.Client(
