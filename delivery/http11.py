@@ -102,8 +102,10 @@ class Http11Client:
         self._idle_per_origin = idle_per_origin
         self._idle: dict[Origin, list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._closing = False
 
     async def aclose(self) -> None:
+        self._closing = True  # connections of requests still in flight close after them
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
@@ -143,6 +145,10 @@ class Http11Client:
             except Closed as exc:
                 if exc.answered:
                     raise
+            # Closed unanswered (the peer dropped an idle connection): once more, on
+            # a new connection; never over the other idle ones, which would resend
+            # to a peer that takes requests and then drops connections.
+            break
         return await self._on(origin, await self._connect(origin), request)
 
     async def _on(self, origin: Origin, conn: _Connection, request: bytes) -> tuple[int, bytes]:
@@ -151,7 +157,9 @@ class Http11Client:
         except BaseException:
             conn.close()
             raise
-        if not conn.closed:
+        if self._closing:
+            conn.close()
+        elif not conn.closed:
             idle = self._idle.setdefault(origin, [])
             if len(idle) < self._idle_per_origin:
                 idle.append(conn)

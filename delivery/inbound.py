@@ -58,13 +58,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from delivery.errors import SignatureRejected
 from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.telnyx_signatures import load_public_key, verify_telnyx
-from storage.domain.envelope import FieldError
+from storage.domain.envelope import FieldError, success_bytes
 from storage.domain.errors import Conflict, InvalidInput, NotFound
 from storage.domain.events import MediaItem
 from storage.domain.media_links import content_url
@@ -254,12 +254,13 @@ class InboundHandler:
             body = await read_body(request, self.services.settings.http.max_body_bytes)
         except BodyTooLarge:
             return fail("payload_too_large", "webhook body too large")
-        return await self.answer(
+        response = await self.answer(
             body,
             request.headers.get("telnyx-timestamp"),
             request.headers.get("telnyx-signature-ed25519"),
             request.query_params.get("ref"),
         )
+        return _accepted() if response is _OK else response
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The lean route (``inbound_lean_routes``): the same answers as ``handle``
@@ -289,8 +290,15 @@ class InboundHandler:
                     raise  # RequestContext answers the 500 and logs it
                 response = refused
         if response is _OK:
-            await send(_OK_START)
-            await send(_OK_BODY)
+            data = success_bytes(_RECEIVED)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", str(len(data)).encode()), _JSON],
+                }
+            )
+            await send({"type": "http.response.body", "body": data})
             return
         await send(
             {
@@ -538,14 +546,15 @@ def inbound_lean_routes() -> list[tuple[str, str, ASGIApp]]:
     return [("POST", WEBHOOK_PATH, endpoint)]
 
 
-_OK = ok({"received": True})
-"""Every accepted webhook's answer: built once, sent as it is."""
-_OK_START: Message = {
-    "type": "http.response.start",
-    "status": _OK.status_code,
-    "headers": _OK.raw_headers,
-}
-_OK_BODY: Message = {"type": "http.response.body", "body": _OK.body}
+_RECEIVED = {"received": True}
+_OK = ok(_RECEIVED)
+"""Stands for an accepted webhook's answer (``answer`` returns it); the body is made
+per request, since the envelope carries the request's id."""
+_JSON = (b"content-type", b"application/json")
+
+
+def _accepted() -> Response:
+    return ok(_RECEIVED)
 
 
 class _Disconnected(Exception):

@@ -39,9 +39,9 @@ from storage.pg.credentials import (
     API_KEY_REVOKED,
     ROLE_CHANGED,
     SESSION_REVOKED,
-    USER_REVOKED,
     Principal,
-    parse_revocation,
+    revocation_names,
+    revoked_names,
     unrevoked_api_key_ids,
 )
 from storage.pg.database import Pool
@@ -81,14 +81,7 @@ class Revocable(Protocol):
 
 def names_of(principal: Principal) -> list[str]:
     """The revocation names a connection of this principal answers to."""
-    if principal.api_key_id is not None:
-        return [f"{API_KEY_REVOKED} {principal.api_key_id}"]
-    names = []
-    if principal.session_hash is not None:
-        names.append(f"{SESSION_REVOKED} {principal.session_hash}")
-    if principal.user_id is not None:
-        names.append(f"{USER_REVOKED} {principal.church_id} {principal.user_id}")
-    return names
+    return revocation_names(principal)
 
 
 class Revocations:
@@ -143,15 +136,16 @@ class Revocations:
     def revoke(self, data: bytes | str) -> int:
         """Apply one revocation message; returns how many connections it closed."""
         for listener in self.listeners:
-            listener.forget(data)
-        kind, words = parse_revocation(data)
+            # A listener's bug must not keep revoked connections open.
+            try:
+                listener.forget(data)
+            except Exception:
+                log.exception("revocation listener failed; dropping all it holds")
+                listener.forget_all()
+        kind, names = revoked_names(data)
         if kind == ROLE_CHANGED:
             return 0  # for the listeners' caches; connections stay open
-        if kind == USER_REVOKED:
-            names = [f"{kind} {' '.join(words)}"]
-        elif kind:
-            names = [f"{kind} {word}" for word in words]
-        else:
+        if not kind:
             log.error("malformed revocation %r", data[:200])
             return 0
         now = self._clock()

@@ -112,6 +112,22 @@ def _revocation(kind: str, *names: object) -> str:
     return " ".join((kind, *(str(n) for n in names)))
 
 
+def revocation_names(principal: Principal, *, role: bool = False) -> list[str]:
+    """The revocation names a principal answers to: what closes its connections
+    (``realtime.revocation``) and, with ``role``, also what drops its cached entry
+    (``storage.process.principal_cache``: a role change ends no connection)."""
+    if principal.api_key_id is not None:
+        return [f"{API_KEY_REVOKED} {principal.api_key_id}"]
+    names = []
+    if principal.session_hash is not None:
+        names.append(f"{SESSION_REVOKED} {principal.session_hash}")
+    if principal.user_id is not None:
+        names.append(f"{USER_REVOKED} {principal.church_id} {principal.user_id}")
+        if role:
+            names.append(f"{ROLE_CHANGED} {principal.church_id} {principal.user_id}")
+    return names
+
+
 def parse_revocation(data: bytes | str) -> tuple[str, list[str]]:
     """(kind, names) of a revocation message; kind ``""`` when it is not one."""
     words = (data.decode("ascii", "replace") if isinstance(data, bytes) else data).split()
@@ -123,6 +139,15 @@ def parse_revocation(data: bytes | str) -> tuple[str, list[str]]:
     ):
         return "", []
     return words[0], words[1:]
+
+
+def revoked_names(data: bytes | str) -> tuple[str, list[str]]:
+    """(kind, the names of ``revocation_names`` it matches) of one message on the
+    revocation channel; kind ``""`` when it is not one."""
+    kind, words = parse_revocation(data)
+    if kind in (USER_REVOKED, ROLE_CHANGED):
+        return kind, [f"{kind} {' '.join(words)}"]
+    return kind, [f"{kind} {word}" for word in words]
 
 
 def parse_api_key(raw: str) -> tuple[str, str] | None:

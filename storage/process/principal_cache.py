@@ -30,31 +30,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from storage.pg.credentials import (
-    API_KEY_REVOKED,
-    ROLE_CHANGED,
-    SESSION_REVOKED,
-    USER_REVOKED,
-    Principal,
-    parse_revocation,
-)
+from storage.pg.credentials import Principal, revocation_names, revoked_names
 
 DEFAULT_TTL_S = 5.0
 DEFAULT_SIZE = 10_000
 
 
-def revocation_names(principal: Principal) -> list[str]:
-    """The messages' names this principal's entry answers to (as ``realtime.revocation``
-    names a connection, plus the ``role`` change of a session's user)."""
-    if principal.api_key_id is not None:
-        return [f"{API_KEY_REVOKED} {principal.api_key_id}"]
-    names = []
-    if principal.session_hash is not None:
-        names.append(f"{SESSION_REVOKED} {principal.session_hash}")
-    if principal.user_id is not None:
-        names.append(f"{USER_REVOKED} {principal.church_id} {principal.user_id}")
-        names.append(f"{ROLE_CHANGED} {principal.church_id} {principal.user_id}")
-    return names
+def _names(principal: Principal) -> list[str]:
+    """The messages' names this principal's entry answers to (as a connection's,
+    plus the ``role`` change of a session's user)."""
+    return revocation_names(principal, role=True)
 
 
 class PrincipalCache:
@@ -111,7 +96,7 @@ class PrincipalCache:
         while len(self._entries) >= self.size:
             self._drop(next(iter(self._entries)))
         self._entries[key] = (principal, self._clock() + ttl)
-        for name in revocation_names(principal):
+        for name in _names(principal):
             bucket = self._by_name.get(name)
             if bucket is None:
                 bucket = self._by_name[name] = set()
@@ -121,7 +106,7 @@ class PrincipalCache:
         found = self._entries.pop(key, None)
         if found is None:
             return
-        for name in revocation_names(found[0]):
+        for name in _names(found[0]):
             bucket = self._by_name.get(name)
             if bucket is not None:
                 bucket.discard(key)
@@ -131,12 +116,8 @@ class PrincipalCache:
     def forget(self, data: bytes | str) -> None:
         """Drop the entries one revocation (or role change) message names."""
         self.generation += 1
-        kind, words = parse_revocation(data)
-        if kind in (USER_REVOKED, ROLE_CHANGED):
-            names = [f"{kind} {' '.join(words)}"]
-        elif kind:
-            names = [f"{kind} {word}" for word in words]
-        else:
+        kind, names = revoked_names(data)
+        if not kind:
             # Not understood: drop everything rather than guess.
             self.forget_all()
             return

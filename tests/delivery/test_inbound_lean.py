@@ -116,6 +116,8 @@ class Both:
         assert lean.content == full.content
         assert _headers(lean) == _headers(full)
         assert lean.headers["x-request-id"] == full.headers["x-request-id"]
+        # Every envelope names its own request (not one id frozen at start-up).
+        assert lean.json()["meta"]["request_id"] == lean.headers["x-request-id"]
         return lean
 
 
