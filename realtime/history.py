@@ -103,14 +103,16 @@ async def recover(
         epoch = epoch.decode()
     if epoch != since_epoch or isinstance(raw_entries, Exception):
         return fresh
-    if not _recoverable(start, info):
+    if not recoverable(start, info):
         return fresh
     entries = [entry_from_stream(entry_id, fields) for entry_id, fields in raw_entries]
     offset = entries[-1].offset if entries else f"{start[0]}-{start[1]}"
     return Replay(epoch=since_epoch, offset=offset, recovered=True, entries=entries)
 
 
-def _recoverable(start: Position, info: Any) -> bool:
+def recoverable(start: Position, info: Any) -> bool:
+    """Whether a stream (``info``: its XINFO STREAM, or the error for a missing one)
+    still holds every entry after ``start``."""
     if isinstance(info, Exception):
         # No stream under a live epoch: the channel has had no event in this epoch.
         return start == ZERO

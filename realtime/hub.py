@@ -68,7 +68,8 @@ from redis.exceptions import AskError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from realtime.errors import HubStopped
-from realtime.history import ZERO, Position, entry_from_stream, position
+from realtime.frames import Subscribed, encode_text
+from realtime.history import ZERO, Position, entry_from_stream, position, recoverable
 from realtime.protocol import wire_frame
 from realtime.revocation import Revocations
 from storage.domain.events import frame_bytes
@@ -81,6 +82,10 @@ log = logging.getLogger("koinonia.realtime.hub")
 
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
+_CLUSTER_BACKOFF_MAX_S = 0.5
+"""A cluster link's reconnection is paced lower: each failure refreshes the slot map,
+and until the hub finds the replica promoted after a failover, the relay may be
+publishing its backlog there, which history keeps only 2,000 entries of."""
 _IDLE_S = 15.0
 """With no traffic for about this long (``_Watchdog``: 7.5 to 15 s) the reader sends
 PING; another silent period means the connection is dead even if TCP has not
@@ -118,6 +123,11 @@ class HubEvent(msgspec.Struct, frozen=True, gc=False):
     connection."""
     ephemeral: bool = False
     """Realtime only (typing): ``offset`` repeats the channel's latest stored one."""
+    lost: bool = False
+    """Not an event: the hub could not read the channel's gap from history (trimmed
+    while it was cut off), so its sinks lack the events before ``offset``. ``text``
+    and ``wire`` are the WebSocket ``subscribed`` frame with ``recovered: false``;
+    ``type`` and ``frame`` are SSE's ``recovery_failed`` record (``_lost``)."""
 
 
 def _event(
@@ -139,6 +149,26 @@ def _event(
         text=frame.decode(),
         wire=wire_frame(frame),
         ephemeral=ephemeral,
+    )
+
+
+def _lost(channel: str, epoch: str, offset: str) -> HubEvent:
+    """The notice that a channel's events up to ``offset`` could not be recovered:
+    what a failed resume tells a client (``recovered: false``), sent on the live
+    subscription instead (docs/protocol.md "Realtime")."""
+    notice = Subscribed(channel=channel, offset=offset, epoch=epoch, recovered=False)
+    text = encode_text(notice)
+    frame = text.encode()
+    return HubEvent(
+        channel=channel,
+        type="recovery_failed",
+        epoch=epoch,
+        offset=offset,
+        position=position(offset),
+        frame=msgspec.json.encode({"channels": [channel]}),
+        text=text,
+        wire=wire_frame(frame),
+        lost=True,
     )
 
 
@@ -269,6 +299,27 @@ class _Channel:
         self.link: _Link | None = None
 
 
+class _Fill:
+    """What a gap fill read for one channel."""
+
+    __slots__ = ("entries", "epoch", "lost_to")
+
+    def __init__(self, epoch: str | None, entries: list[Any]) -> None:
+        self.epoch = epoch
+        self.entries = entries
+        self.lost_to: str | None = None
+        """Set when entries after the channel's last offset were trimmed: the newest
+        offset the stream has issued, where its sinks resume."""
+
+
+def _last_generated(info: Any, last: Position) -> str:
+    """The newest offset a stream issued (its XINFO), or ``last`` when it is gone."""
+    if isinstance(info, dict):
+        value = info["last-generated-id"]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    return f"{last[0]}-{last[1]}"
+
+
 class Hub:
     def __init__(
         self, redis_settings: RedisSettings, publisher: EventPublisher, redis: Redis
@@ -293,6 +344,9 @@ class Hub:
         self._last_reroute = 0.0
         self._reroute_again = False
         self.moved_channels = 0
+        self.lost_gaps = 0
+        """Gap fills that found part of their gap trimmed (sinks told ``recovered:
+        false``); a diagnostic for tests and logs."""
         """Channels resubscribed on another master after a failover or a slot move
         (a diagnostic: tests show with it that a move did happen under traffic)."""
         self.revocations = Revocations()
@@ -543,7 +597,9 @@ class Hub:
             # have a new owner once a replica is promoted.
             self._schedule_reroute()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+            delay = min(
+                delay * 2, _BACKOFF_MAX_S if self._cluster is None else _CLUSTER_BACKOFF_MAX_S
+            )
 
     async def _read(self, link: _Link) -> None:
         conn = link.conn
@@ -755,11 +811,11 @@ class Hub:
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
             delay = _BACKOFF_MIN_S
-            for ch, (epoch, entries) in zip(batch, results, strict=True):
+            for ch, fill in zip(batch, results, strict=True):
                 if self._channels.get(ch.name) is not ch:
                     continue
                 try:
-                    await self._apply_fill(ch, epoch, entries)
+                    await self._apply_fill(ch, fill)
                 except Exception:
                     # Never leave a channel holding events forever.
                     log.exception("gap fill failed on %r", ch.name)
@@ -768,9 +824,10 @@ class Hub:
                     self._to_fill.discard(ch)
                     self._release(ch)
 
-    async def _read_history(self, batch: list[_Channel]) -> list[tuple[str | None, list[Any]]]:
-        """Per channel: its epoch and the entries after its last offset (for a
-        channel without one yet: its newest entry, which becomes the baseline)."""
+    async def _read_history(self, batch: list[_Channel]) -> list[_Fill]:
+        """Per channel: its epoch, the entries after its last offset (for a channel
+        without one yet: its newest entry, which becomes the baseline), and whether
+        those are all there were."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for ch in batch:
                 pipe.get(key_names.channel_epoch(ch.church_id, ch.channel))
@@ -778,27 +835,48 @@ class Hub:
                     pipe.xrevrange(ch.history, "+", "-", count=1)
                 else:
                     pipe.xrange(ch.history, f"({ch.last[0]}-{ch.last[1]}", "+")
-            replies = await pipe.execute()
-        results: list[tuple[str | None, list[Any]]] = []
+                # Asked after the read: trimming only ever moves the oldest entry
+                # forward, so if everything after the last offset is still kept now,
+                # the read above got all of it. (A cut-off hub's gap can outgrow the
+                # history: a failover while the relay publishes a busy broadcast.)
+                pipe.xinfo_stream(ch.history)
+            replies = await pipe.execute(raise_on_error=False)
+        results: list[_Fill] = []
         stale: list[int] = []
         for i, ch in enumerate(batch):
-            raw_epoch, entries = replies[2 * i], replies[2 * i + 1]
+            raw_epoch, entries, info = replies[3 * i : 3 * i + 3]
+            for reply in (raw_epoch, entries):
+                if isinstance(reply, Exception):
+                    raise reply
             epoch = raw_epoch.decode() if isinstance(raw_epoch, bytes) else raw_epoch
+            fill = _Fill(epoch, entries)
             if ch.last is not None and None not in (epoch, ch.epoch) and epoch != ch.epoch:
                 stale.append(i)  # history recreated: all of it is news, whatever its offsets
-            results.append((epoch, entries))
+            elif ch.last is not None and not recoverable(ch.last, info):
+                fill.lost_to = _last_generated(info, ch.last)
+            results.append(fill)
         if stale:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for i in stale:
                     pipe.xrange(batch[i].history, "-", "+")
                 for i, entries in zip(stale, await pipe.execute(), strict=True):
-                    results[i] = (results[i][0], entries)
+                    results[i].entries = entries
         return results
 
-    async def _apply_fill(self, ch: _Channel, epoch: str | None, entries: list[Any]) -> None:
+    async def _apply_fill(self, ch: _Channel, fill: _Fill) -> None:
+        epoch, entries = fill.epoch, fill.entries
         if ch.last is None:
             ch.epoch = epoch
             ch.last = position(entries[0][0]) if entries else ZERO
+        elif epoch is not None and fill.lost_to is not None:
+            # Part of the gap was trimmed: tell the sinks, as a failed resume would,
+            # and go on from the newest offset (the client reloads from REST, which
+            # holds everything published up to it).
+            self.lost_gaps += 1
+            log.warning(
+                "pub/sub gap on %r outgrew its history; sinks told recovered: false", ch.name
+            )
+            self._accept(ch, _lost(ch.channel, epoch, fill.lost_to))
         elif epoch is not None:
             for i, (entry_id, fields) in enumerate(entries):
                 if i and not i % _SLICE:

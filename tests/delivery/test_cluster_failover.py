@@ -12,8 +12,10 @@ without warning; a replica takes over within seconds. Then:
 - every recipient is final in Postgres;
 - every client saw each recipient's final status (the status Postgres holds), or was
   told ``recovered: false``. Two clients stay connected across the failover (the web
-  node's hub resubscribes on the promoted master and fills the gap from history);
-  two drop their connection right after the kill and come back with ``since``.
+  node's hub resubscribes on the promoted master and fills the gap from history, or,
+  when the relay's backlog outgrew the 2,000 entries history keeps before the hub
+  could read it, sends them ``subscribed`` again with ``recovered: false``); two drop
+  their connection right after the kill and come back with ``since``.
   A client told ``recovered: true`` that then lacks a final status was lied to: the
   history it was replayed from had silently lost acknowledged events.
 

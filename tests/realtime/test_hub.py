@@ -12,6 +12,7 @@ import uuid
 from typing import Any, cast
 
 import anyio
+import msgspec
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
@@ -213,3 +214,56 @@ async def test_typing_is_delivered_live_at_the_latest_offset_and_never_stored(
     # The hub does not count it: the next stored event is delivered as usual.
     after = await publish(publisher, church_id, "inbox")
     assert (await recorders["inbox"].wait_for(3))[2].offset == after
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+async def test_a_gap_history_no_longer_holds_is_announced_not_skipped(
+    hub: Hub, redis: Redis, publisher: EventPublisher, church_id: uuid.UUID, trimmed: bool
+) -> None:
+    """Events the hub missed while cut off come from history; when the history was
+    trimmed past its last offset meanwhile (a failover while the relay publishes a
+    busy broadcast), its sinks are told ``recovered: false`` instead, at the newest
+    offset, and live delivery goes on after it."""
+    recorder = Recorder()
+    await hub.subscribe(church_id, "inbox", recorder)
+    live = [await publish(publisher, church_id, "inbox") for _ in range(3)]
+    await recorder.wait_for(3)
+    # Entries the hub never hears live: written to history only, as a publish made
+    # while its connection is down would leave them.
+    history = key_names.channel_history(church_id, "inbox")
+    missed = []
+    for _ in range(5):
+        entry = ConversationTypingEvent.new(
+            ConversationTyping(conversation_id=uuid.uuid4(), user_id=uuid.uuid4())
+        )
+        added = await redis.xadd(history, {"t": entry.type, "e": msgspec.json.encode(entry)})
+        missed.append(added.decode() if isinstance(added, bytes) else str(added))
+    if trimmed:
+        await redis.xtrim(history, maxlen=2, approximate=False)
+    assert await kill_pubsub(redis) >= 1
+    if not trimmed:
+        events = await recorder.wait_for(3 + len(missed))
+        assert [e.offset for e in events] == live + missed
+        assert not any(e.lost for e in events)
+    else:
+        notice = (await recorder.wait_for(4))[3]
+        assert notice.lost
+        assert notice.offset == missed[-1]
+        epoch = (await publisher.head(church_id, "inbox")).epoch
+        assert json.loads(notice.text) == {
+            "type": "subscribed",
+            "channel": "inbox",
+            "offset": missed[-1],
+            "epoch": epoch,
+            "recovered": False,
+        }
+        assert (notice.type, json.loads(notice.frame)) == (
+            "recovery_failed",
+            {"channels": ["inbox"]},
+        )
+        assert hub.lost_gaps == 1
+    count = len(recorder.events)
+    after = await publish(publisher, church_id, "inbox")
+    events = await recorder.wait_for(count + 1)
+    assert events[-1].offset == after
+    assert not any(e.lost for e in events[:3])
