@@ -6,9 +6,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import psycopg
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,10 +34,7 @@ from api.operation import Operation, routes_of
 from api.operations_stats import operations_stats_operations
 from api.presence import presence_operations
 from api.webhook_endpoints import webhook_endpoint_operations
-from storage.domain.envelope import FieldError
-from storage.domain.errors import Conflict, InvalidInput, NotFound
-from storage.objects import ObjectStoreError
-from storage.responses import fail
+from storage.responses import KNOWN_FAILURES, fail, known_failure
 
 log = logging.getLogger("koinonia.api")
 
@@ -81,34 +75,7 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return fail(exc.code, exc.message, exc.details, headers=exc.headers)
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, NotFound)
-    return fail("not_found", f"{exc.kind} not found")
-
-
-async def _conflict(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Conflict)
-    details = [FieldError(exc.field, str(exc))] if exc.field else None
-    return fail(exc.code, str(exc), details)
-
-
-async def _invalid(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, InvalidInput)
-    return fail("validation_error", "request is not valid", [FieldError(exc.field, exc.message)])
-
-
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
-
-
-async def _data(request: Request, exc: Exception) -> Response:
-    # Input Postgres cannot store (a NUL character, an out-of-range number) that got
-    # past validation: still the client's input, so a 422, never a 500.
-    log.warning("input refused by the database", extra={"error": type(exc).__name__})
-    return fail(
-        "validation_error",
-        "request contains a value that cannot be stored",
-        [FieldError("body", "contains a value that cannot be stored (NUL or out of range)")],
-    )
 
 
 async def _http(request: Request, exc: Exception) -> Response:
@@ -117,28 +84,10 @@ async def _http(request: Request, exc: Exception) -> Response:
     return fail(code, str(exc.detail))
 
 
-async def _unavailable(request: Request, exc: Exception) -> Response:
-    # Postgres or Redis is down or out of connections: say so at once, never a 500
-    # and never a long wait. The work is not lost: nothing was committed, or what
-    # was committed is carried on by the sweeps.
-    log.warning("store unavailable", extra={"error": type(exc).__name__})
-    return fail(
-        "unavailable",
-        "a data store is not answering; try again shortly",
-        headers={"Retry-After": "2"},
-    )
-
-
-async def _objects_unavailable(request: Request, exc: Exception) -> Response:
-    # An archived read or a media file the object store did not give: the store is
-    # down or unreachable, like a database outage, so the same answer. The live
-    # months and text-only sends do not depend on it and keep answering.
-    log.warning("object store unavailable", extra={"error": str(exc)})
-    return fail(
-        "unavailable",
-        "the object store is not answering; try again shortly",
-        headers={"Retry-After": "2"},
-    )
+async def _known(request: Request, exc: Exception) -> Response:
+    response = known_failure(exc)
+    assert response is not None
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -149,15 +98,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]]:
     return {
         ApiError: _api_error,
-        NotFound: _not_found,
-        Conflict: _conflict,
-        InvalidInput: _invalid,
-        psycopg.DataError: _data,
-        psycopg.OperationalError: _unavailable,
-        psycopg.InterfaceError: _unavailable,
-        RedisConnectionError: _unavailable,
-        RedisTimeoutError: _unavailable,
-        ObjectStoreError: _objects_unavailable,
+        **dict.fromkeys(KNOWN_FAILURES, _known),
         HTTPException: _http,
         Exception: _unexpected,
     }

@@ -52,9 +52,7 @@ import httpx
 import msgspec
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -64,8 +62,8 @@ from delivery.errors import SignatureRejected
 from delivery.progress import ProgressTracker
 from delivery.receipts import ReceiptBatcher
 from delivery.telnyx_signatures import load_public_key, verify_telnyx
-from storage.domain.envelope import FieldError, success_bytes
-from storage.domain.errors import Conflict, InvalidInput, NotFound
+from storage.domain.envelope import success_bytes
+from storage.domain.errors import InvalidInput
 from storage.domain.events import MediaItem
 from storage.domain.media_links import content_url
 from storage.domain.media_types import MAX_MEDIA_BYTES, MAX_MEDIA_PER_MESSAGE
@@ -85,7 +83,7 @@ from storage.pg.recipients import ProviderStatus, locate_by_provider_id
 from storage.process import tracing
 from storage.process.services import Services
 from storage.redis.queue import hand_over
-from storage.responses import BodyTooLarge, fail, ok, read_body
+from storage.responses import BodyTooLarge, fail, known_failure, ok, read_body
 
 log = logging.getLogger("koinonia.delivery.inbound")
 
@@ -285,7 +283,7 @@ class InboundHandler:
             try:
                 response = await self.answer(body, timestamp, signature, ref)
             except Exception as exc:
-                refused = store_failure(exc)
+                refused = known_failure(exc)
                 if refused is None:
                     raise  # RequestContext answers the 500 and logs it
                 response = refused
@@ -590,45 +588,3 @@ def _query_ref(query: bytes) -> str | None:
         if name == "ref":
             found = value
     return found
-
-
-def store_failure(exc: Exception) -> Response | None:
-    """The answer api/routes.py's exception handlers give ``exc`` on the Starlette route
-    (delivery does not import api: the same codes, texts and headers, kept equal by
-    tests/delivery/test_inbound_lean.py); None for what is a 500 there."""
-    if isinstance(exc, InvalidInput):
-        return fail(
-            "validation_error", "request is not valid", [FieldError(exc.field, exc.message)]
-        )
-    if isinstance(exc, NotFound):
-        return fail("not_found", f"{exc.kind} not found")
-    if isinstance(exc, Conflict):
-        details = [FieldError(exc.field, str(exc))] if exc.field else None
-        return fail(exc.code, str(exc), details)
-    if isinstance(exc, psycopg.DataError):
-        log.warning("input refused by the database", extra={"error": type(exc).__name__})
-        return fail(
-            "validation_error",
-            "request contains a value that cannot be stored",
-            [FieldError("body", "contains a value that cannot be stored (NUL or out of range)")],
-        )
-    if isinstance(
-        exc,
-        (psycopg.OperationalError, psycopg.InterfaceError, RedisConnectionError, RedisTimeoutError),
-    ):
-        # A store that is down: at once, never a 500 and never a long wait; nothing
-        # was answered 200, so the provider redelivers.
-        log.warning("store unavailable", extra={"error": type(exc).__name__})
-        return fail(
-            "unavailable",
-            "a data store is not answering; try again shortly",
-            headers={"Retry-After": "2"},
-        )
-    if isinstance(exc, ObjectStoreError):
-        log.warning("object store unavailable", extra={"error": str(exc)})
-        return fail(
-            "unavailable",
-            "the object store is not answering; try again shortly",
-            headers={"Retry-After": "2"},
-        )
-    return None

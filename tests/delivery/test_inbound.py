@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy.stack import Stack
 from tests.conftest import Church, receipt_ref, unique_phone
+from tests.delivery.telnyx_webhooks import signed_headers, sim_signer, status_event
 
 PATH = "/v1/provider/telnyx/webhooks"
 
@@ -28,47 +27,14 @@ def held_receipts(sim_url: str) -> Iterator[None]:
     httpx.post(f"{sim_url}/_sim/config", json={"latency_ms": [0, 0]}).raise_for_status()
 
 
-def _signer(stack: Stack) -> Ed25519PrivateKey:
-    seed = base64.b64decode(stack.env["KOINONIA_SIM_SIGNING_SEED"])
-    return Ed25519PrivateKey.from_private_bytes(seed)
-
-
-def _event(event_type: str, event_id: str, provider_id: str, status: str) -> bytes:
-    return msgspec.json.encode(
-        {
-            "data": {
-                "event_type": event_type,
-                "id": event_id,
-                "occurred_at": "2026-11-22T10:00:00.000+00:00",
-                "record_type": "event",
-                "payload": {
-                    "id": provider_id,
-                    "record_type": "message",
-                    "direction": "outbound",
-                    "to": [{"phone_number": "+12015550123", "status": status}],
-                    "errors": [],
-                },
-            },
-            "meta": {"attempt": 1, "delivered_to": "x"},
-        }
-    )
-
-
 def _post(
     base_url: str, body: bytes, signer: Ed25519PrivateKey | None, ref: str, ts: int | None = None
 ) -> httpx.Response:
-    stamp = str(ts if ts is not None else int(time.time()))
-    key = signer or Ed25519PrivateKey.generate()
-    signature = base64.b64encode(key.sign(stamp.encode() + b"|" + body)).decode()
     return httpx.post(
         f"{base_url}{PATH}",
         params={"ref": ref},
         content=body,
-        headers={
-            "telnyx-signature-ed25519": signature,
-            "telnyx-timestamp": stamp,
-            "content-type": "application/json",
-        },
+        headers=signed_headers(signer, body, ts),
     )
 
 
@@ -110,11 +76,11 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     assert status == "sending"
     assert provider_id
     ref = receipt_ref(stack, church_id, message_id, recipient_id)
-    signer = _signer(stack)
+    signer = sim_signer(stack)
 
     # A bad signature, a stale one, and a missing one: 401 and nothing written.
     bad_id = f"evt-{uuid.uuid4()}"
-    body = _event("message.finalized", bad_id, provider_id, "delivery_failed")
+    body = status_event(bad_id, provider_id, "delivery_failed", "message.finalized")
     assert _post(base_url, body, None, ref).status_code == 401
     assert _post(base_url, body, signer, ref, ts=int(time.time()) - 301).status_code == 401
     unsigned = httpx.post(f"{base_url}{PATH}", params={"ref": ref}, content=body)
@@ -125,7 +91,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
 
     # message.sent twice with one event id: applied once.
     sent_id = f"evt-{uuid.uuid4()}"
-    body = _event("message.sent", sent_id, provider_id, "sent")
+    body = status_event(sent_id, provider_id, "sent", "message.sent")
     assert _post(base_url, body, signer, ref).status_code == 200
     assert _post(base_url, body, signer, ref).status_code == 200
     assert _events_seen(stack, sent_id) == 1
@@ -134,7 +100,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     # A reference to this recipient with someone else's provider id is refused, and
     # nothing of it is written (not even its event id: a genuine one may come later).
     foreign_id = f"evt-{uuid.uuid4()}"
-    foreign = _event("message.finalized", foreign_id, "another-id", "delivered")
+    foreign = status_event(foreign_id, "another-id", "delivered", "message.finalized")
     refused = _post(base_url, foreign, signer, ref)
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["code"] == "validation_error"
@@ -142,10 +108,10 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     assert _recipient(stack, message_id)[2] == "sent"
 
     # Finalized as delivery_failed → undelivered; a late "delivered" changes nothing.
-    final = _event("message.finalized", f"evt-{uuid.uuid4()}", provider_id, "delivery_failed")
+    final = status_event(f"evt-{uuid.uuid4()}", provider_id, "delivery_failed")
     assert _post(base_url, final, signer, ref).status_code == 200
     assert _recipient(stack, message_id)[2] == "undelivered"
-    late = _event("message.finalized", f"evt-{uuid.uuid4()}", provider_id, "delivered")
+    late = status_event(f"evt-{uuid.uuid4()}", provider_id, "delivered")
     assert _post(base_url, late, signer, ref).status_code == 200
     assert _recipient(stack, message_id)[2] == "undelivered"
     counts = church.api.get(f"/v1/messages/{message_id}").json()["data"]["counts"]
@@ -176,9 +142,9 @@ def test_a_genuine_receipt_cannot_be_pointed_at_another_recipient(
         second = church.broadcast(other, "to B")
         church_id, b_id, _, b_provider_id = _recipient(stack, second)
         assert b_provider_id is None
-        signer = _signer(stack)
+        signer = sim_signer(stack)
         stolen_id = f"evt-{uuid.uuid4()}"
-        stolen = _event("message.finalized", stolen_id, a_provider_id, "delivered")
+        stolen = status_event(stolen_id, a_provider_id, "delivered", "message.finalized")
         forged = f"{church_id}.{second}.{b_id}"
         for ref in (forged, forged + ".AAAAAAAAAAAAAAAAAAAAAA"):
             answer = _post(base_url, stolen, signer, ref)
@@ -198,7 +164,7 @@ def test_a_genuine_receipt_cannot_be_pointed_at_another_recipient(
 
 
 def test_malformed_webhooks_are_refused(stack: Stack, base_url: str) -> None:
-    signer = _signer(stack)
+    signer = sim_signer(stack)
     answer = _post(base_url, b"{not json", signer, "x")
     assert answer.status_code == 400
     answer = _post(base_url, b'{"data": {"event_type": 1}}', signer, "x")

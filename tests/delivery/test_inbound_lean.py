@@ -13,64 +13,23 @@ and a store that is down.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from delivery.inbound import WEBHOOK_PATH
 from deploy.app import FrontDoor, create_app
 from deploy.stack import Stack
 from storage.process.settings import Settings
 from tests.conftest import Church, receipt_ref, unique_phone
+from tests.delivery.telnyx_webhooks import signed_headers, sim_signer, status_event
 
 pytestmark = pytest.mark.anyio
-
-
-def _signer(stack: Stack) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(
-        base64.b64decode(stack.env["KOINONIA_SIM_SIGNING_SEED"])
-    )
-
-
-def _event(event_id: str, provider_id: str, status: str = "delivered") -> bytes:
-    return msgspec.json.encode(
-        {
-            "data": {
-                "event_type": "message.finalized",
-                "id": event_id,
-                "occurred_at": "2026-11-22T10:00:00.000+00:00",
-                "record_type": "event",
-                "payload": {
-                    "id": provider_id,
-                    "record_type": "message",
-                    "direction": "outbound",
-                    "to": [{"phone_number": "+12015550123", "status": status}],
-                    "errors": [],
-                },
-            },
-            "meta": {"attempt": 1, "delivered_to": "x"},
-        }
-    )
-
-
-def _signed(key: Ed25519PrivateKey | None, body: bytes, stamp: int | None = None) -> dict[str, str]:
-    ts = str(stamp if stamp is not None else int(time.time()))
-    signer = key or Ed25519PrivateKey.generate()
-    return {
-        "telnyx-timestamp": ts,
-        "telnyx-signature-ed25519": base64.b64encode(
-            signer.sign(ts.encode() + b"|" + body)
-        ).decode(),
-        "content-type": "application/json",
-    }
 
 
 def _events_seen(stack: Stack, event_id: str) -> int:
@@ -131,19 +90,19 @@ async def test_lean_route_answers_as_the_full_stack(
     front: FrontDoor, stack: Stack, settings: Settings
 ) -> None:
     both = Both(front)
-    key = _signer(stack)
+    key = sim_signer(stack)
 
     # The lean route is the one answering: it skips CORS, whose header the full one has.
-    lean, full = await both.post(content=b"{}", headers=_signed(None, b"{}"))
+    lean, full = await both.post(content=b"{}", headers=signed_headers(None, b"{}"))
     assert "vary" not in lean.headers
     assert "vary" in full.headers
 
     # Refused before anything is read or written: bad, stale and missing signatures.
     event_id = f"evt-{uuid.uuid4()}"
-    body = _event(event_id, f"pid-{uuid.uuid4()}")
+    body = status_event(event_id, f"pid-{uuid.uuid4()}", "delivered")
     for headers in (
-        _signed(None, body),
-        _signed(key, body, int(time.time()) - settings.provider.webhook_tolerance_s - 5),
+        signed_headers(None, body),
+        signed_headers(key, body, int(time.time()) - settings.provider.webhook_tolerance_s - 5),
         {"content-type": "application/json"},
     ):
         answer = await both.same(content=body, headers=headers)
@@ -153,34 +112,40 @@ async def test_lean_route_answers_as_the_full_stack(
 
     # Larger than the limit: declared (RequestContext) and streamed without a length.
     big = b"{" + b" " * settings.http.max_body_bytes + b"}"
-    assert (await both.same(content=big, headers=_signed(key, big))).status_code == 413
+    assert (await both.same(content=big, headers=signed_headers(key, big))).status_code == 413
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(3):
             yield b" " * (settings.http.max_body_bytes // 2 + 1)
 
     rid = {"x-request-id": uuid.uuid4().hex}
-    lean = await both.lean.post(WEBHOOK_PATH, content=chunks(), headers=_signed(key, b"") | rid)
-    full = await both.full.post(WEBHOOK_PATH, content=chunks(), headers=_signed(key, b"") | rid)
+    lean = await both.lean.post(
+        WEBHOOK_PATH, content=chunks(), headers=signed_headers(key, b"") | rid
+    )
+    full = await both.full.post(
+        WEBHOOK_PATH, content=chunks(), headers=signed_headers(key, b"") | rid
+    )
     assert "content-length" not in lean.request.headers
     assert lean.status_code == full.status_code == 413
     assert lean.content == full.content
 
     # Signed but unreadable, or not a Telnyx event.
     for bad, status in ((b"{not json", 400), (b'{"data": {"event_type": 1}}', 422)):
-        assert (await both.same(content=bad, headers=_signed(key, bad))).status_code == status
+        assert (
+            await both.same(content=bad, headers=signed_headers(key, bad))
+        ).status_code == status
 
     # A reference we did not make: refused, nothing recorded.
-    forged = _event(f"evt-{uuid.uuid4()}", f"pid-{uuid.uuid4()}")
+    forged = status_event(f"evt-{uuid.uuid4()}", f"pid-{uuid.uuid4()}", "delivered")
     answer = await both.same(
-        content=forged, params={"ref": "not-ours"}, headers=_signed(key, forged)
+        content=forged, params={"ref": "not-ours"}, headers=signed_headers(key, forged)
     )
     assert answer.status_code == 422
 
     # A receipt for a text we do not know: recorded once (dedupe), answered 200 both ways.
     unknown_id = f"evt-{uuid.uuid4()}"
-    unknown = _event(unknown_id, f"pid-{uuid.uuid4()}")
-    answer = await both.same(content=unknown, headers=_signed(key, unknown))
+    unknown = status_event(unknown_id, f"pid-{uuid.uuid4()}", "delivered")
+    answer = await both.same(content=unknown, headers=signed_headers(key, unknown))
     assert answer.status_code == 200
     assert answer.json()["data"] == {"received": True}
     assert _events_seen(stack, unknown_id) == 1
@@ -190,13 +155,13 @@ async def test_lean_route_answers_503_when_the_database_is_gone(
     front: FrontDoor, stack: Stack
 ) -> None:
     both = Both(front)
-    key = _signer(stack)
+    key = sim_signer(stack)
     # The pool closed: every checkout fails as with a database that is down.
     await front.state.services.pool.close()
     event_id = f"evt-{uuid.uuid4()}"
-    body = _event(event_id, f"pid-{uuid.uuid4()}")
+    body = status_event(event_id, f"pid-{uuid.uuid4()}", "delivered")
     started = time.monotonic()
-    answer = await both.same(content=body, headers=_signed(key, body))
+    answer = await both.same(content=body, headers=signed_headers(key, body))
     assert time.monotonic() - started < 5
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "2"
@@ -244,7 +209,7 @@ async def test_batched_receipts_are_answered_once_committed(
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.1)
     assert {row[2] for row in rows} == {"sending"}
-    key = _signer(stack)
+    key = sim_signer(stack)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="http://k")
 
     def committed(event_id: str, recipient_id: uuid.UUID) -> tuple[int, str]:
@@ -261,12 +226,12 @@ async def test_batched_receipts_are_answered_once_committed(
 
     async def deliver(church_id: uuid.UUID, recipient_id: uuid.UUID, provider_id: str) -> None:
         event_id = f"evt-{uuid.uuid4()}"
-        body = _event(event_id, provider_id)
+        body = status_event(event_id, provider_id, "delivered")
         answer = await client.post(
             WEBHOOK_PATH,
             content=body,
             params={"ref": receipt_ref(stack, church_id, uuid.UUID(message_id), recipient_id)},
-            headers=_signed(key, body),
+            headers=signed_headers(key, body),
         )
         assert answer.status_code == 200, answer.text
         assert await asyncio.to_thread(committed, event_id, recipient_id) == (1, "delivered")
