@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from storage.domain.ids import created_at_of
 from storage.domain.statuses import UNCONFIRMED, RecipientStatus, allowed_from
@@ -352,58 +353,63 @@ async def apply_provider_statuses(conn: Conn, updates: list[ProviderStatus]) -> 
     # Lock order = input order (nested loops over the unnest): by id, as
     # record_provider_ids does, so concurrent writers of one batch cannot deadlock.
     updates = sorted(updates, key=lambda u: (u.church_id, u.message_id, u.recipient_id))
-    async with conn.transaction():
-        await conn.execute("SET LOCAL enable_hashjoin = off")
-        await conn.execute("SET LOCAL enable_mergejoin = off")
-        cur = await conn.execute(
-            "WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::uuid[], "
-            "  %s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
-            "  %s::text[]) AS i(event_id, event_type, church_id, message_id, id, created_at, "
-            "  target, pid, err, allowed)), "
-            "mismatched AS (SELECT i.event_id FROM input i JOIN message_recipient r "
-            "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
-            "  AND r.created_at = i.created_at "
-            "  WHERE r.provider_message_id <> i.pid "
-            # A row without a provider id yet (the receipt outran the send's answer):
-            # the receipt's id must not be another recipient's.
-            "  OR (r.provider_message_id IS NULL AND EXISTS (SELECT 1 FROM message_recipient o "
-            "      WHERE o.provider_message_id = i.pid AND o.id <> i.id))), "
-            "ev AS (INSERT INTO provider_event (church_id, event_id, event_type) "
-            "  SELECT church_id, event_id, event_type FROM input "
-            "  WHERE event_id NOT IN (SELECT event_id FROM mismatched) "
-            "  ON CONFLICT DO NOTHING RETURNING event_id), "
-            "old AS (SELECT r.church_id, r.message_id, r.id, r.created_at, r.status AS before, "
-            "  i.target, i.pid, i.err FROM input i JOIN message_recipient r "
-            "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
-            "  AND r.created_at = i.created_at "
-            "  WHERE i.event_id IN (SELECT event_id FROM ev) "
-            "  AND r.status = ANY(string_to_array(i.allowed, ',')) "
-            "  AND (r.provider_message_id IS NULL OR r.provider_message_id = i.pid) "
-            "  FOR UPDATE OF r), "
-            "moved AS (UPDATE message_recipient r SET status = old.target, updated_at = now(), "
-            "  provider_message_id = old.pid, error_code = coalesce(old.err, r.error_code) "
-            "FROM old WHERE r.church_id = old.church_id AND r.message_id = old.message_id "
-            "  AND r.id = old.id AND r.created_at = old.created_at "
-            "RETURNING r.church_id, r.message_id, r.id, r.member_id, old.before, r.status, "
-            "  r.provider_message_id, r.error_code) "
-            "SELECT church_id, message_id, id, member_id, before, status, provider_message_id, "
-            "  error_code, NULL FROM moved "
-            "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, event_id "
-            "FROM mismatched",
-            (
-                [u.event_id for u in updates],
-                [u.event_type for u in updates],
-                [u.church_id for u in updates],
-                [u.message_id for u in updates],
-                [u.recipient_id for u in updates],
-                [created_at_of(u.message_id) for u in updates],
-                [u.target.value for u in updates],
-                [u.provider_message_id for u in updates],
-                [u.error_code for u in updates],
-                [",".join(s.value for s in _receipt_allowed(u)) for u in updates],
-            ),
-        )
-        rows = await cur.fetchall()
+    # In the caller's transaction, which logs the events with it (no savepoint of
+    # its own: two round trips per batch), and both plan settings in one statement.
+    if conn.info.transaction_status != TransactionStatus.INTRANS:
+        raise RuntimeError("apply_provider_statuses runs inside its caller's transaction")
+    await conn.execute(
+        "SELECT set_config('enable_hashjoin', 'off', true), "
+        "set_config('enable_mergejoin', 'off', true)"
+    )
+    cur = await conn.execute(
+        "WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::uuid[], "
+        "  %s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
+        "  %s::text[]) AS i(event_id, event_type, church_id, message_id, id, created_at, "
+        "  target, pid, err, allowed)), "
+        "mismatched AS (SELECT i.event_id FROM input i JOIN message_recipient r "
+        "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
+        "  AND r.created_at = i.created_at "
+        "  WHERE r.provider_message_id <> i.pid "
+        # A row without a provider id yet (the receipt outran the send's answer):
+        # the receipt's id must not be another recipient's.
+        "  OR (r.provider_message_id IS NULL AND EXISTS (SELECT 1 FROM message_recipient o "
+        "      WHERE o.provider_message_id = i.pid AND o.id <> i.id))), "
+        "ev AS (INSERT INTO provider_event (church_id, event_id, event_type) "
+        "  SELECT church_id, event_id, event_type FROM input "
+        "  WHERE event_id NOT IN (SELECT event_id FROM mismatched) "
+        "  ON CONFLICT DO NOTHING RETURNING event_id), "
+        "old AS (SELECT r.church_id, r.message_id, r.id, r.created_at, r.status AS before, "
+        "  i.target, i.pid, i.err FROM input i JOIN message_recipient r "
+        "  ON r.church_id = i.church_id AND r.message_id = i.message_id AND r.id = i.id "
+        "  AND r.created_at = i.created_at "
+        "  WHERE i.event_id IN (SELECT event_id FROM ev) "
+        "  AND r.status = ANY(string_to_array(i.allowed, ',')) "
+        "  AND (r.provider_message_id IS NULL OR r.provider_message_id = i.pid) "
+        "  FOR UPDATE OF r), "
+        "moved AS (UPDATE message_recipient r SET status = old.target, updated_at = now(), "
+        "  provider_message_id = old.pid, error_code = coalesce(old.err, r.error_code) "
+        "FROM old WHERE r.church_id = old.church_id AND r.message_id = old.message_id "
+        "  AND r.id = old.id AND r.created_at = old.created_at "
+        "RETURNING r.church_id, r.message_id, r.id, r.member_id, old.before, r.status, "
+        "  r.provider_message_id, r.error_code) "
+        "SELECT church_id, message_id, id, member_id, before, status, provider_message_id, "
+        "  error_code, NULL FROM moved "
+        "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, event_id "
+        "FROM mismatched",
+        (
+            [u.event_id for u in updates],
+            [u.event_type for u in updates],
+            [u.church_id for u in updates],
+            [u.message_id for u in updates],
+            [u.recipient_id for u in updates],
+            [created_at_of(u.message_id) for u in updates],
+            [u.target.value for u in updates],
+            [u.provider_message_id for u in updates],
+            [u.error_code for u in updates],
+            [",".join(s.value for s in _receipt_allowed(u)) for u in updates],
+        ),
+    )
+    rows = await cur.fetchall()
     return Applied(
         changes=[
             (r[0], r[1], Transition(r[2], r[3], r[4], r[5], r[6], r[7]))
