@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from storage.redis.scripts import ScriptRunner, lua
+from storage.redis.scripts import ScriptRunner, TurnBatch, lua
 
 _GCRA = lua("rate_gcra")
 
@@ -57,7 +57,8 @@ class Verdict(msgspec.Struct, frozen=True):
 
 class RateLimiter:
     def __init__(self, runner: ScriptRunner) -> None:
-        self._runner = runner
+        # The charges of the requests served in one event-loop turn go together.
+        self._batch = TurnBatch(runner)
         self._sha = runner.register(_GCRA)
 
     async def charge(
@@ -73,7 +74,7 @@ class RateLimiter:
         if position_key is not None:
             keys.append(position_key)
         args = [period_ms, *(max(1, n) for _, n in limits)]
-        allowed, limit, remaining, reset_ms, retry_ms, *asked = await self._runner.run_one(
+        allowed, limit, remaining, reset_ms, retry_ms, *asked = await self._batch.run_one(
             self._sha, keys, args
         )
         return Verdict(

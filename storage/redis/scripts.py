@@ -38,7 +38,7 @@ def lua(name: str) -> str:
 class ScriptRunner:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._cluster = is_cluster(redis)
+        self.cluster = is_cluster(redis)
         self._sources: dict[str, str] = {}
 
     def register(self, source: str) -> str:
@@ -46,7 +46,10 @@ class ScriptRunner:
         self._sources[sha] = source
         return sha
 
-    async def run(self, calls: Sequence[Call]) -> list[Any]:
+    async def run(self, calls: Sequence[Call], *, each: bool = False) -> list[Any]:
+        """The calls' results, in order, in one round trip (more only for calls that
+        met NOSCRIPT or a slot migration). A call that failed raises its error, or with
+        ``each`` takes its place among the results, the others' results kept."""
         results = await self._pipeline(calls)
         # Calls refused before running, run again (only those, so none runs twice):
         # NOSCRIPT once the scripts are loaded (at most twice: a node that still lacks
@@ -76,9 +79,10 @@ class ScriptRunner:
                 again, await self._pipeline([calls[i] for i in again]), strict=True
             ):
                 results[i] = value
-        for value in results:
-            if isinstance(value, Exception):
-                raise value
+        if not each:
+            for value in results:
+                if isinstance(value, Exception):
+                    raise value
         return results
 
     async def run_one(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -86,7 +90,7 @@ class ScriptRunner:
         call was a tenth of the REST limiter's cost, which every request pays; a
         NOSCRIPT (the script did not run) goes the way of ``run``. On a cluster
         ``run``'s own handling of slot migrations applies."""
-        if not self._cluster:
+        if not self.cluster:
             try:
                 return await self._redis.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", sha, len(keys), *keys, *args
@@ -103,3 +107,62 @@ class ScriptRunner:
             # keys like any other; on a cluster each call's KEYS must share a slot.
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+class TurnBatch:
+    """Script calls made during one event-loop turn, sent together in one pipeline.
+
+    Every REST request charges the rate limiter once, and redis-py's machinery around
+    a call (pool checkout, a task for the write's timeout, the read's timeout) costs
+    far more CPU than the wire (bench/script_call.py: 140-200 µs per call on this
+    2-core machine): the calls of requests served in the same turn share one
+    pipeline, and that cost. Each caller gets its own result or error.
+
+    Only on a standalone Redis, where every call shares the one server's fate. On a
+    cluster a batch would span masters, and one master failing over would fail the
+    charges of churches on the others: there each call goes alone (``run_one``).
+    """
+
+    def __init__(self, runner: ScriptRunner) -> None:
+        self._runner = runner
+        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run_one(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._runner.cluster:
+            return await self._runner.run_one(sha, keys, args)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(((sha, keys, args), done))
+        if len(self._pending) == 1:
+            loop.call_soon(self._send)
+        return await done
+
+    def _send(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._sent(pending))
+        self._sending.add(task)  # a reference, or the task may be collected mid-flight
+        task.add_done_callback(self._sending.discard)
+
+    async def _sent(self, pending: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+        try:
+            if len(pending) == 1:
+                results = [await self._runner.run_one(*pending[0][0])]
+            else:
+                results = await self._runner.run([call for call, _ in pending], each=True)
+        except Exception as exc:
+            for _, done in pending:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        except BaseException:
+            for _, done in pending:
+                done.cancel()  # the loop is shutting down
+            raise
+        for (_, done), result in zip(pending, results, strict=True):
+            if done.done():
+                continue  # its request went away (cancelled)
+            if isinstance(result, Exception):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
