@@ -312,12 +312,13 @@ class _Fill:
         offset the stream has issued, where its sinks resume."""
 
 
-def _last_generated(info: Any, last: Position) -> str:
-    """The newest offset a stream issued (its XINFO), or ``last`` when it is gone."""
-    if isinstance(info, dict):
-        value = info["last-generated-id"]
-        return value.decode() if isinstance(value, bytes) else str(value)
-    return f"{last[0]}-{last[1]}"
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _no_such_key(error: Exception) -> bool:
+    """XINFO STREAM's answer for a stream that does not exist."""
+    return isinstance(error, ResponseError) and "no such key" in str(error).lower()
 
 
 class Hub:
@@ -845,15 +846,22 @@ class Hub:
         stale: list[int] = []
         for i, ch in enumerate(batch):
             raw_epoch, entries, info = replies[3 * i : 3 * i + 3]
-            for reply in (raw_epoch, entries):
-                if isinstance(reply, Exception):
+            for reply in (raw_epoch, entries, info):
+                # A failed read is read again (a master dying between the replies
+                # fails only the later ones); a stream that does not exist is news
+                # of nothing, as before this check.
+                if isinstance(reply, Exception) and not _no_such_key(reply):
                     raise reply
             epoch = raw_epoch.decode() if isinstance(raw_epoch, bytes) else raw_epoch
             fill = _Fill(epoch, entries)
             if ch.last is not None and None not in (epoch, ch.epoch) and epoch != ch.epoch:
                 stale.append(i)  # history recreated: all of it is news, whatever its offsets
-            elif ch.last is not None and not recoverable(ch.last, info):
-                fill.lost_to = _last_generated(info, ch.last)
+            elif ch.last is not None and isinstance(info, dict) and not recoverable(ch.last, info):
+                newest = _text(info["last-generated-id"])
+                # Behind the hub (a replica promoted without the tail it delivered):
+                # its sinks already have what history lacks, nothing to tell.
+                if position(newest) > ch.last:
+                    fill.lost_to = newest
             results.append(fill)
         if stale:
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -4,7 +4,9 @@ redis-py's own pipeline script support sends ``SCRIPT EXISTS`` before every
 pipeline, a second round trip on the hottest paths (every status webhook).
 Here scripts are sent by SHA straight away; when Redis does not know them
 (restarted, flushed) only the calls that failed with NOSCRIPT are loaded and
-run again, so no call ever runs twice.
+run again, so no call refused by Redis runs twice. (A reply lost on the wire is
+another matter: redis-py's retry on a connection error or timeout sends the
+command again, and it may have run: as for every command, not only scripts.)
 
 Each script is a file of its own, ``storage/redis/lua/<name>.lua``, with its KEYS
 and ARGV in a comment at the top; ``lua(name)`` reads it (once) from the package.
@@ -139,7 +141,12 @@ class TurnBatch:
         return await done
 
     def _send(self) -> None:
-        pending, self._pending = self._pending, []
+        # A caller gone before the batch leaves (its request cancelled) is not sent:
+        # its charge would spend the church's budget for nothing.
+        pending = [entry for entry in self._pending if not entry[1].done()]
+        self._pending = []
+        if not pending:
+            return
         task = asyncio.get_running_loop().create_task(self._sent(pending))
         self._sending.add(task)  # a reference, or the task may be collected mid-flight
         task.add_done_callback(self._sending.discard)

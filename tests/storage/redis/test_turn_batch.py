@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from storage.redis.connection import Redis, is_cluster
+from storage.process.settings import RedisSettings
+from storage.redis.connection import Redis, is_cluster, open_redis
 from storage.redis.rate_limits import RateLimiter
 from storage.redis.scripts import Call, ScriptRunner, TurnBatch
 
@@ -71,18 +72,51 @@ async def test_the_calls_of_one_turn_share_a_pipeline_and_keep_their_own_results
         assert runner.pipelines == []
 
 
-async def test_a_caller_that_went_away_does_not_stop_the_others(redis: Redis) -> None:
-    runner = ScriptRunner(redis)
+class HeldRunner(ScriptRunner):
+    """The real runner; its pipelines wait for ``go`` once they are under way."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.under_way = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+        self.under_way.set()
+        await self.go.wait()
+        return await super()._pipeline(calls)
+
+
+async def test_a_caller_that_went_away_does_not_stop_the_others(redis_url: str) -> None:
+    """Standalone only: on a cluster nothing is batched (the first test)."""
+    redis = open_redis(RedisSettings(url=redis_url))
+    try:
+        await _went_away(redis)
+    finally:
+        await redis.aclose()
+
+
+async def _went_away(redis: Redis) -> None:
+    runner = HeldRunner(redis)
     batch = TurnBatch(runner)
     sha = runner.register(_ECHO_OR_FAIL)
+    runner.go.set()
     await runner.run_one(sha, ["kn:test:{b:warm}"], ["ok"])  # loaded
-    keys = [f"kn:test:{{b:{uuid.uuid4().hex}}}" for _ in range(3)]
+    runner.go.clear()
+    runner.under_way.clear()
+    keys = [f"kn:test:{{b:{uuid.uuid4().hex}}}" for _ in range(4)]
     calls = [asyncio.ensure_future(batch.run_one(sha, [key], ["ok"])) for key in keys]
-    await asyncio.sleep(0)  # the batch is on its way
-    calls[1].cancel()
+    # Gone before its batch leaves: never sent, so never charged.
+    calls[0].cancel()
+    await runner.under_way.wait()
+    # Gone while its batch is on the wire: it ran, and the others get their results.
+    calls[2].cancel()
+    runner.go.set()
     done = await asyncio.gather(*calls, return_exceptions=True)
-    assert done[0] == done[2] == 1
-    assert isinstance(done[1], asyncio.CancelledError)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert isinstance(done[2], asyncio.CancelledError)
+    assert done[1] == done[3] == 1
+    assert await redis.get(keys[0]) is None
+    assert await redis.get(keys[2]) == b"1"
 
 
 async def test_concurrent_charges_respect_the_limit_exactly(redis: Redis) -> None:
