@@ -313,6 +313,11 @@ class ReplicaSet:
             try:
                 async with asyncio.timeout(self._probe_timeout_s):
                     await replica.pool.check()
+                    # check() replaces broken connections in the background, and a
+                    # read waits only REPLICA_WAIT_S for one before going to the
+                    # primary: back in use once the first new one is ready.
+                    while self._settings.pool_min and not _available(replica.pool):  # noqa: ASYNC110 (pool state: no event to wait on)
+                        await asyncio.sleep(0.01)
             except (psycopg.Error, OSError, TimeoutError):
                 return
             log.info("replica back in use", extra={"replica": replica.name})
@@ -370,3 +375,8 @@ class ReplicaSet:
         t0, p0 = history[after - 1]
         passed = t0 + (t1 - t0) * (replayed - p0) / (p1 - p0)
         return max(0.0, now - passed)
+
+
+def _available(pool: Pool) -> bool:
+    """Whether the pool holds an idle connection now."""
+    return pool.get_stats().get("pool_available", 0) > 0

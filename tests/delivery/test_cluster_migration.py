@@ -145,6 +145,21 @@ class Follower:
             self.problems.append(f"closed: {exc!r}")
         self.changed.set()
 
+    def seen(self, channel: str) -> dict[str, int]:
+        """Frames on ``channel`` by event type (and status), and ``subscribed`` frames."""
+        found: dict[str, int] = {}
+        for frame in self.frames:
+            if frame.get("channel") != channel:
+                continue
+            what = frame["type"]
+            if what == "event":
+                event = frame["event"]
+                what = event["type"]
+                if what == "message.recipient.status":
+                    what += f":{event['data']['status']}"
+            found[what] = found.get(what, 0) + 1
+        return found
+
     async def wait_for(self, message_id: str, recipients: int, within: float) -> None:
         channel = f"message:{message_id}"
         deadline = time.monotonic() + within
@@ -283,13 +298,14 @@ async def test_a_churchs_slot_migrated_under_traffic_reaches_no_client(
     assert traffic.failures == [], "\n".join(traffic.failures[:20])
     assert follower.problems == [], follower.problems
     for message_id in (first, second):
-        assert len(follower.delivered.get(f"message:{message_id}", ())) == RECIPIENTS, (
-            message_id,
-            follower.delivered,
-        )
-        assert message_id in follower.completed
         counts = (await asyncio.to_thread(church.api.get, f"/v1/messages/{message_id}")).json()
-        assert counts["data"]["counts"]["delivered"] == RECIPIENTS, counts
+        # Which stage stalled, when one did: what the client saw on the channel, what
+        # Postgres says, what the provider texted.
+        seen = follower.seen(f"message:{message_id}")
+        stage = (message_id, seen, counts, texts_sent(slow_receipts, phones))
+        assert len(follower.delivered.get(f"message:{message_id}", ())) == RECIPIENTS, stage
+        assert message_id in follower.completed, stage
+        assert counts["data"]["counts"]["delivered"] == RECIPIENTS, stage
     assert texts_sent(slow_receipts, phones) == [2] * RECIPIENTS
     met = {name: after[name] - before[name] for name in before}
     in_ask_phase = {name: mid[name] - before[name] for name in before}
