@@ -6,6 +6,7 @@ import base64
 import time
 
 import msgspec
+import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy.stack import Stack
@@ -54,3 +55,12 @@ def signed_headers(
         ).decode(),
         "content-type": "application/json",
     }
+
+
+def provider_events_seen(stack: Stack, event_id: str) -> int:
+    """How many times Postgres recorded the provider event ``event_id`` (0 or 1)."""
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM provider_event WHERE event_id = %s", (event_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0

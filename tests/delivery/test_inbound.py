@@ -14,7 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy.stack import Stack
 from tests.conftest import Church, receipt_ref, unique_phone
-from tests.delivery.telnyx_webhooks import signed_headers, sim_signer, status_event
+from tests.delivery.telnyx_webhooks import (
+    provider_events_seen,
+    signed_headers,
+    sim_signer,
+    status_event,
+)
 
 PATH = "/v1/provider/telnyx/webhooks"
 
@@ -54,14 +59,6 @@ def _recipient(stack: Stack, message_id: str) -> tuple[Any, ...]:
         time.sleep(0.05)
 
 
-def _events_seen(stack: Stack, event_id: str) -> int:
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM provider_event WHERE event_id = %s", (event_id,)
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 @pytest.mark.usefixtures("held_receipts")
 def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_url: str) -> None:
     church.member(unique_phone(), [group := church.group()])
@@ -86,7 +83,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     unsigned = httpx.post(f"{base_url}{PATH}", params={"ref": ref}, content=body)
     assert unsigned.status_code == 401
     assert unsigned.json()["error"]["code"] == "unauthorized"
-    assert _events_seen(stack, bad_id) == 0
+    assert provider_events_seen(stack, bad_id) == 0
     assert _recipient(stack, message_id)[2] == "sending"
 
     # message.sent twice with one event id: applied once.
@@ -94,7 +91,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     body = status_event(sent_id, provider_id, "sent", "message.sent")
     assert _post(base_url, body, signer, ref).status_code == 200
     assert _post(base_url, body, signer, ref).status_code == 200
-    assert _events_seen(stack, sent_id) == 1
+    assert provider_events_seen(stack, sent_id) == 1
     assert _recipient(stack, message_id)[2] == "sent"
 
     # A reference to this recipient with someone else's provider id is refused, and
@@ -104,7 +101,7 @@ def test_signed_receipts_move_forward_once(church: Church, stack: Stack, base_ur
     refused = _post(base_url, foreign, signer, ref)
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["code"] == "validation_error"
-    assert _events_seen(stack, foreign_id) == 0
+    assert provider_events_seen(stack, foreign_id) == 0
     assert _recipient(stack, message_id)[2] == "sent"
 
     # Finalized as delivery_failed → undelivered; a late "delivered" changes nothing.
@@ -152,7 +149,7 @@ def test_a_genuine_receipt_cannot_be_pointed_at_another_recipient(
         leaked = receipt_ref(stack, church_id, second, b_id)
         answer = _post(base_url, stolen, signer, leaked)
         assert answer.status_code == 422, answer.text
-        assert _events_seen(stack, stolen_id) == 0
+        assert provider_events_seen(stack, stolen_id) == 0
         status, provider_id = _recipient(stack, second)[2:]
         assert status in ("queued", "sending")
         assert provider_id is None

@@ -27,17 +27,14 @@ from deploy.app import FrontDoor, create_app
 from deploy.stack import Stack
 from storage.process.settings import Settings
 from tests.conftest import Church, receipt_ref, unique_phone
-from tests.delivery.telnyx_webhooks import signed_headers, sim_signer, status_event
+from tests.delivery.telnyx_webhooks import (
+    provider_events_seen,
+    signed_headers,
+    sim_signer,
+    status_event,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def _events_seen(stack: Stack, event_id: str) -> int:
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM provider_event WHERE event_id = %s", (event_id,)
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 @pytest.fixture
@@ -108,7 +105,7 @@ async def test_lean_route_answers_as_the_full_stack(
         answer = await both.same(content=body, headers=headers)
         assert answer.status_code == 401
         assert answer.json()["error"]["code"] == "unauthorized"
-    assert _events_seen(stack, event_id) == 0
+    assert provider_events_seen(stack, event_id) == 0
 
     # Larger than the limit: declared (RequestContext) and streamed without a length.
     big = b"{" + b" " * settings.http.max_body_bytes + b"}"
@@ -148,7 +145,7 @@ async def test_lean_route_answers_as_the_full_stack(
     answer = await both.same(content=unknown, headers=signed_headers(key, unknown))
     assert answer.status_code == 200
     assert answer.json()["data"] == {"received": True}
-    assert _events_seen(stack, unknown_id) == 1
+    assert provider_events_seen(stack, unknown_id) == 1
 
 
 async def test_lean_route_answers_503_when_the_database_is_gone(
@@ -166,7 +163,7 @@ async def test_lean_route_answers_503_when_the_database_is_gone(
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "2"
     assert answer.json()["error"]["code"] == "unavailable"
-    assert _events_seen(stack, event_id) == 0
+    assert provider_events_seen(stack, event_id) == 0
 
 
 @pytest.fixture
